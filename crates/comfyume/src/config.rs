@@ -1,0 +1,155 @@
+//! Configuration: command-line flags > environment > `.env` > optional TOML
+//! file > defaults. The environment already includes `.env` (loaded without
+//! overriding real variables) by the time clap reads it, so clap's `env`
+//! fallbacks give flags > env > .env; TOML and defaults fill what is left.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// The example configuration, printed by `comfyume default-config`.
+pub const EXAMPLE_TOML: &str = include_str!("../comfyume.example.toml");
+
+/// Options shared by every subcommand that touches the data directory.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Data directory (database, participants' files, frontend).
+    #[arg(long, env = "COMFYUME_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Optional TOML configuration file.
+    #[arg(long, env = "COMFYUME_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:8188.
+    #[arg(long, env = "COMFYUME_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address for /metrics (kept off the public listener).
+    #[arg(long, env = "COMFYUME_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The static ComfyUI frontend (default: DATA_DIR/frontend/1.37.11).
+    #[arg(long, env = "COMFYUME_FRONTEND_DIR")]
+    pub frontend_dir: Option<PathBuf>,
+    /// The comfyui-workflow-templates static folder, if installed.
+    #[arg(long, env = "COMFYUME_TEMPLATES_DIR")]
+    pub templates_dir: Option<PathBuf>,
+    /// Largest upload in MB (ComfyUI's --max-upload-size).
+    #[arg(long, env = "MAX_UPLOAD_SIZE")]
+    pub max_upload_size: Option<u64>,
+    /// Public domain name; cookies are marked Secure when set.
+    #[arg(long, env = "DOMAIN")]
+    pub domain: Option<String>,
+    /// Log format: json (for Loki) or pretty.
+    #[arg(long, env = "LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// The optional TOML file: the same settings, snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub metrics_listen: Option<SocketAddr>,
+    pub frontend_dir: Option<PathBuf>,
+    pub templates_dir: Option<PathBuf>,
+    pub max_upload_size: Option<u64>,
+    pub domain: Option<String>,
+    pub log_format: Option<String>,
+    pub session_ttl_hours: Option<u64>,
+}
+
+pub fn load_file(path: Option<&Path>) -> Result<FileConfig> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading configuration file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing configuration file {}", path.display()))
+}
+
+/// Everything `serve` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    pub frontend_dir: PathBuf,
+    pub templates_dir: Option<PathBuf>,
+    pub max_upload_bytes: u64,
+    pub domain: Option<String>,
+    pub log_format: String,
+    pub session_ttl_hours: u64,
+}
+
+pub const DEFAULT_DATA_DIR: &str = "data";
+pub const FRONTEND_VERSION: &str = "1.37.11";
+
+pub fn data_dir(common: &CommonArgs, file: &FileConfig) -> PathBuf {
+    common
+        .data_dir
+        .clone()
+        .or_else(|| file.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+}
+
+pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfig> {
+    let file = load_file(common.config.as_deref())?;
+    let data_dir = data_dir(common, &file);
+    let frontend_dir = args
+        .frontend_dir
+        .clone()
+        .or(file.frontend_dir.clone())
+        .unwrap_or_else(|| data_dir.join("frontend").join(FRONTEND_VERSION));
+    Ok(ServeConfig {
+        listen: args.listen.or(file.listen).unwrap_or(([127, 0, 0, 1], 8188).into()),
+        metrics_listen: args
+            .metrics_listen
+            .or(file.metrics_listen)
+            .unwrap_or(([127, 0, 0, 1], 9188).into()),
+        templates_dir: args.templates_dir.clone().or(file.templates_dir.clone()),
+        max_upload_bytes: args.max_upload_size.or(file.max_upload_size).unwrap_or(100) * 1024 * 1024,
+        domain: args.domain.clone().or(file.domain.clone()).filter(|d| !d.is_empty()),
+        log_format: args
+            .log_format
+            .clone()
+            .or(file.log_format.clone())
+            .unwrap_or_else(|| "pretty".into()),
+        session_ttl_hours: file.session_ttl_hours.unwrap_or(24 * 7),
+        frontend_dir,
+        data_dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_flags_win() {
+        let parsed: FileConfig = toml::from_str(EXAMPLE_TOML).unwrap();
+        assert!(parsed.listen.is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:7000\"\ndata_dir = \"/tmp/x\"\n").unwrap();
+        let common = CommonArgs { data_dir: None, config: Some(f.clone()) };
+        let from_file = resolve_serve(&common, &ServeArgs::default()).unwrap();
+        assert_eq!(from_file.listen.port(), 7000);
+        assert_eq!(from_file.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(from_file.frontend_dir, PathBuf::from("/tmp/x/frontend/1.37.11"));
+        let flags = ServeArgs { listen: Some("127.0.0.1:7001".parse().unwrap()), ..Default::default() };
+        let common = CommonArgs { data_dir: Some("/tmp/y".into()), config: Some(f) };
+        let r = resolve_serve(&common, &flags).unwrap();
+        assert_eq!(r.listen.port(), 7001);
+        assert_eq!(r.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn unknown_toml_keys_are_an_error() {
+        assert!(toml::from_str::<FileConfig>("lisen = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,385 @@
+//! `/upload/image`, `/upload/mask` and `/view`: each participant's own input,
+//! output and temp folders, with ComfyUI's de-duplication, status codes and
+//! preview conversions.
+
+use std::io::Cursor;
+use std::path::{Path as FsPath, PathBuf};
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Multipart, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+use crate::api::write_atomic;
+use crate::auth::Participant;
+use crate::error::{ApiError, ApiResult};
+use crate::paths::{is_plain_file_name, resolve_within};
+use crate::state::{AppState, UserDirs};
+
+/// The folder for ComfyUI's `type` parameter.
+fn type_dir(dirs: &UserDirs, kind: &str) -> Option<PathBuf> {
+    match kind {
+        "input" => Some(dirs.inputs.clone()),
+        "output" => Some(dirs.outputs.clone()),
+        "temp" => Some(dirs.temp.clone()),
+        _ => None,
+    }
+}
+
+/// (name relative to `dir`, modified time) of every file below `dir`.
+pub async fn list_files(dir: &FsPath) -> Vec<(String, SystemTime)> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        fn visit(root: &FsPath, d: &FsPath, out: &mut Vec<(String, SystemTime)>) {
+            let Ok(rd) = std::fs::read_dir(d) else { return };
+            for e in rd.flatten() {
+                let Ok(md) = e.path().symlink_metadata() else { continue };
+                if md.is_dir() {
+                    visit(root, &e.path(), out);
+                } else if md.is_file() {
+                    let rel = e.path().strip_prefix(root).map(|p| p.to_string_lossy().into_owned());
+                    if let Ok(rel) = rel {
+                        if rel.starts_with('.') || rel.contains("/.") {
+                            continue; // in-progress uploads and other hidden files
+                        }
+                        out.push((rel, md.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                    }
+                }
+            }
+        }
+        visit(&dir, &dir, &mut out);
+        out.sort();
+        out
+    })
+    .await
+    .unwrap_or_default()
+}
+
+fn sha256_file(path: &FsPath) -> Option<[u8; 32]> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(Sha256::digest(&bytes).into())
+}
+
+struct Upload {
+    name: String,
+    bytes: Bytes,
+    overwrite: bool,
+    subfolder: String,
+    kind: String,
+    original_ref: Option<String>,
+}
+
+async fn read_upload(mut mp: Multipart) -> ApiResult<Upload> {
+    let mut up = Upload {
+        name: String::new(),
+        bytes: Bytes::new(),
+        overwrite: false,
+        subfolder: String::new(),
+        kind: "input".into(),
+        original_ref: None,
+    };
+    let mut have_image = false;
+    while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
+        match field.name().unwrap_or("") {
+            "image" => {
+                up.name = field.file_name().unwrap_or("").to_string();
+                up.bytes = field.bytes().await.map_err(multipart_error)?;
+                have_image = true;
+            }
+            "overwrite" => {
+                let v = field.text().await.map_err(multipart_error)?;
+                up.overwrite = v == "true" || v == "1";
+            }
+            "subfolder" => up.subfolder = field.text().await.map_err(multipart_error)?,
+            "type" => up.kind = field.text().await.map_err(multipart_error)?,
+            "original_ref" => up.original_ref = Some(field.text().await.map_err(multipart_error)?),
+            _ => {}
+        }
+    }
+    if !have_image || up.name.is_empty() {
+        return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
+    }
+    Ok(up)
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    let status = e.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::Text(status, "The upload is larger than the server's limit.".into())
+    } else {
+        ApiError::Text(StatusCode::BAD_REQUEST, format!("Malformed upload: {}", e.body_text()))
+    }
+}
+
+/// Where an upload lands, with ComfyUI's rules: identical bytes keep the name,
+/// different bytes become `name (1).ext`, unless `overwrite` is set.
+fn choose_target(folder: &FsPath, name: &str, bytes: &[u8], overwrite: bool) -> (PathBuf, String, bool) {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (&name[..i], &name[i..]),
+        _ => (name, ""),
+    };
+    let digest: [u8; 32] = Sha256::digest(bytes).into();
+    let mut candidate = name.to_string();
+    let mut i = 1;
+    loop {
+        let path = folder.join(&candidate);
+        if overwrite || !path.exists() {
+            return (path, candidate, false);
+        }
+        if sha256_file(&path) == Some(digest) {
+            return (path, candidate, true);
+        }
+        candidate = format!("{stem} ({i}){ext}");
+        i += 1;
+    }
+}
+
+async fn save_upload(state: &AppState, who: &Participant, up: &Upload, bytes: &[u8]) -> ApiResult<Value> {
+    let dirs = state.user_dirs(&who.name);
+    let base = type_dir(&dirs, &up.kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
+    if !is_plain_file_name(&up.name) || up.name.starts_with('.') {
+        return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
+    }
+    let folder = resolve_within(&base, &up.subfolder).map_err(|_| ApiError::Empty(StatusCode::BAD_REQUEST))?;
+    tokio::fs::create_dir_all(&folder).await?;
+    let (folder2, name, overwrite, data) = (folder.clone(), up.name.clone(), up.overwrite, bytes.to_vec());
+    let (path, final_name, duplicate) =
+        tokio::task::spawn_blocking(move || choose_target(&folder2, &name, &data, overwrite))
+            .await
+            .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
+    if !duplicate {
+        write_atomic(&path, bytes).await?;
+        metrics::counter!(crate::telemetry::UPLOAD_BYTES).increment(bytes.len() as u64);
+    }
+    Ok(json!({"name": final_name, "subfolder": up.subfolder, "type": up.kind}))
+}
+
+pub async fn upload_image(
+    State(state): State<AppState>,
+    who: Participant,
+    mp: Multipart,
+) -> ApiResult<Json<Value>> {
+    let up = read_upload(mp).await?;
+    let bytes = up.bytes.clone();
+    Ok(Json(save_upload(&state, &who, &up, &bytes).await?))
+}
+
+#[derive(Deserialize)]
+struct FileRef {
+    filename: String,
+    #[serde(default)]
+    subfolder: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+/// `/upload/mask`: the uploaded image's alpha becomes the alpha of the
+/// participant's original image (the mask editor's save).
+pub async fn upload_mask(
+    State(state): State<AppState>,
+    who: Participant,
+    mp: Multipart,
+) -> ApiResult<Json<Value>> {
+    let up = read_upload(mp).await?;
+    let Some(orig) = up
+        .original_ref
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<FileRef>(s).ok())
+    else {
+        return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
+    };
+    let dirs = state.user_dirs(&who.name);
+    let base = type_dir(&dirs, orig.kind.as_deref().unwrap_or("output"))
+        .ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
+    let folder = resolve_within(&base, &orig.subfolder).map_err(|_| ApiError::forbidden())?;
+    if !is_plain_file_name(&orig.filename) {
+        return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
+    }
+    let orig_path = folder.join(&orig.filename);
+    let mask_bytes = up.bytes.clone();
+    let merged = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
+        let original = image::open(&orig_path).map_err(|e| e.to_string())?;
+        let mask = image::load_from_memory(&mask_bytes).map_err(|e| e.to_string())?.to_rgba8();
+        let mut out = original.to_rgba8();
+        if out.dimensions() != mask.dimensions() {
+            return Err("mask size differs from the original image".into());
+        }
+        for (px, m) in out.pixels_mut().zip(mask.pixels()) {
+            px.0[3] = m.0[3];
+        }
+        let mut buf = Cursor::new(Vec::new());
+        out.write_to(&mut buf, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+        Ok(buf.into_inner())
+    })
+    .await
+    .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
+    let merged = match merged {
+        Ok(b) => b,
+        Err(msg) => return Err(ApiError::Text(StatusCode::BAD_REQUEST, msg)),
+    };
+    Ok(Json(save_upload(&state, &who, &up, &merged).await?))
+}
+
+#[derive(Deserialize)]
+pub struct ViewQuery {
+    filename: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    subfolder: Option<String>,
+    preview: Option<String>,
+    channel: Option<String>,
+}
+
+pub async fn view(
+    State(state): State<AppState>,
+    who: Participant,
+    Query(q): Query<ViewQuery>,
+    req: Request,
+) -> ApiResult<Response> {
+    let Some(mut filename) = q.filename.filter(|f| !f.is_empty()) else {
+        return Err(ApiError::not_found());
+    };
+    let mut kind = q.kind.unwrap_or_else(|| "output".into());
+    // "name.png [output]" overrides type, as in ComfyUI's annotated names.
+    for tag in ["output", "input", "temp"] {
+        if let Some(stripped) = filename.strip_suffix(&format!(" [{tag}]")) {
+            filename = stripped.to_string();
+            kind = tag.to_string();
+        }
+    }
+    if filename.starts_with('/') || filename.contains("..") {
+        return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
+    }
+    let dirs = state.user_dirs(&who.name);
+    let base = type_dir(&dirs, &kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
+    let folder = resolve_within(&base, q.subfolder.as_deref().unwrap_or(""))
+        .map_err(|_| ApiError::forbidden())?;
+    let path = resolve_within(&folder, &filename).map_err(|_| ApiError::forbidden())?;
+    if !path.is_file() {
+        return Err(ApiError::not_found());
+    }
+    let base_name = FsPath::new(&filename)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let disposition = HeaderValue::from_str(&format!("filename=\"{}\"", base_name.replace('"', "")))
+        .unwrap_or_else(|_| HeaderValue::from_static("inline"));
+
+    if let Some(preview) = q.preview.as_deref() {
+        let (fmt, quality) = preview.split_once(';').unwrap_or((preview, "90"));
+        let quality: u8 = quality.parse().unwrap_or(90).clamp(1, 100);
+        if let Some((ct, bytes)) = convert(&path, Conversion::Preview(fmt.to_string(), quality)).await {
+            return Ok(image_response(ct, bytes, disposition));
+        }
+    }
+    if let Some(channel) = q.channel.as_deref().filter(|c| *c == "rgb" || *c == "a") {
+        let conv = if channel == "rgb" { Conversion::Rgb } else { Conversion::Alpha };
+        if let Some((ct, bytes)) = convert(&path, conv).await {
+            return Ok(image_response(ct, bytes, disposition));
+        }
+    }
+    // The plain file, with Range support (video scrubbing) from tower-http.
+    let mime = mime_guess::from_path(&path).first_or_octet_stream();
+    let mut resp = tower_http::services::ServeFile::new(&path)
+        .oneshot(req)
+        .await
+        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
+        .map(Body::new);
+    // ComfyUI serves markup and scripts as opaque bytes so a participant's
+    // upload can never run as a page on this origin.
+    let ct = match mime.essence_str() {
+        "text/html" | "application/javascript" | "text/javascript" | "text/css" | "image/svg+xml" => {
+            "application/octet-stream".to_string()
+        }
+        other => other.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&ct) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp.headers_mut().insert(header::CONTENT_DISPOSITION, disposition);
+    resp.headers_mut().insert(
+        header::HeaderName::from_static("x-content-type-options"),
+        HeaderValue::from_static("nosniff"),
+    );
+    Ok(resp)
+}
+
+enum Conversion {
+    Preview(String, u8),
+    Rgb,
+    Alpha,
+}
+
+async fn convert(path: &FsPath, conv: Conversion) -> Option<(&'static str, Vec<u8>)> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let img = image::open(&path).ok()?;
+        let mut buf = Cursor::new(Vec::new());
+        let ct = match conv {
+            Conversion::Preview(fmt, quality) if fmt == "jpeg" => {
+                let rgb = img.to_rgb8();
+                let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality);
+                rgb.write_with_encoder(enc).ok()?;
+                "image/jpeg"
+            }
+            Conversion::Preview(_, _) => {
+                // The image crate's WebP encoder is lossless; quality is ignored.
+                img.to_rgba8().write_to(&mut buf, image::ImageFormat::WebP).ok()?;
+                "image/webp"
+            }
+            Conversion::Rgb => {
+                img.to_rgb8().write_to(&mut buf, image::ImageFormat::Png).ok()?;
+                "image/png"
+            }
+            Conversion::Alpha => {
+                let rgba = img.to_rgba8();
+                let mut out = image::RgbaImage::new(rgba.width(), rgba.height());
+                for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+                    o.0 = [0, 0, 0, p.0[3]];
+                }
+                out.write_to(&mut buf, image::ImageFormat::Png).ok()?;
+                "image/png"
+            }
+        };
+        Some((ct, buf.into_inner()))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+fn image_response(ct: &'static str, bytes: Vec<u8>, disposition: HeaderValue) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static(ct)), (header::CONTENT_DISPOSITION, disposition)],
+        bytes,
+    )
+        .into_response()
+}
+
+/// The participant's input files by kind, for their view of `object_info`.
+pub async fn user_files(state: &AppState, user: &str) -> comfyume_wire::object_info::UserFiles {
+    let dirs = state.user_dirs(user);
+    let all: Vec<String> = list_files(&dirs.inputs).await.into_iter().map(|(n, _)| n).collect();
+    let by_ext = |exts: &[&str]| -> Vec<String> {
+        all.iter()
+            .filter(|n| {
+                let l = n.to_ascii_lowercase();
+                exts.iter().any(|e| l.ends_with(e))
+            })
+            .cloned()
+            .collect()
+    };
+    comfyume_wire::object_info::UserFiles {
+        images: by_ext(&[".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"]),
+        videos: by_ext(&[".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".webp"]),
+        audio: by_ext(&[".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus"]),
+        all,
+    }
+}

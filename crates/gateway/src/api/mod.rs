@@ -1,0 +1,80 @@
+//! The participant-facing ComfyUI API. ComfyUI registers each route twice, at
+//! `/X` and at `/api/X`; so do we.
+
+pub mod files;
+pub mod object_info;
+pub mod settings;
+pub mod system;
+pub mod userdata;
+
+use std::path::Path;
+
+use axum::Router;
+use axum::routing::{get, post};
+use tokio::io::AsyncWriteExt;
+
+use crate::state::AppState;
+
+/// Writes `bytes` to `path` through a temp file and a rename, so a reader (or
+/// a crash, or a full disk) never sees a half-written file.
+pub async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent folder"))?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let result = async {
+        let mut f = tokio::fs::File::create(&tmp).await?;
+        f.write_all(bytes).await?;
+        f.sync_all().await?;
+        drop(f);
+        tokio::fs::rename(&tmp, path).await
+    }
+    .await;
+    if result.is_err() {
+        let _ = tokio::fs::remove_file(&tmp).await;
+    }
+    result
+}
+
+/// Routes that exist both at the root and under `/api`.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ws", get(crate::ws::ws_handler))
+        .route("/system_stats", get(system::system_stats))
+        .route("/features", get(system::features))
+        .route("/users", get(system::users).post(system::create_user))
+        .route("/settings", get(settings::get_all).post(settings::post_all))
+        .route("/settings/{id}", get(settings::get_one).post(settings::post_one))
+        .route("/userdata", get(userdata::list))
+        .route(
+            "/userdata/{file}",
+            get(userdata::get_file).post(userdata::post_file).delete(userdata::delete_file),
+        )
+        .route("/userdata/{file}/move/{dest}", post(userdata::move_file))
+        .route("/v2/userdata", get(userdata::list_v2))
+        .route("/extensions", get(system::extensions))
+        .route("/i18n", get(system::empty_object))
+        .route("/embeddings", get(system::empty_list))
+        .route("/models", get(system::models))
+        .route("/models/{folder}", get(system::models_folder))
+        .route("/experiment/models", get(system::experiment_models))
+        .route("/experiment/models/{folder}", get(system::experiment_models_folder))
+        .route("/global_subgraphs", get(system::empty_object))
+        .route("/global_subgraphs/{id}", get(system::not_found))
+        .route("/workflow_templates", get(system::empty_object))
+        .route("/object_info", get(object_info::all))
+        .route("/object_info/{class}", get(object_info::one))
+        .route("/upload/image", post(files::upload_image))
+        .route("/upload/mask", post(files::upload_mask))
+        .route("/view", get(files::view))
+        .route("/view_metadata/{folder}", get(system::not_found))
+}
+
+/// ComfyUI's `/internal` sub-app: at the root only, never under `/api`.
+pub fn internal_routes() -> Router<AppState> {
+    Router::new()
+        .route("/internal/logs", get(system::internal_logs))
+        .route("/internal/logs/raw", get(system::internal_logs_raw))
+        .route("/internal/logs/subscribe", axum::routing::patch(system::ok_empty))
+        .route("/internal/folder_paths", get(system::internal_folder_paths))
+        .route("/internal/files/{kind}", get(system::internal_files))
+}

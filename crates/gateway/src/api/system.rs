@@ -1,0 +1,166 @@
+//! The small, mostly constant routes the frontend reads at start.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::auth::Participant;
+use crate::state::AppState;
+
+pub const COMFYUI_VERSION: &str = "0.11.0";
+pub const FRONTEND_VERSION: &str = "1.37.11";
+pub const TEMPLATES_VERSION: &str = "0.8.24";
+
+/// ComfyUI's model folder keys (`GET /models`).
+pub const MODEL_FOLDERS: &[&str] = &[
+    "checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
+    "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen",
+    "upscale_models", "latent_upscale_models", "custom_nodes", "hypernetworks", "photomaker",
+    "classifiers", "model_patches", "audio_encoders",
+];
+
+fn meminfo() -> (u64, u64) {
+    // /proc/meminfo is Linux-only; elsewhere report zeros rather than fail.
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    };
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+pub async fn system_stats(State(state): State<AppState>) -> Json<Value> {
+    let (total, free) = meminfo();
+    Json(json!({
+        "system": {
+            "os": std::env::consts::OS,
+            "ram_total": total,
+            "ram_free": free,
+            "comfyui_version": COMFYUI_VERSION,
+            "required_frontend_version": FRONTEND_VERSION,
+            "installed_templates_version": TEMPLATES_VERSION,
+            "required_templates_version": TEMPLATES_VERSION,
+            "python_version": format!("ComfyUMe {} (Rust; no Python)", env!("CARGO_PKG_VERSION")),
+            "pytorch_version": "none (jobs run on the workshop's GPU backends)",
+            "embedded_python": false,
+            "argv": ["comfyume", "serve"],
+        },
+        "devices": [{
+            "name": format!("workshop queue -> {}", state.settings.backend_label),
+            "type": "cpu",
+            "index": null,
+            "vram_total": 0,
+            "vram_free": 0,
+            "torch_vram_total": 0,
+            "torch_vram_free": 0,
+        }]
+    }))
+}
+
+pub async fn features(State(state): State<AppState>) -> Json<Value> {
+    Json(crate::ws::feature_flags(&state))
+}
+
+/// Single-user shape, so the frontend shows no user picker: the login is ours.
+pub async fn users() -> Json<Value> {
+    Json(json!({"storage": "server", "migrated": true}))
+}
+
+/// Accounts are created by the instructor, not from the frontend.
+pub async fn create_user() -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": "Accounts are managed by the workshop instructor."})),
+    )
+        .into_response()
+}
+
+pub async fn empty_list() -> Json<Value> {
+    Json(json!([]))
+}
+
+pub async fn empty_object() -> Json<Value> {
+    Json(json!({}))
+}
+
+pub async fn extensions(State(state): State<AppState>) -> Json<Value> {
+    Json(json!(state.extensions.as_slice()))
+}
+
+pub async fn models() -> Json<Value> {
+    Json(json!(MODEL_FOLDERS))
+}
+
+pub async fn models_folder(Path(folder): Path<String>) -> Response {
+    if MODEL_FOLDERS.contains(&folder.as_str()) {
+        Json(json!([])).into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
+}
+
+/// Model files live on the GPU servers; the node definitions carry their lists.
+pub async fn experiment_models() -> Json<Value> {
+    Json(Value::Array(
+        MODEL_FOLDERS
+            .iter()
+            .filter(|f| !matches!(**f, "configs" | "custom_nodes"))
+            .map(|f| json!({"name": f, "folders": []}))
+            .collect(),
+    ))
+}
+
+pub async fn experiment_models_folder(Path(folder): Path<String>) -> Response {
+    models_folder(Path(folder)).await
+}
+
+pub async fn not_found() -> StatusCode {
+    StatusCode::NOT_FOUND
+}
+
+pub async fn ok_empty() -> StatusCode {
+    StatusCode::OK
+}
+
+/// `/internal/logs`: server logs are the instructor's, not the participants'.
+pub async fn internal_logs() -> Json<Value> {
+    Json(json!(""))
+}
+
+pub async fn internal_logs_raw() -> Json<Value> {
+    Json(json!({"entries": [], "size": {"cols": 80, "rows": 24}}))
+}
+
+pub async fn internal_folder_paths() -> Json<Value> {
+    Json(json!({}))
+}
+
+/// `/internal/files/{type}`: the participant's own files, newest first.
+pub async fn internal_files(
+    State(state): State<AppState>,
+    who: Participant,
+    Path(kind): Path<String>,
+) -> Response {
+    let dirs = state.user_dirs(&who.name);
+    let dir = match kind.as_str() {
+        "input" => dirs.inputs,
+        "output" => dirs.outputs,
+        "temp" => dirs.temp,
+        _ => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "Invalid directory type"})),
+            )
+                .into_response();
+        }
+    };
+    let mut files = crate::api::files::list_files(&dir).await;
+    files.sort_by(|a, b| b.1.cmp(&a.1));
+    Json(json!(files.into_iter().map(|(n, _)| n).collect::<Vec<_>>())).into_response()
+}

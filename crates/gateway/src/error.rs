@@ -1,0 +1,96 @@
+//! One mapping from failures to HTTP responses, in the shapes ComfyUI's callers expect.
+
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use comfyume_store::StoreError;
+
+/// An error answered to a participant. Bodies follow ComfyUI: most routes answer
+/// plain text (or nothing), the JSON routes answer `{"error": "..."}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Status with an empty body (ComfyUI's 400/403/404 on file routes).
+    #[error("{0}")]
+    Empty(StatusCode),
+    /// Status with a `text/plain` body.
+    #[error("{1}")]
+    Text(StatusCode, String),
+    /// Status with `{"error": message}`.
+    #[error("{1}")]
+    Json(StatusCode, String),
+    /// Status with an arbitrary JSON body (ComfyUI-shaped prompt errors).
+    #[error("json error")]
+    Body(StatusCode, serde_json::Value),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ApiError {
+    pub fn bad_request(msg: impl Into<String>) -> Self {
+        ApiError::Text(StatusCode::BAD_REQUEST, msg.into())
+    }
+    pub fn not_found() -> Self {
+        ApiError::Empty(StatusCode::NOT_FOUND)
+    }
+    pub fn forbidden() -> Self {
+        ApiError::Empty(StatusCode::FORBIDDEN)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            ApiError::Empty(code) => code.into_response(),
+            ApiError::Text(code, msg) => (
+                code,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                msg,
+            )
+                .into_response(),
+            ApiError::Json(code, msg) => {
+                (code, axum::Json(serde_json::json!({ "error": msg }))).into_response()
+            }
+            ApiError::Body(code, body) => (code, axum::Json(body)).into_response(),
+            ApiError::Store(e) => store_error_response(&e),
+            ApiError::Io(e) => io_error_response(&e),
+        }
+    }
+}
+
+fn store_error_response(e: &StoreError) -> Response {
+    match e {
+        StoreError::NotFound => StatusCode::NOT_FOUND.into_response(),
+        StoreError::AlreadyExists => (StatusCode::CONFLICT, "already exists").into_response(),
+        StoreError::Unavailable(_) => {
+            tracing::error!(error = %e, "store unavailable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage is temporarily unavailable, please retry",
+            )
+                .into_response()
+        }
+        _ => {
+            tracing::error!(error = %e, "store error");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+fn io_error_response(e: &std::io::Error) -> Response {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => StatusCode::NOT_FOUND.into_response(),
+        ErrorKind::PermissionDenied => StatusCode::FORBIDDEN.into_response(),
+        ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+            tracing::error!(error = %e, "disk full");
+            (StatusCode::INSUFFICIENT_STORAGE, "the server's disk is full").into_response()
+        }
+        _ => {
+            tracing::error!(error = %e, "i/o error");
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,124 @@
+//! The login page, login form handler and logout.
+
+use std::net::SocketAddr;
+
+use axum::Form;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use crate::auth::{SESSION_COOKIE, clear_cookie, cookie_value, limiter_keys, session_cookie};
+use crate::state::AppState;
+
+#[derive(Deserialize)]
+pub struct NextQuery {
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct LoginForm {
+    username: String,
+    password: String,
+    next: Option<String>,
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// Only a local path may be a redirect target (no `//evil.example`).
+fn safe_next(next: Option<&str>) -> Option<String> {
+    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
+        .map(str::to_string)
+}
+
+fn page(next: &str, error: Option<&str>) -> String {
+    let err = error
+        .map(|e| format!("<p class=\"err\" role=\"alert\">{}</p>", escape(e)))
+        .unwrap_or_default();
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ComfyUMe — sign in</title>
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<style>body{{font:16px system-ui,sans-serif;background:#1b1b22;color:#eee;display:grid;place-items:center;min-height:100vh;margin:0}}
+form{{background:#26262f;padding:2rem;border-radius:12px;min-width:300px}}h1{{font-size:1.3rem;margin-top:0}}
+label{{display:block;margin:.8rem 0 .3rem}}input{{width:100%;box-sizing:border-box;padding:.5rem;border-radius:6px;border:1px solid #555;background:#111;color:#eee}}
+button{{margin-top:1.2rem;width:100%;padding:.6rem;border:0;border-radius:6px;background:#4a7dff;color:#fff;font-weight:600;cursor:pointer}}
+.err{{color:#ff8080}}</style></head><body>
+<form method="post" action="/login"><h1>ComfyUMe workshop</h1>{err}
+<label for="u">Username</label><input id="u" name="username" autocomplete="username" autofocus required>
+<label for="p">Password</label><input id="p" name="password" type="password" autocomplete="current-password" required>
+<input type="hidden" name="next" value="{next}"><button type="submit">Sign in</button></form></body></html>"#,
+        next = escape(next)
+    )
+}
+
+pub async fn login_page(Query(q): Query<NextQuery>) -> Response {
+    let next = safe_next(q.next.as_deref()).unwrap_or_default();
+    (
+        [(header::CACHE_CONTROL, "no-store")],
+        Html(page(&next, None)),
+    )
+        .into_response()
+}
+
+pub async fn login_submit(
+    State(state): State<AppState>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    Form(form): Form<LoginForm>,
+) -> Response {
+    let next = safe_next(form.next.as_deref());
+    let keys = limiter_keys(addr.ip(), &form.username);
+    if let Some(secs) = state.auth.blocked_for(&keys) {
+        let msg = format!("Too many failed sign-ins. Try again in {secs} seconds.");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            Html(page(next.as_deref().unwrap_or(""), Some(&msg))),
+        )
+            .into_response();
+    }
+    let user = match state.store.verify_password(&form.username, &form.password).await {
+        Ok(u) => u,
+        Err(e) => return crate::error::ApiError::Store(e).into_response(),
+    };
+    let Some(user) = user else {
+        state.auth.record_failure(&keys);
+        metrics::counter!(crate::telemetry::LOGIN_FAILURES).increment(1);
+        // One message for unknown users and wrong passwords alike.
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(page(next.as_deref().unwrap_or(""), Some("Wrong username or password."))),
+        )
+            .into_response();
+    };
+    state.auth.clear(&keys[1]);
+    let token = match state
+        .store
+        .create_session(&user.name, state.settings.session_ttl.as_millis() as i64)
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => return crate::error::ApiError::Store(e).into_response(),
+    };
+    tracing::info!(user = %user.name, "signed in");
+    let target = next.unwrap_or_else(|| format!("/{}/", user.name));
+    let mut resp = Redirect::to(&target).into_response();
+    resp.headers_mut().append(header::SET_COOKIE, session_cookie(&state, &token));
+    resp
+}
+
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = cookie_value(&headers, SESSION_COOKIE)
+        && let Err(e) = state.store.delete_session(token).await
+    {
+        tracing::warn!(error = %e, "could not delete a session");
+    }
+    let mut resp = Redirect::to("/login").into_response();
+    resp.headers_mut().append(header::SET_COOKIE, clear_cookie());
+    resp
+}

@@ -1,0 +1,138 @@
+//! Settings the gateway runs with, and the state its handlers share.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use comfyume_store::Store;
+use serde_json::Value;
+
+use crate::auth::AuthState;
+use crate::hub::Hub;
+
+/// Resolved settings (the binary merges flags, environment, `.env` and TOML).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// The static ComfyUI frontend (folder holding `index.html`).
+    pub frontend_dir: PathBuf,
+    /// The comfyui-workflow-templates static folder, when installed.
+    pub templates_dir: Option<PathBuf>,
+    pub max_upload_bytes: u64,
+    pub session_ttl: Duration,
+    /// Mark cookies `Secure` (behind HTTPS).
+    pub secure_cookies: bool,
+    /// Failed logins allowed per client address and per account within `login_window`.
+    pub login_max_failures: u32,
+    pub login_window: Duration,
+    /// Shown on the console and in the participant banner, e.g. "simulator".
+    pub backend_label: String,
+}
+
+impl Settings {
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>, frontend_dir: impl Into<PathBuf>) -> Self {
+        Settings {
+            data_dir: data_dir.into(),
+            frontend_dir: frontend_dir.into(),
+            templates_dir: None,
+            max_upload_bytes: 100 * 1024 * 1024,
+            session_ttl: Duration::from_secs(7 * 24 * 3600),
+            secure_cookies: false,
+            login_max_failures: 10,
+            login_window: Duration::from_secs(300),
+            backend_label: "none".into(),
+        }
+    }
+}
+
+/// The per-participant folders under the data directory.
+#[derive(Debug, Clone)]
+pub struct UserDirs {
+    pub user_data: PathBuf,
+    pub inputs: PathBuf,
+    pub outputs: PathBuf,
+    pub temp: PathBuf,
+}
+
+impl UserDirs {
+    pub fn new(data_dir: &Path, user: &str) -> Self {
+        UserDirs {
+            user_data: data_dir.join("user_data").join(user),
+            inputs: data_dir.join("inputs").join(user),
+            outputs: data_dir.join("outputs").join(user),
+            temp: data_dir.join("temp").join(user),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Store>,
+    pub hub: Arc<Hub>,
+    pub auth: Arc<AuthState>,
+    /// The node definitions snapshot (ComfyUI's `/object_info` document).
+    pub object_info: Arc<RwLock<Arc<Value>>>,
+    /// `/api/extensions`: the frontend's core scripts plus ours.
+    pub extensions: Arc<Vec<String>>,
+    /// First path segments that are never a participant prefix.
+    pub reserved: Arc<HashSet<String>>,
+    /// Participants whose folders this process has already prepared.
+    pub known_users: Arc<Mutex<HashSet<String>>>,
+    /// Serialises writes to one participant's settings file.
+    pub settings_locks: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl AppState {
+    pub fn user_dirs(&self, user: &str) -> UserDirs {
+        UserDirs::new(&self.settings.data_dir, user)
+    }
+
+    pub fn auth_known(&self, user: &str) -> bool {
+        self.known_users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(user)
+    }
+
+    pub fn mark_known(&self, user: &str) {
+        self.known_users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user.to_string());
+    }
+
+    pub fn settings_lock(&self, user: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.settings_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(user.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// ComfyUI's `queue_remaining` for one participant: their pending plus running jobs.
+    pub async fn queue_remaining(&self, user: &str) -> u64 {
+        use comfyume_store::JobState::*;
+        self.store
+            .count_jobs(Some(user), &[Queued, Dispatched, Running])
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not count jobs");
+                0
+            })
+    }
+
+    pub fn object_info(&self) -> Arc<Value> {
+        self.object_info
+            .read()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    pub fn set_object_info(&self, v: Value) {
+        let mut g = self.object_info.write().unwrap_or_else(|p| p.into_inner());
+        *g = Arc::new(v);
+    }
+}

@@ -1,0 +1,220 @@
+//! Simulator configuration and fault descriptions.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use crate::SimError;
+
+/// Default simulated time of one sampler step.
+pub const DEFAULT_STEP_MS: u64 = 50;
+/// ComfyUI's default `--max-upload-size` (100 MB).
+pub const DEFAULT_MAX_UPLOAD: u64 = 100 * 1024 * 1024;
+
+/// How to run a simulator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimConfig {
+    /// Serve this `object_info.json` instead of the built-in node set. Every prompt whose
+    /// class_types exist is accepted and each output node writes a placeholder PNG.
+    pub object_info: Option<PathBuf>,
+    /// Simulated time per sampler step (and per unit of other slow nodes), in milliseconds.
+    pub step_ms: u64,
+    /// Where `input/`, `output/` and `temp/` live. `None`: a fresh directory under the system
+    /// temp dir, removed again by [`crate::SimHandle::shutdown`].
+    pub data_dir: Option<PathBuf>,
+    /// Faults active from the start.
+    pub faults: Vec<Fault>,
+    /// ComfyUI's classic cache (a rerun of unchanged nodes is served from the previous prompt's
+    /// results). `false` behaves like `--cache-none`.
+    pub cache: bool,
+    /// Request body limit (ComfyUI `--max-upload-size`), reported by `/features`.
+    pub max_upload_size: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            object_info: None,
+            step_ms: DEFAULT_STEP_MS,
+            data_dir: None,
+            faults: Vec::new(),
+            cache: true,
+            max_upload_size: DEFAULT_MAX_UPLOAD,
+        }
+    }
+}
+
+impl SimConfig {
+    /// Defaults overridden by `SIMULATOR_OBJECT_INFO`, `SIMULATOR_STEP_MS`, `SIMULATOR_DATA_DIR`,
+    /// `SIMULATOR_FAULTS` (comma-separated fault specs, see [`Fault::from_str`]) and
+    /// `SIMULATOR_CACHE` (`classic` or `none`).
+    pub fn from_env() -> Result<Self, SimError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    pub(crate) fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, SimError> {
+        let mut cfg = Self::default();
+        if let Some(p) = get("SIMULATOR_OBJECT_INFO").filter(|s| !s.is_empty()) {
+            cfg.object_info = Some(PathBuf::from(p));
+        }
+        if let Some(v) = get("SIMULATOR_STEP_MS").filter(|s| !s.is_empty()) {
+            cfg.step_ms = v.trim().parse().map_err(|_| SimError::Config {
+                key: "SIMULATOR_STEP_MS",
+                value: v.clone(),
+            })?;
+        }
+        if let Some(p) = get("SIMULATOR_DATA_DIR").filter(|s| !s.is_empty()) {
+            cfg.data_dir = Some(PathBuf::from(p));
+        }
+        if let Some(v) = get("SIMULATOR_FAULTS") {
+            for spec in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                cfg.faults.push(spec.parse()?);
+            }
+        }
+        if let Some(v) = get("SIMULATOR_CACHE").filter(|s| !s.is_empty()) {
+            cfg.cache = match v.trim() {
+                "classic" | "1" | "true" => true,
+                "none" | "0" | "false" => false,
+                _ => {
+                    return Err(SimError::Config {
+                        key: "SIMULATOR_CACHE",
+                        value: v,
+                    });
+                }
+            };
+        }
+        Ok(cfg)
+    }
+}
+
+/// A fault to switch on. JSON form (for `POST /sim/fault`): `{"fault": "slow_view", "ms": 300}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "fault", rename_all = "snake_case")]
+pub enum Fault {
+    /// Switch every fault off.
+    Clear,
+    /// Close the listener (connects are refused) and cut every open connection. With `for_ms`
+    /// the listener comes back by itself on the same address.
+    RefuseConnections {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_ms: Option<u64>,
+    },
+    /// `POST /prompt` answers 500 (ComfyUI's text/plain "Server got itself in trouble").
+    PromptError,
+    /// One-shot: at the next point inside a running job, every WebSocket is dropped without a
+    /// close frame. The job itself goes on and lands in history.
+    DropWebsocket,
+    /// Connections are accepted but no HTTP request is answered (except `/sim/*`) and the
+    /// running job stops progressing, until cleared (or `for_ms` passes).
+    Hang {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_ms: Option<u64>,
+    },
+    /// Act like a fresh replica: history and pending queue are dropped at once.
+    ForgetHistory,
+    /// Delay every `/view` answer by `ms` (0 switches it off).
+    SlowView { ms: u64 },
+    /// One-shot: at the next point inside a running job the server stops abruptly (listener and
+    /// every socket closed; the binary exits with status 137).
+    DieMidJob,
+}
+
+impl FromStr for Fault {
+    type Err = SimError;
+
+    /// CLI/env spelling: `clear`, `refuse-connections[:MS]`, `prompt-error`, `drop-websocket`,
+    /// `hang[:MS]`, `forget-history`, `slow-view:MS`, `die-mid-job` (`_` works as well as `-`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || SimError::FaultSpec(s.to_string());
+        let norm = s.trim().replace('_', "-");
+        let (name, arg) = match norm.split_once(':') {
+            Some((n, a)) => (n.to_string(), Some(a.to_string())),
+            None => (norm.clone(), None),
+        };
+        let ms = |a: Option<String>| -> Result<Option<u64>, SimError> {
+            a.map(|v| v.trim().parse::<u64>().map_err(|_| bad()))
+                .transpose()
+        };
+        Ok(match name.as_str() {
+            "clear" | "none" if arg.is_none() => Fault::Clear,
+            "refuse-connections" | "refuse" => Fault::RefuseConnections { for_ms: ms(arg)? },
+            "prompt-error" | "prompt-500" if arg.is_none() => Fault::PromptError,
+            "drop-websocket" | "drop-ws" if arg.is_none() => Fault::DropWebsocket,
+            "hang" => Fault::Hang { for_ms: ms(arg)? },
+            "forget-history" if arg.is_none() => Fault::ForgetHistory,
+            "slow-view" => Fault::SlowView {
+                ms: ms(arg)?.ok_or_else(bad)?,
+            },
+            "die-mid-job" | "die" if arg.is_none() => Fault::DieMidJob,
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// Which faults are switched on right now (part of `GET /sim/state`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveFaults {
+    pub refuse_connections: bool,
+    pub prompt_error: bool,
+    /// Armed and not yet fired.
+    pub drop_websocket: bool,
+    pub hang: bool,
+    pub slow_view_ms: u64,
+    /// Armed and not yet fired.
+    pub die_mid_job: bool,
+}
+
+impl ActiveFaults {
+    pub fn any(&self) -> bool {
+        *self != Self::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_fault_specs() {
+        assert_eq!(
+            "slow-view:250".parse::<Fault>().unwrap(),
+            Fault::SlowView { ms: 250 }
+        );
+        assert_eq!(
+            "refuse_connections".parse::<Fault>().unwrap(),
+            Fault::RefuseConnections { for_ms: None }
+        );
+        assert_eq!(
+            "hang:10".parse::<Fault>().unwrap(),
+            Fault::Hang { for_ms: Some(10) }
+        );
+        assert!("slow-view".parse::<Fault>().is_err());
+        assert!("explode".parse::<Fault>().is_err());
+        let f: Fault = serde_json::from_str(r#"{"fault":"slow_view","ms":5}"#).unwrap();
+        assert_eq!(f, Fault::SlowView { ms: 5 });
+        let f: Fault = serde_json::from_str(r#"{"fault":"hang"}"#).unwrap();
+        assert_eq!(f, Fault::Hang { for_ms: None });
+    }
+
+    #[test]
+    fn env_lookup() {
+        let cfg = SimConfig::from_lookup(|k| match k {
+            "SIMULATOR_OBJECT_INFO" => Some("/x/object_info.json".into()),
+            "SIMULATOR_STEP_MS" => Some("7".into()),
+            "SIMULATOR_FAULTS" => Some("prompt-error, slow-view:3".into()),
+            "SIMULATOR_CACHE" => Some("none".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(cfg.object_info, Some(PathBuf::from("/x/object_info.json")));
+        assert_eq!(cfg.step_ms, 7);
+        assert_eq!(
+            cfg.faults,
+            vec![Fault::PromptError, Fault::SlowView { ms: 3 }]
+        );
+        assert!(!cfg.cache);
+        assert!(
+            SimConfig::from_lookup(|k| (k == "SIMULATOR_STEP_MS").then(|| "x".into())).is_err()
+        );
+    }
+}

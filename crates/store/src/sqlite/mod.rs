@@ -1,0 +1,995 @@
+//! The embedded SQLite backend (the default).
+//!
+//! Layout: one write connection (every write is a `BEGIN IMMEDIATE` transaction on it, so
+//! writers queue in the pool instead of failing with "database is locked") and a small pool of
+//! read connections that see each committed write at once (WAL).
+//!
+//! Durability: the database runs in WAL mode. With the default [`Synchronous::Normal`] a
+//! transaction is in the WAL (handed to the OS) when `COMMIT` returns, so it survives a crash or
+//! kill of this process; SQLite documents that a *power loss or OS crash* may roll back the last
+//! transactions before the next checkpoint (the database itself is never corrupted). Choose
+//! [`Synchronous::Full`] to fsync the WAL at every commit and survive power loss too, at the
+//! cost of one fsync per write.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite};
+
+use crate::password::{self, Hasher, Verified};
+use crate::{
+    EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, JobStore, LimitKind,
+    MetaEntry, MetaStore, NewJob, PasswordScheme, Role, StoreError, User, UserStore, now_ms,
+    valid_user_name, workflow_id_of,
+};
+
+#[cfg(test)]
+mod tests;
+
+/// How hard each commit is pushed to disk (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// Durable against a crash of this process; a power loss may lose the latest commits.
+    #[default]
+    Normal,
+    /// fsync at every commit: durable against power loss as well.
+    Full,
+}
+
+/// Tuning for [`SqliteStore::open_with`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// How long SQLite itself waits for a lock held by another process.
+    pub busy_timeout: Duration,
+    /// Upper bound on every store call (waiting for a connection included); past it the call
+    /// fails with [`StoreError::Unavailable`].
+    pub op_timeout: Duration,
+    pub synchronous: Synchronous,
+    pub read_connections: u32,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(5),
+            synchronous: Synchronous::Normal,
+            read_connections: 4,
+        }
+    }
+}
+
+/// The SQLite implementation of [`crate::Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+    op_timeout: Duration,
+    hasher: Hasher,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, SqliteOptions::default()).await
+    }
+
+    pub async fn open_with(path: &Path, opts: SqliteOptions) -> Result<Self, StoreError> {
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(opts.busy_timeout)
+            .synchronous(match opts.synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                Synchronous::Full => SqliteSynchronous::Full,
+            });
+        let write = pool_options(1, opts.op_timeout)
+            .connect_with(base.clone().journal_mode(SqliteJournalMode::Wal))
+            .await
+            .db()?;
+        MIGRATOR.run(&write).await.map_err(migrate_error)?;
+        // Opened after the migrations so the file is already in WAL mode; query_only guards
+        // against a write slipping onto a reader and racing the write connection.
+        let read = pool_options(opts.read_connections.max(1), opts.op_timeout)
+            .connect_with(base.pragma("query_only", "ON"))
+            .await
+            .db()?;
+        tracing::debug!(path = %path.display(), "sqlite store open");
+        Ok(SqliteStore {
+            write,
+            read,
+            op_timeout: opts.op_timeout,
+            hasher: Hasher::new(),
+        })
+    }
+
+    /// A private in-memory database (tests, demos). Reads and writes share one connection,
+    /// which must never be recycled or the data would vanish.
+    pub async fn open_in_memory() -> Result<Self, StoreError> {
+        let opts = SqliteOptions::default();
+        let conn = SqliteConnectOptions::from_str("sqlite::memory:")
+            .db()?
+            .foreign_keys(true);
+        let pool = pool_options(1, opts.op_timeout)
+            .min_connections(1)
+            .connect_with(conn)
+            .await
+            .db()?;
+        MIGRATOR.run(&pool).await.map_err(migrate_error)?;
+        Ok(SqliteStore {
+            write: pool.clone(),
+            read: pool,
+            op_timeout: opts.op_timeout,
+            hasher: Hasher::new(),
+        })
+    }
+
+    /// Waits for running calls and closes every connection (checkpointing the WAL).
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+
+    /// Runs `fut` with the per-call timeout.
+    async fn timed<T>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.op_timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "{what} timed out after {} ms",
+                self.op_timeout.as_millis()
+            ))),
+        }
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        self.write.begin_with("BEGIN IMMEDIATE").await.db()
+    }
+
+    async fn user_row(&self, name: &str) -> Result<Option<(User, String)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT name, role, disabled, created_at_ms, last_login_ms, password_hash \
+             FROM users WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.read)
+        .await
+        .db()?;
+        row.map(|r| Ok((user_from_row(&r)?, r.try_get("password_hash").db()?)))
+            .transpose()
+    }
+
+    async fn insert_user(
+        &self,
+        name: &str,
+        hash: &str,
+        role: Role,
+        what: &'static str,
+    ) -> Result<User, StoreError> {
+        let now = now_ms();
+        self.timed(what, async {
+            sqlx::query(
+                "INSERT INTO users (name, role, password_hash, disabled, created_at_ms) \
+                 VALUES (?, ?, ?, 0, ?)",
+            )
+            .bind(name)
+            .bind(role.as_str())
+            .bind(hash)
+            .bind(now)
+            .execute(&self.write)
+            .await
+            .db()?;
+            Ok(())
+        })
+        .await?;
+        Ok(User {
+            name: name.to_owned(),
+            role,
+            disabled: false,
+            created_at_ms: now,
+            last_login_ms: None,
+        })
+    }
+
+    async fn ensure_user_absent(&self, name: &str) -> Result<(), StoreError> {
+        if self.get_user(name).await?.is_some() {
+            return Err(StoreError::AlreadyExists);
+        }
+        Ok(())
+    }
+
+    /// Moves that user's queued jobs (all, or those among `ids`) to cancelled.
+    async fn cancel_queued(
+        &self,
+        user: &str,
+        ids: Option<&[String]>,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        let mut cancelled = Vec::new();
+        let chunks: Vec<&[String]> = match ids {
+            Some(ids) => ids.chunks(ID_CHUNK).collect(),
+            None => vec![&[]],
+        };
+        for chunk in chunks {
+            let mut qb = QueryBuilder::<Sqlite>::new("UPDATE jobs SET state = 'cancelled', ");
+            qb.push("finished_at_ms = ")
+                .push_bind(now)
+                .push(" WHERE state = 'queued' AND user_name = ")
+                .push_bind(user);
+            if ids.is_some() {
+                push_id_list(&mut qb, chunk);
+            }
+            qb.push(" RETURNING seq, id");
+            for r in qb.build().fetch_all(&mut *tx).await.db()? {
+                cancelled.push((r.try_get("seq").db()?, r.try_get("id").db()?));
+            }
+        }
+        tx.commit().await.db()?;
+        Ok(cancelled)
+    }
+
+    async fn delete_finished(&self, user: &str, ids: Option<&[String]>) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut n = 0;
+        let chunks: Vec<&[String]> = match ids {
+            Some(ids) => ids.chunks(ID_CHUNK).collect(),
+            None => vec![&[]],
+        };
+        for chunk in chunks {
+            let mut qb = QueryBuilder::<Sqlite>::new("DELETE FROM jobs WHERE user_name = ");
+            qb.push_bind(user);
+            push_state_list(&mut qb, &JobState::FINISHED);
+            if ids.is_some() {
+                push_id_list(&mut qb, chunk);
+            }
+            n += qb.build().execute(&mut *tx).await.db()?.rows_affected();
+        }
+        tx.commit().await.db()?;
+        Ok(n)
+    }
+}
+
+/// Keeps each `IN (...)` well under SQLite's bound-parameter limit.
+const ID_CHUNK: usize = 500;
+
+fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(acquire_timeout)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .after_release(|conn, _| {
+            Box::pin(async move {
+                // After SQLITE_FULL/IOERR SQLite may have rolled the transaction back itself;
+                // sqlx's ROLLBACK then fails and the connection would stay marked as inside a
+                // transaction, refusing every later BEGIN. The ping runs after any pending
+                // ROLLBACK; a connection still marked is closed and the pool opens a new one.
+                conn.ping().await?;
+                Ok(!conn.is_in_transaction())
+            })
+        })
+}
+
+fn push_id_list(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
+    qb.push(" AND id IN (");
+    let mut sep = qb.separated(", ");
+    for id in ids {
+        sep.push_bind(id.clone());
+    }
+    qb.push(")");
+}
+
+fn push_state_list(qb: &mut QueryBuilder<Sqlite>, states: &[JobState]) {
+    qb.push(" AND state IN (");
+    let mut sep = qb.separated(", ");
+    for s in states {
+        sep.push_bind(s.as_str());
+    }
+    qb.push(")");
+}
+
+/// Turns sqlx errors into [`StoreError`]s at every call site.
+trait Db<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> Db<T> for Result<T, sqlx::Error> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(map_sqlx)
+    }
+}
+
+// Primary result codes (the low byte of extended codes) that mean "try again later".
+const SQLITE_BUSY: i64 = 5;
+const SQLITE_LOCKED: i64 = 6;
+const SQLITE_NOMEM: i64 = 7;
+const SQLITE_READONLY: i64 = 8;
+const SQLITE_INTERRUPT: i64 = 9;
+const SQLITE_IOERR: i64 = 10;
+const SQLITE_FULL: i64 = 13;
+const SQLITE_CANTOPEN: i64 = 14;
+const SQLITE_PROTOCOL: i64 = 15;
+
+fn map_sqlx(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) => {
+            if d.is_unique_violation() {
+                return StoreError::AlreadyExists;
+            }
+            let code = d.code().and_then(|c| c.parse::<i64>().ok()).unwrap_or(0) & 0xff;
+            match code {
+                SQLITE_BUSY | SQLITE_LOCKED | SQLITE_NOMEM | SQLITE_READONLY | SQLITE_INTERRUPT
+                | SQLITE_IOERR | SQLITE_FULL | SQLITE_CANTOPEN | SQLITE_PROTOCOL => {
+                    StoreError::Unavailable(d.message().to_owned())
+                }
+                _ => StoreError::Other(format!("database error: {}", d.message())),
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+fn migrate_error(e: sqlx::migrate::MigrateError) -> StoreError {
+    match e {
+        sqlx::migrate::MigrateError::Execute(e) => map_sqlx(e),
+        other => StoreError::Other(format!("migration failed: {other}")),
+    }
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Other(format!("corrupt row: {what}"))
+}
+
+fn user_from_row(r: &SqliteRow) -> Result<User, StoreError> {
+    let role: String = r.try_get("role").db()?;
+    Ok(User {
+        name: r.try_get("name").db()?,
+        role: role.parse().map_err(|_| corrupt("role"))?,
+        disabled: r.try_get::<i64, _>("disabled").db()? != 0,
+        created_at_ms: r.try_get("created_at_ms").db()?,
+        last_login_ms: r.try_get("last_login_ms").db()?,
+    })
+}
+
+macro_rules! job_cols {
+    () => {
+        "seq, id, user_name, number, priority, prompt, extra_data, outputs_to_execute, \
+         client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
+         error, outputs, messages, meta"
+    };
+}
+
+fn json_col(r: &SqliteRow, col: &str) -> Result<serde_json::Value, StoreError> {
+    let s: String = r.try_get(col).db()?;
+    serde_json::from_str(&s).map_err(|_| corrupt(col))
+}
+
+fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
+    let state: String = r.try_get("state").db()?;
+    let priority: Option<i64> = r.try_get("priority").db()?;
+    let attempts: i64 = r.try_get("attempts").db()?;
+    let outputs_to_execute: String = r.try_get("outputs_to_execute").db()?;
+    let error: Option<String> = r.try_get("error").db()?;
+    Ok(JobRecord {
+        seq: r.try_get("seq").db()?,
+        id: r.try_get("id").db()?,
+        user: r.try_get("user_name").db()?,
+        number: r.try_get("number").db()?,
+        priority: priority
+            .map(u8::try_from)
+            .transpose()
+            .map_err(|_| corrupt("priority"))?,
+        prompt: json_col(r, "prompt")?,
+        extra_data: json_col(r, "extra_data")?,
+        outputs_to_execute: serde_json::from_str(&outputs_to_execute)
+            .map_err(|_| corrupt("outputs_to_execute"))?,
+        client_id: r.try_get("client_id").db()?,
+        state: state.parse().map_err(|_| corrupt("state"))?,
+        attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        created_at_ms: r.try_get("created_at_ms").db()?,
+        started_at_ms: r.try_get("started_at_ms").db()?,
+        finished_at_ms: r.try_get("finished_at_ms").db()?,
+        backend: r.try_get("backend").db()?,
+        error: error
+            .map(|e| serde_json::from_str(&e))
+            .transpose()
+            .map_err(|_| corrupt("error"))?,
+        outputs: json_col(r, "outputs")?,
+        messages: json_col(r, "messages")?,
+        meta: json_col(r, "meta")?,
+    })
+}
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+fn clamp_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn count_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+#[async_trait]
+impl UserStore for SqliteStore {
+    async fn create_user(
+        &self,
+        name: &str,
+        password: &str,
+        role: Role,
+    ) -> Result<User, StoreError> {
+        if !valid_user_name(name) {
+            return Err(StoreError::Other(format!("invalid user name {name:?}")));
+        }
+        password::validate_password(password)?;
+        // Cheap check first so a duplicate does not cost an argon2 hash; the insert still
+        // catches a race through the primary key.
+        self.ensure_user_absent(name).await?;
+        let hash = self.hasher.hash(password).await?;
+        self.insert_user(name, &hash, role, "create_user").await
+    }
+
+    async fn import_bcrypt(
+        &self,
+        name: &str,
+        bcrypt_hash: &str,
+        role: Role,
+    ) -> Result<User, StoreError> {
+        if !valid_user_name(name) {
+            return Err(StoreError::Other(format!("invalid user name {name:?}")));
+        }
+        password::validate_bcrypt(bcrypt_hash)?;
+        self.insert_user(name, bcrypt_hash, role, "import_bcrypt")
+            .await
+    }
+
+    async fn get_user(&self, name: &str) -> Result<Option<User>, StoreError> {
+        self.timed("get_user", async {
+            Ok(self.user_row(name).await?.map(|(u, _)| u))
+        })
+        .await
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        self.timed("list_users", async {
+            sqlx::query(
+                "SELECT name, role, disabled, created_at_ms, last_login_ms \
+                 FROM users ORDER BY name",
+            )
+            .fetch_all(&self.read)
+            .await
+            .db()?
+            .iter()
+            .map(user_from_row)
+            .collect()
+        })
+        .await
+    }
+
+    async fn set_password(&self, name: &str, password: &str) -> Result<(), StoreError> {
+        password::validate_password(password)?;
+        if self.get_user(name).await?.is_none() {
+            return Err(StoreError::NotFound);
+        }
+        let hash = self.hasher.hash(password).await?;
+        self.timed("set_password", async {
+            let mut tx = self.begin().await?;
+            let n = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
+                .bind(&hash)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?
+                .rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            // A new password ends every existing login.
+            sqlx::query("DELETE FROM sessions WHERE user_name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            tx.commit().await.db()
+        })
+        .await
+    }
+
+    async fn set_disabled(&self, name: &str, disabled: bool) -> Result<(), StoreError> {
+        self.timed("set_disabled", async {
+            let n = sqlx::query("UPDATE users SET disabled = ? WHERE name = ?")
+                .bind(i64::from(disabled))
+                .bind(name)
+                .execute(&self.write)
+                .await
+                .db()?
+                .rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_user(&self, name: &str) -> Result<(), StoreError> {
+        self.timed("remove_user", async {
+            let mut tx = self.begin().await?;
+            // Explicit, though the foreign key cascades too.
+            sqlx::query("DELETE FROM sessions WHERE user_name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            let n = sqlx::query("DELETE FROM users WHERE name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?
+                .rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            tx.commit().await.db()
+        })
+        .await
+    }
+
+    async fn verify_password(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<Option<User>, StoreError> {
+        let row = if valid_user_name(name) {
+            self.timed("verify_password", self.user_row(name)).await?
+        } else {
+            None
+        };
+        let (user, stored) = match row {
+            Some((u, h)) => (Some(u), Some(h)),
+            None => (None, None),
+        };
+        // Always hash, so unknown and disabled users take as long as a wrong password.
+        let verified = self.hasher.verify(password, stored.clone()).await?;
+        let (Some(user), Verified::Yes { rehash }, Some(old)) = (user, verified, stored) else {
+            return Ok(None);
+        };
+        if user.disabled {
+            return Ok(None);
+        }
+        let now = now_ms();
+        self.timed("verify_password", async {
+            // The rehash only replaces the exact hash that was verified, so a concurrent
+            // set_password is never overwritten.
+            let row = sqlx::query(
+                "UPDATE users SET last_login_ms = ?1, \
+                 password_hash = CASE WHEN ?2 IS NOT NULL AND password_hash = ?3 \
+                                      THEN ?2 ELSE password_hash END \
+                 WHERE name = ?4 AND disabled = 0 \
+                 RETURNING name, role, disabled, created_at_ms, last_login_ms",
+            )
+            .bind(now)
+            .bind(rehash.as_deref())
+            .bind(&old)
+            .bind(name)
+            .fetch_optional(&self.write)
+            .await
+            .db()?;
+            row.as_ref().map(user_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn password_scheme(&self, name: &str) -> Result<Option<PasswordScheme>, StoreError> {
+        self.timed("password_scheme", async {
+            Ok(self
+                .user_row(name)
+                .await?
+                .and_then(|(_, h)| password::scheme_of(&h)))
+        })
+        .await
+    }
+
+    async fn create_session(&self, user: &str, ttl_ms: i64) -> Result<String, StoreError> {
+        if ttl_ms <= 0 {
+            return Err(StoreError::Other("session ttl must be positive".into()));
+        }
+        let mut raw = [0u8; 32];
+        rand::fill(&mut raw);
+        let token = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+        let hash = token_hash(&token);
+        let now = now_ms();
+        self.timed("create_session", async {
+            let mut tx = self.begin().await?;
+            let disabled: Option<i64> =
+                sqlx::query_scalar("SELECT disabled FROM users WHERE name = ?")
+                    .bind(user)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .db()?;
+            match disabled {
+                None => return Err(StoreError::NotFound),
+                Some(0) => {}
+                Some(_) => return Err(StoreError::Conflict("user is disabled".into())),
+            }
+            // Expired sessions are swept here, so no separate maintenance task is needed.
+            sqlx::query("DELETE FROM sessions WHERE expires_at_ms <= ?")
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            sqlx::query(
+                "INSERT INTO sessions (token_hash, user_name, created_at_ms, expires_at_ms) \
+                 VALUES (?, ?, ?, ?)",
+            )
+            .bind(&hash)
+            .bind(user)
+            .bind(now)
+            .bind(now.saturating_add(ttl_ms))
+            .execute(&mut *tx)
+            .await
+            .db()?;
+            tx.commit().await.db()
+        })
+        .await?;
+        Ok(token)
+    }
+
+    async fn session_user(&self, token: &str) -> Result<Option<User>, StoreError> {
+        let hash = token_hash(token);
+        self.timed("session_user", async {
+            let row = sqlx::query(
+                "SELECT u.name, u.role, u.disabled, u.created_at_ms, u.last_login_ms \
+                 FROM sessions s JOIN users u ON u.name = s.user_name \
+                 WHERE s.token_hash = ? AND s.expires_at_ms > ? AND u.disabled = 0",
+            )
+            .bind(&hash)
+            .bind(now_ms())
+            .fetch_optional(&self.read)
+            .await
+            .db()?;
+            row.as_ref().map(user_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn delete_session(&self, token: &str) -> Result<(), StoreError> {
+        let hash = token_hash(token);
+        self.timed("delete_session", async {
+            sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+                .bind(&hash)
+                .execute(&self.write)
+                .await
+                .db()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl MetaStore for SqliteStore {
+    async fn get_meta(&self, key: &str) -> Result<Option<MetaEntry>, StoreError> {
+        self.timed("get_meta", async {
+            let row = sqlx::query("SELECT value, updated_at_ms, source FROM meta WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.read)
+                .await
+                .db()?;
+            row.map(|r| {
+                Ok(MetaEntry {
+                    value: r.try_get("value").db()?,
+                    updated_at_ms: r.try_get("updated_at_ms").db()?,
+                    source: r.try_get("source").db()?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    async fn put_meta(&self, key: &str, value: &str, source: &str) -> Result<(), StoreError> {
+        self.timed("put_meta", async {
+            sqlx::query(
+                "INSERT INTO meta (key, value, updated_at_ms, source) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
+                 updated_at_ms = excluded.updated_at_ms, source = excluded.source",
+            )
+            .bind(key)
+            .bind(value)
+            .bind(now_ms())
+            .bind(source)
+            .execute(&self.write)
+            .await
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl JobStore for SqliteStore {
+    async fn enqueue(&self, job: NewJob, limits: EnqueueLimits) -> Result<JobRecord, StoreError> {
+        if job.id.is_empty() {
+            return Err(StoreError::Other("empty job id".into()));
+        }
+        if !job.number.is_finite() {
+            return Err(StoreError::Other("job number must be finite".into()));
+        }
+        let outputs_to_execute = serde_json::to_string(&job.outputs_to_execute)
+            .map_err(|e| StoreError::Other(e.to_string()))?;
+        let workflow_id = workflow_id_of(&job.extra_data).map(str::to_owned);
+        let now = now_ms();
+        self.timed("enqueue", async {
+            let mut tx = self.begin().await?;
+            let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM jobs WHERE id = ?")
+                .bind(&job.id)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+            if exists.is_some() {
+                return Err(StoreError::AlreadyExists);
+            }
+            if limits.max_queued_per_user > 0 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE user_name = ? \
+                     AND state IN ('queued', 'dispatched')",
+                )
+                .bind(&job.user)
+                .fetch_one(&mut *tx)
+                .await
+                .db()?;
+                if count_u64(n) >= u64::from(limits.max_queued_per_user) {
+                    return Err(StoreError::Limit(LimitKind::UserQueued {
+                        max: limits.max_queued_per_user,
+                    }));
+                }
+            }
+            if limits.max_queue_depth > 0 {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'dispatched')",
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .db()?;
+                if count_u64(n) >= u64::from(limits.max_queue_depth) {
+                    return Err(StoreError::Limit(LimitKind::QueueDepth {
+                        max: limits.max_queue_depth,
+                    }));
+                }
+            }
+            let row = sqlx::query(concat!(
+                "INSERT INTO jobs (id, user_name, number, priority, prompt, extra_data, \
+                 outputs_to_execute, client_id, workflow_id, state, created_at_ms) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?) RETURNING ",
+                job_cols!()
+            ))
+            .bind(&job.id)
+            .bind(&job.user)
+            .bind(job.number)
+            .bind(job.priority.map(i64::from))
+            .bind(job.prompt.to_string())
+            .bind(job.extra_data.to_string())
+            .bind(&outputs_to_execute)
+            .bind(&job.client_id)
+            .bind(&workflow_id)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+            let rec = job_from_row(&row)?;
+            tx.commit().await.db()?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.timed("get_job", async {
+            let row = sqlx::query(concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = ?"))
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await
+                .db()?;
+            row.as_ref().map(job_from_row).transpose()
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
+        fn filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
+            qb.push(" FROM jobs WHERE 1 = 1");
+            if let Some(u) = &q.user {
+                qb.push(" AND user_name = ").push_bind(u.clone());
+            }
+            if !q.states.is_empty() {
+                push_state_list(qb, &q.states);
+            }
+            if let Some(w) = &q.workflow_id {
+                qb.push(" AND workflow_id = ").push_bind(w.clone());
+            }
+        }
+        self.timed("list_jobs", async {
+            // Both statements run in one read transaction, so total and page agree.
+            let mut tx = self.read.begin().await.db()?;
+            let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*)");
+            filters(&mut count, q);
+            let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.db()?;
+
+            let mut page = QueryBuilder::<Sqlite>::new(concat!("SELECT ", job_cols!()));
+            filters(&mut page, q);
+            page.push(match q.order {
+                JobOrder::CreatedAsc => " ORDER BY created_at_ms ASC, seq ASC",
+                JobOrder::CreatedDesc => " ORDER BY created_at_ms DESC, seq DESC",
+                JobOrder::DurationAsc => {
+                    " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) ASC, seq ASC"
+                }
+                JobOrder::DurationDesc => {
+                    " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) DESC, seq DESC"
+                }
+                JobOrder::SeqAsc => " ORDER BY seq ASC",
+            });
+            // SQLite needs a LIMIT before OFFSET; -1 means none.
+            page.push(" LIMIT ")
+                .push_bind(q.limit.map_or(-1, clamp_i64))
+                .push(" OFFSET ")
+                .push_bind(clamp_i64(q.offset));
+            let rows = page.build().fetch_all(&mut *tx).await.db()?;
+            let jobs = rows
+                .iter()
+                .map(job_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await.db()?;
+            Ok((jobs, count_u64(total)))
+        })
+        .await
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.timed("unfinished_jobs", async {
+            sqlx::query(concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE state IN ('queued', 'dispatched', 'running') ORDER BY seq"
+            ))
+            .fetch_all(&self.read)
+            .await
+            .db()?
+            .iter()
+            .map(job_from_row)
+            .collect()
+        })
+        .await
+    }
+
+    async fn transition(
+        &self,
+        id: &str,
+        from: &[JobState],
+        to: JobState,
+        patch: JobPatch,
+    ) -> Result<JobRecord, StoreError> {
+        // `Some(Null)` clears the error column (stored as SQL NULL).
+        let error = patch
+            .error
+            .as_ref()
+            .map(|e| (!e.is_null()).then(|| e.to_string()));
+        self.timed("transition", async {
+            let mut tx = self.begin().await?;
+            let current: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+            let current: JobState = current
+                .ok_or(StoreError::NotFound)?
+                .parse()
+                .map_err(|_| corrupt("state"))?;
+            if !from.contains(&current) {
+                return Err(StoreError::Conflict(format!(
+                    "job {id} is {current}, not one of {from:?}"
+                )));
+            }
+            let row = sqlx::query(concat!(
+                "UPDATE jobs SET state = ?1, attempts = attempts + ?2, \
+                 backend = COALESCE(?3, backend), \
+                 started_at_ms = COALESCE(?4, started_at_ms), \
+                 finished_at_ms = COALESCE(?5, finished_at_ms), \
+                 error = CASE WHEN ?6 THEN ?7 ELSE error END, \
+                 outputs = COALESCE(?8, outputs), \
+                 messages = COALESCE(?9, messages), \
+                 meta = COALESCE(?10, meta) \
+                 WHERE id = ?11 RETURNING ",
+                job_cols!()
+            ))
+            .bind(to.as_str())
+            .bind(i64::from(patch.attempts_inc))
+            .bind(&patch.backend)
+            .bind(patch.started_at_ms)
+            .bind(patch.finished_at_ms)
+            .bind(error.is_some())
+            .bind(error.flatten())
+            .bind(patch.outputs.as_ref().map(ToString::to_string))
+            .bind(patch.messages.as_ref().map(ToString::to_string))
+            .bind(patch.meta.as_ref().map(ToString::to_string))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+            let rec = job_from_row(&row)?;
+            tx.commit().await.db()?;
+            Ok(rec)
+        })
+        .await
+    }
+
+    async fn delete_queued(&self, user: &str, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cancelled = self
+            .timed("delete_queued", self.cancel_queued(user, Some(ids)))
+            .await?;
+        let mut hit: std::collections::HashSet<String> =
+            cancelled.into_iter().map(|(_, id)| id).collect();
+        // In the caller's order, each id once.
+        Ok(ids.iter().filter(|id| hit.remove(*id)).cloned().collect())
+    }
+
+    async fn clear_queued(&self, user: &str) -> Result<Vec<String>, StoreError> {
+        let mut cancelled = self
+            .timed("clear_queued", self.cancel_queued(user, None))
+            .await?;
+        cancelled.sort_unstable();
+        Ok(cancelled.into_iter().map(|(_, id)| id).collect())
+    }
+
+    async fn delete_history(&self, user: &str, ids: &[String]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.timed("delete_history", self.delete_finished(user, Some(ids)))
+            .await
+    }
+
+    async fn clear_history(&self, user: &str) -> Result<u64, StoreError> {
+        self.timed("clear_history", self.delete_finished(user, None))
+            .await
+    }
+
+    async fn count_jobs(&self, user: Option<&str>, states: &[JobState]) -> Result<u64, StoreError> {
+        self.timed("count_jobs", async {
+            let mut qb = QueryBuilder::<Sqlite>::new("SELECT COUNT(*) FROM jobs WHERE 1 = 1");
+            if let Some(u) = user {
+                qb.push(" AND user_name = ").push_bind(u.to_owned());
+            }
+            if !states.is_empty() {
+                push_state_list(&mut qb, states);
+            }
+            let n: i64 = qb.build_query_scalar().fetch_one(&self.read).await.db()?;
+            Ok(count_u64(n))
+        })
+        .await
+    }
+}

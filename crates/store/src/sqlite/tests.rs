@@ -1,0 +1,328 @@
+//! SQLite-only behaviour: pragmas, failure injection, visibility across handles.
+
+use super::*;
+use crate::conformance::new_job;
+use crate::{JobQuery, Store};
+
+fn temp_db() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("comfyume.db");
+    (dir, path)
+}
+
+#[tokio::test]
+async fn pragmas_and_layout() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&s.write)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&s.write)
+        .await
+        .unwrap();
+    assert_eq!(sync, 1, "NORMAL");
+    let fk: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+        .fetch_one(&s.write)
+        .await
+        .unwrap();
+    assert_eq!(fk, 1);
+    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(&s.write)
+        .await
+        .unwrap();
+    assert_eq!(busy, 5000);
+    // Readers cannot write.
+    let err = sqlx::query("INSERT INTO meta VALUES ('k', 'v', 0, 's')")
+        .execute(&s.read)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("readonly"), "{err}");
+    // The indexes the queue's queries rely on.
+    let idx: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'jobs'",
+    )
+    .fetch_all(&s.read)
+    .await
+    .unwrap();
+    for want in ["jobs_by_user_state", "jobs_by_state"] {
+        assert!(idx.iter().any(|i| i == want), "{idx:?}");
+    }
+    let plan: Vec<String> = sqlx::query(
+        "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM jobs \
+         WHERE user_name = 'u' AND state IN ('queued', 'dispatched')",
+    )
+    .fetch_all(&s.read)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get::<String, _>("detail"))
+    .collect();
+    assert!(
+        plan.iter().any(|d| d.contains("jobs_by_user_state")),
+        "{plan:?}"
+    );
+
+    let full = SqliteStore::open_with(
+        &path,
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let sync: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&full.write)
+        .await
+        .unwrap();
+    assert_eq!(sync, 2, "FULL");
+}
+
+/// A job is in the file when enqueue returns: a second, independent handle sees it at once.
+#[tokio::test]
+async fn committed_before_return() {
+    let (_dir, path) = temp_db();
+    let a = SqliteStore::open(&path).await.unwrap();
+    let b = SqliteStore::open(&path).await.unwrap();
+    for i in 0..5 {
+        let id = format!("j{i}");
+        let r = a
+            .enqueue(new_job(&id, "u"), EnqueueLimits::default())
+            .await
+            .unwrap();
+        assert_eq!(b.get_job(&id).await.unwrap(), Some(r));
+    }
+    // Both handles write without "database is locked".
+    b.enqueue(new_job("from-b", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    a.enqueue(new_job("from-a", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(a.count_jobs(None, &[]).await.unwrap(), 7);
+}
+
+async fn cap_pages(s: &SqliteStore) {
+    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(&s.write)
+        .await
+        .unwrap();
+    // Cannot go below the current size, so the file is full from here on.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA max_page_count = {pages}"
+    )))
+    .execute(&s.write)
+    .await
+    .unwrap();
+}
+
+fn big(n: usize) -> serde_json::Value {
+    serde_json::json!({"1": {"class_type": "Note", "inputs": {"text": "z".repeat(n)}}})
+}
+
+/// A full disk answers Unavailable and leaves nothing half-written; the store recovers.
+#[tokio::test]
+async fn full_disk_is_unavailable_and_atomic() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    let store: &dyn Store = &s;
+    store
+        .create_user("u", "pw", crate::Role::Participant)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        store
+            .enqueue(new_job(&format!("ok{i}"), "u"), EnqueueLimits::default())
+            .await
+            .unwrap();
+    }
+    let before = store.list_jobs(&JobQuery::default()).await.unwrap();
+
+    cap_pages(&s).await;
+    let mut j = new_job("too-big", "u");
+    j.prompt = big(400_000);
+    match store.enqueue(j.clone(), EnqueueLimits::default()).await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("full"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(store.get_job("too-big").await.unwrap(), None);
+    assert_eq!(store.list_jobs(&JobQuery::default()).await.unwrap(), before);
+
+    // A transition whose patch does not fit changes nothing, not even the state.
+    cap_pages(&s).await;
+    match store
+        .transition(
+            "ok1",
+            &[JobState::Queued],
+            JobState::Succeeded,
+            JobPatch {
+                attempts_inc: true,
+                outputs: Some(big(400_000)),
+                ..JobPatch::default()
+            },
+        )
+        .await
+    {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert_eq!(store.list_jobs(&JobQuery::default()).await.unwrap(), before);
+
+    cap_pages(&s).await;
+    assert!(matches!(
+        store
+            .put_meta("object_info", &"m".repeat(400_000), "x")
+            .await,
+        Err(StoreError::Unavailable(_))
+    ));
+    assert_eq!(store.get_meta("object_info").await.unwrap(), None);
+
+    // Room again (the write connection may have been replaced, so set it explicitly).
+    sqlx::query("PRAGMA max_page_count = 1073741823")
+        .execute(&s.write)
+        .await
+        .unwrap();
+    store.enqueue(j, EnqueueLimits::default()).await.unwrap();
+    store
+        .transition(
+            "ok1",
+            &[JobState::Queued],
+            JobState::Running,
+            JobPatch::default(),
+        )
+        .await
+        .unwrap();
+    assert!(store.create_session("u", 1000).await.is_ok());
+    assert_eq!(store.count_jobs(None, &[]).await.unwrap(), 4);
+}
+
+/// Another process holding the write lock: busy → Unavailable, and a slow call times out →
+/// Unavailable; both leave the store usable once the lock is gone.
+#[tokio::test]
+async fn locked_database_is_unavailable() {
+    let (_dir, path) = temp_db();
+    SqliteStore::open(&path).await.unwrap().close().await;
+    let short_busy = SqliteStore::open_with(
+        &path,
+        SqliteOptions {
+            busy_timeout: Duration::from_millis(100),
+            op_timeout: Duration::from_secs(5),
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let short_op = SqliteStore::open_with(
+        &path,
+        SqliteOptions {
+            busy_timeout: Duration::from_secs(30),
+            op_timeout: Duration::from_millis(300),
+            ..SqliteOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut other = <sqlx::SqliteConnection as sqlx::Connection>::connect_with(
+        &SqliteConnectOptions::new().filename(&path),
+    )
+    .await
+    .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    match short_busy
+        .enqueue(new_job("a", "u"), EnqueueLimits::default())
+        .await
+    {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("locked"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let t0 = std::time::Instant::now();
+    match short_op
+        .enqueue(new_job("b", "u"), EnqueueLimits::default())
+        .await
+    {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("timed out"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    // Reads go on while a writer holds the lock (WAL).
+    assert_eq!(short_op.count_jobs(None, &[]).await.unwrap(), 0);
+
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    short_busy
+        .enqueue(new_job("a", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    short_op
+        .enqueue(new_job("b", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(short_op.count_jobs(None, &[]).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn in_memory_store_works() {
+    let s = SqliteStore::open_in_memory().await.unwrap();
+    s.enqueue(new_job("m1", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    s.create_user("u", "pw", crate::Role::Participant)
+        .await
+        .unwrap();
+    assert!(s.verify_password("u", "pw").await.unwrap().is_some());
+    assert_eq!(s.unfinished_jobs().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn secrets_are_not_stored_in_clear() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    s.create_user("u", "very-secret-pw", crate::Role::Participant)
+        .await
+        .unwrap();
+    let token = s.create_session("u", 60_000).await.unwrap();
+    let hash: String = sqlx::query_scalar("SELECT password_hash FROM users")
+        .fetch_one(&s.read)
+        .await
+        .unwrap();
+    assert!(hash.starts_with("$argon2id$"));
+    assert!(!hash.contains("very-secret-pw"));
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT token_hash FROM sessions")
+        .fetch_one(&s.read)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 32);
+    assert_ne!(stored, token.as_bytes());
+    s.close().await;
+    let bytes = std::fs::read(&path).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(!text.contains("very-secret-pw"));
+    assert!(!text.contains(&token));
+}
+
+/// SQLite may roll a transaction back by itself (e.g. on some SQLITE_FULL/IOERR); sqlx's own
+/// ROLLBACK then fails and would leave the only write connection refusing every BEGIN.
+/// Simulated by ending the transaction behind sqlx's back.
+#[tokio::test]
+async fn write_connection_recovers_from_an_implicit_rollback() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    {
+        let mut tx = s.begin().await.unwrap();
+        sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+        // Dropped here: sqlx's rollback fails.
+    }
+    for i in 0..3 {
+        s.enqueue(new_job(&format!("j{i}"), "u"), EnqueueLimits::default())
+            .await
+            .unwrap();
+    }
+    assert_eq!(s.count_jobs(None, &[]).await.unwrap(), 3);
+}

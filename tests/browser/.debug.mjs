@@ -1,0 +1,12 @@
+import { chromium } from 'playwright-core';
+const b = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox','--disable-gpu','--disable-background-networking'] });
+const c = await b.newContext({ viewport: { width: 1440, height: 900 } });
+const p = await c.newPage();
+await p.goto('http://127.0.0.1:18732/user001/');
+await p.fill('input[name=username]', 'user001'); await p.fill('input[name=password]', 'pw1');
+await p.click('button[type=submit]');
+await p.waitForFunction(() => window.app?.graph && Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 100);
+await p.waitForTimeout(3000);
+console.log(await p.evaluate(() => [...document.querySelectorAll('[role=dialog], .p-dialog, .p-dialog-mask')].map(e => e.tagName + ' ' + e.className + ' ' + (e.getAttribute('aria-label')||'') + ' visible=' + (e.offsetParent!==null)).join('\n')));
+console.log(await p.evaluate(() => [...document.querySelectorAll('[role=dialog] button')].map(e => e.outerHTML.slice(0, 300)).join('\n---\n')));
+await b.close();
