@@ -43,6 +43,8 @@ const HARMLESS_404 = [
   /\/api\/userdata\/comfy\.templates\.json$/,
   /\/api\/userdata\?dir=subgraphs(&|$)/,
   /\/favicon\.ico$/,
+  // Workflow bookmarks; read when the Workflows sidebar opens, absent until one is starred.
+  /\/api\/userdata\/workflows%2F\.index\.json$/,
 ];
 const EXTRA_ALLOWED = (env.ALLOW_FAILED || '')
   .split(',')
@@ -51,11 +53,12 @@ const EXTRA_ALLOWED = (env.ALLOW_FAILED || '')
   .map((s) => new RegExp(s));
 
 const problems = []; // uncaught page errors and failed requests, in order
+const pending = new Set(); // request-failure checks still running
 const consoleErrors = [];
 const steps = [];
 const shots = [];
 const pages = new Map(); // label -> page, for failure screenshots
-const state = { navigating: 0, closing: false, loggedIn: new Set() };
+const state = { navigating: 0, closing: false, loggedIn: new Set(), tutorialPosted: new Set() };
 
 function log(msg) {
   console.error(`[story +${((Date.now() - started) / 1000).toFixed(1)}s] ${msg}`);
@@ -87,7 +90,8 @@ function fail(msg) {
   throw new StoryError(msg);
 }
 
-function checkProblems(where) {
+async function checkProblems(where) {
+  await Promise.all([...pending]);
   if (problems.length) fail(`${where}: ${problems.length} problem(s):\n  ${problems.join('\n  ')}`);
 }
 
@@ -95,7 +99,7 @@ async function step(name, fn) {
   const t0 = Date.now();
   log(`step: ${name}`);
   const result = await fn();
-  checkProblems(name);
+  await checkProblems(name);
   steps.push({ name, ms: Date.now() - t0 });
   return result;
 }
@@ -110,6 +114,11 @@ function watch(context, label) {
   // No network here: refuse non-loopback requests at once instead of waiting for DNS.
   context.route((url) => !isLoopback(url.href), (route) => route.abort('blockedbyclient'));
   context.on('page', (page) => watchPage(page, label));
+  context.on('request', (req) => {
+    if (req.method() === 'POST' && /\/api\/settings\/Comfy\.TutorialCompleted$/.test(req.url())) {
+      state.tutorialPosted.add(label);
+    }
+  });
   context.on('response', (res) => {
     const url = res.url();
     if (!isLoopback(url) || res.status() < 400) return;
@@ -122,7 +131,15 @@ function watch(context, label) {
     if (!isLoopback(url) || EXTRA_ALLOWED.some((re) => re.test(url))) return;
     // A reload or close cancels what is still in flight; that is not the server's fault.
     if (error.includes('ERR_ABORTED') && (state.navigating > 0 || state.closing)) return;
-    problems.push(`${label}: request failed (${error}) ${req.method()} ${url}`);
+    const check = (async () => {
+      // Chromium also reports ERR_ABORTED when the page drops a body it never reads (a
+      // stylesheet that 404s, the empty 200 of POST /api/settings/...); the server did answer,
+      // and its status was judged by the 'response' handler.
+      if (error.includes('ERR_ABORTED') && (await req.response().catch(() => null))) return;
+      problems.push(`${label}: request failed (${error}) ${req.method()} ${url}`);
+    })();
+    pending.add(check);
+    check.finally(() => pending.delete(check));
   });
 }
 
@@ -171,7 +188,8 @@ async function login(page, label, user, pass) {
   return { next };
 }
 
-/** Waits until the stock frontend is up: canvas visible, graph and node definitions loaded. */
+/** Waits until the stock frontend is up: canvas visible, node definitions registered, and the
+ * start-up workflow opened. */
 async function waitForComfy(page, label) {
   await page.locator('canvas#graph-canvas').waitFor({ state: 'visible', timeout: TIMEOUT });
   try {
@@ -179,30 +197,42 @@ async function waitForComfy(page, label) {
       () =>
         !!window.app?.graph &&
         !!window.comfyAPI?.api?.api &&
+        !!window.app.extensionManager?.workflow?.activeWorkflow &&
         Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 100,
       null,
       { timeout: TIMEOUT },
     );
   } catch {
-    fail(`${label}: frontend never finished loading (window.app/LiteGraph node types missing)`);
+    fail(`${label}: frontend never finished loading (no window.app graph, node types or open workflow)`);
   }
-  // A new user gets the Templates dialog once settings load; let start-up requests settle,
-  // then close whatever dialog is open so the canvas takes keyboard input.
-  await page.waitForLoadState('networkidle', { timeout: 15_000 }).catch(() => {});
-  await closeDialogs(page);
+  // A user without Comfy.TutorialCompleted gets the Templates dialog: the frontend sets that
+  // setting, opens a blank workflow, then fetches the templates and shows the dialog. Wait for
+  // it and close it, so the canvas gets keyboard input.
+  if (state.tutorialPosted.has(label)) {
+    state.tutorialPosted.delete(label);
+    await page
+      .locator('.p-dialog:visible')
+      .first()
+      .waitFor({ state: 'visible', timeout: TIMEOUT })
+      .catch(() => fail(`${label}: new-user Templates dialog never appeared`));
+  }
+  await closeDialogs(page, label);
   return page.evaluate(() => Object.keys(window.LiteGraph.registered_node_types).length);
 }
 
-async function closeDialogs(page) {
-  for (let i = 0; i < 5; i++) {
-    const dialogs = page.locator('.p-dialog:visible');
-    if ((await dialogs.count()) === 0) return;
-    const close = dialogs.last().locator('.p-dialog-close-button, button[aria-label="Close"]');
-    if (await close.count()) await close.first().click();
+async function closeDialogs(page, label) {
+  const deadline = Date.now() + 10_000;
+  const open = page.locator('.p-dialog:visible');
+  while ((await open.count()) > 0) {
+    if (Date.now() > deadline) fail(`${label}: a dialog would not close`);
+    // Escape only reaches a dialog that holds the focus; the close button always works.
+    const close = open
+      .last()
+      .locator('.p-dialog-close-button, button[aria-label="Close"], button:has(> i.pi-times)');
+    if ((await close.count()) > 0) await close.first().click({ timeout: 5_000 }).catch(() => {});
     else await page.keyboard.press('Escape');
     await page.waitForTimeout(300);
   }
-  if (await page.locator('.p-dialog:visible').count()) fail('a dialog would not close');
 }
 
 async function nodeLibraryEntries(page, label) {
@@ -260,7 +290,8 @@ async function sidebarShows(page, label, name) {
   await page.locator('.workflows-tab-button').first().click();
   const tab = page.locator('.workflows-sidebar-tab');
   await tab.waitFor({ state: 'visible', timeout: TIMEOUT });
-  const item = tab.getByText(name, { exact: true });
+  // The Browse list shows the file name, with or without ".json".
+  const item = tab.getByText(new RegExp(`^\\s*${name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}(\\.json)?\\s*$`));
   // The list is fetched on open; give it time to arrive before judging absence.
   await page.waitForLoadState('networkidle', { timeout: 15_000 }).catch(() => {});
   const visible = await item.first().isVisible().catch(() => false);
@@ -344,7 +375,7 @@ async function main() {
     state.closing = true;
     await browser.close().catch(() => {});
   }
-  checkProblems('end of story');
+  await checkProblems('end of story');
   summary.ok = true;
   summary.steps = steps;
   summary.total_ms = Date.now() - started;
@@ -364,7 +395,8 @@ main().then(
   (err) => {
     const msg = err instanceof StoryError ? err.message : err?.stack || String(err);
     console.error(`story: FAILED: ${msg}`);
-    if (!(err instanceof StoryError) && problems.length) console.error(`also:\n  ${problems.join('\n  ')}`);
+    const unreported = problems.filter((p) => !msg.includes(p));
+    if (unreported.length) console.error(`also:\n  ${unreported.join('\n  ')}`);
     if (consoleErrors.length) console.error(`console errors:\n  ${consoleErrors.slice(0, 20).join('\n  ')}`);
     console.error(`steps done: ${steps.map((s) => s.name).join(' | ') || 'none'}; screenshots in ${OUT_DIR}`);
     process.exit(1);

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use comfyume_dispatch::QueueConfig;
+use comfyume_scheduler::Policy;
 use serde::Deserialize;
 
 /// The example configuration, printed by `comfyume default-config`.
@@ -46,6 +48,21 @@ pub struct ServeArgs {
     /// Log format: json (for Loki) or pretty.
     #[arg(long, env = "LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Scheduling policy: fifo, round_robin or priority.
+    #[arg(long, env = "QUEUE_MODE")]
+    pub queue_mode: Option<Policy>,
+    /// Waiting jobs of the whole workshop.
+    #[arg(long, env = "MAX_QUEUE_DEPTH")]
+    pub max_queue_depth: Option<u32>,
+    /// Waiting jobs of one participant.
+    #[arg(long, env = "MAX_QUEUED_PER_USER")]
+    pub max_queued_per_user: Option<u32>,
+    /// Jobs of one participant on GPUs at once.
+    #[arg(long, env = "MAX_RUNNING_PER_USER")]
+    pub max_running_per_user: Option<u32>,
+    /// Priority aging: a waiting job gains one level per this many seconds.
+    #[arg(long, env = "PRIORITY_AGING_SECS")]
+    pub priority_aging_secs: Option<u64>,
 }
 
 /// The optional TOML file: the same settings, snake_case.
@@ -61,6 +78,11 @@ pub struct FileConfig {
     pub domain: Option<String>,
     pub log_format: Option<String>,
     pub session_ttl_hours: Option<u64>,
+    pub queue_mode: Option<Policy>,
+    pub max_queue_depth: Option<u32>,
+    pub max_queued_per_user: Option<u32>,
+    pub max_running_per_user: Option<u32>,
+    pub priority_aging_secs: Option<u64>,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig> {
@@ -84,6 +106,7 @@ pub struct ServeConfig {
     pub domain: Option<String>,
     pub log_format: String,
     pub session_ttl_hours: u64,
+    pub queue: QueueConfig,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "data";
@@ -106,20 +129,49 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         .or(file.frontend_dir.clone())
         .unwrap_or_else(|| data_dir.join("frontend").join(FRONTEND_VERSION));
     Ok(ServeConfig {
-        listen: args.listen.or(file.listen).unwrap_or(([127, 0, 0, 1], 8188).into()),
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or(([127, 0, 0, 1], 8188).into()),
         metrics_listen: args
             .metrics_listen
             .or(file.metrics_listen)
             .unwrap_or(([127, 0, 0, 1], 9188).into()),
         templates_dir: args.templates_dir.clone().or(file.templates_dir.clone()),
-        max_upload_bytes: args.max_upload_size.or(file.max_upload_size).unwrap_or(100) * 1024 * 1024,
-        domain: args.domain.clone().or(file.domain.clone()).filter(|d| !d.is_empty()),
+        max_upload_bytes: args.max_upload_size.or(file.max_upload_size).unwrap_or(100)
+            * 1024
+            * 1024,
+        domain: args
+            .domain
+            .clone()
+            .or(file.domain.clone())
+            .filter(|d| !d.is_empty()),
         log_format: args
             .log_format
             .clone()
             .or(file.log_format.clone())
             .unwrap_or_else(|| "pretty".into()),
         session_ttl_hours: file.session_ttl_hours.unwrap_or(24 * 7),
+        queue: QueueConfig {
+            policy: args
+                .queue_mode
+                .or(file.queue_mode)
+                .unwrap_or(Policy::RoundRobin),
+            max_running_per_user: args
+                .max_running_per_user
+                .or(file.max_running_per_user)
+                .unwrap_or(1),
+            max_queued_per_user: args
+                .max_queued_per_user
+                .or(file.max_queued_per_user)
+                .unwrap_or(20),
+            max_queue_depth: args.max_queue_depth.or(file.max_queue_depth).unwrap_or(100),
+            aging_ms: args
+                .priority_aging_secs
+                .or(file.priority_aging_secs)
+                .unwrap_or(60)
+                * 1000,
+        },
         frontend_dir,
         data_dir,
     })
@@ -136,13 +188,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
         std::fs::write(&f, "listen = \"127.0.0.1:7000\"\ndata_dir = \"/tmp/x\"\n").unwrap();
-        let common = CommonArgs { data_dir: None, config: Some(f.clone()) };
+        let common = CommonArgs {
+            data_dir: None,
+            config: Some(f.clone()),
+        };
         let from_file = resolve_serve(&common, &ServeArgs::default()).unwrap();
         assert_eq!(from_file.listen.port(), 7000);
         assert_eq!(from_file.data_dir, PathBuf::from("/tmp/x"));
-        assert_eq!(from_file.frontend_dir, PathBuf::from("/tmp/x/frontend/1.37.11"));
-        let flags = ServeArgs { listen: Some("127.0.0.1:7001".parse().unwrap()), ..Default::default() };
-        let common = CommonArgs { data_dir: Some("/tmp/y".into()), config: Some(f) };
+        assert_eq!(
+            from_file.frontend_dir,
+            PathBuf::from("/tmp/x/frontend/1.37.11")
+        );
+        let flags = ServeArgs {
+            listen: Some("127.0.0.1:7001".parse().unwrap()),
+            ..Default::default()
+        };
+        let common = CommonArgs {
+            data_dir: Some("/tmp/y".into()),
+            config: Some(f),
+        };
         let r = resolve_serve(&common, &flags).unwrap();
         assert_eq!(r.listen.port(), 7001);
         assert_eq!(r.data_dir, PathBuf::from("/tmp/y"));

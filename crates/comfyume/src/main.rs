@@ -14,7 +14,11 @@ use comfyume_store::Store;
 use config::{CommonArgs, ServeArgs};
 
 #[derive(Parser)]
-#[command(name = "comfyume", version, about = "ComfyUI workshops: one server, every participant their own ComfyUI")]
+#[command(
+    name = "comfyume",
+    version,
+    about = "ComfyUI workshops: one server, every participant their own ComfyUI"
+)]
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
@@ -93,7 +97,9 @@ fn main() -> Result<()> {
     // Real environment variables win over .env; a missing .env is fine.
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(cli))
 }
 
@@ -110,13 +116,28 @@ async fn run(cli: Cli) -> Result<()> {
             let store = open_store(&config::data_dir(&common, &file)).await?;
             let store = store.as_ref();
             match cmd {
-                UsersCmd::Add { name, admin, password_stdin } => {
-                    let pw = if password_stdin { Some(users::read_password_stdin()?) } else { None };
+                UsersCmd::Add {
+                    name,
+                    admin,
+                    password_stdin,
+                } => {
+                    let pw = if password_stdin {
+                        Some(users::read_password_stdin()?)
+                    } else {
+                        None
+                    };
                     users::add(store, &name, admin, pw).await
                 }
                 UsersCmd::List => users::list(store).await,
-                UsersCmd::Passwd { name, password_stdin } => {
-                    let pw = if password_stdin { Some(users::read_password_stdin()?) } else { None };
+                UsersCmd::Passwd {
+                    name,
+                    password_stdin,
+                } => {
+                    let pw = if password_stdin {
+                        Some(users::read_password_stdin()?)
+                    } else {
+                        None
+                    };
                     users::passwd(store, &name, pw).await
                 }
                 UsersCmd::Remove { name } => users::remove(store, &name).await,
@@ -124,26 +145,45 @@ async fn run(cli: Cli) -> Result<()> {
                 UsersCmd::Enable { name } => users::set_disabled(store, &name, false).await,
                 UsersCmd::ImportHtpasswd { file } => users::import_htpasswd(store, &file).await,
                 UsersCmd::CreateWorkshop { count, prefix, csv } => {
-                    users::create_workshop(store, count, &prefix, csv.as_deref()).await.map(|_| ())
+                    users::create_workshop(store, count, &prefix, csv.as_deref())
+                        .await
+                        .map(|_| ())
                 }
             }
         }
         Command::ObjectInfo(ObjectInfoCmd::Import { file }) => {
             let cfg = config::load_file(common.config.as_deref())?;
             let store = open_store(&config::data_dir(&common, &cfg)).await?;
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", file.display()))?;
             let Some(map) = value.as_object() else {
-                anyhow::bail!("{} is not a ComfyUI object_info document (expected a JSON object)", file.display());
+                anyhow::bail!(
+                    "{} is not a ComfyUI object_info document (expected a JSON object)",
+                    file.display()
+                );
             };
-            if let Some((k, _)) = map.iter().find(|(_, v)| v.get("input").is_none() || v.get("output").is_none()) {
-                anyhow::bail!("{}: node '{k}' lacks 'input'/'output'; not an object_info document", file.display());
+            if let Some((k, _)) = map
+                .iter()
+                .find(|(_, v)| v.get("input").is_none() || v.get("output").is_none())
+            {
+                anyhow::bail!(
+                    "{}: node '{k}' lacks 'input'/'output'; not an object_info document",
+                    file.display()
+                );
             }
             store
-                .put_meta(comfyume_gateway::OBJECT_INFO_KEY, &value.to_string(), &format!("import:{}", file.display()))
+                .put_meta(
+                    comfyume_gateway::OBJECT_INFO_KEY,
+                    &value.to_string(),
+                    &format!("import:{}", file.display()),
+                )
                 .await?;
-            println!("imported {} node definitions (a running server picks them up at its next start)", map.len());
+            println!(
+                "imported {} node definitions (a running server picks them up at its next start)",
+                map.len()
+            );
             Ok(())
         }
     }

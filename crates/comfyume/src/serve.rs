@@ -10,7 +10,9 @@ use crate::config::{CommonArgs, ServeArgs, resolve_serve};
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -63,8 +65,17 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     settings.max_upload_bytes = cfg.max_upload_bytes;
     settings.secure_cookies = cfg.domain.is_some();
     settings.session_ttl = Duration::from_secs(cfg.session_ttl_hours * 3600);
-    let state = comfyume_gateway::build_state(settings, store).await;
-    let nodes = state.object_info().as_object().map(|m| m.len()).unwrap_or(0);
+    let (state, in_flight) = comfyume_gateway::build_state(settings, store, cfg.queue.clone())
+        .await
+        .context("opening the job queue")?;
+    if !in_flight.is_empty() {
+        tracing::warn!(
+            jobs = in_flight.len(),
+            "jobs were on a backend when the server last stopped"
+        );
+    }
+    tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), "queue open");
+    let nodes = state.object_info().info.len();
     if nodes == 0 {
         tracing::warn!(
             "no node definitions yet: no backend has been reached and none were imported \

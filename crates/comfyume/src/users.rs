@@ -20,7 +20,9 @@ pub fn generate_password() -> String {
 
 pub fn read_password_stdin() -> Result<String> {
     let mut s = String::new();
-    std::io::stdin().read_to_string(&mut s).context("reading the password from stdin")?;
+    std::io::stdin()
+        .read_to_string(&mut s)
+        .context("reading the password from stdin")?;
     let p = s.trim_end_matches(['\n', '\r']).to_string();
     if p.is_empty() {
         bail!("the password on stdin is empty");
@@ -30,22 +32,35 @@ pub fn read_password_stdin() -> Result<String> {
 
 pub fn check_name(name: &str) -> Result<()> {
     if comfyume_gateway::scope::is_reserved_name(name) {
-        bail!("'{name}' cannot be an account name: it is a route of the server (or contains a dot)");
+        bail!(
+            "'{name}' cannot be an account name: it is a route of the server (or contains a dot)"
+        );
     }
     if name.is_empty()
         || name.len() > 64
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
         bail!("account names use letters, digits, '-' and '_' (at most 64), e.g. user001");
     }
     Ok(())
 }
 
-pub async fn add(store: &dyn Store, name: &str, admin: bool, password: Option<String>) -> Result<()> {
+pub async fn add(
+    store: &dyn Store,
+    name: &str,
+    admin: bool,
+    password: Option<String>,
+) -> Result<()> {
     check_name(name)?;
     let generated = password.is_none();
     let password = password.unwrap_or_else(generate_password);
-    let role = if admin { Role::Admin } else { Role::Participant };
+    let role = if admin {
+        Role::Admin
+    } else {
+        Role::Participant
+    };
     match store.create_user(name, &password, role).await {
         Ok(u) => {
             println!("created {} ({})", u.name, u.role.as_str());
@@ -68,7 +83,12 @@ pub async fn list(store: &dyn Store) -> Result<()> {
             .map(|ms| format_ms(ms))
             .unwrap_or_else(|| "never".into());
         let status = if u.disabled { "disabled" } else { "active" };
-        println!("{:<24} {:<12} {:<9} {last}", u.name, u.role.as_str(), status);
+        println!(
+            "{:<24} {:<12} {:<9} {last}",
+            u.name,
+            u.role.as_str(),
+            status
+        );
     }
     Ok(())
 }
@@ -76,7 +96,10 @@ pub async fn list(store: &dyn Store) -> Result<()> {
 fn format_ms(ms: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(ms / 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| ms.to_string())
 }
 
@@ -135,7 +158,10 @@ pub async fn import_htpasswd(store: &dyn Store, file: &Path) -> Result<()> {
             continue;
         };
         if !(hash.starts_with("$2y$") || hash.starts_with("$2b$") || hash.starts_with("$2a$")) {
-            eprintln!("line {}: {name}: not a bcrypt hash (only bcrypt entries are imported), skipped", n + 1);
+            eprintln!(
+                "line {}: {name}: not a bcrypt hash (only bcrypt entries are imported), skipped",
+                n + 1
+            );
             skipped += 1;
             continue;
         }

@@ -72,7 +72,10 @@ impl AuthState {
         let mut wait = None;
         for k in keys {
             if let Some(q) = map.get_mut(k) {
-                while q.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+                while q
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > self.window)
+                {
                     q.pop_front();
                 }
                 if q.len() as u32 >= self.max_failures
@@ -91,7 +94,10 @@ impl AuthState {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 100_000 {
             // Bounded memory under a spray of addresses: forget old windows.
-            map.retain(|_, q| q.back().is_some_and(|t| now.duration_since(*t) < self.window));
+            map.retain(|_, q| {
+                q.back()
+                    .is_some_and(|t| now.duration_since(*t) < self.window)
+            });
         }
         for k in keys {
             map.entry(k.clone()).or_default().push_back(now);
@@ -122,7 +128,10 @@ impl AuthState {
 }
 
 pub fn limiter_keys(ip: IpAddr, user: &str) -> Vec<String> {
-    vec![format!("ip:{ip}"), format!("user:{}", user.to_ascii_lowercase())]
+    vec![
+        format!("ip:{ip}"),
+        format!("user:{}", user.to_ascii_lowercase()),
+    ]
 }
 
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -137,7 +146,11 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 pub fn session_cookie(state: &AppState, token: &str) -> HeaderValue {
-    let secure = if state.settings.secure_cookies { "; Secure" } else { "" };
+    let secure = if state.settings.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
     let max_age = state.settings.session_ttl.as_secs();
     HeaderValue::from_str(&format!(
         "{SESSION_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
@@ -195,7 +208,10 @@ fn unauthorized(req: &Request) -> Response {
     (
         StatusCode::UNAUTHORIZED,
         [
-            (header::WWW_AUTHENTICATE, "Basic realm=\"ComfyUMe\", charset=\"UTF-8\""),
+            (
+                header::WWW_AUTHENTICATE,
+                "Basic realm=\"ComfyUMe\", charset=\"UTF-8\"",
+            ),
             (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
         ],
         "401: Unauthorized",
@@ -284,10 +300,15 @@ pub async fn require_auth(State(state): State<AppState>, mut req: Request, next:
     };
     if let Err(e) = crate::provision::ensure_user(&state, &name).await {
         tracing::error!(user = %name, error = %e, "could not prepare the participant's folders");
-        return (StatusCode::INTERNAL_SERVER_ERROR, "could not prepare your workspace").into_response();
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not prepare your workspace",
+        )
+            .into_response();
     }
     req.extensions_mut().insert(Caller(user.clone()));
-    req.extensions_mut().insert(Participant { name, caller: user });
+    req.extensions_mut()
+        .insert(Participant { name, caller: user });
     let mut resp = next.run(req).await;
     if let Some(c) = new_cookie {
         resp.headers_mut().append(header::SET_COOKIE, c);

@@ -84,7 +84,11 @@ fn io_error_response(e: &std::io::Error) -> Response {
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN.into_response(),
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
             tracing::error!(error = %e, "disk full");
-            (StatusCode::INSUFFICIENT_STORAGE, "the server's disk is full").into_response()
+            (
+                StatusCode::INSUFFICIENT_STORAGE,
+                "the server's disk is full",
+            )
+                .into_response()
         }
         _ => {
             tracing::error!(error = %e, "i/o error");

@@ -2,4 +2,7 @@
 //! `/api/extensions` next to the frontend's core ones.
 
 /// (URL path, script body).
-pub const SCRIPTS: &[(&str, &str)] = &[("/extensions/comfyume/comfyume.js", include_str!("../web/comfyume.js"))];
+pub const SCRIPTS: &[(&str, &str)] = &[(
+    "/extensions/comfyume/comfyume.js",
+    include_str!("../web/comfyume.js"),
+)];

@@ -41,9 +41,11 @@ fn cache_header(path: &str) -> Option<&'static str> {
         Some("public, max-age=31536000, immutable")
     } else if path.ends_with(".js") || path.ends_with(".css") || path.ends_with(".json") {
         Some("no-cache")
-    } else if [".png", ".jpg", ".jpeg", ".webp", ".gif", ".svg", ".ico", ".woff", ".woff2", ".ttf"]
-        .iter()
-        .any(|e| path.ends_with(e))
+    } else if [
+        ".png", ".jpg", ".jpeg", ".webp", ".gif", ".svg", ".ico", ".woff", ".woff2", ".ttf",
+    ]
+    .iter()
+    .any(|e| path.ends_with(e))
     {
         Some("public, max-age=86400")
     } else {
@@ -66,7 +68,10 @@ pub async fn index(State(state): State<AppState>) -> Response {
             .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "frontend index.html is missing");
-            (StatusCode::SERVICE_UNAVAILABLE, "The ComfyUI frontend is not installed on this server.")
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The ComfyUI frontend is not installed on this server.",
+            )
                 .into_response()
         }
     }
@@ -79,7 +84,11 @@ pub async fn add_slash(req: Request) -> Response {
         .get::<Scope>()
         .map(|s| s.original_path.clone())
         .unwrap_or_else(|| "/".into());
-    let q = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let q = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     Redirect::permanent(&format!("{original}/{q}")).into_response()
 }
 
@@ -88,7 +97,10 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
     let path = req.uri().path().to_string();
     if let Some((_, body)) = crate::extension::SCRIPTS.iter().find(|(p, _)| *p == path) {
         return (
-            [(header::CONTENT_TYPE, "text/javascript; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
+            [
+                (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
             *body,
         )
             .into_response();
@@ -104,7 +116,8 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
     if resp.status().is_success()
         && let Some(cc) = cache_header(&path)
     {
-        resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(cc));
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static(cc));
     }
     resp
 }
@@ -112,7 +125,11 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
 /// `/templates/*`: the official template library when installed; otherwise a
 /// valid, empty index so the Templates dialog opens cleanly.
 async fn templates(state: &AppState, req: Request) -> Response {
-    let rel = req.uri().path().trim_start_matches("/templates/").to_string();
+    let rel = req
+        .uri()
+        .path()
+        .trim_start_matches("/templates/")
+        .to_string();
     if let Some(dir) = &state.settings.templates_dir {
         let mut req = req;
         if let Ok(uri) = format!("/{rel}").parse() {

@@ -3,9 +3,9 @@
 //! client ids are looked up only among the owner's own connections.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use axum::body::Bytes;
 use tokio::sync::mpsc;
@@ -110,7 +110,11 @@ impl Hub {
     /// Returns whether such a socket was open.
     pub fn send_client(&self, user: &str, client_id: &str, text: &str) -> bool {
         let mut hit = false;
-        for c in self.conns(user).into_iter().filter(|c| c.client_id == client_id) {
+        for c in self
+            .conns(user)
+            .into_iter()
+            .filter(|c| c.client_id == client_id)
+        {
             c.send(Outbound::Text(Arc::from(text)));
             hit = true;
         }
@@ -120,7 +124,11 @@ impl Hub {
     /// A preview frame: `legacy` (type 1) or `with_meta` (type 4) per socket,
     /// as each client announced in its feature flags.
     pub fn send_preview(&self, user: &str, client_id: &str, legacy: Bytes, with_meta: Bytes) {
-        for c in self.conns(user).into_iter().filter(|c| c.client_id == client_id) {
+        for c in self
+            .conns(user)
+            .into_iter()
+            .filter(|c| c.client_id == client_id)
+        {
             let frame = if c.preview_metadata.load(Ordering::Relaxed) {
                 with_meta.clone()
             } else {
@@ -176,5 +184,17 @@ mod tests {
         let (_b, _rx_b) = hub.register("u", "same");
         assert!(matches!(rx_a.try_recv(), Ok(Outbound::Close)));
         assert_eq!(hub.open_sockets(), 1);
+    }
+}
+
+impl comfyume_dispatch::EventSink for Hub {
+    fn to_user(&self, user: &str, text: &str) {
+        self.send_user(user, text);
+    }
+    fn to_client(&self, user: &str, client_id: &str, text: &str) -> bool {
+        self.send_client(user, client_id, text)
+    }
+    fn preview(&self, user: &str, client_id: &str, legacy: Bytes, with_meta: Bytes) {
+        self.send_preview(user, client_id, legacy, with_meta);
     }
 }

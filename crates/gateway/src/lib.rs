@@ -8,11 +8,11 @@ pub mod extension;
 pub mod frontend;
 pub mod hub;
 pub mod login;
-pub mod telemetry;
 pub mod paths;
 pub mod provision;
 pub mod scope;
 pub mod state;
+pub mod telemetry;
 pub mod ws;
 
 use std::future::Future;
@@ -25,7 +25,8 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
-use comfyume_store::Store;
+use comfyume_dispatch::{Queue, QueueConfig, QueueError};
+use comfyume_store::{JobRecord, Store};
 use tokio::net::TcpListener;
 use tower::Layer;
 use tower_http::compression::CompressionLayer;
@@ -33,8 +34,16 @@ use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove
 
 pub use state::{AppState, Settings, UserDirs};
 
-/// Builds the shared state: loads the object_info snapshot from the store.
-pub async fn build_state(settings: Settings, store: Arc<dyn Store>) -> AppState {
+/// Builds the shared state: opens the queue over the store and loads the
+/// object_info snapshot. Also returns the jobs a previous process left on a
+/// backend, for the dispatcher to re-attach or retry.
+pub async fn build_state(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    queue_cfg: QueueConfig,
+) -> Result<(AppState, Vec<JobRecord>), QueueError> {
+    let hub = Arc::new(hub::Hub::new());
+    let (queue, in_flight) = Queue::open(store.clone(), queue_cfg, hub.clone()).await?;
     let object_info = match store.get_meta(OBJECT_INFO_KEY).await {
         Ok(Some(entry)) => serde_json::from_str(&entry.value).unwrap_or_else(|e| {
             tracing::error!(error = %e, "stored object_info snapshot is not valid JSON; ignoring it");
@@ -49,17 +58,19 @@ pub async fn build_state(settings: Settings, store: Arc<dyn Store>) -> AppState 
     let reserved = scope::reserved_names(&settings.frontend_dir);
     let extensions = frontend::extension_list(&settings.frontend_dir);
     let auth = auth::AuthState::new(settings.login_max_failures, settings.login_window);
-    AppState {
+    let state = AppState {
         settings: Arc::new(settings),
         store,
-        hub: Arc::new(hub::Hub::new()),
+        hub,
+        queue,
         auth: Arc::new(auth),
-        object_info: Arc::new(RwLock::new(Arc::new(object_info))),
+        object_info: Arc::new(RwLock::new(Arc::new(state::NodeDefs::new(object_info)))),
         extensions: Arc::new(extensions),
         reserved: Arc::new(reserved),
         known_users: Arc::new(Mutex::new(Default::default())),
         settings_locks: Arc::new(Mutex::new(Default::default())),
-    }
+    };
+    Ok((state, in_flight))
 }
 
 /// The meta key of the node definitions snapshot.
@@ -91,11 +102,15 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     let status = resp.status().as_u16().to_string();
     metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);
-    metrics::histogram!(telemetry::HTTP_DURATION, "route" => route).record(start.elapsed().as_secs_f64());
+    metrics::histogram!(telemetry::HTTP_DURATION, "route" => route)
+        .record(start.elapsed().as_secs_f64());
     resp
 }
 
-async fn banner_status(State(state): State<AppState>, who: auth::Participant) -> axum::Json<serde_json::Value> {
+async fn banner_status(
+    State(state): State<AppState>,
+    who: auth::Participant,
+) -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({
         "user": who.name,
         "backend": state.settings.backend_label,
@@ -113,7 +128,10 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(frontend::index))
         .route("/index.html", get(frontend::index))
         .route("/__comfyume_add_slash", get(frontend::add_slash))
-        .layer(middleware::from_fn_with_state(state.clone(), auth::require_auth));
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_auth,
+        ));
     let public = Router::new()
         .route("/login", get(login::login_page).post(login::login_submit))
         .route("/logout", get(login::logout).post(login::logout))
@@ -127,7 +145,9 @@ pub fn router(state: AppState) -> Router {
         .and(NotForContentType::const_new("application/octet-stream"));
     authed
         .merge(public)
-        .layer(DefaultBodyLimit::max(state.settings.max_upload_bytes as usize))
+        .layer(DefaultBodyLimit::max(
+            state.settings.max_upload_bytes as usize,
+        ))
         .layer(middleware::from_fn(track_metrics))
         .layer(CompressionLayer::new().compress_when(predicate))
         .with_state(state)
@@ -141,8 +161,10 @@ pub async fn launch(
 ) -> std::io::Result<()> {
     let reserved = state.reserved.clone();
     let app = router(state);
-    let svc = tower::util::MapRequestLayer::new(move |req: Request| scope::rewrite(req, &reserved)).layer(app);
+    let svc = tower::util::MapRequestLayer::new(move |req: Request| scope::rewrite(req, &reserved))
+        .layer(app);
     let make = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(svc);
-    axum::serve(listener, make).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, make)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
-

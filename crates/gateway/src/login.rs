@@ -82,7 +82,11 @@ pub async fn login_submit(
         )
             .into_response();
     }
-    let user = match state.store.verify_password(&form.username, &form.password).await {
+    let user = match state
+        .store
+        .verify_password(&form.username, &form.password)
+        .await
+    {
         Ok(u) => u,
         Err(e) => return crate::error::ApiError::Store(e).into_response(),
     };
@@ -92,7 +96,10 @@ pub async fn login_submit(
         // One message for unknown users and wrong passwords alike.
         return (
             StatusCode::UNAUTHORIZED,
-            Html(page(next.as_deref().unwrap_or(""), Some("Wrong username or password."))),
+            Html(page(
+                next.as_deref().unwrap_or(""),
+                Some("Wrong username or password."),
+            )),
         )
             .into_response();
     };
@@ -108,7 +115,8 @@ pub async fn login_submit(
     tracing::info!(user = %user.name, "signed in");
     let target = next.unwrap_or_else(|| format!("/{}/", user.name));
     let mut resp = Redirect::to(&target).into_response();
-    resp.headers_mut().append(header::SET_COOKIE, session_cookie(&state, &token));
+    resp.headers_mut()
+        .append(header::SET_COOKIE, session_cookie(&state, &token));
     resp
 }
 
@@ -119,6 +127,7 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
         tracing::warn!(error = %e, "could not delete a session");
     }
     let mut resp = Redirect::to("/login").into_response();
-    resp.headers_mut().append(header::SET_COOKIE, clear_cookie());
+    resp.headers_mut()
+        .append(header::SET_COOKIE, clear_cookie());
     resp
 }

@@ -77,7 +77,10 @@ mod tests {
         let base = Path::new("/data/u");
         assert_eq!(join_relative(base, "../x"), Err(PathError::Traversal));
         assert_eq!(join_relative(base, "a/../../x"), Err(PathError::Traversal));
-        assert_eq!(join_relative(base, "/etc/passwd"), Err(PathError::Traversal));
+        assert_eq!(
+            join_relative(base, "/etc/passwd"),
+            Err(PathError::Traversal)
+        );
         assert_eq!(join_relative(base, "a\\..\\b"), Err(PathError::Invalid));
         assert_eq!(join_relative(base, "a\0b"), Err(PathError::Invalid));
         assert_eq!(

@@ -19,12 +19,49 @@ pub struct Scope {
 
 /// First segments that are routes or frontend files, never participant names.
 pub const RESERVED: &[&str] = &[
-    "api", "ws", "login", "logout", "admin", "metrics", "healthz", "templates", "docs", "internal",
-    "view", "view_metadata", "prompt", "queue", "history", "interrupt", "free", "upload",
-    "object_info", "system_stats", "features", "users", "settings", "userdata", "v2", "i18n",
-    "embeddings", "models", "experiment", "extensions", "global_subgraphs", "workflow_templates",
-    "jobs", "assets", "scripts", "fonts", "cursor", "comfyume", "static", "favicon.ico",
-    "index.html", "user.css", "materialdesignicons.min.css",
+    "api",
+    "ws",
+    "login",
+    "logout",
+    "admin",
+    "metrics",
+    "healthz",
+    "templates",
+    "docs",
+    "internal",
+    "view",
+    "view_metadata",
+    "prompt",
+    "queue",
+    "history",
+    "interrupt",
+    "free",
+    "upload",
+    "object_info",
+    "system_stats",
+    "features",
+    "users",
+    "settings",
+    "userdata",
+    "v2",
+    "i18n",
+    "embeddings",
+    "models",
+    "experiment",
+    "extensions",
+    "global_subgraphs",
+    "workflow_templates",
+    "jobs",
+    "assets",
+    "scripts",
+    "fonts",
+    "cursor",
+    "comfyume",
+    "static",
+    "favicon.ico",
+    "index.html",
+    "user.css",
+    "materialdesignicons.min.css",
 ];
 
 /// The reserved set plus whatever the installed frontend has at its top level.
@@ -46,7 +83,10 @@ pub fn is_reserved_name(name: &str) -> bool {
 /// Strips a participant prefix from the request URI and records the scope.
 pub fn rewrite(mut req: Request, reserved: &HashSet<String>) -> Request {
     let path = req.uri().path().to_string();
-    let mut scope = Scope { user: None, original_path: path.clone() };
+    let mut scope = Scope {
+        user: None,
+        original_path: path.clone(),
+    };
     let trimmed = path.trim_start_matches('/');
     let (first, rest) = match trimmed.split_once('/') {
         Some((f, r)) => (f, Some(r)),
@@ -77,8 +117,7 @@ pub fn rewrite(mut req: Request, reserved: &HashSet<String>) -> Request {
 
 fn looks_like_user(s: &str) -> bool {
     s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -88,7 +127,10 @@ mod tests {
 
     fn run(path: &str) -> (String, Option<String>) {
         let reserved: HashSet<String> = RESERVED.iter().map(|s| s.to_string()).collect();
-        let req = Request::builder().uri(path).body(axum::body::Body::empty()).unwrap();
+        let req = Request::builder()
+            .uri(path)
+            .body(axum::body::Body::empty())
+            .unwrap();
         let req = rewrite(req, &reserved);
         let scope = req.extensions().get::<Scope>().unwrap().clone();
         (req.uri().to_string(), scope.user)
@@ -96,9 +138,15 @@ mod tests {
 
     #[test]
     fn strips_participant_prefix() {
-        assert_eq!(run("/user001/api/settings?x=1"), ("/api/settings?x=1".into(), Some("user001".into())));
+        assert_eq!(
+            run("/user001/api/settings?x=1"),
+            ("/api/settings?x=1".into(), Some("user001".into()))
+        );
         assert_eq!(run("/user001/"), ("/".into(), Some("user001".into())));
-        assert_eq!(run("/user001"), ("/__comfyume_add_slash".into(), Some("user001".into())));
+        assert_eq!(
+            run("/user001"),
+            ("/__comfyume_add_slash".into(), Some("user001".into()))
+        );
         assert_eq!(run("/api/settings"), ("/api/settings".into(), None));
         assert_eq!(run("/assets/index.js"), ("/assets/index.js".into(), None));
         assert_eq!(run("/"), ("/".into(), None));

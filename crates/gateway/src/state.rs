@@ -5,8 +5,28 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use comfyume_dispatch::Queue;
 use comfyume_store::Store;
+use comfyume_wire::{ObjectInfo, ViewTemplate};
 use serde_json::Value;
+
+/// The node definitions, parsed once, with the per-participant view pre-rendered.
+pub struct NodeDefs {
+    pub info: ObjectInfo,
+    pub view: ViewTemplate,
+}
+
+impl NodeDefs {
+    /// Parses a ComfyUI `/object_info` document (anything but an object is empty).
+    pub fn new(v: Value) -> Self {
+        let info = ObjectInfo::from_value(v).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "node definitions are not an object; serving none");
+            ObjectInfo::from_map(Default::default())
+        });
+        let view = ViewTemplate::new(&info);
+        NodeDefs { info, view }
+    }
+}
 
 use crate::auth::AuthState;
 use crate::hub::Hub;
@@ -73,7 +93,9 @@ pub struct AppState {
     pub hub: Arc<Hub>,
     pub auth: Arc<AuthState>,
     /// The node definitions snapshot (ComfyUI's `/object_info` document).
-    pub object_info: Arc<RwLock<Arc<Value>>>,
+    pub object_info: Arc<RwLock<Arc<NodeDefs>>>,
+    /// The workshop queue (shared with dispatch).
+    pub queue: Arc<Queue>,
     /// `/api/extensions`: the frontend's core scripts plus ours.
     pub extensions: Arc<Vec<String>>,
     /// First path segments that are never a participant prefix.
@@ -114,9 +136,8 @@ impl AppState {
 
     /// ComfyUI's `queue_remaining` for one participant: their pending plus running jobs.
     pub async fn queue_remaining(&self, user: &str) -> u64 {
-        use comfyume_store::JobState::*;
         self.store
-            .count_jobs(Some(user), &[Queued, Dispatched, Running])
+            .count_jobs(Some(user), &comfyume_store::JobState::UNFINISHED)
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "could not count jobs");
@@ -124,7 +145,7 @@ impl AppState {
             })
     }
 
-    pub fn object_info(&self) -> Arc<Value> {
+    pub fn object_info(&self) -> Arc<NodeDefs> {
         self.object_info
             .read()
             .map(|g| g.clone())
@@ -132,7 +153,8 @@ impl AppState {
     }
 
     pub fn set_object_info(&self, v: Value) {
+        let defs = Arc::new(NodeDefs::new(v));
         let mut g = self.object_info.write().unwrap_or_else(|p| p.into_inner());
-        *g = Arc::new(v);
+        *g = defs;
     }
 }

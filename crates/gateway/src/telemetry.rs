@@ -8,10 +8,27 @@ pub const WS_DROPPED: &str = "comfyume_websocket_messages_dropped_total";
 pub const UPLOAD_BYTES: &str = "comfyume_upload_bytes_total";
 
 pub fn describe() {
-    metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by matched route, method and status");
-    metrics::describe_histogram!(HTTP_DURATION, metrics::Unit::Seconds, "HTTP request latency by matched route");
-    metrics::describe_counter!(LOGIN_FAILURES, "Failed logins (wrong or unknown credentials)");
+    metrics::describe_counter!(
+        HTTP_REQUESTS,
+        "HTTP requests by matched route, method and status"
+    );
+    metrics::describe_histogram!(
+        HTTP_DURATION,
+        metrics::Unit::Seconds,
+        "HTTP request latency by matched route"
+    );
+    metrics::describe_counter!(
+        LOGIN_FAILURES,
+        "Failed logins (wrong or unknown credentials)"
+    );
     metrics::describe_gauge!(WS_OPEN, "Open participant WebSockets");
-    metrics::describe_counter!(WS_DROPPED, "WebSocket messages dropped because a client stopped reading");
-    metrics::describe_counter!(UPLOAD_BYTES, metrics::Unit::Bytes, "Bytes uploaded by participants");
+    metrics::describe_counter!(
+        WS_DROPPED,
+        "WebSocket messages dropped because a client stopped reading"
+    );
+    metrics::describe_counter!(
+        UPLOAD_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes uploaded by participants"
+    );
 }

@@ -80,7 +80,12 @@ impl Catalog {
         vae.push("pixel_space");
         set_choices(&mut info, "VAELoader", "vae_name", &vae);
         set_choices(&mut info, "CheckpointLoaderSimple", "ckpt_name", CKPT_FILES);
-        set_choices(&mut info, "LTXAVTextEncoderLoader", "text_encoder", CLIP_FILES);
+        set_choices(
+            &mut info,
+            "LTXAVTextEncoderLoader",
+            "text_encoder",
+            CLIP_FILES,
+        );
         set_choices(&mut info, "LTXAVTextEncoderLoader", "ckpt_name", CKPT_FILES);
         Self {
             builtin: true,
@@ -173,6 +178,7 @@ impl Catalog {
         out
     }
 
+    #[cfg(test)]
     pub fn input_spec(&self, class: &str, name: &str) -> Option<Value> {
         self.inputs(class)
             .into_iter()
@@ -233,7 +239,12 @@ impl Catalog {
 /// Replace the choice list of a combo input, whichever of ComfyUI's two spellings it uses:
 /// `[[choices], {...}]` or `["COMBO", {"options": [choices], ...}]`.
 fn set_choices(info: &mut Map<String, Value>, class: &str, input: &str, choices: &[&str]) {
-    let list = Value::Array(choices.iter().map(|s| Value::String(s.to_string())).collect());
+    let list = Value::Array(
+        choices
+            .iter()
+            .map(|s| Value::String(s.to_string()))
+            .collect(),
+    );
     let Some(node_inputs) = info
         .get_mut(class)
         .and_then(|c| c.get_mut("input"))
@@ -279,7 +290,10 @@ mod tests {
         }
         assert!(c.is_output("SaveImage"));
         assert!(!c.is_output("VAEDecode"));
-        assert_eq!(c.output_types("CheckpointLoaderSimple"), ["MODEL", "CLIP", "VAE"]);
+        assert_eq!(
+            c.output_types("CheckpointLoaderSimple"),
+            ["MODEL", "CLIP", "VAE"]
+        );
         let clip_types = c.input_spec("CLIPLoader", "type").unwrap();
         let types = clip_types[0].as_array().unwrap();
         assert!(types.contains(&Value::from("flux2")) && types.contains(&Value::from("ltxv")));
@@ -290,7 +304,9 @@ mod tests {
                 .unwrap()
                 .contains(&Value::from("flux-2-klein-9b.safetensors"))
         );
-        let te = c.input_spec("LTXAVTextEncoderLoader", "text_encoder").unwrap();
+        let te = c
+            .input_spec("LTXAVTextEncoderLoader", "text_encoder")
+            .unwrap();
         assert!(!te[1]["options"].as_array().unwrap().is_empty());
     }
 

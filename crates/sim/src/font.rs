@@ -1,9 +1,8 @@
-//! A tiny built-in 5x7 bitmap font, so placeholders can be stamped without font files.
+//! A tiny built-in 5x7 bitmap font (5 columns, 7 rows), so placeholders can be stamped without font files.
 
 use image::{Rgb, RgbImage};
 
-/// Glyph cell: 5 columns, 7 rows, plus one column of spacing.
-pub const GLYPH_W: u32 = 5;
+/// Glyph height; glyphs are 5 wide and advance by 6 (one column of spacing).
 pub const GLYPH_H: u32 = 7;
 pub const ADVANCE: u32 = 6;
 
@@ -87,11 +86,7 @@ fn glyph(c: char) -> &'static [&'static str; 7] {
 /// Width in pixels of `text` at `scale`.
 pub fn text_width(text: &str, scale: u32) -> u32 {
     let n = text.chars().count() as u32;
-    if n == 0 {
-        0
-    } else {
-        (n * ADVANCE - 1) * scale
-    }
+    if n == 0 { 0 } else { (n * ADVANCE - 1) * scale }
 }
 
 /// Draw `text` with its top-left corner at (x, y); pixels outside the image are skipped.
@@ -121,7 +116,14 @@ pub fn draw_text(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: u32, col
 }
 
 /// Text with a one-cell dark shadow, readable on any background.
-pub fn draw_text_shadowed(img: &mut RgbImage, x: i64, y: i64, text: &str, scale: u32, color: Rgb<u8>) {
+pub fn draw_text_shadowed(
+    img: &mut RgbImage,
+    x: i64,
+    y: i64,
+    text: &str,
+    scale: u32,
+    color: Rgb<u8>,
+) {
     let s = i64::from(scale.max(1));
     draw_text(img, x + s, y + s, text, scale, Rgb([0, 0, 0]));
     draw_text(img, x, y, text, scale, color);
@@ -135,7 +137,7 @@ mod tests {
     fn glyphs_are_well_formed() {
         for (c, rows) in GLYPHS {
             for r in rows {
-                assert_eq!(r.len(), GLYPH_W as usize, "glyph {c:?}");
+                assert_eq!(r.len(), 5, "glyph {c:?}");
             }
         }
         assert_eq!(glyph('a'), glyph('A'));

@@ -1,1 +1,77 @@
-fn main() {}
+//! `comfyume-sim`: run the ComfyUI simulator as its own process.
+
+use clap::Parser;
+use comfyume_sim::{Fault, SimConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A ComfyUI v0.11.0 server double (simulated, no GPU).
+#[derive(Debug, Parser)]
+#[command(name = "comfyume-sim", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8188")]
+    listen: SocketAddr,
+    /// Serve this object_info.json instead of the built-in node set.
+    #[arg(long, env = "SIMULATOR_OBJECT_INFO")]
+    object_info: Option<PathBuf>,
+    /// Simulated milliseconds per sampler step.
+    #[arg(long, env = "SIMULATOR_STEP_MS", default_value_t = comfyume_sim::DEFAULT_STEP_MS)]
+    step_ms: u64,
+    /// Directory for input/, output/ and temp/ (default: a fresh temporary directory).
+    #[arg(long, env = "SIMULATOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Fault active from the start (repeatable): refuse-connections[:MS], prompt-error,
+    /// drop-websocket, hang[:MS], forget-history, slow-view:MS, die-mid-job.
+    #[arg(long = "fault", value_name = "SPEC")]
+    faults: Vec<Fault>,
+    /// Disable ComfyUI's classic result cache (like ComfyUI's --cache-none).
+    #[arg(long)]
+    cache_none: bool,
+    /// Also serve the /sim/* control routes here (reachable while the main port refuses or hangs).
+    #[arg(long)]
+    control_listen: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = SimConfig {
+        object_info: args.object_info,
+        step_ms: args.step_ms,
+        data_dir: args.data_dir,
+        faults: args.faults,
+        cache: !args.cache_none && SimConfig::from_env()?.cache,
+        ..SimConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let sim = comfyume_sim::try_spawn(config, listener).await?;
+    if let Some(addr) = args.control_listen {
+        let control = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "control routes (/sim/*) listening");
+        sim.serve_control(control);
+    }
+    eprintln!("comfyume-sim: simulated ComfyUI (no GPU) at {}", sim.url());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = sim.stopped() => {}
+    }
+    if sim.is_dead() {
+        // The die-mid-job fault: the process ends the way a killed server would.
+        tracing::error!("die-mid-job fault: exiting abruptly");
+        std::process::exit(137);
+    }
+    tracing::info!("shutting down");
+    sim.shutdown().await;
+    Ok(())
+}

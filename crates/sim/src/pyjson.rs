@@ -86,22 +86,35 @@ pub fn float_repr(f: f64) -> String {
     if f.is_infinite() {
         return if f > 0.0 { "inf".into() } else { "-inf".into() };
     }
-    // serde_json prints floats with ryu, which picks the same shortest digits and the same
-    // switch-over points to exponent form as Python; only the exponent spelling differs.
-    let s = Number::from_f64(f)
-        .map(|n| n.to_string())
-        .unwrap_or_else(|| f.to_string());
-    match s.split_once('e') {
-        Some((mantissa, exp)) => {
-            let (sign, digits) = match exp.strip_prefix('-') {
-                Some(d) => ('-', d),
-                None => ('+', exp.trim_start_matches('+')),
-            };
-            format!("{mantissa}e{sign}{digits:0>2}")
+    // Rust's `{:e}` gives the shortest round-trip digits, as Python's repr does; Python then
+    // writes positional notation for exponents -4..16 and scientific notation otherwise.
+    let sci = format!("{:e}", f.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+    let sign = if f.is_sign_negative() { "-" } else { "" };
+    let body = if (-4..16).contains(&exp) {
+        if exp >= 0 {
+            let int_len = exp as usize + 1;
+            if digits.len() <= int_len {
+                format!("{digits}{}.0", "0".repeat(int_len - digits.len()))
+            } else {
+                format!("{}.{}", &digits[..int_len], &digits[int_len..])
+            }
+        } else {
+            format!("0.{}{digits}", "0".repeat((-exp - 1) as usize))
         }
-        None if !s.contains('.') => format!("{s}.0"),
-        None => s,
-    }
+    } else {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{first}{frac}e{esign}{:02}", exp.abs())
+    };
+    format!("{sign}{body}")
 }
 
 /// Python `str(value)` for a JSON-decoded value.
@@ -185,6 +198,12 @@ mod tests {
         assert_eq!(float_repr(1e16), "1e+16");
         assert_eq!(float_repr(-16.0), "-16.0");
         assert_eq!(float_repr(1e15), "1000000000000000.0");
+        assert_eq!(float_repr(0.0001), "0.0001");
+        assert_eq!(float_repr(123.456), "123.456");
+        assert_eq!(float_repr(1.5e-7), "1.5e-07");
+        assert_eq!(float_repr(2.5e20), "2.5e+20");
+        assert_eq!(float_repr(0.0), "0.0");
+        assert_eq!(float_repr(-0.5), "-0.5");
     }
 
     #[test]

@@ -244,7 +244,11 @@ fn py_type_name(v: &Value) -> &'static str {
     }
 }
 
-fn validate_inputs(ctx: &mut Ctx<'_>, prompt: &mut Map<String, Value>, id: &str) -> Result<bool, PyExc> {
+fn validate_inputs(
+    ctx: &mut Ctx<'_>,
+    prompt: &mut Map<String, Value>,
+    id: &str,
+) -> Result<bool, PyExc> {
     if let Some((ok, _)) = ctx.validated.get(id) {
         return Ok(ok);
     }
@@ -279,10 +283,7 @@ fn validate_node(
         Some(other) => {
             return Err(PyExc::new(
                 "TypeError",
-                format!(
-                    "argument of type '{}' is not iterable",
-                    py_type_name(other)
-                ),
+                format!("argument of type '{}' is not iterable", py_type_name(other)),
             ));
         }
         None => return Err(PyExc::new("KeyError", "'inputs'")),
@@ -740,7 +741,10 @@ mod tests {
         assert_eq!(ok.outputs, ["3"]);
         assert_eq!(p["1"]["inputs"]["width"], json!(64));
         assert_eq!(p["1"]["inputs"]["height"], json!(7));
-        assert_eq!(crate::pyjson::to_string(&p["2"]["inputs"]["scale_by"]), "2.0");
+        assert_eq!(
+            crate::pyjson::to_string(&p["2"]["inputs"]["scale_by"]),
+            "2.0"
+        );
         assert_eq!(p["3"]["inputs"]["filename_prefix"], json!("5"));
     }
 

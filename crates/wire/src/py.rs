@@ -4,7 +4,7 @@
 
 use std::cmp::Ordering;
 
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
 
 /// A Python exception: builtin class name plus `str(exc)`.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,7 +51,11 @@ pub(crate) fn float_repr(x: f64) -> String {
         return if x > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if x == 0.0 {
-        return if x.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if x.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let sci = format!("{:e}", x.abs());
     let (mant, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
@@ -257,9 +261,7 @@ pub(crate) fn py_eq(a: &Value, b: &Value) -> bool {
             x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
         }
         (Value::Object(x), Value::Object(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, p)| y.get(k).is_some_and(|q| py_eq(p, q)))
+            x.len() == y.len() && x.iter().all(|(k, p)| y.get(k).is_some_and(|q| py_eq(p, q)))
         }
         _ => match (Num::of(a), Num::of(b)) {
             (Some(x), Some(y)) => x.partial_cmp(y) == Some(Ordering::Equal),
@@ -334,7 +336,10 @@ pub(crate) fn py_index(seq_name: &str, len: usize, index: &Value) -> Result<usiz
     if (0..len_i).contains(&resolved) {
         Ok(resolved as usize)
     } else {
-        Err(PyExc::new("IndexError", format!("{seq_name} index out of range")))
+        Err(PyExc::new(
+            "IndexError",
+            format!("{seq_name} index out of range"),
+        ))
     }
 }
 
@@ -476,7 +481,10 @@ pub(crate) fn py_int(v: &Value) -> Result<PyInt, PyExc> {
             Some(Num::Int(i)) => Ok(PyInt::from_i128(i)),
             Some(Num::Float(f)) => {
                 if f.is_nan() {
-                    return Err(PyExc::new("ValueError", "cannot convert float NaN to integer"));
+                    return Err(PyExc::new(
+                        "ValueError",
+                        "cannot convert float NaN to integer",
+                    ));
                 }
                 if f.is_infinite() {
                     return Err(PyExc::new(
@@ -609,7 +617,10 @@ impl PyVal {
     pub fn stored(&self, original: &Value) -> Value {
         match self {
             PyVal::Json(v) => v.clone(),
-            PyVal::Int(i) if i.exact.is_some_and(|e| i64::try_from(e).is_ok() || u64::try_from(e).is_ok()) => {
+            PyVal::Int(i)
+                if i.exact
+                    .is_some_and(|e| i64::try_from(e).is_ok() || u64::try_from(e).is_ok()) =>
+            {
                 i.to_json()
             }
             PyVal::Int(_) => original.clone(),
@@ -655,11 +666,6 @@ impl PyVal {
 /// `dict.get(key)` that treats a non-dict as empty.
 pub(crate) fn obj_get<'v>(v: &'v Value, key: &str) -> Option<&'v Value> {
     v.as_object().and_then(|m| m.get(key))
-}
-
-pub(crate) fn empty_map() -> &'static Map<String, Value> {
-    static EMPTY: std::sync::OnceLock<Map<String, Value>> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(Map::new)
 }
 
 #[cfg(test)]
@@ -725,7 +731,10 @@ mod tests {
         let big = py_int(&json!("123456789012345678901234567890123456789012")).unwrap();
         assert_eq!(big.exact, None);
         assert_eq!(big.text, "123456789012345678901234567890123456789012");
-        assert_eq!(py_int(&json!(1e40)).unwrap().text, "10000000000000000303786028427003666890752");
+        assert_eq!(
+            py_int(&json!(1e40)).unwrap().text,
+            "10000000000000000303786028427003666890752"
+        );
     }
 
     #[test]

@@ -28,25 +28,49 @@ use crate::sensitive::split_sensitive;
 
 /// A rejected `POST /prompt`, rendered exactly like ComfyUI's 400 body.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{error_type}: {message}")]
-pub struct PromptError {
-    /// `error.type`, e.g. `prompt_outputs_failed_validation`.
-    pub error_type: String,
-    pub message: String,
-    pub details: String,
-    pub extra_info: Value,
-    pub node_errors: Map<String, Value>,
+#[error("{}: {}", self.0.error_type, self.0.message)]
+pub struct PromptError(Box<ErrorParts>);
+
+#[derive(Debug, Clone, PartialEq)]
+struct ErrorParts {
+    error_type: String,
+    message: String,
+    details: String,
+    extra_info: Value,
+    node_errors: Map<String, Value>,
 }
 
 impl PromptError {
     fn new(error_type: &str, message: impl Into<String>, details: impl Into<String>) -> Self {
-        PromptError {
+        PromptError(Box::new(ErrorParts {
             error_type: error_type.to_owned(),
             message: message.into(),
             details: details.into(),
             extra_info: Value::Object(Map::new()),
             node_errors: Map::new(),
-        }
+        }))
+    }
+
+    /// `error.type`, e.g. `prompt_outputs_failed_validation`.
+    pub fn error_type(&self) -> &str {
+        &self.0.error_type
+    }
+
+    pub fn message(&self) -> &str {
+        &self.0.message
+    }
+
+    pub fn details(&self) -> &str {
+        &self.0.details
+    }
+
+    pub fn extra_info(&self) -> &Value {
+        &self.0.extra_info
+    }
+
+    /// node id -> `{"errors", "dependent_outputs", "class_type"}`.
+    pub fn node_errors(&self) -> &Map<String, Value> {
+        &self.0.node_errors
     }
 
     /// Our own rejection (queue caps, quotas, ...) in ComfyUI's shape, so the stock
@@ -62,14 +86,15 @@ impl PromptError {
 
     /// `{"error": {"type","message","details","extra_info"}, "node_errors": {...}}`.
     pub fn body(&self) -> Value {
+        let p = &self.0;
         json!({
             "error": {
-                "type": self.error_type,
-                "message": self.message,
-                "details": self.details,
-                "extra_info": self.extra_info,
+                "type": p.error_type,
+                "message": p.message,
+                "details": p.details,
+                "extra_info": p.extra_info,
             },
-            "node_errors": self.node_errors,
+            "node_errors": p.node_errors,
         })
     }
 }
@@ -152,7 +177,11 @@ fn invalid_prompt(message: &str, details: String) -> PromptError {
     PromptError::new("invalid_prompt", message, details)
 }
 
-fn run(body: &Value, info: &ObjectInfo, files: Option<&UserFiles>) -> Result<ValidPrompt, PromptError> {
+fn run(
+    body: &Value,
+    info: &ObjectInfo,
+    files: Option<&UserFiles>,
+) -> Result<ValidPrompt, PromptError> {
     let no_prompt = || PromptError::new("no_prompt", "No prompt provided", "No prompt provided");
     let Some(body) = body.as_object() else {
         return Err(no_prompt());
@@ -175,7 +204,9 @@ fn run(body: &Value, info: &ObjectInfo, files: Option<&UserFiles>) -> Result<Val
         return Err(no_prompt());
     };
     let prompt_id = body.get("prompt_id").map(py_str);
-    let partial = body.get("partial_execution_targets").filter(|v| !v.is_null());
+    let partial = body
+        .get("partial_execution_targets")
+        .filter(|v| !v.is_null());
 
     let mut prompt = prompt.clone();
     let (outputs_to_execute, node_errors) = validate_graph(&mut prompt, partial, info, files)?;
@@ -211,7 +242,12 @@ fn run(body: &Value, info: &ObjectInfo, files: Option<&UserFiles>) -> Result<Val
     })
 }
 
-fn error(kind: &str, message: impl Into<String>, details: impl Into<String>, extra_info: Value) -> Value {
+fn error(
+    kind: &str,
+    message: impl Into<String>,
+    details: impl Into<String>,
+    extra_info: Value,
+) -> Value {
     json!({"type": kind, "message": message.into(), "details": details.into(), "extra_info": extra_info})
 }
 
@@ -254,14 +290,22 @@ struct FileValidator {
 fn file_validator(class: &str) -> Option<FileValidator> {
     let (arg, qualname, message) = match class {
         "LoadImage" => ("image", "LoadImage.VALIDATE_INPUTS", "Invalid image file: "),
-        "LoadImageMask" => ("image", "LoadImageMask.VALIDATE_INPUTS", "Invalid image file: "),
+        "LoadImageMask" => (
+            "image",
+            "LoadImageMask.VALIDATE_INPUTS",
+            "Invalid image file: ",
+        ),
         // Both inherit LoadImage's validator.
         "LoadImageOutput" | "WebcamCapture" => {
             ("image", "LoadImage.VALIDATE_INPUTS", "Invalid image file: ")
         }
         "LoadAudio" => ("audio", "LoadAudio.validate_inputs", "Invalid audio file: "),
         "LoadVideo" => ("file", "LoadVideo.validate_inputs", "Invalid video file: "),
-        "LoadLatent" => ("latent", "LoadLatent.VALIDATE_INPUTS", "Invalid latent file: "),
+        "LoadLatent" => (
+            "latent",
+            "LoadLatent.VALIDATE_INPUTS",
+            "Invalid latent file: ",
+        ),
         _ => return None,
     };
     Some(FileValidator {
@@ -357,7 +401,14 @@ impl<'a> Expansion<'a> {
     }
 }
 
-const DYNAMIC_TYPES: [&str; 3] = ["COMFY_AUTOGROW_V3", "COMFY_DYNAMICCOMBO_V3", "COMFY_DYNAMICSLOT_V3"];
+const DYNAMIC_TYPES: [&str; 3] = [
+    "COMFY_AUTOGROW_V3",
+    "COMFY_DYNAMICCOMBO_V3",
+    "COMFY_DYNAMICSLOT_V3",
+];
+
+static EMPTY_OBJECT: std::sync::LazyLock<Value> =
+    std::sync::LazyLock::new(|| Value::Object(Map::new()));
 
 fn spec_type(spec: &Value) -> &Value {
     spec.as_array().and_then(|a| a.first()).unwrap_or(spec)
@@ -384,7 +435,9 @@ fn parse_class_inputs<'a>(
             "optional" => false,
             _ => continue,
         };
-        let Some(inner) = inner.as_object() else { continue };
+        let Some(inner) = inner.as_object() else {
+            continue;
+        };
         for (id, value) in inner {
             let io_type = spec_type(value).as_str().unwrap_or_default();
             if DYNAMIC_TYPES.contains(&io_type) {
@@ -419,15 +472,21 @@ fn expand_dynamic<'a>(
             let Some(template) = obj_get(extra, "template") else {
                 return Ok(());
             };
-            let min = obj_get(template, "min").and_then(Value::as_u64).unwrap_or(0) as usize;
-            let names: Vec<String> = if let Some(names) = obj_get(template, "names").and_then(Value::as_array) {
-                names.iter().map(py_str).collect()
-            } else if let Some(p) = obj_get(template, "prefix") {
-                let max = obj_get(template, "max").and_then(Value::as_u64).unwrap_or(0).min(100);
-                (0..max).map(|i| format!("{}{i}", py_str(p))).collect()
-            } else {
-                return Ok(());
-            };
+            let min = obj_get(template, "min")
+                .and_then(Value::as_u64)
+                .unwrap_or(0) as usize;
+            let names: Vec<String> =
+                if let Some(names) = obj_get(template, "names").and_then(Value::as_array) {
+                    names.iter().map(py_str).collect()
+                } else if let Some(p) = obj_get(template, "prefix") {
+                    let max = obj_get(template, "max")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0)
+                        .min(100);
+                    (0..max).map(|i| format!("{}{i}", py_str(p))).collect()
+                } else {
+                    return Ok(());
+                };
             let mut template_input = None;
             if let Some(input) = obj_get(template, "input").and_then(Value::as_object) {
                 for (cat, d) in input {
@@ -445,7 +504,11 @@ fn expand_dynamic<'a>(
             };
             for (i, name) in names.iter().enumerate() {
                 let expected = format!("{finalized}.{name}");
-                out.insert(expected.clone(), i < min && template_required, template_input);
+                out.insert(
+                    expected.clone(),
+                    i < min && template_required,
+                    template_input,
+                );
                 // Only for its exceptions: live slots keep the names inserted here, and both
                 // the live and the empty case record a dynamic path.
                 py_contains(live, &Value::String(expected))?;
@@ -516,7 +579,11 @@ struct Ctx<'a, 'p> {
 impl<'a> Ctx<'a, '_> {
     fn files_for(&mut self, kind: FileKind) -> Option<&[String]> {
         let files = self.files?;
-        Some(self.file_lists.entry(kind).or_insert_with(|| files.for_kind(kind)))
+        Some(
+            self.file_lists
+                .entry(kind)
+                .or_insert_with(|| files.for_kind(kind)),
+        )
     }
 
     fn class_of(&self, id: &str) -> &str {
@@ -529,7 +596,10 @@ impl<'a> Ctx<'a, '_> {
 
     fn node_inputs(&self, id: &str) -> &Value {
         static NULL: Value = Value::Null;
-        self.prompt.get(id).and_then(|n| obj_get(n, "inputs")).unwrap_or(&NULL)
+        self.prompt
+            .get(id)
+            .and_then(|n| obj_get(n, "inputs"))
+            .unwrap_or(&NULL)
     }
 
     fn node_inputs_mut(&mut self, id: &str) -> Option<&mut Map<String, Value>> {
@@ -543,7 +613,10 @@ impl<'a> Ctx<'a, '_> {
             .as_map()
             .get_key_value(&class_type)
             .ok_or_else(|| PyExc::key_error(&Value::String(class_type.clone())))?;
-        let node = self.prompt.get(id).ok_or_else(|| PyExc::key_error(&Value::String(id.into())))?;
+        let node = self
+            .prompt
+            .get(id)
+            .ok_or_else(|| PyExc::key_error(&Value::String(id.into())))?;
         let live = py_getitem(node, "inputs")?;
         let mut expansion = Expansion::default();
         let input = obj_get(node_info, "input");
@@ -555,7 +628,10 @@ impl<'a> Ctx<'a, '_> {
             }
         } else {
             for (cat, required) in [("required", true), ("optional", false)] {
-                if let Some(section) = input.and_then(|i| obj_get(i, cat)).and_then(Value::as_object) {
+                if let Some(section) = input
+                    .and_then(|i| obj_get(i, cat))
+                    .and_then(Value::as_object)
+                {
                     for (name, spec) in section {
                         if required || !expansion.index.contains_key(name) {
                             expansion.insert(name.clone(), required, spec);
@@ -602,7 +678,14 @@ fn expand_section<'a>(
     for (id, value) in section {
         let io_type = spec_type(value).as_str().unwrap_or_default();
         if DYNAMIC_TYPES.contains(&io_type) {
-            expand_dynamic(out, live, value, io_type, required, std::slice::from_ref(id))?;
+            expand_dynamic(
+                out,
+                live,
+                value,
+                io_type,
+                required,
+                std::slice::from_ref(id),
+            )?;
         } else {
             out.insert(id.clone(), required, value);
         }
@@ -615,14 +698,16 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
     while frame.pos < frame.inputs.len() {
         let i = frame.pos;
         frame.pos += 1;
-        let x = frame.inputs[i].name.clone();
-        let required = frame.inputs[i].required;
-        let spec = frame.inputs[i].spec.clone();
-        let input_type = spec_type(&spec).clone();
-        let extra = match spec_extra(&spec) {
-            Value::Null => Value::Object(Map::new()),
-            other => other.clone(),
+        let entry = &frame.inputs[i];
+        let x = entry.name.clone();
+        let required = entry.required;
+        let input_type = spec_type(&entry.spec);
+        let extra = match spec_extra(&entry.spec) {
+            Value::Null => &*EMPTY_OBJECT,
+            other => other,
         };
+        // `input_config`, built only when an error or a pending link needs it.
+        let config = || Value::Array(vec![input_type.clone(), extra.clone()]);
         let live = ctx.node_inputs(&frame.id);
         if !py_contains(live, &Value::String(x.clone()))? {
             if required {
@@ -641,14 +726,13 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
             continue;
         }
         let val = py_getitem(live, &x)?.clone();
-        let config = json!([input_type, extra]);
         if let Value::Array(link) = &val {
             if link.len() != 2 {
                 frame.errors.push(error(
                     "bad_linked_input",
                     "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                     x.clone(),
-                    json!({"input_name": x, "input_config": config, "received_value": val}),
+                    json!({"input_name": x, "input_config": config(), "received_value": val}),
                 ));
                 continue;
             }
@@ -664,20 +748,24 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
             };
             let o_class = ctx.class_of(&o_id).to_owned();
             let returns = ctx.info.raw_output_types(&o_class);
-            let seq = if ctx.info.is_v3(&o_class) { "list" } else { "tuple" };
+            let seq = if ctx.info.is_v3(&o_class) {
+                "list"
+            } else {
+                "tuple"
+            };
             let slot = py_index(seq, returns.len(), &link[1])?;
             let received = returns[slot].clone();
-            if !types_match(&received, &input_type) {
+            if !types_match(&received, input_type) {
                 let details = format!(
                     "{x}, received_type({}) mismatch input_type({})",
                     py_str(&received),
-                    py_str(&input_type)
+                    py_str(input_type)
                 );
                 frame.errors.push(error(
                     "return_type_mismatch",
                     "Return type mismatch between linked nodes",
                     details,
-                    json!({"input_name": x, "input_config": config, "received_type": received, "linked_node": val}),
+                    json!({"input_name": x, "input_config": config(), "received_type": received, "linked_node": val}),
                 ));
                 continue;
             }
@@ -689,7 +777,7 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
             }
             frame.pending = Some(Pending {
                 input: x,
-                config,
+                config: config(),
                 link: val,
             });
             return Ok(Step::Recurse(o_id));
@@ -717,7 +805,7 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
                     "invalid_input_type",
                     format!("Failed to convert an input value to a {type_str} value"),
                     format!("{x}, {}, {}", py_str(&val), ex.message),
-                    json!({"input_name": x, "input_config": config, "received_value": val, "exception_message": ex.message}),
+                    json!({"input_name": x, "input_config": config(), "received_value": val, "exception_message": ex.message}),
                 ));
                 continue;
             }
@@ -736,13 +824,15 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
             ("min", true, "value_smaller_than_min", "smaller than min"),
             ("max", false, "value_bigger_than_max", "bigger than max"),
         ] {
-            let Some(bound) = obj_get(&extra, key) else { continue };
+            let Some(bound) = obj_get(extra, key) else {
+                continue;
+            };
             if converted.compare(bound, less)? {
                 frame.errors.push(error(
                     kind,
                     format!("Value {} {word} of {}", converted.py_str(), py_str(bound)),
                     x.clone(),
-                    json!({"input_name": x, "input_config": config, "received_value": converted.to_json()}),
+                    json!({"input_name": x, "input_config": config(), "received_value": converted.to_json()}),
                 ));
                 out_of_range = true;
                 break;
@@ -751,50 +841,63 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
         if out_of_range {
             continue;
         }
-        let options: Option<Cow<Value>> = match &input_type {
-            Value::Array(_) => Some(Cow::Borrowed(&input_type)),
-            Value::String(t) if t == "COMBO" => Some(match extra.as_object().and_then(|m| m.get("options")) {
-                Some(o) => Cow::Borrowed(o),
-                None => Cow::Owned(Value::Array(Vec::new())),
-            }),
+        let options: Option<Cow<Value>> = match input_type {
+            Value::Array(_) => Some(Cow::Borrowed(input_type)),
+            Value::String(t) if t == "COMBO" => {
+                Some(match extra.as_object().and_then(|m| m.get("options")) {
+                    Some(o) => Cow::Borrowed(o),
+                    None => Cow::Owned(Value::Array(Vec::new())),
+                })
+            }
             _ => None,
         };
-        if let Some(options) = options {
-            if !py_contains(&options, &val)? {
-                let len = match options.as_ref() {
-                    Value::Array(a) => a.len(),
-                    Value::Object(m) => m.len(),
-                    Value::String(s) => s.chars().count(),
-                    _ => 0,
-                };
-                let (list_info, config) = if len > 20 {
-                    (format!("(list of length {len})"), Value::Null)
-                } else {
-                    (py_repr(&options), config)
-                };
-                frame.errors.push(error(
-                    "value_not_in_list",
-                    "Value not in list",
-                    format!("{x}: '{}' not in {list_info}", py_str(&val)),
-                    json!({"input_name": x, "input_config": config, "received_value": val}),
-                ));
-            }
+        if let Some(options) = options
+            && !py_contains(&options, &val)?
+        {
+            let len = match options.as_ref() {
+                Value::Array(a) => a.len(),
+                Value::Object(m) => m.len(),
+                Value::String(s) => s.chars().count(),
+                _ => 0,
+            };
+            let (list_info, config) = if len > 20 {
+                (format!("(list of length {len})"), Value::Null)
+            } else {
+                (py_repr(&options), config())
+            };
+            frame.errors.push(error(
+                "value_not_in_list",
+                "Value not in list",
+                format!("{x}: '{}' not in {list_info}", py_str(&val)),
+                json!({"input_name": x, "input_config": config, "received_value": val}),
+            ));
         }
     }
 
     if let Some(v) = validator {
-        let arg_value = ctx.node_inputs(&frame.id).as_object().and_then(|m| m.get(v.arg)).cloned();
+        let arg_value = ctx
+            .node_inputs(&frame.id)
+            .as_object()
+            .and_then(|m| m.get(v.arg))
+            .cloned();
         let Some(arg_value) = arg_value else {
             return Err(PyExc::type_error(format!(
                 "{}() missing 1 required positional argument: '{}'",
                 v.qualname, v.arg
             )));
         };
-        let arg_value = if is_link(&arg_value) { Value::Null } else { arg_value };
+        let arg_value = if is_link(&arg_value) {
+            Value::Null
+        } else {
+            arg_value
+        };
         let Some(name) = arg_value.as_str() else {
             return Err(PyExc::new(
                 "AttributeError",
-                format!("'{}' object has no attribute 'endswith'", type_name(&arg_value)),
+                format!(
+                    "'{}' object has no attribute 'endswith'",
+                    type_name(&arg_value)
+                ),
             ));
         };
         let allowed: Vec<String> = if ctx.files.is_some() {
@@ -809,7 +912,9 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
                     let spec = e.spec.as_ref();
                     match spec_type(spec) {
                         Value::Array(c) => Some(c.clone()),
-                        _ => obj_get(spec_extra(spec), "options").and_then(Value::as_array).cloned(),
+                        _ => obj_get(spec_extra(spec), "options")
+                            .and_then(Value::as_array)
+                            .cloned(),
                     }
                 })
                 .unwrap_or_default()
@@ -860,7 +965,9 @@ fn validate_node(ctx: &mut Ctx<'_, '_>, root: &str) -> Result<NodeResult, PyExc>
     let mut stack = vec![ctx.new_frame(root)?];
     let mut on_stack: HashSet<String> = HashSet::from([root.to_owned()]);
     loop {
-        let top = stack.last_mut().expect("stack is never empty inside the loop");
+        let top = stack
+            .last_mut()
+            .expect("stack is never empty inside the loop");
         match step(top, ctx) {
             Ok(Step::Recurse(child)) => {
                 if on_stack.contains(&child) {
@@ -879,10 +986,13 @@ fn validate_node(ctx: &mut Ctx<'_, '_>, root: &str) -> Result<NodeResult, PyExc>
                         let top = stack.last_mut().expect("non-empty");
                         let reason = exception_inner(&ex, top.pending.take());
                         top.valid = false;
-                        ctx.validated.set(&child, NodeResult {
-                            valid: false,
-                            errors: vec![reason],
-                        });
+                        ctx.validated.set(
+                            &child,
+                            NodeResult {
+                                valid: false,
+                                errors: vec![reason],
+                            },
+                        );
                     }
                 }
             }
@@ -924,10 +1034,13 @@ fn validate_node(ctx: &mut Ctx<'_, '_>, root: &str) -> Result<NodeResult, PyExc>
                     Some(parent) => {
                         let reason = exception_inner(&ex, parent.pending.take());
                         parent.valid = false;
-                        ctx.validated.set(&frame.id, NodeResult {
-                            valid: false,
-                            errors: vec![reason],
-                        });
+                        ctx.validated.set(
+                            &frame.id,
+                            NodeResult {
+                                valid: false,
+                                errors: vec![reason],
+                            },
+                        );
                     }
                 }
             }
@@ -951,10 +1064,13 @@ fn mark_cycle(ctx: &mut Ctx<'_, '_>, stack: &[Frame<'_>], child: &str) {
             details.clone(),
             json!({"node_id": id, "cycle_nodes": cycle_nodes}),
         );
-        ctx.validated.set(id, NodeResult {
-            valid: false,
-            errors: vec![reason],
-        });
+        ctx.validated.set(
+            id,
+            NodeResult {
+                valid: false,
+                errors: vec![reason],
+            },
+        );
     }
 }
 
@@ -990,7 +1106,10 @@ fn validate_graph(
         let known = class_type.as_str().filter(|c| info.get(c).is_some());
         let Some(class) = known else {
             return Err(invalid_prompt(
-                &format!("Cannot execute because node {} does not exist.", py_str(class_type)),
+                &format!(
+                    "Cannot execute because node {} does not exist.",
+                    py_str(class_type)
+                ),
                 format!("Node ID '#{x}'"),
             ));
         };
@@ -1000,7 +1119,10 @@ fn validate_graph(
                 Some(targets) => py_contains(targets, &Value::String(x.clone())).map_err(|e| {
                     invalid_prompt(
                         "Invalid partial_execution_targets",
-                        format!("partial_execution_targets must be a list of node ids: {}", e.message),
+                        format!(
+                            "partial_execution_targets must be a list of node ids: {}",
+                            e.message
+                        ),
                     )
                 })?,
             };
@@ -1034,10 +1156,13 @@ fn validate_graph(
                     ex.message.clone(),
                     json!({"exception_type": ex.kind, "traceback": []}),
                 )];
-                ctx.validated.set(&o, NodeResult {
-                    valid: false,
-                    errors: reasons.clone(),
-                });
+                ctx.validated.set(
+                    &o,
+                    NodeResult {
+                        valid: false,
+                        errors: reasons.clone(),
+                    },
+                );
                 (false, reasons)
             }
         };
@@ -1055,7 +1180,10 @@ fn validate_graph(
             let entry = node_errors.entry(node_id.clone()).or_insert_with(|| {
                 json!({"errors": result.errors, "dependent_outputs": [], "class_type": class_type})
             });
-            if let Some(deps) = entry.get_mut("dependent_outputs").and_then(Value::as_array_mut) {
+            if let Some(deps) = entry
+                .get_mut("dependent_outputs")
+                .and_then(Value::as_array_mut)
+            {
                 deps.push(Value::String(o.clone()));
             }
         }
@@ -1079,7 +1207,7 @@ fn validate_graph(
             "Prompt outputs failed validation",
             details.join("\n"),
         );
-        err.node_errors = node_errors;
+        err.0.node_errors = node_errors;
         return Err(err);
     }
     Ok((good, node_errors))

@@ -15,7 +15,11 @@ pub const PASSWORD: &str = "correct horse battery";
 pub const ADMIN: &str = "teacher";
 
 pub fn shared(rel: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/comfyui")).join(rel)
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/comfyui"
+    ))
+    .join(rel)
 }
 
 pub struct TestApp {
@@ -34,10 +38,23 @@ fn fake_frontend(dir: &std::path::Path) {
     std::fs::create_dir_all(dir.join("assets")).unwrap();
     std::fs::create_dir_all(dir.join("extensions/core")).unwrap();
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
-    std::fs::write(dir.join("index.html"), "<!doctype html><title>ComfyUI</title><script src=\"./assets/index-abc.js\"></script>").unwrap();
-    std::fs::write(dir.join("assets/index-abc.js"), "console.log('x');".repeat(200)).unwrap();
+    std::fs::write(
+        dir.join("index.html"),
+        "<!doctype html><title>ComfyUI</title><script src=\"./assets/index-abc.js\"></script>",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("assets/index-abc.js"),
+        "console.log('x');".repeat(200),
+    )
+    .unwrap();
     std::fs::write(dir.join("extensions/core/groupNode.js"), "export {}").unwrap();
     std::fs::write(dir.join("scripts/app.js"), "export const app = {}").unwrap();
+}
+
+/// The queue settings of test servers (the defaults of `comfyume serve`).
+pub fn queue_cfg() -> comfyume_dispatch::QueueConfig {
+    comfyume_dispatch::QueueConfig::default()
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -56,14 +73,26 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
             .unwrap(),
     );
     for u in ["user001", "user002"] {
-        store.create_user(u, PASSWORD, Role::Participant).await.unwrap();
+        store
+            .create_user(u, PASSWORD, Role::Participant)
+            .await
+            .unwrap();
     }
-    store.create_user(ADMIN, PASSWORD, Role::Admin).await.unwrap();
+    store
+        .create_user(ADMIN, PASSWORD, Role::Admin)
+        .await
+        .unwrap();
     let mut settings = Settings::with_data_dir(&data_dir, &frontend);
     tweak(&mut settings);
-    let state = comfyume_gateway::build_state(settings, store.clone()).await;
-    let info: Value = serde_json::from_str(&std::fs::read_to_string(shared("api/object_info.json")).unwrap()).unwrap();
-    comfyume_gateway::replace_object_info(&state, info, "test").await.unwrap();
+    let (state, _) = comfyume_gateway::build_state(settings, store.clone(), queue_cfg())
+        .await
+        .unwrap();
+    let info: Value =
+        serde_json::from_str(&std::fs::read_to_string(shared("api/object_info.json")).unwrap())
+            .unwrap();
+    comfyume_gateway::replace_object_info(&state, info, "test")
+        .await
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -110,7 +139,10 @@ impl Resp {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
     }
 }
 
@@ -126,7 +158,13 @@ impl TestApp {
     }
 
     /// `user`'s request with Basic Auth; `path` is sent as given.
-    pub async fn req(&self, user: Option<&str>, method: Method, path: &str, body: Option<Vec<u8>>) -> Resp {
+    pub async fn req(
+        &self,
+        user: Option<&str>,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Resp {
         let mut rb = Self::client().request(method, format!("{}{path}", self.base));
         if let Some(u) = user {
             rb = rb.basic_auth(u, Some(PASSWORD));
@@ -135,7 +173,11 @@ impl TestApp {
             rb = rb.body(b);
         }
         let r = rb.send().await.unwrap();
-        Resp { status: r.status(), headers: r.headers().clone(), body: r.bytes().await.unwrap().to_vec() }
+        Resp {
+            status: r.status(),
+            headers: r.headers().clone(),
+            body: r.bytes().await.unwrap().to_vec(),
+        }
     }
 
     pub async fn get(&self, user: &str, path: &str) -> Resp {
@@ -143,7 +185,8 @@ impl TestApp {
     }
 
     pub async fn post(&self, user: &str, path: &str, body: impl Into<Vec<u8>>) -> Resp {
-        self.req(Some(user), Method::POST, path, Some(body.into())).await
+        self.req(Some(user), Method::POST, path, Some(body.into()))
+            .await
     }
 
     pub async fn post_json(&self, user: &str, path: &str, v: &Value) -> Resp {
@@ -155,9 +198,18 @@ impl TestApp {
     }
 
     /// Multipart upload as the frontend sends it.
-    pub async fn upload(&self, user: &str, path: &str, name: &str, bytes: Vec<u8>, fields: &[(&str, &str)]) -> Resp {
-        let mut form = reqwest::multipart::Form::new()
-            .part("image", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
+    pub async fn upload(
+        &self,
+        user: &str,
+        path: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        fields: &[(&str, &str)],
+    ) -> Resp {
+        let mut form = reqwest::multipart::Form::new().part(
+            "image",
+            reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+        );
         for (k, v) in fields {
             form = form.text(k.to_string(), v.to_string());
         }
@@ -168,7 +220,11 @@ impl TestApp {
             .send()
             .await
             .unwrap();
-        Resp { status: r.status(), headers: r.headers().clone(), body: r.bytes().await.unwrap().to_vec() }
+        Resp {
+            status: r.status(),
+            headers: r.headers().clone(),
+            body: r.bytes().await.unwrap().to_vec(),
+        }
     }
 
     /// Logs in through the form and returns the session cookie (`name=value`).
@@ -192,12 +248,16 @@ impl TestApp {
         &self,
         user: &str,
         path: &str,
-    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>
+    {
         use base64::Engine;
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = format!("ws://{}{path}", self.addr).into_client_request().unwrap();
+        let mut req = format!("ws://{}{path}", self.addr)
+            .into_client_request()
+            .unwrap();
         let cred = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{PASSWORD}"));
-        req.headers_mut().insert("authorization", format!("Basic {cred}").parse().unwrap());
+        req.headers_mut()
+            .insert("authorization", format!("Basic {cred}").parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         ws
     }
@@ -206,8 +266,12 @@ impl TestApp {
 /// Next text message as JSON, within 5 s.
 pub async fn next_json<S>(ws: &mut S) -> Value
 where
-    S: futures_util::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>>
-        + Unpin,
+    S: futures_util::Stream<
+            Item = Result<
+                tokio_tungstenite::tungstenite::Message,
+                tokio_tungstenite::tungstenite::Error,
+            >,
+        > + Unpin,
 {
     use futures_util::StreamExt;
     loop {

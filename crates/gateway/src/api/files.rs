@@ -40,11 +40,16 @@ pub async fn list_files(dir: &FsPath) -> Vec<(String, SystemTime)> {
         fn visit(root: &FsPath, d: &FsPath, out: &mut Vec<(String, SystemTime)>) {
             let Ok(rd) = std::fs::read_dir(d) else { return };
             for e in rd.flatten() {
-                let Ok(md) = e.path().symlink_metadata() else { continue };
+                let Ok(md) = e.path().symlink_metadata() else {
+                    continue;
+                };
                 if md.is_dir() {
                     visit(root, &e.path(), out);
                 } else if md.is_file() {
-                    let rel = e.path().strip_prefix(root).map(|p| p.to_string_lossy().into_owned());
+                    let rel = e
+                        .path()
+                        .strip_prefix(root)
+                        .map(|p| p.to_string_lossy().into_owned());
                     if let Ok(rel) = rel {
                         if rel.starts_with('.') || rel.contains("/.") {
                             continue; // in-progress uploads and other hidden files
@@ -112,15 +117,26 @@ async fn read_upload(mut mp: Multipart) -> ApiResult<Upload> {
 fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     let status = e.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::Text(status, "The upload is larger than the server's limit.".into())
+        ApiError::Text(
+            status,
+            "The upload is larger than the server's limit.".into(),
+        )
     } else {
-        ApiError::Text(StatusCode::BAD_REQUEST, format!("Malformed upload: {}", e.body_text()))
+        ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            format!("Malformed upload: {}", e.body_text()),
+        )
     }
 }
 
 /// Where an upload lands, with ComfyUI's rules: identical bytes keep the name,
 /// different bytes become `name (1).ext`, unless `overwrite` is set.
-fn choose_target(folder: &FsPath, name: &str, bytes: &[u8], overwrite: bool) -> (PathBuf, String, bool) {
+fn choose_target(
+    folder: &FsPath,
+    name: &str,
+    bytes: &[u8],
+    overwrite: bool,
+) -> (PathBuf, String, bool) {
     let (stem, ext) = match name.rfind('.') {
         Some(i) if i > 0 => (&name[..i], &name[i..]),
         _ => (name, ""),
@@ -141,15 +157,26 @@ fn choose_target(folder: &FsPath, name: &str, bytes: &[u8], overwrite: bool) -> 
     }
 }
 
-async fn save_upload(state: &AppState, who: &Participant, up: &Upload, bytes: &[u8]) -> ApiResult<Value> {
+async fn save_upload(
+    state: &AppState,
+    who: &Participant,
+    up: &Upload,
+    bytes: &[u8],
+) -> ApiResult<Value> {
     let dirs = state.user_dirs(&who.name);
     let base = type_dir(&dirs, &up.kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
     if !is_plain_file_name(&up.name) || up.name.starts_with('.') {
         return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
     }
-    let folder = resolve_within(&base, &up.subfolder).map_err(|_| ApiError::Empty(StatusCode::BAD_REQUEST))?;
+    let folder = resolve_within(&base, &up.subfolder)
+        .map_err(|_| ApiError::Empty(StatusCode::BAD_REQUEST))?;
     tokio::fs::create_dir_all(&folder).await?;
-    let (folder2, name, overwrite, data) = (folder.clone(), up.name.clone(), up.overwrite, bytes.to_vec());
+    let (folder2, name, overwrite, data) = (
+        folder.clone(),
+        up.name.clone(),
+        up.overwrite,
+        bytes.to_vec(),
+    );
     let (path, final_name, duplicate) =
         tokio::task::spawn_blocking(move || choose_target(&folder2, &name, &data, overwrite))
             .await
@@ -206,7 +233,9 @@ pub async fn upload_mask(
     let mask_bytes = up.bytes.clone();
     let merged = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
         let original = image::open(&orig_path).map_err(|e| e.to_string())?;
-        let mask = image::load_from_memory(&mask_bytes).map_err(|e| e.to_string())?.to_rgba8();
+        let mask = image::load_from_memory(&mask_bytes)
+            .map_err(|e| e.to_string())?
+            .to_rgba8();
         let mut out = original.to_rgba8();
         if out.dimensions() != mask.dimensions() {
             return Err("mask size differs from the original image".into());
@@ -215,7 +244,8 @@ pub async fn upload_mask(
             px.0[3] = m.0[3];
         }
         let mut buf = Cursor::new(Vec::new());
-        out.write_to(&mut buf, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+        out.write_to(&mut buf, image::ImageFormat::Png)
+            .map_err(|e| e.to_string())?;
         Ok(buf.into_inner())
     })
     .await
@@ -269,18 +299,25 @@ pub async fn view(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let disposition = HeaderValue::from_str(&format!("filename=\"{}\"", base_name.replace('"', "")))
-        .unwrap_or_else(|_| HeaderValue::from_static("inline"));
+    let disposition =
+        HeaderValue::from_str(&format!("filename=\"{}\"", base_name.replace('"', "")))
+            .unwrap_or_else(|_| HeaderValue::from_static("inline"));
 
     if let Some(preview) = q.preview.as_deref() {
         let (fmt, quality) = preview.split_once(';').unwrap_or((preview, "90"));
         let quality: u8 = quality.parse().unwrap_or(90).clamp(1, 100);
-        if let Some((ct, bytes)) = convert(&path, Conversion::Preview(fmt.to_string(), quality)).await {
+        if let Some((ct, bytes)) =
+            convert(&path, Conversion::Preview(fmt.to_string(), quality)).await
+        {
             return Ok(image_response(ct, bytes, disposition));
         }
     }
     if let Some(channel) = q.channel.as_deref().filter(|c| *c == "rgb" || *c == "a") {
-        let conv = if channel == "rgb" { Conversion::Rgb } else { Conversion::Alpha };
+        let conv = if channel == "rgb" {
+            Conversion::Rgb
+        } else {
+            Conversion::Alpha
+        };
         if let Some((ct, bytes)) = convert(&path, conv).await {
             return Ok(image_response(ct, bytes, disposition));
         }
@@ -295,15 +332,18 @@ pub async fn view(
     // ComfyUI serves markup and scripts as opaque bytes so a participant's
     // upload can never run as a page on this origin.
     let ct = match mime.essence_str() {
-        "text/html" | "application/javascript" | "text/javascript" | "text/css" | "image/svg+xml" => {
-            "application/octet-stream".to_string()
-        }
+        "text/html"
+        | "application/javascript"
+        | "text/javascript"
+        | "text/css"
+        | "image/svg+xml" => "application/octet-stream".to_string(),
         other => other.to_string(),
     };
     if let Ok(v) = HeaderValue::from_str(&ct) {
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
-    resp.headers_mut().insert(header::CONTENT_DISPOSITION, disposition);
+    resp.headers_mut()
+        .insert(header::CONTENT_DISPOSITION, disposition);
     resp.headers_mut().insert(
         header::HeaderName::from_static("x-content-type-options"),
         HeaderValue::from_static("nosniff"),
@@ -331,11 +371,15 @@ async fn convert(path: &FsPath, conv: Conversion) -> Option<(&'static str, Vec<u
             }
             Conversion::Preview(_, _) => {
                 // The image crate's WebP encoder is lossless; quality is ignored.
-                img.to_rgba8().write_to(&mut buf, image::ImageFormat::WebP).ok()?;
+                img.to_rgba8()
+                    .write_to(&mut buf, image::ImageFormat::WebP)
+                    .ok()?;
                 "image/webp"
             }
             Conversion::Rgb => {
-                img.to_rgb8().write_to(&mut buf, image::ImageFormat::Png).ok()?;
+                img.to_rgb8()
+                    .write_to(&mut buf, image::ImageFormat::Png)
+                    .ok()?;
                 "image/png"
             }
             Conversion::Alpha => {
@@ -357,7 +401,10 @@ async fn convert(path: &FsPath, conv: Conversion) -> Option<(&'static str, Vec<u
 
 fn image_response(ct: &'static str, bytes: Vec<u8>, disposition: HeaderValue) -> Response {
     (
-        [(header::CONTENT_TYPE, HeaderValue::from_static(ct)), (header::CONTENT_DISPOSITION, disposition)],
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(ct)),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
         bytes,
     )
         .into_response()
@@ -366,7 +413,11 @@ fn image_response(ct: &'static str, bytes: Vec<u8>, disposition: HeaderValue) ->
 /// The participant's input files by kind, for their view of `object_info`.
 pub async fn user_files(state: &AppState, user: &str) -> comfyume_wire::object_info::UserFiles {
     let dirs = state.user_dirs(user);
-    let all: Vec<String> = list_files(&dirs.inputs).await.into_iter().map(|(n, _)| n).collect();
+    let all: Vec<String> = list_files(&dirs.inputs)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     let by_ext = |exts: &[&str]| -> Vec<String> {
         all.iter()
             .filter(|n| {
@@ -377,7 +428,9 @@ pub async fn user_files(state: &AppState, user: &str) -> comfyume_wire::object_i
             .collect()
     };
     comfyume_wire::object_info::UserFiles {
-        images: by_ext(&[".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"]),
+        images: by_ext(&[
+            ".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff",
+        ]),
         videos: by_ext(&[".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".webp"]),
         audio: by_ext(&[".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus"]),
         all,

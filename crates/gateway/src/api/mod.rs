@@ -3,6 +3,7 @@
 
 pub mod files;
 pub mod object_info;
+pub mod queue;
 pub mod settings;
 pub mod system;
 pub mod userdata;
@@ -18,8 +19,13 @@ use crate::state::AppState;
 /// Writes `bytes` to `path` through a temp file and a rename, so a reader (or
 /// a crash, or a full disk) never sees a half-written file.
 pub async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other("no parent folder"))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("no parent folder"))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
     let result = async {
         let mut f = tokio::fs::File::create(&tmp).await?;
@@ -43,11 +49,16 @@ pub fn routes() -> Router<AppState> {
         .route("/features", get(system::features))
         .route("/users", get(system::users).post(system::create_user))
         .route("/settings", get(settings::get_all).post(settings::post_all))
-        .route("/settings/{id}", get(settings::get_one).post(settings::post_one))
+        .route(
+            "/settings/{id}",
+            get(settings::get_one).post(settings::post_one),
+        )
         .route("/userdata", get(userdata::list))
         .route(
             "/userdata/{file}",
-            get(userdata::get_file).post(userdata::post_file).delete(userdata::delete_file),
+            get(userdata::get_file)
+                .post(userdata::post_file)
+                .delete(userdata::delete_file),
         )
         .route("/userdata/{file}/move/{dest}", post(userdata::move_file))
         .route("/v2/userdata", get(userdata::list_v2))
@@ -57,7 +68,10 @@ pub fn routes() -> Router<AppState> {
         .route("/models", get(system::models))
         .route("/models/{folder}", get(system::models_folder))
         .route("/experiment/models", get(system::experiment_models))
-        .route("/experiment/models/{folder}", get(system::experiment_models_folder))
+        .route(
+            "/experiment/models/{folder}",
+            get(system::experiment_models_folder),
+        )
         .route("/global_subgraphs", get(system::empty_object))
         .route("/global_subgraphs/{id}", get(system::not_found))
         .route("/workflow_templates", get(system::empty_object))
@@ -67,6 +81,18 @@ pub fn routes() -> Router<AppState> {
         .route("/upload/mask", post(files::upload_mask))
         .route("/view", get(files::view))
         .route("/view_metadata/{folder}", get(system::not_found))
+        .route("/prompt", get(queue::get_prompt).post(queue::post_prompt))
+        .route("/queue", get(queue::get_queue).post(queue::post_queue))
+        .route(
+            "/history",
+            get(queue::get_history).post(queue::post_history),
+        )
+        .route("/history/{id}", get(queue::get_history_one))
+        .route("/interrupt", post(queue::post_interrupt))
+        .route("/free", post(queue::post_free))
+        // Declared as /api/jobs in ComfyUI, so they also answer at /api/api/jobs.
+        .route("/api/jobs", get(queue::get_jobs))
+        .route("/api/jobs/{id}", get(queue::get_job))
 }
 
 /// ComfyUI's `/internal` sub-app: at the root only, never under `/api`.
@@ -74,7 +100,10 @@ pub fn internal_routes() -> Router<AppState> {
     Router::new()
         .route("/internal/logs", get(system::internal_logs))
         .route("/internal/logs/raw", get(system::internal_logs_raw))
-        .route("/internal/logs/subscribe", axum::routing::patch(system::ok_empty))
+        .route(
+            "/internal/logs/subscribe",
+            axum::routing::patch(system::ok_empty),
+        )
         .route("/internal/folder_paths", get(system::internal_folder_paths))
         .route("/internal/files/{kind}", get(system::internal_files))
 }

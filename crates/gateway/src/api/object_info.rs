@@ -9,12 +9,6 @@ use serde_json::{Value, json};
 use crate::auth::Participant;
 use crate::state::AppState;
 
-pub async fn participant_object_info(state: &AppState, user: &str) -> Value {
-    let base = state.object_info();
-    let files = crate::api::files::user_files(state, user).await;
-    comfyume_wire::object_info::participant_view(&base, &files)
-}
-
 fn json_response(v: &Value) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
@@ -24,14 +18,29 @@ fn json_response(v: &Value) -> Response {
 }
 
 pub async fn all(State(state): State<AppState>, who: Participant) -> Response {
-    json_response(&participant_object_info(&state, &who.name).await)
+    // Pre-serialised template: a copy of the document plus the few patched nodes.
+    let defs = state.object_info();
+    let files = crate::api::files::user_files(&state, &who.name).await;
+    let body = defs.view.render(&files);
+    (
+        [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+        body,
+    )
+        .into_response()
 }
 
-pub async fn one(State(state): State<AppState>, who: Participant, Path(class): Path<String>) -> Response {
-    let view = participant_object_info(&state, &who.name).await;
+pub async fn one(
+    State(state): State<AppState>,
+    who: Participant,
+    Path(class): Path<String>,
+) -> Response {
+    let defs = state.object_info();
     // ComfyUI answers an unknown class with 200 {}.
-    match view.get(&class) {
-        Some(info) => json_response(&json!({ class: info })),
-        None => json_response(&json!({})),
-    }
+    let Some(node) = defs.info.get(&class) else {
+        return json_response(&json!({}));
+    };
+    let files = crate::api::files::user_files(&state, &who.name).await;
+    let node =
+        comfyume_wire::participant_node(&class, node, &files).unwrap_or_else(|| node.clone());
+    json_response(&json!({ class: node }))
 }

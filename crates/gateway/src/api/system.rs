@@ -15,10 +15,27 @@ pub const TEMPLATES_VERSION: &str = "0.8.24";
 
 /// ComfyUI's model folder keys (`GET /models`).
 pub const MODEL_FOLDERS: &[&str] = &[
-    "checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision",
-    "style_models", "embeddings", "diffusers", "vae_approx", "controlnet", "gligen",
-    "upscale_models", "latent_upscale_models", "custom_nodes", "hypernetworks", "photomaker",
-    "classifiers", "model_patches", "audio_encoders",
+    "checkpoints",
+    "configs",
+    "loras",
+    "vae",
+    "text_encoders",
+    "diffusion_models",
+    "clip_vision",
+    "style_models",
+    "embeddings",
+    "diffusers",
+    "vae_approx",
+    "controlnet",
+    "gligen",
+    "upscale_models",
+    "latent_upscale_models",
+    "custom_nodes",
+    "hypernetworks",
+    "photomaker",
+    "classifiers",
+    "model_patches",
+    "audio_encoders",
 ];
 
 fn meminfo() -> (u64, u64) {

@@ -19,7 +19,8 @@ use crate::paths::resolve_within;
 use crate::state::AppState;
 
 fn flag(v: &Option<String>) -> bool {
-    v.as_deref().is_some_and(|s| s.eq_ignore_ascii_case("true") || s == "1")
+    v.as_deref()
+        .is_some_and(|s| s.eq_ignore_ascii_case("true") || s == "1")
 }
 
 fn user_root(state: &AppState, who: &Participant) -> PathBuf {
@@ -54,12 +55,16 @@ fn file_info(path_rel: &str, md: &std::fs::Metadata) -> Value {
 
 /// Files (not folders) below `dir`, as (absolute path, metadata), sorted.
 fn walk(dir: &FsPath, recurse: bool, out: &mut Vec<(PathBuf, std::fs::Metadata)>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     let mut entries: Vec<_> = rd.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
         // symlink_metadata: never follow a link out of the participant's folder.
-        let Ok(md) = e.path().symlink_metadata() else { continue };
+        let Ok(md) = e.path().symlink_metadata() else {
+            continue;
+        };
         if md.is_dir() {
             if recurse {
                 walk(&e.path(), true, out);
@@ -89,7 +94,10 @@ pub async fn list(
     let root = user_root(&state, &who);
     let base = resolve(&root, dir)?;
     if !base.is_dir() {
-        return Err(ApiError::Text(StatusCode::NOT_FOUND, "Directory not found".into()));
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            "Directory not found".into(),
+        ));
     }
     let (recurse, full, split) = (flag(&q.recurse), flag(&q.full_info), flag(&q.split));
     let files = tokio::task::spawn_blocking(move || {
@@ -163,10 +171,16 @@ pub async fn post_file(
         return Err(ApiError::bad_request("Invalid file path"));
     }
     if path.exists() && !overwrite_allowed(&q) {
-        return Err(ApiError::Text(StatusCode::CONFLICT, "File already exists".into()));
+        return Err(ApiError::Text(
+            StatusCode::CONFLICT,
+            "File already exists".into(),
+        ));
     }
     if path.is_dir() {
-        return Err(ApiError::Text(StatusCode::CONFLICT, "A folder has that name".into()));
+        return Err(ApiError::Text(
+            StatusCode::CONFLICT,
+            "A folder has that name".into(),
+        ));
     }
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -209,10 +223,16 @@ pub async fn move_file(
         return Err(ApiError::not_found());
     }
     if dst.exists() && !overwrite_allowed(&q) {
-        return Err(ApiError::Text(StatusCode::CONFLICT, "File already exists".into()));
+        return Err(ApiError::Text(
+            StatusCode::CONFLICT,
+            "File already exists".into(),
+        ));
     }
     if dst == root || dst.is_dir() {
-        return Err(ApiError::Text(StatusCode::CONFLICT, "A folder has that name".into()));
+        return Err(ApiError::Text(
+            StatusCode::CONFLICT,
+            "A folder has that name".into(),
+        ));
     }
     if let Some(parent) = dst.parent() {
         tokio::fs::create_dir_all(parent).await?;
@@ -241,7 +261,10 @@ pub async fn list_v2(
     let rel = q.path.unwrap_or_default();
     let base = resolve(&root, rel.trim_matches('/'))?;
     if !base.is_dir() {
-        return Err(ApiError::Text(StatusCode::NOT_FOUND, "Requested path not found".into()));
+        return Err(ApiError::Text(
+            StatusCode::NOT_FOUND,
+            "Requested path not found".into(),
+        ));
     }
     let out = tokio::task::spawn_blocking(move || {
         let mut dirs = Vec::new();

@@ -1,0 +1,526 @@
+//! Pixels and files: placeholder rendering, real image operations, PNG (with ComfyUI's text
+//! chunks), animated PNG, and the preview encodings.
+
+use image::codecs::jpeg::JpegEncoder;
+use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
+use image::codecs::webp::WebPEncoder;
+use image::imageops::FilterType;
+use image::{ExtendedColorType, ImageEncoder, Rgb, RgbImage};
+
+use crate::font::{self, GLYPH_H};
+
+/// Largest number of pixels one IMAGE batch may hold (a real server would run out of memory).
+pub const MAX_BATCH_PIXELS: u64 = 64 * 1024 * 1024;
+
+const PNG_SIGNATURE: &[u8; 8] = b"\x89PNG\r\n\x1a\n";
+
+fn crc32_table() -> [u32; 256] {
+    let mut table = [0u32; 256];
+    for (n, slot) in table.iter_mut().enumerate() {
+        let mut c = n as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+        *slot = c;
+    }
+    table
+}
+
+/// CRC-32 as PNG chunks need it.
+pub fn crc32(parts: &[&[u8]]) -> u32 {
+    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(crc32_table);
+    let mut c = 0xFFFF_FFFFu32;
+    for part in parts {
+        for &b in *part {
+            c = table[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
+        }
+    }
+    c ^ 0xFFFF_FFFF
+}
+
+fn push_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    out.extend_from_slice(&crc32(&[kind, data]).to_be_bytes());
+}
+
+/// Split a PNG into (type, data) chunks.
+fn chunks(png: &[u8]) -> Vec<([u8; 4], &[u8])> {
+    let mut out = Vec::new();
+    let mut pos = PNG_SIGNATURE.len();
+    while pos + 8 <= png.len() {
+        let len = u32::from_be_bytes([png[pos], png[pos + 1], png[pos + 2], png[pos + 3]]) as usize;
+        let kind = [png[pos + 4], png[pos + 5], png[pos + 6], png[pos + 7]];
+        let start = pos + 8;
+        let end = start + len;
+        if end + 4 > png.len() {
+            break;
+        }
+        out.push((kind, &png[start..end]));
+        pos = end + 4;
+    }
+    out
+}
+
+fn plain_png(img: &RgbImage, fast: bool) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let compression = if fast {
+        CompressionType::Fast
+    } else {
+        CompressionType::Default
+    };
+    PngEncoder::new_with_quality(&mut buf, compression, PngFilter::Adaptive)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgb8,
+        )
+        .expect("encoding an RGB8 buffer of matching size into memory cannot fail");
+    buf
+}
+
+/// Latin-1 `tEXt` payload; characters outside Latin-1 become `?` (the JSON we store is ASCII).
+fn text_chunk(key: &str, value: &str) -> Vec<u8> {
+    let latin1 = |s: &str| -> Vec<u8> {
+        s.chars()
+            .map(|c| u8::try_from(u32::from(c)).unwrap_or(b'?'))
+            .collect()
+    };
+    let mut data = latin1(key);
+    data.truncate(79);
+    data.push(0);
+    data.extend(latin1(value));
+    data
+}
+
+/// PNG with `tEXt` chunks right after IHDR, like PIL's `PngInfo.add_text` (ComfyUI stores
+/// `prompt` and `workflow` there).
+pub fn png_with_text(img: &RgbImage, texts: &[(String, String)]) -> Vec<u8> {
+    let png = plain_png(img, true);
+    if texts.is_empty() {
+        return png;
+    }
+    let mut out = Vec::with_capacity(png.len() + 256);
+    out.extend_from_slice(PNG_SIGNATURE);
+    for (i, (kind, data)) in chunks(&png).into_iter().enumerate() {
+        push_chunk(&mut out, &kind, data);
+        if i == 0 {
+            for (k, v) in texts {
+                push_chunk(&mut out, b"tEXt", &text_chunk(k, v));
+            }
+        }
+    }
+    out
+}
+
+/// Animated PNG (APNG): every frame its own zlib stream, looping forever.
+pub fn apng(frames: &[RgbImage], fps: f64, texts: &[(String, String)]) -> Vec<u8> {
+    let Some(first) = frames.first() else {
+        return Vec::new();
+    };
+    let (w, h) = first.dimensions();
+    let delay_ms = if fps > 0.0 {
+        (1000.0 / fps).round().clamp(1.0, 65535.0) as u16
+    } else {
+        100
+    };
+    let mut out = Vec::new();
+    out.extend_from_slice(PNG_SIGNATURE);
+    let mut seq: u32 = 0;
+    for (i, frame) in frames.iter().enumerate() {
+        let frame = if frame.dimensions() == (w, h) {
+            std::borrow::Cow::Borrowed(frame)
+        } else {
+            std::borrow::Cow::Owned(image::imageops::resize(frame, w, h, FilterType::Triangle))
+        };
+        let png = plain_png(&frame, true);
+        let parts = chunks(&png);
+        if i == 0 {
+            if let Some((_, ihdr)) = parts.iter().find(|(k, _)| k == b"IHDR") {
+                push_chunk(&mut out, b"IHDR", ihdr);
+            }
+            for (k, v) in texts {
+                push_chunk(&mut out, b"tEXt", &text_chunk(k, v));
+            }
+            let mut actl = Vec::with_capacity(8);
+            actl.extend_from_slice(&(frames.len() as u32).to_be_bytes());
+            actl.extend_from_slice(&0u32.to_be_bytes());
+            push_chunk(&mut out, b"acTL", &actl);
+        }
+        let mut fctl = Vec::with_capacity(26);
+        fctl.extend_from_slice(&seq.to_be_bytes());
+        seq += 1;
+        fctl.extend_from_slice(&w.to_be_bytes());
+        fctl.extend_from_slice(&h.to_be_bytes());
+        fctl.extend_from_slice(&0u32.to_be_bytes());
+        fctl.extend_from_slice(&0u32.to_be_bytes());
+        fctl.extend_from_slice(&delay_ms.to_be_bytes());
+        fctl.extend_from_slice(&1000u16.to_be_bytes());
+        fctl.push(0); // dispose: none
+        fctl.push(0); // blend: source
+        push_chunk(&mut out, b"fcTL", &fctl);
+        for (kind, data) in parts.iter().filter(|(k, _)| k == b"IDAT") {
+            if i == 0 {
+                push_chunk(&mut out, kind, data);
+            } else {
+                let mut fdat = Vec::with_capacity(data.len() + 4);
+                fdat.extend_from_slice(&seq.to_be_bytes());
+                seq += 1;
+                fdat.extend_from_slice(data);
+                push_chunk(&mut out, b"fdAT", &fdat);
+            }
+        }
+    }
+    push_chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+pub fn jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
+    let mut buf = Vec::new();
+    JpegEncoder::new_with_quality(&mut buf, quality.clamp(1, 100))
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgb8,
+        )
+        .expect("encoding an RGB8 buffer into memory cannot fail");
+    buf
+}
+
+/// WebP (the `image` crate writes lossless WebP only).
+pub fn webp_rgba(img: &image::RgbaImage) -> Vec<u8> {
+    let mut buf = Vec::new();
+    WebPEncoder::new_lossless(&mut buf)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgba8,
+        )
+        .expect("encoding an RGBA8 buffer into memory cannot fail");
+    buf
+}
+
+pub fn png_rgba(img: &image::RgbaImage) -> Vec<u8> {
+    let mut buf = Vec::new();
+    PngEncoder::new(&mut buf)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgba8,
+        )
+        .expect("encoding an RGBA8 buffer into memory cannot fail");
+    buf
+}
+
+pub fn png_rgb(img: &RgbImage) -> Vec<u8> {
+    plain_png(img, false)
+}
+
+/// Small deterministic PRNG (xorshift64*), so placeholders and previews repeat exactly.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
+    let h = (h.rem_euclid(360.0)) / 60.0;
+    let c = v * s;
+    let x = c * (1.0 - ((h % 2.0) - 1.0).abs());
+    let (r, g, b) = match h as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    [(r + m) * 255.0, (g + m) * 255.0, (b + m) * 255.0]
+}
+
+/// A generated-looking placeholder: a seed-coloured gradient stamped "SIMULATED" plus info lines.
+/// `phase` (0..1) shifts the gradient, for video frames.
+pub fn placeholder(width: u32, height: u32, seed: u64, lines: &[String], phase: f32) -> RgbImage {
+    let (w, h) = (width.max(1), height.max(1));
+    let hue1 = (seed % 360) as f32;
+    let hue2 = hue1 + 90.0 + ((seed / 360) % 120) as f32;
+    let c1 = hsv(hue1, 0.55, 0.85);
+    let c2 = hsv(hue2, 0.65, 0.45);
+    let mut img = RgbImage::new(w, h);
+    let (fw, fh) = (w as f32, h as f32);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let t = ((x as f32 / fw + y as f32 / fh) * 0.5 + phase).fract();
+        // Triangle wave, so a phase shift loops seamlessly.
+        let t = 1.0 - (2.0 * t - 1.0).abs();
+        let ripple = ((x as f32 * 0.05).sin() * (y as f32 * 0.05).cos()) * 6.0;
+        *px = Rgb(std::array::from_fn(|i| {
+            (c1[i] + (c2[i] - c1[i]) * t + ripple).clamp(0.0, 255.0) as u8
+        }));
+    }
+    stamp(&mut img, "SIMULATED", lines);
+    img
+}
+
+/// Draw the big title and the info lines centred on a darkened band.
+pub fn stamp(img: &mut RgbImage, title: &str, lines: &[String]) {
+    let (w, h) = img.dimensions();
+    let title_w1 = font::text_width(title, 1).max(1);
+    let big = ((w * 8 / 10) / title_w1).min(h / 5 / GLYPH_H).max(1);
+    let small = (big / 3).max(1);
+    let line_h = (GLYPH_H + 3) * small;
+    let title_h = GLYPH_H * big;
+    let block_h = title_h + small * 4 + line_h * lines.len() as u32;
+    let top = i64::from(h.saturating_sub(block_h) / 2);
+    let band_top = (top - i64::from(small * 2)).max(0) as u32;
+    let band_bottom = (top + i64::from(block_h) + i64::from(small * 2)).min(i64::from(h)) as u32;
+    for y in band_top..band_bottom {
+        for x in 0..w {
+            let p = img.get_pixel_mut(x, y);
+            p.0 = p.0.map(|c| c / 3);
+        }
+    }
+    let centered = |text: &str, scale: u32| -> i64 {
+        (i64::from(w) - i64::from(font::text_width(text, scale))) / 2
+    };
+    font::draw_text_shadowed(
+        img,
+        centered(title, big),
+        top,
+        title,
+        big,
+        Rgb([255, 255, 255]),
+    );
+    let max_chars = ((w / (font::ADVANCE * small)).max(1)) as usize;
+    let mut y = top + i64::from(title_h + small * 4);
+    for line in lines {
+        let text: String = if line.chars().count() > max_chars {
+            let mut t: String = line.chars().take(max_chars.saturating_sub(3)).collect();
+            t.push_str("...");
+            t
+        } else {
+            line.clone()
+        };
+        font::draw_text_shadowed(
+            img,
+            centered(&text, small),
+            y,
+            &text,
+            small,
+            Rgb([255, 230, 120]),
+        );
+        y += i64::from(line_h);
+    }
+}
+
+/// Blend `img` with deterministic noise: `amount` 1.0 is pure noise, 0.0 the image.
+pub fn noisy(img: &RgbImage, seed: u64, amount: f32) -> RgbImage {
+    let mut rng = Rng::new(seed);
+    let a = amount.clamp(0.0, 1.0);
+    let mut out = img.clone();
+    for px in out.pixels_mut() {
+        let r = rng.next_u64();
+        for (i, c) in px.0.iter_mut().enumerate() {
+            let n = ((r >> (i * 8)) & 0xFF) as f32;
+            *c = (f32::from(*c) * (1.0 - a) + n * a) as u8;
+        }
+    }
+    out
+}
+
+pub fn fill(width: u32, height: u32, color: u32) -> RgbImage {
+    let rgb = Rgb([
+        ((color >> 16) & 0xFF) as u8,
+        ((color >> 8) & 0xFF) as u8,
+        (color & 0xFF) as u8,
+    ]);
+    RgbImage::from_pixel(width, height, rgb)
+}
+
+pub fn invert(img: &RgbImage) -> RgbImage {
+    let mut out = img.clone();
+    for px in out.pixels_mut() {
+        px.0 = px.0.map(|c| 255 - c);
+    }
+    out
+}
+
+/// Box sizes whose three passes approximate a Gaussian of `sigma`.
+fn box_radii(sigma: f32, max_radius: u32) -> [u32; 3] {
+    let n = 3.0f32;
+    let w_ideal = (12.0 * sigma * sigma / n + 1.0).sqrt();
+    let mut wl = w_ideal.floor() as i64;
+    if wl % 2 == 0 {
+        wl -= 1;
+    }
+    let wu = wl + 2;
+    let m_ideal = (12.0 * sigma * sigma - n * (wl * wl) as f32 - 4.0 * n * wl as f32 - 3.0 * n)
+        / (-4.0 * wl as f32 - 4.0);
+    let m = m_ideal.round() as i64;
+    std::array::from_fn(|i| {
+        let size = if (i as i64) < m { wl } else { wu };
+        (((size - 1) / 2).max(0) as u32).min(max_radius)
+    })
+}
+
+fn box_pass(src: &[u8], dst: &mut [u8], w: usize, h: usize, r: usize, horizontal: bool) {
+    let (len, lines) = if horizontal { (w, h) } else { (h, w) };
+    let idx = |line: usize, i: usize| -> usize {
+        if horizontal {
+            (line * w + i) * 3
+        } else {
+            (i * w + line) * 3
+        }
+    };
+    let div = (2 * r + 1) as u32;
+    for line in 0..lines {
+        for ch in 0..3 {
+            let at = |i: isize| -> u32 {
+                let i = i.clamp(0, len as isize - 1) as usize;
+                u32::from(src[idx(line, i) + ch])
+            };
+            let mut acc: u32 = (-(r as isize)..=r as isize).map(at).sum();
+            for i in 0..len {
+                dst[idx(line, i) + ch] = ((acc + div / 2) / div) as u8;
+                acc += at(i as isize + r as isize + 1);
+                acc -= at(i as isize - r as isize);
+            }
+        }
+    }
+}
+
+/// ComfyUI's ImageBlur (Gaussian, kernel `2*radius+1`), approximated by three box blurs.
+pub fn blur(img: &RgbImage, radius: u32, sigma: f32) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if radius == 0 || w == 0 || h == 0 {
+        return img.clone();
+    }
+    let mut a = img.as_raw().clone();
+    let mut b = vec![0u8; a.len()];
+    for r in box_radii(sigma, radius) {
+        if r == 0 {
+            continue;
+        }
+        box_pass(&a, &mut b, w, h, r as usize, true);
+        box_pass(&b, &mut a, w, h, r as usize, false);
+    }
+    RgbImage::from_raw(img.width(), img.height(), a).expect("same size buffer")
+}
+
+fn filter_for(method: &str) -> FilterType {
+    match method {
+        "nearest-exact" => FilterType::Nearest,
+        "bicubic" => FilterType::CatmullRom,
+        "lanczos" => FilterType::Lanczos3,
+        _ => FilterType::Triangle,
+    }
+}
+
+/// Python's `round()` (half to even).
+pub fn py_round(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - x.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+/// `comfy.utils.common_upscale`: optional centre crop to the new aspect ratio, then resize.
+pub fn upscale(
+    img: &RgbImage,
+    width: u32,
+    height: u32,
+    method: &str,
+    center_crop: bool,
+) -> RgbImage {
+    let (ow, oh) = img.dimensions();
+    let mut view = image::imageops::crop_imm(img, 0, 0, ow, oh).to_image();
+    if center_crop && ow > 0 && oh > 0 && height > 0 {
+        let old_aspect = f64::from(ow) / f64::from(oh);
+        let new_aspect = f64::from(width) / f64::from(height);
+        let (mut x, mut y) = (0i64, 0i64);
+        if old_aspect > new_aspect {
+            x = py_round((f64::from(ow) - f64::from(ow) * (new_aspect / old_aspect)) / 2.0);
+        } else if old_aspect < new_aspect {
+            y = py_round((f64::from(oh) - f64::from(oh) * (old_aspect / new_aspect)) / 2.0);
+        }
+        let cw = (i64::from(ow) - 2 * x).max(1) as u32;
+        let ch = (i64::from(oh) - 2 * y).max(1) as u32;
+        view = image::imageops::crop_imm(img, x as u32, y as u32, cw, ch).to_image();
+    }
+    image::imageops::resize(&view, width, height, filter_for(method))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::AnimationDecoder;
+
+    #[test]
+    fn crc_matches_known_value() {
+        assert_eq!(crc32(&[b"IEND"]), 0xAE42_6082);
+        assert_eq!(crc32(&[b"123456789"]), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn png_text_chunks_survive_decoding() {
+        let img = fill(4, 3, 0x102030);
+        let png = png_with_text(&img, &[("prompt".into(), "{\"a\": 1}".into())]);
+        let decoded = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(decoded, img);
+        let text_at = png.windows(4).position(|w| w == b"tEXt").unwrap();
+        assert!(text_at < png.windows(4).position(|w| w == b"IDAT").unwrap());
+    }
+
+    #[test]
+    fn apng_has_all_frames() {
+        let frames: Vec<RgbImage> = (0..3).map(|i| fill(8, 6, i * 0x404040)).collect();
+        let data = apng(&frames, 10.0, &[]);
+        let dec = image::codecs::png::PngDecoder::new(std::io::Cursor::new(&data)).unwrap();
+        assert!(dec.is_apng().unwrap());
+        let decoded: Vec<_> = dec.apng().unwrap().into_frames().collect_frames().unwrap();
+        assert_eq!(decoded.len(), 3);
+        let last = image::DynamicImage::ImageRgba8(decoded[2].buffer().clone()).to_rgb8();
+        assert_eq!(last, frames[2]);
+    }
+
+    #[test]
+    fn ops_are_real() {
+        let img = fill(2, 2, 0xFF0000);
+        assert_eq!(invert(&img).get_pixel(0, 0), &Rgb([0, 255, 255]));
+        let blurred = blur(&fill(5, 5, 0x808080), 3, 1.0);
+        assert_eq!(blurred.get_pixel(2, 2), &Rgb([128, 128, 128]));
+        assert_eq!(
+            upscale(&fill(4, 2, 0), 2, 2, "bilinear", true).dimensions(),
+            (2, 2)
+        );
+        assert_eq!(py_round(0.5), 0);
+        assert_eq!(py_round(1.5), 2);
+        assert_eq!(py_round(0.01), 0);
+        let p = placeholder(64, 32, 7, &["SEED 7".into()], 0.0);
+        assert_eq!(p, placeholder(64, 32, 7, &["SEED 7".into()], 0.0));
+        assert_ne!(p, placeholder(64, 32, 8, &["SEED 7".into()], 0.0));
+    }
+}

@@ -1,0 +1,908 @@
+//! What each node does when the simulator "executes" it.
+//!
+//! Image nodes do real pixel work (EmptyImage fills, ImageInvert inverts, ...). Model nodes pass
+//! descriptions along; VAEDecode of a sampled latent renders a placeholder stamped "SIMULATED".
+//! Timing (sampler steps, slow nodes) is the executor's business, see `exec.rs`.
+
+use image::{GrayImage, RgbImage};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::imaging::{self, MAX_BATCH_PIXELS};
+use crate::pyjson;
+
+/// Largest side of a rendered still placeholder; larger requests are rendered smaller.
+const MAX_PLACEHOLDER_SIDE: u32 = 2048;
+/// Video placeholders: longest side and frame count are capped to keep files small.
+const MAX_VIDEO_SIDE: u32 = 512;
+const MAX_VIDEO_FRAMES: u32 = 24;
+
+#[derive(Debug, Clone)]
+pub struct Latent {
+    pub width: u32,
+    pub height: u32,
+    pub batch: u32,
+    /// Pixel frames this latent decodes to (1 for still images).
+    pub frames: u32,
+    pub video: bool,
+    /// Set by a sampler: what the "generated" picture is derived from.
+    pub sampled: Option<Sampled>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    pub seed: u64,
+    pub text: String,
+    pub steps: u32,
+    pub sampler: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Video {
+    pub frames: Arc<Vec<RgbImage>>,
+    pub fps: f64,
+}
+
+/// A value flowing along a link.
+#[derive(Debug, Clone)]
+pub enum Data {
+    Image(Arc<Vec<RgbImage>>),
+    Mask(Arc<Vec<GrayImage>>),
+    Latent(Arc<Latent>),
+    Model(String),
+    Clip(String),
+    Vae(String),
+    Conditioning {
+        text: String,
+        frame_rate: Option<f64>,
+    },
+    Sigmas(u32),
+    Sampler(String),
+    Noise(u64),
+    Guider {
+        text: String,
+        cfg: f64,
+    },
+    Video(Video),
+    /// Anything of a served (external) node set; `steps` travels along so samplers know it.
+    Opaque {
+        kind: String,
+        steps: Option<u32>,
+    },
+}
+
+impl Data {
+    /// `str(value)` as ComfyUI's error report shows it (`current_inputs`).
+    pub fn describe(&self) -> String {
+        match self {
+            Data::Image(b) => match b.first() {
+                Some(i) => format!(
+                    "<IMAGE batch={} {}x{} (simulated)>",
+                    b.len(),
+                    i.width(),
+                    i.height()
+                ),
+                None => "<IMAGE empty (simulated)>".into(),
+            },
+            Data::Mask(b) => format!("<MASK batch={} (simulated)>", b.len()),
+            Data::Latent(l) => format!(
+                "<LATENT {}x{} batch={} frames={} (simulated)>",
+                l.width, l.height, l.batch, l.frames
+            ),
+            Data::Model(n) => format!("<MODEL {n} (simulated)>"),
+            Data::Clip(n) => format!("<CLIP {n} (simulated)>"),
+            Data::Vae(n) => format!("<VAE {n} (simulated)>"),
+            Data::Conditioning { .. } => "<CONDITIONING (simulated)>".into(),
+            Data::Sigmas(s) => format!("<SIGMAS steps={s} (simulated)>"),
+            Data::Sampler(n) => format!("<SAMPLER {n} (simulated)>"),
+            Data::Noise(s) => format!("<NOISE seed={s} (simulated)>"),
+            Data::Guider { cfg, .. } => format!("<GUIDER cfg={cfg} (simulated)>"),
+            Data::Video(v) => format!(
+                "<VIDEO frames={} fps={} (simulated)>",
+                v.frames.len(),
+                v.fps
+            ),
+            Data::Opaque { kind, .. } => format!("<{kind} (simulated)>"),
+        }
+    }
+
+    fn steps_hint(&self) -> Option<u32> {
+        match self {
+            Data::Sigmas(s) => Some(*s),
+            Data::Opaque { steps, .. } => *steps,
+            _ => None,
+        }
+    }
+}
+
+/// Why a node did not produce output.
+#[derive(Debug, Clone)]
+pub enum NodeError {
+    /// An exception: becomes `execution_error`.
+    Runtime {
+        exception_type: String,
+        message: String,
+    },
+    /// `/interrupt` took effect: becomes `execution_interrupted`.
+    Interrupted,
+    /// The server is dying (fault); nothing more is sent.
+    Died,
+}
+
+impl NodeError {
+    pub fn runtime(message: impl Into<String>) -> Self {
+        Self::Runtime {
+            exception_type: "RuntimeError".into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// One resolved input: a widget value or the value of a linked output.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Lit(Value),
+    Data(Data),
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Args(pub Vec<(String, Arg)>);
+
+impl Args {
+    pub fn get(&self, name: &str) -> Option<&Arg> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, a)| a)
+    }
+
+    fn missing(name: &str) -> NodeError {
+        NodeError::runtime(format!(
+            "comfyume-sim: input '{name}' is missing or has the wrong type"
+        ))
+    }
+
+    fn lit(&self, name: &str) -> Option<&Value> {
+        match self.get(name) {
+            Some(Arg::Lit(v)) => Some(v),
+            _ => None,
+        }
+    }
+
+    pub fn int(&self, name: &str) -> Result<i64, NodeError> {
+        self.lit(name)
+            .and_then(|v| {
+                v.as_i64()
+                    .or_else(|| v.as_u64().map(|u| u as i64))
+                    .or_else(|| v.as_f64().map(|f| f as i64))
+            })
+            .ok_or_else(|| Self::missing(name))
+    }
+
+    pub fn u64(&self, name: &str) -> Result<u64, NodeError> {
+        self.lit(name)
+            .and_then(|v| {
+                v.as_u64()
+                    .or_else(|| v.as_i64().map(|i| i as u64))
+                    .or_else(|| v.as_f64().map(|f| f as u64))
+            })
+            .ok_or_else(|| Self::missing(name))
+    }
+
+    pub fn float(&self, name: &str) -> Result<f64, NodeError> {
+        self.lit(name)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| Self::missing(name))
+    }
+
+    pub fn string(&self, name: &str) -> Result<String, NodeError> {
+        self.lit(name)
+            .map(pyjson::py_str)
+            .ok_or_else(|| Self::missing(name))
+    }
+
+    fn data(&self, name: &str) -> Result<&Data, NodeError> {
+        match self.get(name) {
+            Some(Arg::Data(d)) => Ok(d),
+            _ => Err(Self::missing(name)),
+        }
+    }
+
+    pub fn image(&self, name: &str) -> Result<Arc<Vec<RgbImage>>, NodeError> {
+        match self.data(name)? {
+            Data::Image(b) => Ok(b.clone()),
+            _ => Err(Self::missing(name)),
+        }
+    }
+
+    pub fn latent(&self, name: &str) -> Result<Arc<Latent>, NodeError> {
+        match self.data(name)? {
+            Data::Latent(l) => Ok(l.clone()),
+            _ => Err(Self::missing(name)),
+        }
+    }
+
+    fn text(&self, name: &str) -> Result<(String, Option<f64>), NodeError> {
+        match self.data(name)? {
+            Data::Conditioning { text, frame_rate } => Ok((text.clone(), *frame_rate)),
+            _ => Err(Self::missing(name)),
+        }
+    }
+
+    /// The largest step count among linked inputs (SIGMAS, or an external node's `steps`).
+    pub fn steps_hint(&self) -> Option<u32> {
+        self.0
+            .iter()
+            .filter_map(|(_, a)| match a {
+                Arg::Data(d) => d.steps_hint(),
+                Arg::Lit(_) => None,
+            })
+            .max()
+    }
+
+    /// `current_inputs` of an `execution_error`: `{name: [value]}`.
+    pub fn formatted(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (name, arg) in &self.0 {
+            let v = match arg {
+                Arg::Lit(
+                    v @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)),
+                ) => v.clone(),
+                Arg::Lit(v) => Value::String(pyjson::py_str(v)),
+                Arg::Data(d) => Value::String(d.describe()),
+            };
+            m.insert(name.clone(), json!([v]));
+        }
+        Value::Object(m)
+    }
+}
+
+/// A node's result: one value per output slot and the `ui` dict of output nodes.
+#[derive(Debug, Default)]
+pub struct NodeOut {
+    pub values: Vec<Data>,
+    pub ui: Option<Value>,
+}
+
+/// What a node needs to know about the job it runs in.
+#[derive(Debug, Clone)]
+pub struct NodeCtx {
+    pub node_id: String,
+    pub class_type: String,
+    pub output_dir: PathBuf,
+    pub temp_dir: PathBuf,
+    pub input_dir: PathBuf,
+    /// PNG text chunks (`prompt`, `workflow`, ...), already serialised.
+    pub png_text: Vec<(String, String)>,
+}
+
+fn check_budget(w: u32, h: u32, n: u32) -> Result<(), NodeError> {
+    let px = u64::from(w) * u64::from(h) * u64::from(n);
+    if px > MAX_BATCH_PIXELS {
+        return Err(NodeError::runtime(format!(
+            "comfyume-sim: an IMAGE of {n} x {w}x{h} pixels is more than the simulator renders ({MAX_BATCH_PIXELS} pixels)"
+        )));
+    }
+    Ok(())
+}
+
+fn u32_of(v: i64) -> u32 {
+    u32::try_from(v.max(0)).unwrap_or(u32::MAX)
+}
+
+/// Scale (w, h) down so the long side is at most `max`.
+fn fit(w: u32, h: u32, max: u32) -> (u32, u32) {
+    let long = w.max(h).max(1);
+    if long <= max {
+        return (w.max(1), h.max(1));
+    }
+    let s = f64::from(max) / f64::from(long);
+    (
+        ((f64::from(w) * s).round() as u32).max(1),
+        ((f64::from(h) * s).round() as u32).max(1),
+    )
+}
+
+/// What a sampler will do: the latent it returns and the picture its previews converge to.
+pub struct SamplerPlan {
+    pub steps: u32,
+    pub latent: Latent,
+    pub preview_base: RgbImage,
+}
+
+/// Preview resolution, like ComfyUI's latent previews (1/8 of the image, at most 512).
+fn preview_size(l: &Latent) -> (u32, u32) {
+    fit((l.width / 8).max(8), (l.height / 8).max(8), 512)
+}
+
+pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, NodeError> {
+    let latent = match args.get("latent_image") {
+        Some(Arg::Data(Data::Latent(l))) => (**l).clone(),
+        _ => Latent {
+            width: 512,
+            height: 512,
+            batch: 1,
+            frames: 1,
+            video: false,
+            sampled: None,
+        },
+    };
+    let (text, seed, sampler) = {
+        let text = match args.get("guider") {
+            Some(Arg::Data(Data::Guider { text, .. })) => text.clone(),
+            _ => match args.get("positive") {
+                Some(Arg::Data(Data::Conditioning { text, .. })) => text.clone(),
+                _ => String::new(),
+            },
+        };
+        let seed = match args.get("noise") {
+            Some(Arg::Data(Data::Noise(s))) => *s,
+            _ => args
+                .u64("seed")
+                .or_else(|_| args.u64("noise_seed"))
+                .unwrap_or(0),
+        };
+        let sampler = match args.get("sampler") {
+            Some(Arg::Data(Data::Sampler(s))) => s.clone(),
+            _ => args
+                .string("sampler_name")
+                .unwrap_or_else(|_| "euler".into()),
+        };
+        (text, seed, sampler)
+    };
+    let steps = args
+        .steps_hint()
+        .or_else(|| args.int("steps").ok().map(u32_of))
+        .unwrap_or(steps_default)
+        .max(1);
+    let sampled = Sampled {
+        seed,
+        text,
+        steps,
+        sampler,
+    };
+    let (pw, ph) = preview_size(&latent);
+    let preview_base = imaging::placeholder(pw, ph, seed, &[], 0.0);
+    Ok(SamplerPlan {
+        steps,
+        latent: Latent {
+            sampled: Some(sampled),
+            ..latent
+        },
+        preview_base,
+    })
+}
+
+fn decode_latent(l: &Latent) -> Result<Vec<RgbImage>, NodeError> {
+    let (w, h, frames) = if l.video {
+        let (w, h) = fit(l.width, l.height, MAX_VIDEO_SIDE);
+        (w, h, l.frames.clamp(1, MAX_VIDEO_FRAMES))
+    } else {
+        let (w, h) = fit(l.width, l.height, MAX_PLACEHOLDER_SIDE);
+        (w, h, 1)
+    };
+    let count = l.batch.max(1).saturating_mul(frames);
+    check_budget(w, h, count)?;
+    let mut out = Vec::with_capacity(count as usize);
+    for b in 0..l.batch.max(1) {
+        for f in 0..frames {
+            let mut lines = vec!["COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string()];
+            let seed = match &l.sampled {
+                Some(s) => {
+                    lines.push(format!("SEED {}  STEPS {}  {}", s.seed, s.steps, s.sampler));
+                    if !s.text.trim().is_empty() {
+                        lines.push(s.text.split_whitespace().collect::<Vec<_>>().join(" "));
+                    }
+                    s.seed.wrapping_add(u64::from(b))
+                }
+                None => {
+                    lines.push("UNSAMPLED LATENT".into());
+                    u64::from(b)
+                }
+            };
+            if l.video {
+                lines.push(format!("FRAME {}/{}", f + 1, frames));
+            }
+            let phase = f as f32 / frames as f32;
+            out.push(imaging::placeholder(w, h, seed, &lines, phase));
+        }
+    }
+    Ok(out)
+}
+
+/// ComfyUI's `get_save_image_path`: prefix may hold a subfolder; the counter continues after the
+/// highest existing `<name>_NNNNN_` file.
+pub fn save_path(
+    base: &Path,
+    prefix: &str,
+    width: u32,
+    height: u32,
+) -> Result<(PathBuf, String, u32, String), NodeError> {
+    let mut prefix = prefix.to_string();
+    if prefix.contains('%') {
+        prefix = prefix
+            .replace("%width%", &width.to_string())
+            .replace("%height%", &height.to_string());
+    }
+    let norm = prefix.replace('\\', "/");
+    let (subfolder, filename) = match norm.rsplit_once('/') {
+        Some((dir, name)) => (dir.trim_matches('/').to_string(), name.to_string()),
+        None => (String::new(), norm.clone()),
+    };
+    let escapes = subfolder
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .try_fold(0i32, |depth, c| {
+            let d = if c == ".." { depth - 1 } else { depth + 1 };
+            (d >= 0).then_some(d)
+        })
+        .is_none();
+    if escapes || norm.starts_with('/') {
+        return Err(NodeError::Runtime {
+            exception_type: "Exception".into(),
+            message: format!(
+                "**** ERROR: Saving image outside the output folder is not allowed.\n full_output_folder: {}\n         output_dir: {}",
+                base.join(&subfolder).display(),
+                base.display()
+            ),
+        });
+    }
+    let folder = base.join(&subfolder);
+    std::fs::create_dir_all(&folder)
+        .map_err(|e| NodeError::runtime(format!("cannot create {}: {e}", folder.display())))?;
+    let mut counter = 0u32;
+    if let Ok(entries) = std::fs::read_dir(&folder) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(rest) = name
+                .strip_prefix(&filename)
+                .and_then(|r| r.strip_prefix('_'))
+                && let Some(digits) = rest.split('_').next()
+                && let Ok(n) = digits.parse::<u32>()
+            {
+                counter = counter.max(n);
+            }
+        }
+    }
+    Ok((folder, filename, counter + 1, subfolder))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+    std::fs::write(path, bytes)
+        .map_err(|e| NodeError::runtime(format!("cannot write {}: {e}", path.display())))
+}
+
+/// SaveImage / PreviewImage: one PNG per batch entry.
+fn save_images(
+    ctx: &NodeCtx,
+    images: &[RgbImage],
+    prefix: &str,
+    folder_type: &str,
+) -> Result<Vec<Value>, NodeError> {
+    let base = if folder_type == "temp" {
+        &ctx.temp_dir
+    } else {
+        &ctx.output_dir
+    };
+    let (w, h) = images.first().map(RgbImage::dimensions).unwrap_or((0, 0));
+    let (folder, filename, mut counter, subfolder) = save_path(base, prefix, w, h)?;
+    let mut results = Vec::with_capacity(images.len());
+    for (batch, img) in images.iter().enumerate() {
+        let name = filename.replace("%batch_num%", &batch.to_string());
+        let file = format!("{name}_{counter:05}_.png");
+        write_file(
+            &folder.join(&file),
+            &imaging::png_with_text(img, &ctx.png_text),
+        )?;
+        results.push(json!({"filename": file, "subfolder": subfolder, "type": folder_type}));
+        counter += 1;
+    }
+    Ok(results)
+}
+
+fn random_letters(n: usize) -> String {
+    // Same alphabet as ComfyUI's PreviewImage (including its doubled 'p', missing 'w').
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstupvxyz";
+    let bytes = *uuid::Uuid::new_v4().as_bytes();
+    bytes
+        .iter()
+        .take(n)
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect()
+}
+
+fn annotated(input_dir: &Path, output_dir: &Path, temp_dir: &Path, name: &str) -> PathBuf {
+    for (suffix, dir) in [
+        (" [output]", output_dir),
+        (" [input]", input_dir),
+        (" [temp]", temp_dir),
+    ] {
+        if let Some(base) = name.strip_suffix(suffix) {
+            return dir.join(base);
+        }
+    }
+    input_dir.join(name)
+}
+
+fn load_image(ctx: &NodeCtx, name: &str) -> Result<NodeOut, NodeError> {
+    let path = annotated(&ctx.input_dir, &ctx.output_dir, &ctx.temp_dir, name);
+    let bytes = std::fs::read(&path).map_err(|e| NodeError::Runtime {
+        exception_type: "FileNotFoundError".into(),
+        message: format!(
+            "[Errno 2] No such file or directory: '{}' ({e})",
+            path.display()
+        ),
+    })?;
+    let img = image::load_from_memory(&bytes).map_err(|e| NodeError::Runtime {
+        exception_type: "PIL.UnidentifiedImageError".into(),
+        message: format!("cannot identify image file '{}' ({e})", path.display()),
+    })?;
+    let mask = if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        // ComfyUI: mask = 1 - alpha
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+            image::Luma([255 - rgba.get_pixel(x, y).0[3]])
+        })
+    } else {
+        GrayImage::new(64, 64)
+    };
+    Ok(NodeOut {
+        values: vec![
+            Data::Image(Arc::new(vec![img.to_rgb8()])),
+            Data::Mask(Arc::new(vec![mask])),
+        ],
+        ui: None,
+    })
+}
+
+fn scale_all(
+    images: &[RgbImage],
+    f: impl Fn(&RgbImage) -> Result<RgbImage, NodeError>,
+) -> Result<Vec<RgbImage>, NodeError> {
+    images.iter().map(f).collect()
+}
+
+fn interpolate_error(img: &RgbImage, w: i64, h: i64) -> NodeError {
+    NodeError::runtime(format!(
+        "Input and output sizes should be greater than 0, but got input (H: {}, W: {}) output (H: {h}, W: {w})",
+        img.height(),
+        img.width()
+    ))
+}
+
+/// Run one node of the built-in set (everything except the sampler's step loop and the time a
+/// slow node takes, which the executor simulates).
+pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, NodeError> {
+    let one = |d: Data| {
+        Ok(NodeOut {
+            values: vec![d],
+            ui: None,
+        })
+    };
+    match class {
+        "UNETLoader" => one(Data::Model(args.string("unet_name")?)),
+        "CLIPLoader" => one(Data::Clip(args.string("clip_name")?)),
+        "VAELoader" => one(Data::Vae(args.string("vae_name")?)),
+        "LTXAVTextEncoderLoader" => one(Data::Clip(args.string("text_encoder")?)),
+        "CheckpointLoaderSimple" => {
+            let name = args.string("ckpt_name")?;
+            Ok(NodeOut {
+                values: vec![
+                    Data::Model(name.clone()),
+                    Data::Clip(name.clone()),
+                    Data::Vae(name),
+                ],
+                ui: None,
+            })
+        }
+        "CLIPTextEncode" => one(Data::Conditioning {
+            text: args.string("text")?,
+            frame_rate: None,
+        }),
+        "LTXVConditioning" => {
+            let rate = args.float("frame_rate")?;
+            let (pos, _) = args.text("positive")?;
+            let (neg, _) = args.text("negative")?;
+            Ok(NodeOut {
+                values: vec![
+                    Data::Conditioning {
+                        text: pos,
+                        frame_rate: Some(rate),
+                    },
+                    Data::Conditioning {
+                        text: neg,
+                        frame_rate: Some(rate),
+                    },
+                ],
+                ui: None,
+            })
+        }
+        "EmptyFlux2LatentImage" => one(Data::Latent(Arc::new(Latent {
+            width: u32_of(args.int("width")?),
+            height: u32_of(args.int("height")?),
+            batch: u32_of(args.int("batch_size")?),
+            frames: 1,
+            video: false,
+            sampled: None,
+        }))),
+        "EmptyLTXVLatentVideo" => one(Data::Latent(Arc::new(Latent {
+            width: u32_of(args.int("width")?),
+            height: u32_of(args.int("height")?),
+            batch: u32_of(args.int("batch_size")?),
+            frames: u32_of(args.int("length")?),
+            video: true,
+            sampled: None,
+        }))),
+        "Flux2Scheduler" | "LTXVScheduler" => one(Data::Sigmas(u32_of(args.int("steps")?))),
+        "KSamplerSelect" => one(Data::Sampler(args.string("sampler_name")?)),
+        "RandomNoise" => one(Data::Noise(args.u64("noise_seed")?)),
+        "CFGGuider" => {
+            let (text, _) = args.text("positive")?;
+            one(Data::Guider {
+                text,
+                cfg: args.float("cfg")?,
+            })
+        }
+        "VAEDecode" => {
+            let latent = args.latent("samples")?;
+            one(Data::Image(Arc::new(decode_latent(&latent)?)))
+        }
+        "SaveImage" => {
+            let images = args.image("images")?;
+            let prefix = args
+                .string("filename_prefix")
+                .unwrap_or_else(|_| "ComfyUI".into());
+            let results = save_images(ctx, &images, &prefix, "output")?;
+            Ok(NodeOut {
+                values: vec![],
+                ui: Some(json!({"images": results})),
+            })
+        }
+        "PreviewImage" => {
+            let images = args.image("images")?;
+            let prefix = format!("ComfyUI_temp_{}", random_letters(5));
+            let results = save_images(ctx, &images, &prefix, "temp")?;
+            Ok(NodeOut {
+                values: vec![],
+                ui: Some(json!({"images": results})),
+            })
+        }
+        "CreateVideo" => {
+            let images = args.image("images")?;
+            one(Data::Video(Video {
+                frames: images,
+                fps: args.float("fps")?,
+            }))
+        }
+        "SaveVideo" => {
+            let video = match args.get("video") {
+                Some(Arg::Data(Data::Video(v))) => v.clone(),
+                _ => return Err(Args::missing("video")),
+            };
+            let prefix = args
+                .string("filename_prefix")
+                .unwrap_or_else(|_| "video/ComfyUI".into());
+            let (w, h) = video
+                .frames
+                .first()
+                .map(RgbImage::dimensions)
+                .unwrap_or((0, 0));
+            let (folder, filename, counter, subfolder) = save_path(&ctx.output_dir, &prefix, w, h)?;
+            // No video encoder here: the "video" is an animated PNG the browser plays in <img>.
+            let file = format!("{filename}_{counter:05}_.png");
+            write_file(
+                &folder.join(&file),
+                &imaging::apng(&video.frames, video.fps, &ctx.png_text),
+            )?;
+            Ok(NodeOut {
+                values: vec![],
+                ui: Some(
+                    json!({"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": [true]}),
+                ),
+            })
+        }
+        "LoadImage" => load_image(ctx, &args.string("image")?),
+        "EmptyImage" => {
+            let (w, h, n) = (
+                u32_of(args.int("width")?),
+                u32_of(args.int("height")?),
+                u32_of(args.int("batch_size")?),
+            );
+            check_budget(w, h, n)?;
+            let img = imaging::fill(w, h, u32_of(args.int("color")?));
+            one(Data::Image(Arc::new(vec![img; n.max(1) as usize])))
+        }
+        "ImageInvert" => {
+            let images = args.image("image")?;
+            one(Data::Image(Arc::new(
+                images.iter().map(imaging::invert).collect(),
+            )))
+        }
+        "ImageBlur" => {
+            let images = args.image("image")?;
+            let radius = u32_of(args.int("blur_radius")?);
+            let sigma = args.float("sigma")? as f32;
+            one(Data::Image(Arc::new(
+                images
+                    .iter()
+                    .map(|i| imaging::blur(i, radius, sigma))
+                    .collect(),
+            )))
+        }
+        "ImageScaleBy" => {
+            let images = args.image("image")?;
+            let method = args.string("upscale_method")?;
+            let by = args.float("scale_by")?;
+            let out = scale_all(&images, |img| {
+                let w = imaging::py_round(f64::from(img.width()) * by);
+                let h = imaging::py_round(f64::from(img.height()) * by);
+                if w <= 0 || h <= 0 {
+                    return Err(interpolate_error(img, w, h));
+                }
+                check_budget(u32_of(w), u32_of(h), images.len() as u32)?;
+                Ok(imaging::upscale(img, u32_of(w), u32_of(h), &method, false))
+            })?;
+            one(Data::Image(Arc::new(out)))
+        }
+        "ImageScale" => {
+            let images = args.image("image")?;
+            let method = args.string("upscale_method")?;
+            let (mut w, mut h) = (args.int("width")?, args.int("height")?);
+            let crop = args.string("crop")? == "center";
+            if w == 0 && h == 0 {
+                return one(Data::Image(images));
+            }
+            let first = images
+                .first()
+                .ok_or_else(|| NodeError::runtime("empty IMAGE batch"))?;
+            if w == 0 {
+                w = imaging::py_round(
+                    f64::from(first.width()) * h as f64 / f64::from(first.height()),
+                )
+                .max(1);
+            } else if h == 0 {
+                h = imaging::py_round(
+                    f64::from(first.height()) * w as f64 / f64::from(first.width()),
+                )
+                .max(1);
+            }
+            check_budget(u32_of(w), u32_of(h), images.len() as u32)?;
+            let out = scale_all(&images, |img| {
+                Ok(imaging::upscale(img, u32_of(w), u32_of(h), &method, crop))
+            })?;
+            one(Data::Image(Arc::new(out)))
+        }
+        other => Err(NodeError::runtime(format!(
+            "comfyume-sim has no implementation for {other}"
+        ))),
+    }
+}
+
+/// Simulated time of a non-sampler node, in units of `step_ms`.
+pub fn slow_units(class: &str, args: &Args) -> u64 {
+    match class {
+        // Real ComfyUI spends seconds here on large images; the trace's interrupt happened in it.
+        "ImageBlur" => args
+            .int("blur_radius")
+            .map(|r| r.max(0) as u64)
+            .unwrap_or(1),
+        _ => 0,
+    }
+}
+
+/// Whether a node runs a step loop (progress, previews, interrupt at each step).
+pub fn is_sampler(builtin: bool, class: &str) -> bool {
+    if builtin {
+        class == "SamplerCustomAdvanced"
+    } else {
+        class.contains("Sampler") && !class.contains("Select")
+    }
+}
+
+/// A node of a served (external) node set: output nodes write a placeholder PNG stamped with
+/// the node's name; other nodes pass opaque values along.
+pub fn run_generic(
+    ctx: &NodeCtx,
+    output_types: &[String],
+    is_output: bool,
+    args: &Args,
+    sampled: Option<&Latent>,
+) -> Result<NodeOut, NodeError> {
+    let steps = args
+        .int("steps")
+        .ok()
+        .map(u32_of)
+        .or_else(|| args.steps_hint());
+    let values: Vec<Data> = output_types
+        .iter()
+        .map(|t| match (t.as_str(), sampled) {
+            ("LATENT", Some(l)) => Data::Latent(Arc::new(l.clone())),
+            _ => Data::Opaque {
+                kind: t.clone(),
+                steps,
+            },
+        })
+        .collect();
+    if !is_output {
+        return Ok(NodeOut { values, ui: None });
+    }
+    let lines = vec![
+        format!("{} #{}", ctx.class_type, ctx.node_id),
+        "COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string(),
+    ];
+    let seed = ctx
+        .node_id
+        .bytes()
+        .fold(ctx.class_type.len() as u64, |a, b| {
+            a.wrapping_mul(31).wrapping_add(u64::from(b))
+        });
+    let img = imaging::placeholder(512, 512, seed, &lines, 0.0);
+    let prefix = args
+        .get("filename_prefix")
+        .and_then(|a| match a {
+            Arg::Lit(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "ComfyUI".into());
+    let results = save_images(ctx, &[img], &prefix, "output")?;
+    Ok(NodeOut {
+        values,
+        ui: Some(json!({"images": results})),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(dir: &Path) -> NodeCtx {
+        NodeCtx {
+            node_id: "3".into(),
+            class_type: "SaveImage".into(),
+            output_dir: dir.join("output"),
+            temp_dir: dir.join("temp"),
+            input_dir: dir.join("input"),
+            png_text: vec![],
+        }
+    }
+
+    #[test]
+    fn save_counter_continues() {
+        let dir = std::env::temp_dir().join(format!("sim-nodes-{}", uuid::Uuid::new_v4()));
+        let c = ctx(&dir);
+        let img = imaging::fill(2, 2, 0);
+        let a = save_images(&c, &[img.clone(), img.clone()], "nomodel", "output").unwrap();
+        assert_eq!(a[0]["filename"], "nomodel_00001_.png");
+        assert_eq!(a[1]["filename"], "nomodel_00002_.png");
+        let b = save_images(&c, &[img.clone()], "nomodel", "output").unwrap();
+        assert_eq!(b[0]["filename"], "nomodel_00003_.png");
+        let v = save_images(&c, &[img.clone()], "video/clip", "output").unwrap();
+        assert_eq!(
+            v[0],
+            json!({"filename": "clip_00001_.png", "subfolder": "video", "type": "output"})
+        );
+        assert!(save_images(&c, &[img], "../../etc/x", "output").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn scale_by_to_zero_fails_like_torch() {
+        let c = ctx(Path::new("/nonexistent"));
+        let args = Args(vec![
+            (
+                "image".into(),
+                Arg::Data(Data::Image(Arc::new(vec![imaging::fill(1, 1, 0)]))),
+            ),
+            ("upscale_method".into(), Arg::Lit(json!("bilinear"))),
+            ("scale_by".into(), Arg::Lit(json!(0.01))),
+        ]);
+        match run_builtin(&c, "ImageScaleBy", &args) {
+            Err(NodeError::Runtime {
+                exception_type,
+                message,
+            }) => {
+                assert_eq!(exception_type, "RuntimeError");
+                assert!(message.starts_with("Input and output sizes should be greater than 0"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

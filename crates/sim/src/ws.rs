@@ -1,0 +1,140 @@
+//! `/ws?clientId=`: status on connect, feature-flag negotiation, then whatever the worker sends.
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::{Outbound, Shared, WsClient, lock};
+
+/// ComfyUI's `feature_flags.get_server_features()`.
+pub fn server_features(max_upload_size: u64) -> Value {
+    json!({
+        "supports_preview_metadata": true,
+        "max_upload_size": max_upload_size,
+        "extension": {"manager": {"supports_v4": true}},
+    })
+}
+
+pub async fn handler(
+    ws: WebSocketUpgrade,
+    Query(q): Query<HashMap<String, String>>,
+    State(shared): State<Arc<Shared>>,
+) -> Response {
+    let sid = q
+        .get("clientId")
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string());
+    ws.on_upgrade(move |socket| run(shared, socket, sid))
+}
+
+async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
+    let conn = shared.next_conn.fetch_add(1, Ordering::SeqCst);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
+    let kill = CancellationToken::new();
+    {
+        // Register and queue the greeting under the queue lock, so no status update can slip
+        // in between with an older number.
+        let inner = lock(&shared.inner);
+        let mut hub = lock(&shared.hub);
+        // An existing socket with the same id is replaced.
+        if let Some(old) = hub.insert(
+            sid.clone(),
+            WsClient {
+                conn,
+                tx: tx.clone(),
+                preview_metadata: false,
+                kill: kill.clone(),
+            },
+        ) {
+            old.kill.cancel();
+        }
+        let mut data = Shared::status_data(inner.queue_remaining());
+        data["sid"] = json!(sid);
+        let _ = tx.send(Outbound::Text(Shared::message("status", data)));
+        // On reconnect, the executing client learns which node runs.
+        if inner.exec_client.as_deref() == Some(sid.as_str())
+            && let Some(node) = &inner.last_node
+        {
+            let _ = tx.send(Outbound::Text(Shared::message(
+                "executing",
+                json!({"node": node}),
+            )));
+        }
+    }
+    tracing::debug!(%sid, conn, "websocket connected");
+
+    let (mut sink, mut stream) = socket.split();
+    let writer_kill = kill.clone();
+    let shutdown = shared.shutdown.clone();
+    let mut writer = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                biased;
+                _ = writer_kill.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return;
+                }
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { return };
+                    let frame = match msg {
+                        Outbound::Text(t) => Message::Text(t.into()),
+                        Outbound::Binary(b) => Message::Binary(b.into()),
+                    };
+                    if sink.send(frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    let mut first_message = true;
+    loop {
+        tokio::select! {
+            _ = kill.cancelled() => break,
+            _ = &mut writer => break,
+            msg = stream.next() => {
+                let Some(Ok(msg)) = msg else { break };
+                match msg {
+                    Message::Text(text) => {
+                        // Only a client's first text message can carry feature flags; a message
+                        // that is not JSON does not count as the first one.
+                        let Ok(data) = serde_json::from_str::<Value>(text.as_str()) else {
+                            continue;
+                        };
+                        if first_message && data.get("type").and_then(Value::as_str) == Some("feature_flags") {
+                            let flags = data.get("data").cloned().unwrap_or_else(|| json!({}));
+                            let supports = flags.get("supports_preview_metadata").and_then(Value::as_bool).unwrap_or(false);
+                            if let Some(c) = lock(&shared.hub).get_mut(&sid).filter(|c| c.conn == conn) {
+                                c.preview_metadata = supports;
+                            }
+                            let _ = tx.send(Outbound::Text(Shared::message(
+                                "feature_flags",
+                                server_features(shared.max_upload_size),
+                            )));
+                        }
+                        first_message = false;
+                    }
+                    Message::Close(_) => break,
+                    _ => {}
+                }
+            }
+        }
+    }
+    // Dropping both halves without a close frame is what "drop" means for the faults.
+    writer.abort();
+    let mut hub = lock(&shared.hub);
+    if hub.get(&sid).is_some_and(|c| c.conn == conn) {
+        hub.remove(&sid);
+    }
+    tracing::debug!(%sid, conn, "websocket closed");
+}

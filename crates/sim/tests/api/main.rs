@@ -1,0 +1,7 @@
+//! Integration tests: the simulator on 127.0.0.1:0, driven like a ComfyUI client would.
+
+mod faults;
+mod files;
+mod helpers;
+mod protocol;
+mod workflows;

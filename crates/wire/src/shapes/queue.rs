@@ -1,0 +1,233 @@
+//! `/prompt`, `/queue` and `/history` response shapes.
+
+use serde_json::{Map, Number, Value, json};
+
+/// `GET /prompt`: `{"exec_info": {"queue_remaining": N}}` (N counts pending plus running).
+pub fn prompt_info(queue_remaining: u64) -> Value {
+    json!({"exec_info": {"queue_remaining": queue_remaining}})
+}
+
+/// The 200 body of `POST /prompt`.
+pub fn prompt_accepted(
+    prompt_id: &str,
+    number: &Number,
+    node_errors: &Map<String, Value>,
+) -> Value {
+    json!({"prompt_id": prompt_id, "number": number, "node_errors": node_errors})
+}
+
+/// A queue item as `/queue` and `/history` show it:
+/// `[number, prompt_id, prompt, extra_data, outputs_to_execute]` (sensitive keys already gone).
+pub fn queue_item(
+    number: &Number,
+    prompt_id: &str,
+    prompt: &Value,
+    extra_data: &Value,
+    outputs_to_execute: &[String],
+) -> Value {
+    json!([number, prompt_id, prompt, extra_data, outputs_to_execute])
+}
+
+/// `GET /queue`: `{"queue_running": [...], "queue_pending": [...]}`.
+pub fn queue_response(running: Vec<Value>, pending: Vec<Value>) -> Value {
+    json!({"queue_running": running, "queue_pending": pending})
+}
+
+/// `status.status_str`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusStr {
+    Success,
+    Error,
+}
+
+impl StatusStr {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatusStr::Success => "success",
+            StatusStr::Error => "error",
+        }
+    }
+}
+
+/// A history item's `status`: success, or error (failed and interrupted alike), plus the
+/// `[event, data]` messages recorded during execution (execution_start, ..._cached,
+/// ..._success / ..._error / ..._interrupted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecStatus {
+    pub status_str: StatusStr,
+    pub completed: bool,
+    pub messages: Vec<(String, Value)>,
+}
+
+impl ExecStatus {
+    pub fn to_json(&self) -> Value {
+        let messages: Vec<Value> = self
+            .messages
+            .iter()
+            .map(|(event, data)| json!([event, data]))
+            .collect();
+        json!({"status_str": self.status_str.as_str(), "completed": self.completed, "messages": messages})
+    }
+}
+
+/// A finished prompt, as kept in history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRecord {
+    /// The queue priority.
+    pub number: Number,
+    pub prompt_id: String,
+    pub prompt: Value,
+    /// Without sensitive keys.
+    pub extra_data: Value,
+    pub outputs_to_execute: Vec<String>,
+    /// node id -> ui output (`{"images": [...]}`, `{"text": [...]}`, ...).
+    pub outputs: Map<String, Value>,
+    /// `None` renders as `"status": null`, as ComfyUI does when the worker had none.
+    pub status: Option<ExecStatus>,
+    /// node id -> [`meta_entry`].
+    pub meta: Map<String, Value>,
+}
+
+/// One `meta` entry of a history item.
+pub fn meta_entry(
+    node_id: &str,
+    display_node: &str,
+    parent_node: Option<&str>,
+    real_node_id: &str,
+) -> Value {
+    json!({"node_id": node_id, "display_node": display_node, "parent_node": parent_node, "real_node_id": real_node_id})
+}
+
+/// A history item (`GET /history/{id}` values): `{"prompt", "outputs", "status", "meta"}`.
+pub fn history_item(record: &HistoryRecord) -> Value {
+    json!({
+        "prompt": queue_item(
+            &record.number,
+            &record.prompt_id,
+            &record.prompt,
+            &record.extra_data,
+            &record.outputs_to_execute,
+        ),
+        "outputs": record.outputs,
+        "status": record.status.as_ref().map(ExecStatus::to_json),
+        "meta": record.meta,
+    })
+}
+
+/// `GET /history`: `{prompt_id: item}` in the given (insertion) order.
+pub fn history_response<'a>(records: impl IntoIterator<Item = &'a HistoryRecord>) -> Value {
+    let mut out = Map::new();
+    for r in records {
+        out.insert(r.prompt_id.clone(), history_item(r));
+    }
+    Value::Object(out)
+}
+
+/// ComfyUI's `get_history(max_items, offset)` window over `len` items in insertion order:
+/// the index range to return. With `max_items` and no (or negative) offset: the last N.
+pub fn history_window(
+    len: usize,
+    max_items: Option<usize>,
+    offset: Option<i64>,
+) -> std::ops::Range<usize> {
+    let offset = offset.unwrap_or(-1);
+    let start = match (offset < 0, max_items) {
+        (true, Some(m)) => len.saturating_sub(m),
+        (true, None) => 0,
+        (false, _) => (offset as usize).min(len),
+    };
+    let end = match max_items {
+        // ComfyUI inserts before checking `len(out) >= max_items`, so 0 still yields one.
+        Some(m) => start.saturating_add(m.max(1)).min(len),
+        None => len,
+    };
+    start..end
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const FIXTURE: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/comfyui/api/history_entry.json"
+    ));
+
+    pub(crate) fn fixture_record() -> HistoryRecord {
+        let all: Value = serde_json::from_str(FIXTURE).unwrap();
+        let (id, item) = all.as_object().unwrap().iter().next().unwrap();
+        let p = item["prompt"].as_array().unwrap();
+        let status = &item["status"];
+        HistoryRecord {
+            number: p[0].as_number().unwrap().clone(),
+            prompt_id: id.clone(),
+            prompt: p[2].clone(),
+            extra_data: p[3].clone(),
+            outputs_to_execute: p[4]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect(),
+            outputs: item["outputs"].as_object().unwrap().clone(),
+            status: Some(ExecStatus {
+                status_str: StatusStr::Success,
+                completed: status["completed"].as_bool().unwrap(),
+                messages: status["messages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| (m[0].as_str().unwrap().to_owned(), m[1].clone()))
+                    .collect(),
+            }),
+            meta: Map::from_iter([("3".to_owned(), meta_entry("3", "3", None, "3"))]),
+        }
+    }
+
+    #[test]
+    fn history_matches_the_capture_byte_for_byte() {
+        let expected: Value = serde_json::from_str(FIXTURE).unwrap();
+        let record = fixture_record();
+        let got = history_response([&record]);
+        assert_eq!(
+            serde_json::to_string(&got).unwrap(),
+            serde_json::to_string(&expected).unwrap()
+        );
+    }
+
+    #[test]
+    fn queue_and_prompt_shapes() {
+        let item = queue_item(
+            &Number::from(3),
+            "id",
+            &json!({}),
+            &json!({"client_id": "c"}),
+            &["9".to_owned()],
+        );
+        assert_eq!(item, json!([3, "id", {}, {"client_id": "c"}, ["9"]]));
+        assert_eq!(
+            serde_json::to_string(&queue_response(vec![], vec![item])).unwrap(),
+            r#"{"queue_running":[],"queue_pending":[[3,"id",{},{"client_id":"c"},["9"]]]}"#
+        );
+        assert_eq!(prompt_info(2), json!({"exec_info": {"queue_remaining": 2}}));
+        let n = Number::from_f64(7.5).unwrap();
+        assert_eq!(
+            serde_json::to_string(&prompt_accepted("my-own-id-123", &n, &Map::new())).unwrap(),
+            r#"{"prompt_id":"my-own-id-123","number":7.5,"node_errors":{}}"#
+        );
+        let mut r = fixture_record();
+        r.status = None;
+        assert_eq!(history_item(&r)["status"], Value::Null);
+    }
+
+    #[test]
+    fn history_window_follows_get_history() {
+        assert_eq!(history_window(10, None, None), 0..10);
+        assert_eq!(history_window(10, Some(3), None), 7..10);
+        assert_eq!(history_window(10, Some(3), Some(2)), 2..5);
+        assert_eq!(history_window(2, Some(5), None), 0..2);
+        assert_eq!(history_window(4, None, Some(9)), 4..4);
+        assert_eq!(history_window(4, Some(0), Some(1)), 1..2);
+        assert_eq!(history_window(4, Some(0), None), 4..4);
+    }
+}
