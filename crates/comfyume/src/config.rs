@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use comfyume_dispatch::QueueConfig;
+use comfyume_dispatch::{DispatchConfig, QueueConfig};
 use comfyume_scheduler::Policy;
 use serde::Deserialize;
 
@@ -63,6 +63,33 @@ pub struct ServeArgs {
     /// Priority aging: a waiting job gains one level per this many seconds.
     #[arg(long, env = "PRIORITY_AGING_SECS")]
     pub priority_aging_secs: Option<u64>,
+    /// Where jobs run: local (ComfyUI servers in COMFYUI_URLS), simulator, or serverless.
+    #[arg(long, env = "INFERENCE_MODE")]
+    pub inference_mode: Option<InferenceMode>,
+    /// ComfyUI servers for INFERENCE_MODE=local, comma-separated.
+    #[arg(long, env = "COMFYUI_URLS", value_delimiter = ',')]
+    pub comfyui_urls: Option<Vec<String>>,
+    /// Jobs a backend holds at once (one running plus those handed over in advance).
+    #[arg(long, env = "BACKEND_SLOTS")]
+    pub backend_slots: Option<usize>,
+    /// Longest a job may run on a backend, in seconds.
+    #[arg(long, env = "JOB_TIMEOUT")]
+    pub job_timeout: Option<u64>,
+    /// Attempts per job when GPU servers fail.
+    #[arg(long, env = "MAX_ATTEMPTS")]
+    pub max_attempts: Option<u32>,
+}
+
+/// `INFERENCE_MODE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceMode {
+    /// ComfyUI servers reached directly (COMFYUI_URLS).
+    Local,
+    /// The built-in ComfyUI simulator, in-process (no GPU; outputs are placeholders).
+    Simulator,
+    /// Serverless GPU containers running comfyume-worker.
+    Serverless,
 }
 
 /// The optional TOML file: the same settings, snake_case.
@@ -83,6 +110,11 @@ pub struct FileConfig {
     pub max_queued_per_user: Option<u32>,
     pub max_running_per_user: Option<u32>,
     pub priority_aging_secs: Option<u64>,
+    pub inference_mode: Option<InferenceMode>,
+    pub comfyui_urls: Option<Vec<String>>,
+    pub backend_slots: Option<usize>,
+    pub job_timeout: Option<u64>,
+    pub max_attempts: Option<u32>,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig> {
@@ -107,6 +139,10 @@ pub struct ServeConfig {
     pub log_format: String,
     pub session_ttl_hours: u64,
     pub queue: QueueConfig,
+    pub inference_mode: InferenceMode,
+    pub comfyui_urls: Vec<String>,
+    pub backend_slots: usize,
+    pub dispatch: DispatchConfig,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "data";
@@ -128,6 +164,24 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         .clone()
         .or(file.frontend_dir.clone())
         .unwrap_or_else(|| data_dir.join("frontend").join(FRONTEND_VERSION));
+    let comfyui_urls: Vec<String> = args
+        .comfyui_urls
+        .clone()
+        .or(file.comfyui_urls.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    // Without a configured GPU backend, the demo runs on the simulator.
+    let inference_mode = args.inference_mode.or(file.inference_mode).unwrap_or(if comfyui_urls.is_empty() {
+        InferenceMode::Simulator
+    } else {
+        InferenceMode::Local
+    });
+    if inference_mode == InferenceMode::Local && comfyui_urls.is_empty() {
+        anyhow::bail!("INFERENCE_MODE=local needs COMFYUI_URLS (e.g. http://127.0.0.1:8188)");
+    }
     Ok(ServeConfig {
         listen: args
             .listen

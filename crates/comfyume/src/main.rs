@@ -96,6 +96,9 @@ pub async fn open_store(data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
 fn main() -> Result<()> {
     // Real environment variables win over .env; a missing .env is fine.
     let _ = dotenvy::dotenv();
+    // HTTPS to GPU backends uses rustls with the ring provider (no C toolchain
+    // beyond what ring needs); installed once for the whole process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

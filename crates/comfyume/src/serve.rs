@@ -2,10 +2,85 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use comfyume_gateway::Settings;
+use std::sync::Arc;
 
-use crate::config::{CommonArgs, ServeArgs, resolve_serve};
+use anyhow::{Context, Result, bail};
+use comfyume_dispatch::comfyui::ComfyUiBackend;
+use comfyume_dispatch::{Backend, Dispatcher, Timeouts};
+use comfyume_gateway::{AppState, Settings};
+
+use crate::config::{CommonArgs, InferenceMode, ServeArgs, ServeConfig, resolve_serve};
+
+/// The backends jobs run on, a label for people, and the in-process simulator
+/// (kept alive as long as the server runs) when that is the backend.
+async fn build_backends(
+    cfg: &ServeConfig,
+) -> Result<(Vec<Arc<dyn Backend>>, String, Option<comfyume_sim::SimHandle>)> {
+    let timeouts = Timeouts::default();
+    match cfg.inference_mode {
+        InferenceMode::Local => {
+            let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+            for (i, url) in cfg.comfyui_urls.iter().enumerate() {
+                let name = if cfg.comfyui_urls.len() == 1 { "comfyui".to_string() } else { format!("comfyui-{}", i + 1) };
+                let b = ComfyUiBackend::new(name, url.clone(), cfg.backend_slots, timeouts)
+                    .with_context(|| format!("COMFYUI_URLS entry {url}"))?;
+                out.push(Arc::new(b));
+            }
+            tracing::info!(servers = out.len(), "jobs run on ComfyUI servers (INFERENCE_MODE=local)");
+            let label = if out.len() == 1 { "ComfyUI".to_string() } else { format!("{} ComfyUI servers", out.len()) };
+            Ok((out, label, None))
+        }
+        InferenceMode::Simulator => {
+            let mut sim_cfg = comfyume_sim::SimConfig::from_env().context("simulator settings (SIMULATOR_*)")?;
+            if sim_cfg.data_dir.is_none() {
+                sim_cfg.data_dir = Some(cfg.data_dir.join("simulator"));
+            }
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let sim = comfyume_sim::try_spawn(sim_cfg, listener).await.context("starting the simulator")?;
+            let b = ComfyUiBackend::new("simulator".into(), sim.url(), cfg.backend_slots, timeouts)?;
+            tracing::warn!(
+                url = %sim.url(),
+                "no GPU backend configured: jobs run on the built-in SIMULATOR (outputs are placeholders stamped SIMULATED). \
+                 Set INFERENCE_MODE=local with COMFYUI_URLS to use real ComfyUI servers."
+            );
+            println!("backend: simulator (no GPU; set COMFYUI_URLS for real ComfyUI servers)");
+            Ok((vec![Arc::new(b) as Arc<dyn Backend>], "simulator (no GPU)".into(), Some(sim)))
+        }
+        InferenceMode::Serverless => bail!(
+            "INFERENCE_MODE=serverless needs the comfyume-worker backend, which this build does not include yet; \
+             use INFERENCE_MODE=local with COMFYUI_URLS, or the simulator"
+        ),
+    }
+}
+
+/// Refreshes the node definitions from the first backend that answers; keeps
+/// the stored snapshot while none does.
+fn spawn_object_info_refresh(state: AppState, backends: Vec<Arc<dyn Backend>>) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_secs(2);
+        loop {
+            for b in &backends {
+                match b.object_info().await {
+                    Ok(v) if v.as_object().is_some_and(|m| !m.is_empty()) => {
+                        let n = v.as_object().map(|m| m.len()).unwrap_or(0);
+                        match comfyume_gateway::replace_object_info(&state, v, &format!("backend:{}", b.name())).await {
+                            Ok(()) => tracing::info!(backend = b.name(), nodes = n, "node definitions refreshed"),
+                            Err(e) => tracing::error!(error = %e, "could not store node definitions"),
+                        }
+                        return;
+                    }
+                    Ok(_) => tracing::warn!(backend = b.name(), "backend has no node definitions"),
+                    Err(e) => tracing::warn!(backend = b.name(), error = %e, "backend not reachable for node definitions yet"),
+                }
+            }
+            if backends.is_empty() {
+                return;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+    });
+}
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
@@ -60,7 +135,10 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         .context("installing the metrics recorder")?;
     comfyume_gateway::telemetry::describe();
 
+    let (backends, label, _sim) = build_backends(&cfg).await?;
+
     let mut settings = Settings::with_data_dir(&cfg.data_dir, &cfg.frontend_dir);
+    settings.backend_label = label.clone();
     settings.templates_dir = cfg.templates_dir.clone();
     settings.max_upload_bytes = cfg.max_upload_bytes;
     settings.secure_cookies = cfg.domain.is_some();
@@ -75,11 +153,14 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), "queue open");
+    let dispatcher = Dispatcher::new(state.queue.clone(), backends.clone(), cfg.dispatch.clone(), cfg.data_dir.clone());
+    let _dispatch = dispatcher.start(in_flight);
+    spawn_object_info_refresh(state.clone(), backends);
     let nodes = state.object_info().info.len();
     if nodes == 0 {
         tracing::warn!(
             "no node definitions yet: no backend has been reached and none were imported \
-             (`comfyume object-info import FILE`); the node library will be empty"
+             (`comfyume object-info import FILE`); the node library stays empty until a backend answers"
         );
     } else {
         tracing::info!(nodes, "node definitions loaded");

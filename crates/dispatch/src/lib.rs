@@ -1,8 +1,12 @@
 //! The workshop queue and dispatch: the fair scheduler over the durable store,
 //! and (in `dispatcher`) the backends that run jobs.
 
+pub mod backend;
+pub mod dispatcher;
 pub mod events;
 pub mod queue;
 
+pub use backend::{Backend, BackendError, BackendEvent, JobSpec, Outcome, OutcomeKind, Timeouts};
+pub use dispatcher::{DispatchConfig, Dispatcher};
 pub use events::EventSink;
 pub use queue::{Queue, QueueConfig, QueueError};

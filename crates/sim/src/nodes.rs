@@ -349,8 +349,10 @@ pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, Node
         (text, seed, sampler)
     };
     let steps = args
-        .steps_hint()
-        .or_else(|| args.int("steps").ok().map(u32_of))
+        .int("steps")
+        .ok()
+        .map(u32_of)
+        .or_else(|| args.steps_hint())
         .unwrap_or(steps_default)
         .max(1);
     let sampled = Sampled {

@@ -22,6 +22,13 @@ pub fn server_features(max_upload_size: u64) -> Value {
     })
 }
 
+fn frame_of(msg: Outbound) -> Message {
+    match msg {
+        Outbound::Text(t) => Message::Text(t.into()),
+        Outbound::Binary(b) => Message::Binary(b.into()),
+    }
+}
+
 pub async fn handler(
     ws: WebSocketUpgrade,
     Query(q): Query<HashMap<String, String>>,
@@ -78,18 +85,23 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
         loop {
             tokio::select! {
                 biased;
-                _ = writer_kill.cancelled() => return,
+                _ = writer_kill.cancelled() => {
+                    // What was already queued was on its way before the cut; deliver it, then
+                    // drop the connection without a close frame.
+                    while let Ok(msg) = rx.try_recv() {
+                        if sink.send(frame_of(msg)).await.is_err() {
+                            break;
+                        }
+                    }
+                    return;
+                }
                 _ = shutdown.cancelled() => {
                     let _ = sink.send(Message::Close(None)).await;
                     return;
                 }
                 msg = rx.recv() => {
                     let Some(msg) = msg else { return };
-                    let frame = match msg {
-                        Outbound::Text(t) => Message::Text(t.into()),
-                        Outbound::Binary(b) => Message::Binary(b.into()),
-                    };
-                    if sink.send(frame).await.is_err() {
+                    if sink.send(frame_of(msg)).await.is_err() {
                         return;
                     }
                 }
@@ -98,10 +110,14 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
     });
 
     let mut first_message = true;
+    let mut writer_done = false;
     loop {
         tokio::select! {
             _ = kill.cancelled() => break,
-            _ = &mut writer => break,
+            _ = &mut writer => {
+                writer_done = true;
+                break;
+            }
             msg = stream.next() => {
                 let Some(Ok(msg)) = msg else { break };
                 match msg {
@@ -129,6 +145,9 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
                 }
             }
         }
+    }
+    if kill.is_cancelled() && !writer_done {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut writer).await;
     }
     // Dropping both halves without a close frame is what "drop" means for the faults.
     writer.abort();

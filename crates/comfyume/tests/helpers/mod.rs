@@ -293,3 +293,155 @@ pub fn png(w: u32, h: u32, rgba: [u8; 4]) -> Vec<u8> {
     img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
     buf.into_inner()
 }
+
+/// The four places ComfyUI's participant routes answer: `/X`, `/api/X`, and
+/// both again under the participant's own prefix (the frontend derives its API
+/// base from the page path).
+pub fn variants(user: &str, path: &str) -> [String; 4] {
+    [
+        path.to_string(),
+        format!("/api{path}"),
+        format!("/{user}{path}"),
+        format!("/{user}/api{path}"),
+    ]
+}
+
+/// The WebSocket type the helpers return.
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+impl TestApp {
+    /// Any request, built by the caller (headers, credentials, body), read whole.
+    pub async fn send(rb: reqwest::RequestBuilder) -> Resp {
+        let r = rb.send().await.unwrap();
+        Resp { status: r.status(), headers: r.headers().clone(), body: r.bytes().await.unwrap().to_vec() }
+    }
+
+    /// A request builder for `path` with no credentials.
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        Self::client().request(method, format!("{}{path}", self.base))
+    }
+
+    /// GET without credentials, with extra headers.
+    pub async fn anon_get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut rb = self.request(Method::GET, path);
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        Self::send(rb).await
+    }
+
+    /// `user`'s GET (Basic Auth) with extra headers.
+    pub async fn get_with(&self, user: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
+        let mut rb = self.request(Method::GET, path).basic_auth(user, Some(PASSWORD));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        Self::send(rb).await
+    }
+
+    /// A request authenticated only by a session cookie (`name=value`).
+    pub async fn with_cookie(&self, cookie: &str, method: Method, path: &str, body: Option<Vec<u8>>) -> Resp {
+        let mut rb = self.request(method, path).header("cookie", cookie);
+        if let Some(b) = body {
+            rb = rb.body(b);
+        }
+        Self::send(rb).await
+    }
+
+    /// The login form's POST, answered as is (no redirect following).
+    pub async fn login_form(&self, user: &str, password: &str, next: &str) -> Resp {
+        Self::send(
+            self.request(Method::POST, "/login")
+                .form(&[("username", user), ("password", password), ("next", next)]),
+        )
+        .await
+    }
+
+    /// A multipart upload with a caller-chosen file name and password.
+    pub async fn upload_as(
+        &self,
+        user: &str,
+        password: &str,
+        path: &str,
+        name: &str,
+        bytes: Vec<u8>,
+        fields: &[(&str, &str)],
+    ) -> Resp {
+        let mut form = reqwest::multipart::Form::new()
+            .part("image", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
+        for (k, v) in fields {
+            form = form.text(k.to_string(), v.to_string());
+        }
+        Self::send(self.request(Method::POST, path).basic_auth(user, Some(password)).multipart(form)).await
+    }
+
+    /// A WebSocket upgrade with exactly these headers (no credentials added):
+    /// the error when the server refuses it.
+    pub async fn ws_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}{path}", self.addr).into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+    }
+
+    /// One HTTP/1.1 request written byte for byte (clients normalise `..`
+    /// segments away; attackers do not). Returns the status and the raw body.
+    pub async fn raw(&self, user: &str, target: &str) -> (u16, Vec<u8>) {
+        use base64::Engine;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let cred = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{PASSWORD}"));
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nAuthorization: Basic {cred}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
+        let body = match buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            Some(i) => buf[i + 4..].to_vec(),
+            None => Vec::new(),
+        };
+        (status, body)
+    }
+
+    /// A participant's folders on disk.
+    pub fn dirs(&self, user: &str) -> comfyume_gateway::UserDirs {
+        self.state.user_dirs(user)
+    }
+}
+
+/// Asserts that no text message arrives on `ws` within `ms` milliseconds.
+pub async fn assert_silent(ws: &mut Ws, ms: u64) {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(ms);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return,
+            Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t)))) => {
+                panic!("unexpected WebSocket message: {t}")
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("socket ended: {other:?}"),
+        }
+    }
+}
+
+/// Decodes an image body (PNG, JPEG, WebP).
+pub fn decode(bytes: &[u8]) -> image::DynamicImage {
+    image::load_from_memory(bytes).expect("a decodable image")
+}

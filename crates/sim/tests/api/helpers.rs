@@ -52,10 +52,7 @@ pub async fn spawn_sim(config: SimConfig) -> TestSim {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim = comfyume_sim::spawn(config, listener).await;
-    let http = reqwest::Client::builder()
-        .timeout(WAIT)
-        .build()
-        .unwrap();
+    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
     TestSim { sim, http }
 }
 
@@ -84,11 +81,20 @@ impl TestSim {
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
-        self.http.post(self.url(path)).json(body).send().await.unwrap()
+        self.http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
     }
 
     /// POST /prompt; returns status and JSON body.
-    pub async fn queue_prompt(&self, prompt: &Value, client_id: Option<&str>) -> (StatusCode, Value) {
+    pub async fn queue_prompt(
+        &self,
+        prompt: &Value,
+        client_id: Option<&str>,
+    ) -> (StatusCode, Value) {
         let mut body = json!({"prompt": prompt});
         if let Some(c) = client_id {
             body["client_id"] = json!(c);
@@ -121,7 +127,10 @@ impl TestSim {
             if let Some(e) = self.history_entry(prompt_id).await {
                 return e;
             }
-            assert!(tokio::time::Instant::now() < deadline, "no history for {prompt_id}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no history for {prompt_id}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -131,11 +140,36 @@ impl TestSim {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let s = self.sim.state();
-            if s.current_job.as_ref().is_some_and(|j| j.prompt_id == prompt_id && j.node.is_some()) {
+            if s.current_job
+                .as_ref()
+                .is_some_and(|j| j.prompt_id == prompt_id && j.node.is_some())
+            {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "job {prompt_id} never ran");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {prompt_id} never ran"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Wait until `prompt_id` executes `node`.
+    pub async fn wait_node(&self, prompt_id: &str, node: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let s = self.sim.state();
+            if s.current_job
+                .as_ref()
+                .is_some_and(|j| j.prompt_id == prompt_id && j.node.as_deref() == Some(node))
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {prompt_id} never reached node {node}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -203,7 +237,9 @@ impl Ws {
             match tokio::time::timeout(d, self.stream.next()).await {
                 Err(_) => return Err(WsEnd::Timeout),
                 Ok(None) | Ok(Some(Err(_))) => return Err(WsEnd::Closed),
-                Ok(Some(Ok(Message::Text(t)))) => return Ok(Frame::Json(serde_json::from_str(t.as_str()).unwrap())),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Ok(Frame::Json(serde_json::from_str(t.as_str()).unwrap()));
+                }
                 Ok(Some(Ok(Message::Binary(b)))) => return Ok(Frame::Binary(b.to_vec())),
                 Ok(Some(Ok(Message::Close(_)))) => return Err(WsEnd::Closed),
                 Ok(Some(Ok(_))) => continue,
@@ -228,7 +264,9 @@ impl Ws {
         loop {
             let f = self.next().await;
             let done = f.json().is_some_and(|v| {
-                v["type"] == "executing" && v["data"]["node"].is_null() && v["data"]["prompt_id"] == prompt_id
+                v["type"] == "executing"
+                    && v["data"]["node"].is_null()
+                    && v["data"]["prompt_id"] == prompt_id
             });
             out.push(f);
             if done {

@@ -6,7 +6,9 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 fn queue_remaining(v: &Value) -> u64 {
-    v["data"]["status"]["exec_info"]["queue_remaining"].as_u64().unwrap()
+    v["data"]["status"]["exec_info"]["queue_remaining"]
+        .as_u64()
+        .unwrap()
 }
 
 #[tokio::test]
@@ -14,7 +16,10 @@ async fn owner_socket_sees_the_trace_sequence_for_nomodel() {
     let t = quick_sim().await;
     let mut ws = t.ws(Some("ownerA")).await;
     let hello = ws.next_json().await;
-    assert_eq!(hello, json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "ownerA"}}));
+    assert_eq!(
+        hello,
+        json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "ownerA"}})
+    );
 
     let id = t.queue_ok(&workflow("nomodel.json"), Some("ownerA")).await;
     let mut frames = vec![crate::helpers::Frame::Json(hello)];
@@ -44,7 +49,10 @@ async fn owner_socket_sees_the_trace_sequence_for_nomodel() {
             }
             "executed" => {
                 assert_eq!(got["data"]["node"], "3");
-                assert_eq!(got["data"]["output"], json!({"images": [{"filename": "nomodel_00001_.png", "subfolder": "", "type": "output"}]}));
+                assert_eq!(
+                    got["data"]["output"],
+                    json!({"images": [{"filename": "nomodel_00001_.png", "subfolder": "", "type": "output"}]})
+                );
             }
             "execution_cached" => assert_eq!(got["data"]["nodes"], json!([])),
             _ => assert!(got["data"]["timestamp"].as_u64().unwrap() > 1_700_000_000_000),
@@ -54,21 +62,42 @@ async fn owner_socket_sees_the_trace_sequence_for_nomodel() {
     let h = t.wait_history(&id).await;
     assert_eq!(h["status"]["status_str"], "success");
     assert_eq!(h["status"]["completed"], true);
-    let events: Vec<&str> = h["status"]["messages"].as_array().unwrap().iter().map(|m| m[0].as_str().unwrap()).collect();
-    assert_eq!(events, ["execution_start", "execution_cached", "execution_success"]);
-    assert_eq!(h["outputs"], json!({"3": {"images": [{"filename": "nomodel_00001_.png", "subfolder": "", "type": "output"}]}}));
-    assert_eq!(h["meta"]["3"], json!({"node_id": "3", "display_node": "3", "parent_node": null, "real_node_id": "3"}));
+    let events: Vec<&str> = h["status"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        events,
+        ["execution_start", "execution_cached", "execution_success"]
+    );
+    assert_eq!(
+        h["outputs"],
+        json!({"3": {"images": [{"filename": "nomodel_00001_.png", "subfolder": "", "type": "output"}]}})
+    );
+    assert_eq!(
+        h["meta"]["3"],
+        json!({"node_id": "3", "display_node": "3", "parent_node": null, "real_node_id": "3"})
+    );
     assert_eq!(h["prompt"][0], 0);
     assert_eq!(h["prompt"][1], id.as_str());
     assert_eq!(h["prompt"][3]["client_id"], "ownerA");
     assert_eq!(h["prompt"][4], json!(["3"]));
 
     // The file is real: red 64x64 inverted is cyan.
-    let r = t.get("/view?filename=nomodel_00001_.png&subfolder=&type=output").await;
+    let r = t
+        .get("/view?filename=nomodel_00001_.png&subfolder=&type=output")
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["content-type"], "image/png");
-    assert_eq!(r.headers()["content-disposition"], "filename=\"nomodel_00001_.png\"");
-    let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_rgb8();
+    assert_eq!(
+        r.headers()["content-disposition"],
+        "filename=\"nomodel_00001_.png\""
+    );
+    let img = image::load_from_memory(&r.bytes().await.unwrap())
+        .unwrap()
+        .to_rgb8();
     assert_eq!(img.dimensions(), (64, 64));
     assert_eq!(img.get_pixel(10, 10).0, [0, 255, 255]);
     t.sim.shutdown().await;
@@ -86,7 +115,10 @@ async fn observer_socket_sees_only_status() {
     seen.extend(observer.drain(Duration::from_millis(200)).await);
     assert_eq!(types(&seen), trace_types("ws_observer.txt"));
     assert_eq!(seen[0].json().unwrap()["data"]["sid"], "observerB");
-    let remaining: Vec<u64> = seen.iter().map(|f| queue_remaining(f.json().unwrap())).collect();
+    let remaining: Vec<u64> = seen
+        .iter()
+        .map(|f| queue_remaining(f.json().unwrap()))
+        .collect();
     assert_eq!(remaining, [0, 1, 1, 0]);
     t.sim.shutdown().await;
 }
@@ -112,7 +144,11 @@ async fn without_client_id_others_get_status_and_progress_state_only() {
 
 #[tokio::test]
 async fn interrupt_sequence_matches_the_queue_interrupt_trace() {
-    let t = spawn_sim(comfyume_sim::SimConfig { step_ms: 25, ..Default::default() }).await;
+    let t = spawn_sim(comfyume_sim::SimConfig {
+        step_ms: 25,
+        ..Default::default()
+    })
+    .await;
     let mut ws = t.ws(Some("queuetest01")).await;
     let mut frames = vec![ws.next().await];
     // Like slow_blur.json, on a small image: ImageBlur takes blur_radius steps.
@@ -120,10 +156,19 @@ async fn interrupt_sequence_matches_the_queue_interrupt_trace() {
     slow["1"]["inputs"]["width"] = json!(64);
     slow["1"]["inputs"]["height"] = json!(64);
     let a = t.queue_ok(&slow, Some("queuetest01")).await;
-    t.wait_running(&a).await;
-    let b = t.queue_ok(&workflow("nomodel.json"), Some("queuetest01")).await;
-    let c = t.queue_ok(&workflow("nomodel.json"), Some("queuetest01")).await;
-    assert_eq!(t.post_json("/queue", &json!({"delete": [c]})).await.status(), StatusCode::OK);
+    t.wait_node(&a, "2").await;
+    let b = t
+        .queue_ok(&workflow("nomodel.json"), Some("queuetest01"))
+        .await;
+    let c = t
+        .queue_ok(&workflow("nomodel.json"), Some("queuetest01"))
+        .await;
+    assert_eq!(
+        t.post_json("/queue", &json!({"delete": [c]}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
     // Interrupting a prompt that is not running does nothing.
     let r = t.post_json("/interrupt", &json!({"prompt_id": b})).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -132,8 +177,12 @@ async fn interrupt_sequence_matches_the_queue_interrupt_trace() {
     assert_eq!(r.status(), StatusCode::OK);
     frames.extend(ws.until_done(&a).await);
 
-    let without_status = |v: Vec<String>| -> Vec<String> { v.into_iter().filter(|t| t != "status").collect() };
-    assert_eq!(without_status(types(&frames)), without_status(trace_types("ws_queue_interrupt.txt")));
+    let without_status =
+        |v: Vec<String>| -> Vec<String> { v.into_iter().filter(|t| t != "status").collect() };
+    assert_eq!(
+        without_status(types(&frames)),
+        without_status(trace_types("ws_queue_interrupt.txt"))
+    );
     let statuses: Vec<u64> = frames
         .iter()
         .filter_map(|f| f.json())
@@ -141,7 +190,12 @@ async fn interrupt_sequence_matches_the_queue_interrupt_trace() {
         .map(queue_remaining)
         .collect();
     assert_eq!(statuses, [0, 1, 1, 2, 3, 2, 1]);
-    let tail: Vec<&Value> = frames.iter().rev().take(3).filter_map(|f| f.json()).collect();
+    let tail: Vec<&Value> = frames
+        .iter()
+        .rev()
+        .take(3)
+        .filter_map(|f| f.json())
+        .collect();
     assert_eq!(tail[2]["type"], "execution_interrupted");
     let data = &tail[2]["data"];
     assert_eq!(data["node_id"], "3");
@@ -165,15 +219,31 @@ async fn runtime_error_gives_execution_error_then_status_then_executing_null() {
     let t = quick_sim().await;
     let mut ws = t.ws(Some("err")).await;
     ws.next().await;
-    let (status, body) = t.queue_prompt(&workflow("runtime_error.json"), Some("err")).await;
-    assert_eq!(status, StatusCode::OK, "validation passes; the failure is at run time");
+    let (status, body) = t
+        .queue_prompt(&workflow("runtime_error.json"), Some("err"))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "validation passes; the failure is at run time"
+    );
     let id = body["prompt_id"].as_str().unwrap().to_string();
     let frames = ws.until_done(&id).await;
     assert_eq!(
         types(&frames),
         [
-            "status", "status", "execution_start", "execution_cached", "progress_state", "executing", "progress_state",
-            "progress_state", "executing", "execution_error", "status", "executing"
+            "status",
+            "status",
+            "execution_start",
+            "execution_cached",
+            "progress_state",
+            "executing",
+            "progress_state",
+            "progress_state",
+            "executing",
+            "execution_error",
+            "status",
+            "executing"
         ]
     );
     let err = frames[9].json().unwrap()["data"].clone();
@@ -181,8 +251,16 @@ async fn runtime_error_gives_execution_error_then_status_then_executing_null() {
     assert_eq!(
         keys,
         [
-            "prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type", "traceback",
-            "current_inputs", "current_outputs", "timestamp"
+            "prompt_id",
+            "node_id",
+            "node_type",
+            "executed",
+            "exception_message",
+            "exception_type",
+            "traceback",
+            "current_inputs",
+            "current_outputs",
+            "timestamp"
         ]
     );
     assert_eq!(err["node_id"], "2");
@@ -190,12 +268,26 @@ async fn runtime_error_gives_execution_error_then_status_then_executing_null() {
     assert_eq!(err["executed"], json!(["1"]));
     assert_eq!(err["exception_type"], "RuntimeError");
     let msg = err["exception_message"].as_str().unwrap();
-    assert!(msg.starts_with("Input and output sizes should be greater than 0, ") && msg.ends_with('\n'), "{msg}");
+    assert!(
+        msg.starts_with("Input and output sizes should be greater than 0, ") && msg.ends_with('\n'),
+        "{msg}"
+    );
     assert_eq!(err["current_inputs"]["upscale_method"], json!(["bilinear"]));
     assert_eq!(err["current_inputs"]["scale_by"], json!([0.01]));
     assert!(err["current_inputs"]["image"][0].is_string());
-    assert!(err["traceback"].as_array().unwrap().iter().all(Value::is_string));
-    let mut outs: Vec<&str> = err["current_outputs"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert!(
+        err["traceback"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(Value::is_string)
+    );
+    let mut outs: Vec<&str> = err["current_outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
     outs.sort();
     assert_eq!(outs, ["1", "2", "3"]);
 
@@ -222,11 +314,20 @@ async fn preview_frames_are_type_4_only_after_first_message_feature_flags() {
     // Feature flags count only as the first message.
     legacy.send_text(r#"{"type": "hello"}"#).await;
     legacy.send_feature_flags().await;
-    assert!(matches!(legacy.next_within(Duration::from_millis(200)).await, Err(WsEnd::Timeout)));
+    assert!(matches!(
+        legacy.next_within(Duration::from_millis(200)).await,
+        Err(WsEnd::Timeout)
+    ));
 
     let id = t.queue_ok(&flux_workflow(3, 42, 64), Some("modern")).await;
     let frames = modern.until_done(&id).await;
-    let binaries: Vec<&Vec<u8>> = frames.iter().filter_map(|f| match f { Frame::Binary(b) => Some(b), _ => None }).collect();
+    let binaries: Vec<&Vec<u8>> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Binary(b) => Some(b),
+            _ => None,
+        })
+        .collect();
     assert_eq!(binaries.len(), 3);
     for b in &binaries {
         assert_eq!(&b[0..4], &4u32.to_be_bytes());
@@ -246,7 +347,12 @@ async fn preview_frames_are_type_4_only_after_first_message_feature_flags() {
         .iter()
         .filter_map(|f| f.json())
         .filter(|v| v["type"] == "progress")
-        .map(|v| (v["data"]["value"].as_u64().unwrap(), v["data"]["max"].as_u64().unwrap()))
+        .map(|v| {
+            (
+                v["data"]["value"].as_u64().unwrap(),
+                v["data"]["max"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(progress, [(1, 3), (2, 3), (3, 3)]);
 
@@ -255,11 +361,22 @@ async fn preview_frames_are_type_4_only_after_first_message_feature_flags() {
     let legacy_types = types(&frames);
     assert_eq!(legacy_types.iter().filter(|x| *x == "binary:1").count(), 2);
     assert!(!legacy_types.iter().any(|x| x == "binary:4"));
-    let b = frames.iter().find_map(|f| match f { Frame::Binary(b) => Some(b), _ => None }).unwrap();
+    let b = frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::Binary(b) => Some(b),
+            _ => None,
+        })
+        .unwrap();
     assert_eq!(&b[4..8], &1u32.to_be_bytes(), "image format 1 = JPEG");
     assert_eq!(&b[8..10], &[0xFF, 0xD8]);
     // The sampler's progress_state ends with integer step counts.
-    let last_state = frames.iter().rev().filter_map(|f| f.json()).find(|v| v["type"] == "progress_state").unwrap();
+    let last_state = frames
+        .iter()
+        .rev()
+        .filter_map(|f| f.json())
+        .find(|v| v["type"] == "progress_state")
+        .unwrap();
     assert_eq!(last_state["data"]["nodes"]["11"]["value"], json!(2));
     assert_eq!(last_state["data"]["nodes"]["11"]["max"], json!(2));
     t.sim.shutdown().await;
@@ -276,13 +393,32 @@ async fn cached_rerun_sends_cached_executed_only() {
     let frames = ws.until_done(&second).await;
     assert_eq!(
         types(&frames),
-        ["status", "status", "execution_start", "execution_cached", "executed", "progress_state", "execution_success", "status", "executing"]
+        [
+            "status",
+            "status",
+            "execution_start",
+            "execution_cached",
+            "executed",
+            "progress_state",
+            "execution_success",
+            "status",
+            "executing"
+        ]
     );
-    assert_eq!(frames[3].json().unwrap()["data"]["nodes"], json!(["1", "2", "3"]));
+    assert_eq!(
+        frames[3].json().unwrap()["data"]["nodes"],
+        json!(["1", "2", "3"])
+    );
     let state = &frames[5].json().unwrap()["data"]["nodes"]["3"];
-    assert_eq!((state["value"].clone(), state["max"].clone()), (json!(1), json!(1)));
+    assert_eq!(
+        (state["value"].clone(), state["max"].clone()),
+        (json!(1), json!(1))
+    );
     let h = t.wait_history(&second).await;
-    assert_eq!(h["outputs"]["3"]["images"][0]["filename"], "nomodel_00001_.png");
+    assert_eq!(
+        h["outputs"]["3"]["images"][0]["filename"],
+        "nomodel_00001_.png"
+    );
     assert!(!t.sim.output_dir().join("nomodel_00002_.png").exists());
     // A changed prefix re-runs only the SaveImage node.
     let mut changed = workflow("nomodel.json");
@@ -296,7 +432,10 @@ async fn cached_rerun_sends_cached_executed_only() {
         .map(|v| v["data"]["node"].clone())
         .collect();
     assert_eq!(executing, [json!("3"), Value::Null]);
-    assert_eq!(frames[3].json().unwrap()["data"]["nodes"], json!(["1", "2"]));
+    assert_eq!(
+        frames[3].json().unwrap()["data"]["nodes"],
+        json!(["1", "2"])
+    );
     t.sim.shutdown().await;
 }
 
@@ -304,9 +443,16 @@ async fn cached_rerun_sends_cached_executed_only() {
 async fn http_quirks() {
     let t = quick_sim().await;
     // unknown ids and classes answer 200 {}
-    assert_eq!(t.get_json("/history/00000000-0000-0000-0000-000000000000").await, json!({}));
+    assert_eq!(
+        t.get_json("/history/00000000-0000-0000-0000-000000000000")
+            .await,
+        json!({})
+    );
     assert_eq!(t.get_json("/object_info/NoSuchNode").await, json!({}));
-    assert_eq!(t.get_json("/api/object_info/EmptyImage").await["EmptyImage"]["input"]["required"]["width"], json!(["INT", {"default": 512, "min": 1, "max": 16384, "step": 1}]));
+    assert_eq!(
+        t.get_json("/api/object_info/EmptyImage").await["EmptyImage"]["input"]["required"]["width"],
+        json!(["INT", {"default": 512, "min": 1, "max": 16384, "step": 1}])
+    );
     // empty bodies
     for (path, body) in [
         ("/queue", json!({"clear": true})),
@@ -319,17 +465,40 @@ async fn http_quirks() {
         assert_eq!(r.status(), StatusCode::OK, "{path}");
         assert!(r.bytes().await.unwrap().is_empty(), "{path}");
     }
-    let r = t.http.post(t.url("/interrupt")).body("").send().await.unwrap();
+    let r = t
+        .http
+        .post(t.url("/interrupt"))
+        .body("")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // bad JSON on /prompt
-    let r = t.http.post(t.url("/prompt")).body("{not json").send().await.unwrap();
+    let r = t
+        .http
+        .post(t.url("/prompt"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
-    assert_eq!(r.text().await.unwrap(), "500 Internal Server Error\n\nServer got itself in trouble");
+    assert_eq!(
+        r.text().await.unwrap(),
+        "500 Internal Server Error\n\nServer got itself in trouble"
+    );
     // the counter advances for rejected prompts too
-    let (s, body) = t.queue_prompt(&json!({"1": {"class_type": "NoSuchNode", "inputs": {}}}), None).await;
+    let (s, body) = t
+        .queue_prompt(
+            &json!({"1": {"class_type": "NoSuchNode", "inputs": {}}}),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(body, json!({"error": {"type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.", "details": "Node ID '#1'", "extra_info": {}}, "node_errors": {}}));
+    assert_eq!(
+        body,
+        json!({"error": {"type": "invalid_prompt", "message": "Cannot execute because node NoSuchNode does not exist.", "details": "Node ID '#1'", "extra_info": {}}, "node_errors": {}})
+    );
     let (s, body) = t.queue_prompt(&json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}}), None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_eq!(body["error"]["type"], "prompt_no_outputs");
@@ -340,42 +509,76 @@ async fn http_quirks() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body["number"], 3);
     assert_eq!(body["node_errors"], json!({}));
-    let (_, body) = t.submit(&json!({"prompt": workflow("nomodel.json"), "front": true})).await;
+    let (_, body) = t
+        .submit(&json!({"prompt": workflow("nomodel.json"), "front": true}))
+        .await;
     assert_eq!(body["number"], -4);
     let raw = t.http.post(t.url("/prompt")).json(&json!({"prompt": workflow("nomodel.json"), "number": 7.5, "prompt_id": "my-own-id-123"})).send().await.unwrap().text().await.unwrap();
-    assert_eq!(raw, r#"{"prompt_id": "my-own-id-123", "number": 7.5, "node_errors": {}}"#);
+    assert_eq!(
+        raw,
+        r#"{"prompt_id": "my-own-id-123", "number": 7.5, "node_errors": {}}"#
+    );
     // GET /prompt
     let q = t.get_json("/api/prompt").await;
     assert!(q["exec_info"]["queue_remaining"].is_u64());
     // system stats say what this is
     let stats = t.get_json("/system_stats").await;
     assert_eq!(stats["system"]["comfyui_version"], "0.11.0");
-    assert_eq!(stats["devices"][0]["name"], "comfyume-sim (simulated, no GPU)");
-    assert_eq!(t.get_json("/api/features").await, json!({"supports_preview_metadata": true, "max_upload_size": 104857600, "extension": {"manager": {"supports_v4": true}}}));
+    assert_eq!(
+        stats["devices"][0]["name"],
+        "comfyume-sim (simulated, no GPU)"
+    );
+    assert_eq!(
+        t.get_json("/api/features").await,
+        json!({"supports_preview_metadata": true, "max_upload_size": 104857600, "extension": {"manager": {"supports_v4": true}}})
+    );
     // origin check
-    let r = t.http.post(t.url("/prompt")).header("Origin", "http://evil.example").json(&json!({})).send().await.unwrap();
+    let r = t
+        .http
+        .post(t.url("/prompt"))
+        .header("Origin", "http://evil.example")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    let r = t.http.request(reqwest::Method::OPTIONS, t.url("/prompt")).send().await.unwrap();
+    let r = t
+        .http
+        .request(reqwest::Method::OPTIONS, t.url("/prompt"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     // history paging: the last N items
     let id = "my-own-id-123";
     t.wait_history(id).await;
     let last = t.get_json("/history?max_items=1").await;
     assert_eq!(last.as_object().unwrap().keys().collect::<Vec<_>>(), [id]);
-    assert_eq!(t.post_json("/history", &json!({"delete": [id]})).await.status(), StatusCode::OK);
+    assert_eq!(
+        t.post_json("/history", &json!({"delete": [id]}))
+            .await
+            .status(),
+        StatusCode::OK
+    );
     assert_eq!(t.get_json(&format!("/history/{id}")).await, json!({}));
     t.sim.shutdown().await;
 }
 
 #[tokio::test]
 async fn queue_runs_in_number_order_and_front_goes_first() {
-    let t = spawn_sim(comfyume_sim::SimConfig { step_ms: 20, ..Default::default() }).await;
+    let t = spawn_sim(comfyume_sim::SimConfig {
+        step_ms: 20,
+        ..Default::default()
+    })
+    .await;
     let mut ws = t.ws(Some("q")).await;
     ws.next().await;
     let a = t.queue_ok(&flux_workflow(10, 1, 32), Some("q")).await;
     t.wait_running(&a).await;
     let b = t.queue_ok(&flux_workflow(1, 2, 32), Some("q")).await;
-    let (_, body) = t.submit(&json!({"prompt": flux_workflow(1, 3, 32), "client_id": "q", "front": true})).await;
+    let (_, body) = t
+        .submit(&json!({"prompt": flux_workflow(1, 3, 32), "client_id": "q", "front": true}))
+        .await;
     let c = body["prompt_id"].as_str().unwrap().to_string();
     let queue = t.get_json("/queue").await;
     assert_eq!(queue["queue_running"][0][1], a.as_str());
@@ -396,18 +599,19 @@ async fn queue_runs_in_number_order_and_front_goes_first() {
 
 #[tokio::test]
 async fn reconnecting_executing_client_is_told_the_current_node() {
-    let t = spawn_sim(comfyume_sim::SimConfig { step_ms: 20, ..Default::default() }).await;
+    let t = spawn_sim(comfyume_sim::SimConfig {
+        step_ms: 20,
+        ..Default::default()
+    })
+    .await;
     let id = t.queue_ok(&flux_workflow(30, 1, 32), Some("back")).await;
-    t.wait_running(&id).await;
-    // Wait until the sampler (node 11) runs.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while t.sim.state().current_job.and_then(|j| j.node).as_deref() != Some("11") {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    t.wait_node(&id, "11").await;
     let mut ws = t.ws(Some("back")).await;
     assert_eq!(queue_remaining(&ws.next_json().await), 1);
-    assert_eq!(ws.next_json().await, json!({"type": "executing", "data": {"node": "11"}}));
+    assert_eq!(
+        ws.next_json().await,
+        json!({"type": "executing", "data": {"node": "11"}})
+    );
     t.post_json("/interrupt", &json!({})).await;
     ws.until_done(&id).await;
     t.sim.shutdown().await;
