@@ -32,6 +32,8 @@ if (missing.length) {
 const BASE_URL = env.BASE_URL.replace(/\/+$/, '');
 const OUT_DIR = path.resolve(env.OUT_DIR || 'story-out');
 const TIMEOUT = Number(env.STORY_TIMEOUT_MS || 60_000);
+// The simulator's own node set is small (it defines what it can run); the frontend adds its own.
+const MIN_NODE_TYPES = Number(env.MIN_NODE_TYPES || 30);
 const CHROMIUM = env.CHROMIUM || '/usr/bin/chromium';
 const WORKFLOW = `story-${randomBytes(4).toString('hex')}`;
 const started = Date.now();
@@ -194,12 +196,12 @@ async function waitForComfy(page, label) {
   await page.locator('canvas#graph-canvas').waitFor({ state: 'visible', timeout: TIMEOUT });
   try {
     await page.waitForFunction(
-      () =>
+      (minTypes) =>
         !!window.app?.graph &&
         !!window.comfyAPI?.api?.api &&
         !!window.app.extensionManager?.workflow?.activeWorkflow &&
-        Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > 100,
-      null,
+        Object.keys(window.LiteGraph?.registered_node_types ?? {}).length > minTypes,
+      MIN_NODE_TYPES,
       { timeout: TIMEOUT },
     );
   } catch {

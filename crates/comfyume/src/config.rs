@@ -226,6 +226,15 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
                 .unwrap_or(60)
                 * 1000,
         },
+        inference_mode,
+        comfyui_urls,
+        backend_slots: args.backend_slots.or(file.backend_slots).unwrap_or(2).max(1),
+        dispatch: DispatchConfig {
+            max_attempts: args.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
+            job_timeout: std::time::Duration::from_secs(
+                args.job_timeout.or(file.job_timeout).unwrap_or(600).max(1),
+            ),
+        },
         frontend_dir,
         data_dir,
     })

@@ -37,7 +37,7 @@ async fn build_backends(
             }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let sim = comfyume_sim::try_spawn(sim_cfg, listener).await.context("starting the simulator")?;
-            let b = ComfyUiBackend::new("simulator".into(), sim.url(), cfg.backend_slots, timeouts)?;
+            let b = ComfyUiBackend::new("simulator", sim.url(), cfg.backend_slots, timeouts)?;
             tracing::warn!(
                 url = %sim.url(),
                 "no GPU backend configured: jobs run on the built-in SIMULATOR (outputs are placeholders stamped SIMULATED). \
@@ -55,31 +55,46 @@ async fn build_backends(
 
 /// Refreshes the node definitions from the first backend that answers; keeps
 /// the stored snapshot while none does.
-fn spawn_object_info_refresh(state: AppState, backends: Vec<Arc<dyn Backend>>) {
+async fn refresh_object_info(state: AppState, backends: Vec<Arc<dyn Backend>>) {
+    // The first round happens before the listener opens (bounded), so a
+    // participant's first page load already has the backend's nodes.
+    let first = tokio::time::timeout(Duration::from_secs(5), refresh_once(&state, &backends)).await;
+    if matches!(first, Ok(true)) || backends.is_empty() {
+        return;
+    }
     tokio::spawn(async move {
         let mut delay = Duration::from_secs(2);
         loop {
-            for b in &backends {
-                match b.object_info().await {
-                    Ok(v) if v.as_object().is_some_and(|m| !m.is_empty()) => {
-                        let n = v.as_object().map(|m| m.len()).unwrap_or(0);
-                        match comfyume_gateway::replace_object_info(&state, v, &format!("backend:{}", b.name())).await {
-                            Ok(()) => tracing::info!(backend = b.name(), nodes = n, "node definitions refreshed"),
-                            Err(e) => tracing::error!(error = %e, "could not store node definitions"),
-                        }
-                        return;
-                    }
-                    Ok(_) => tracing::warn!(backend = b.name(), "backend has no node definitions"),
-                    Err(e) => tracing::warn!(backend = b.name(), error = %e, "backend not reachable for node definitions yet"),
-                }
-            }
-            if backends.is_empty() {
+            if refresh_once(&state, &backends).await {
                 return;
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(60));
         }
     });
+}
+
+/// One pass over the backends; true once one answered with node definitions.
+async fn refresh_once(state: &AppState, backends: &[Arc<dyn Backend>]) -> bool {
+    {
+        {
+            for b in backends {
+                match b.object_info().await {
+                    Ok(v) if v.as_object().is_some_and(|m| !m.is_empty()) => {
+                        let n = v.as_object().map(|m| m.len()).unwrap_or(0);
+                        match comfyume_gateway::replace_object_info(state, v, &format!("backend:{}", b.name())).await {
+                            Ok(()) => tracing::info!(backend = b.name(), nodes = n, "node definitions refreshed"),
+                            Err(e) => tracing::error!(error = %e, "could not store node definitions"),
+                        }
+                        return true;
+                    }
+                    Ok(_) => tracing::warn!(backend = b.name(), "backend has no node definitions"),
+                    Err(e) => tracing::warn!(backend = b.name(), error = %e, "backend not reachable for node definitions yet"),
+                }
+            }
+            false
+        }
+    }
 }
 
 fn init_logging(format: &str) {
@@ -134,6 +149,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     comfyume_gateway::telemetry::describe();
+    comfyume_dispatch::comfyui::describe_metrics();
 
     let (backends, label, _sim) = build_backends(&cfg).await?;
 
@@ -155,9 +171,10 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), "queue open");
     let dispatcher = Dispatcher::new(state.queue.clone(), backends.clone(), cfg.dispatch.clone(), cfg.data_dir.clone());
     let _dispatch = dispatcher.start(in_flight);
-    spawn_object_info_refresh(state.clone(), backends);
+    let backends_empty = backends.is_empty();
+    refresh_object_info(state.clone(), backends).await;
     let nodes = state.object_info().info.len();
-    if nodes == 0 {
+    if nodes == 0 && backends_empty {
         tracing::warn!(
             "no node definitions yet: no backend has been reached and none were imported \
              (`comfyume object-info import FILE`); the node library stays empty until a backend answers"

@@ -183,6 +183,30 @@ pub async fn import_htpasswd(store: &dyn Store, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes a file only its owner can read, from its first byte on (a plain write
+/// followed by chmod leaves the passwords world-readable for a moment).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        opts.mode(0o600);
+        let mut f = opts.open(path)?;
+        // An existing file keeps its old mode on open: narrow it before writing.
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let mut f = opts.open(path)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    }
+}
+
 /// Creates `user001`..`userNNN` and prints a credentials sheet (table and CSV).
 pub async fn create_workshop(
     store: &dyn Store,
@@ -214,12 +238,7 @@ pub async fn create_workshop(
     }
     println!("\n{csv}");
     if let Some(path) = csv_out {
-        std::fs::write(path, &csv).with_context(|| format!("writing {}", path.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        }
+        write_private(path, &csv).with_context(|| format!("writing {}", path.display()))?;
         println!("credentials written to {}", path.display());
     }
     Ok(created)

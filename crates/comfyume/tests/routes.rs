@@ -182,6 +182,8 @@ async fn concurrent_posts_of_different_settings_all_persist() {
     // The frontend posts several settings at once at start-up (a lost update
     // would silently reset a participant's preference).
     let app = std::sync::Arc::new(spawn_app().await);
+    // Signed in already, as the frontend is by then (no 24 password checks at once).
+    assert_eq!(app.get(U, "/api/settings").await.status, 200);
     let mut tasks = Vec::new();
     for i in 0..24 {
         let app = app.clone();
@@ -266,6 +268,29 @@ async fn saving_listing_and_moving_workflows_follows_the_capture() {
     assert!(r.body.is_empty());
     assert_eq!(app.delete(U, "/user001/userdata/mine%2Fmoved.json").await.status, 404);
     assert_eq!(app.get(U, "/api/userdata?dir=mine").await.json(), json!([]));
+}
+
+#[tokio::test]
+async fn userdata_files_are_downloaded_never_rendered_except_user_css() {
+    // A participant's page must not run on this origin when the instructor opens
+    // /user001/api/userdata/… (later ComfyUI does the same).
+    let app = spawn_app().await;
+    app.post(U, "/api/userdata/page.html", "<script>alert(1)</script>").await;
+    app.post(U, "/api/userdata/pic.svg", "<svg onload=alert(1)/>").await;
+    for p in ["/api/userdata/page.html", "/api/userdata/pic.svg"] {
+        let r = app.get(helpers::ADMIN, &format!("/user001{p}")).await;
+        assert_eq!(r.status, 200, "{p}");
+        assert_eq!(r.header("content-type").as_deref(), Some("application/octet-stream"), "{p}");
+        assert_eq!(r.header("content-disposition").as_deref(), Some("attachment"), "{p}");
+        assert_eq!(r.header("x-content-type-options").as_deref(), Some("nosniff"), "{p}");
+    }
+    // index.html links api/userdata/user.css: it stays a stylesheet.
+    app.post(U, "/api/userdata/user.css", "body{color:red}").await;
+    let r = app.get(U, "/user001/api/userdata/user.css").await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "body{color:red}"));
+    assert_eq!(r.header("content-type").as_deref(), Some("text/css"));
+    assert_eq!(r.header("content-disposition").as_deref(), Some("inline"));
+    assert_eq!(app.get("user002", "/api/userdata/user.css").await.status, 404, "only if they made one");
 }
 
 #[tokio::test]
@@ -669,5 +694,8 @@ async fn the_frontend_page_is_never_cached_and_assets_are_cached_for_good() {
     }
     let r = app.get(U, "/templates/fuse_options.json").await;
     assert!(r.json()["keys"].is_array());
-    assert_eq!(app.get(U, "/nonexistent-path").await.status, 404);
+    assert_eq!(app.get(U, "/assets/nonexistent.js").await.status, 404);
+    // A first segment that could be an account name is a workspace prefix: not
+    // the caller's own, so 403 whether or not such an account exists (ComfyUI: 404).
+    assert_eq!(app.get(U, "/nonexistent-path").await.status, 403);
 }

@@ -3,7 +3,7 @@
 //! GPU server failed (bounded attempts), telling the participant so.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,9 @@ use comfyume_store::{JobPatch, JobRecord, JobState, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
-use crate::backend::{Backend, BackendError, BackendEvent, InputFile, JobSpec, Outcome, OutcomeKind};
+use crate::backend::{
+    Backend, BackendError, BackendEvent, InputFile, JobSpec, Outcome, OutcomeKind,
+};
 use crate::queue::{Queue, now_ms};
 
 #[derive(Debug, Clone)]
@@ -26,7 +28,10 @@ pub struct DispatchConfig {
 
 impl Default for DispatchConfig {
     fn default() -> Self {
-        DispatchConfig { max_attempts: 3, job_timeout: Duration::from_secs(600) }
+        DispatchConfig {
+            max_attempts: 3,
+            job_timeout: Duration::from_secs(600),
+        }
     }
 }
 
@@ -36,7 +41,14 @@ struct Slotted {
     /// Model files of the last job placed here (loading a model is the
     /// expensive part, so the same models go to the same GPU when possible).
     last_models: Mutex<Vec<String>>,
+    /// When a job last failed here through the backend's fault (ms; 0: never,
+    /// or a job succeeded since). Such a backend gets work only when no other
+    /// is free, so a retry really goes to another GPU.
+    failed_at_ms: AtomicI64,
 }
+
+/// How long a backend that failed a job is passed over while others are free.
+const FAILED_BACKEND_COOLDOWN_MS: i64 = 30_000;
 
 pub struct Dispatcher {
     queue: Arc<Queue>,
@@ -55,13 +67,23 @@ pub struct BackendStatus {
 }
 
 impl Dispatcher {
-    pub fn new(queue: Arc<Queue>, backends: Vec<Arc<dyn Backend>>, cfg: DispatchConfig, data_dir: PathBuf) -> Arc<Self> {
+    pub fn new(
+        queue: Arc<Queue>,
+        backends: Vec<Arc<dyn Backend>>,
+        cfg: DispatchConfig,
+        data_dir: PathBuf,
+    ) -> Arc<Self> {
         Arc::new(Dispatcher {
             queue,
             backends: backends
                 .into_iter()
                 .map(|backend| {
-                    Arc::new(Slotted { backend, active: AtomicUsize::new(0), last_models: Mutex::new(Vec::new()) })
+                    Arc::new(Slotted {
+                        backend,
+                        active: AtomicUsize::new(0),
+                        last_models: Mutex::new(Vec::new()),
+                        failed_at_ms: AtomicI64::new(0),
+                    })
                 })
                 .collect(),
             cfg,
@@ -86,7 +108,12 @@ impl Dispatcher {
     pub fn start(self: &Arc<Self>, in_flight: Vec<JobRecord>) -> tokio::task::JoinHandle<()> {
         for rec in in_flight {
             let me = self.clone();
-            match self.backends.iter().find(|b| Some(b.backend.name()) == rec.backend.as_deref()).cloned() {
+            match self
+                .backends
+                .iter()
+                .find(|b| Some(b.backend.name()) == rec.backend.as_deref())
+                .cloned()
+            {
                 Some(slot) => {
                     slot.active.fetch_add(1, Ordering::SeqCst);
                     tracing::info!(job = %rec.id, backend = %slot.backend.name(), "re-attaching a job after restart");
@@ -94,7 +121,14 @@ impl Dispatcher {
                 }
                 None => {
                     // It never reached a backend we know: queue it again.
-                    tokio::spawn(async move { me.retry_or_fail(rec, "the server restarted before the job started".into(), None).await });
+                    tokio::spawn(async move {
+                        me.retry_or_fail(
+                            rec,
+                            "the server restarted before the job started".into(),
+                            None,
+                        )
+                        .await
+                    });
                 }
             }
         }
@@ -125,7 +159,11 @@ impl Dispatcher {
                 let freed = self.slot_freed.notified();
                 tokio::pin!(freed);
                 freed.as_mut().enable();
-                if self.backends.iter().any(|b| b.active.load(Ordering::SeqCst) < b.backend.slots()) {
+                if self
+                    .backends
+                    .iter()
+                    .any(|b| b.active.load(Ordering::SeqCst) < b.backend.slots())
+                {
                     break;
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
@@ -146,15 +184,19 @@ impl Dispatcher {
         }
     }
 
-    /// The least busy backend with a free slot, preferring one that last ran
-    /// the same model files.
+    /// The least busy backend with a free slot, preferring one that has not
+    /// just failed a job, then one that last ran the same model files.
     fn choose(&self, models: &[String]) -> Arc<Slotted> {
+        let now = now_ms();
         self.backends
             .iter()
             .filter(|b| b.active.load(Ordering::SeqCst) < b.backend.slots())
             .min_by_key(|b| {
-                let same = !models.is_empty() && *b.last_models.lock().unwrap_or_else(|p| p.into_inner()) == models;
-                (b.active.load(Ordering::SeqCst), !same)
+                let failed = b.failed_at_ms.load(Ordering::SeqCst);
+                let suspect = failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS;
+                let same = !models.is_empty()
+                    && *b.last_models.lock().unwrap_or_else(|p| p.into_inner()) == models;
+                (suspect, b.active.load(Ordering::SeqCst), !same)
             })
             .or_else(|| self.backends.first())
             .cloned()
@@ -173,7 +215,15 @@ impl Dispatcher {
             if let Err(e) = res {
                 tracing::error!(job = %id, error = %e, "job task crashed");
                 me.queue.unregister_running(&id);
-                let _ = me.finish_failed(&id, &user, None, "internal error in the dispatcher", "ComfyUMe.InternalError").await;
+                let _ = me
+                    .finish_failed(
+                        &id,
+                        &user,
+                        None,
+                        "internal error in the dispatcher",
+                        "ComfyUMe.InternalError",
+                    )
+                    .await;
                 me.queue.job_ended(&user);
             }
             slot.active.fetch_sub(1, Ordering::SeqCst);
@@ -184,18 +234,29 @@ impl Dispatcher {
     fn input_files(&self, rec: &JobRecord) -> Vec<InputFile> {
         let base = self.data_dir.join("inputs").join(&rec.user);
         let mut out: Vec<InputFile> = Vec::new();
-        let Some(nodes) = rec.prompt.as_object() else { return out };
+        let Some(nodes) = rec.prompt.as_object() else {
+            return out;
+        };
         for node in nodes.values() {
-            let Some(inputs) = node.get("inputs").and_then(Value::as_object) else { continue };
+            let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
+                continue;
+            };
             for v in inputs.values() {
                 let Some(s) = v.as_str() else { continue };
                 let name = s.strip_suffix(" [input]").unwrap_or(s);
-                if name.is_empty() || name.contains("..") || name.starts_with('/') || name.contains('\\') {
+                if name.is_empty()
+                    || name.contains("..")
+                    || name.starts_with('/')
+                    || name.contains('\\')
+                {
                     continue;
                 }
                 let local = base.join(name);
                 if local.is_file() && !out.iter().any(|f| f.name == name) {
-                    out.push(InputFile { local, name: name.to_string() });
+                    out.push(InputFile {
+                        local,
+                        name: name.to_string(),
+                    });
                 }
             }
         }
@@ -212,8 +273,16 @@ impl Dispatcher {
             .transition(
                 &id,
                 &[JobState::Dispatched, JobState::Running],
-                if reattach { rec.state } else { JobState::Dispatched },
-                JobPatch { attempts_inc: !reattach, backend: Some(backend.name().to_string()), ..Default::default() },
+                if reattach {
+                    rec.state
+                } else {
+                    JobState::Dispatched
+                },
+                JobPatch {
+                    attempts_inc: !reattach,
+                    backend: Some(backend.name().to_string()),
+                    ..Default::default()
+                },
             )
             .await
         {
@@ -238,7 +307,14 @@ impl Dispatcher {
             reattach,
         };
         let (tx, rx) = mpsc::channel(1024);
-        let relay = tokio::spawn(relay_events(self.queue.clone(), rx, id.clone(), user.clone(), client_id.clone(), backend.name().to_string()));
+        let relay = tokio::spawn(relay_events(
+            self.queue.clone(),
+            rx,
+            id.clone(),
+            user.clone(),
+            client_id.clone(),
+            backend.name().to_string(),
+        ));
         let started = now_ms();
         let run = backend.run(spec, tx, interrupt);
         tokio::pin!(run);
@@ -251,29 +327,54 @@ impl Dispatcher {
                 Err(())
             }
         };
-        let _ = relay.await;
+        let relayed_end = relay.await.unwrap_or(false);
         self.queue.unregister_running(&id);
-        metrics::histogram!("comfyume_job_run_seconds").record((now_ms() - started) as f64 / 1000.0);
+        metrics::histogram!("comfyume_job_run_seconds")
+            .record((now_ms() - started) as f64 / 1000.0);
         match result {
             Ok(Ok(outcome)) => {
-                let _ = self.finish(&rec, outcome).await;
+                slot.failed_at_ms.store(0, Ordering::SeqCst);
+                let _ = self.finish(&rec, outcome, relayed_end).await;
                 self.queue.job_ended(&user);
             }
             Ok(Err(e)) if e.retryable() => {
+                slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
                 tracing::warn!(job = %id, backend = %backend.name(), error = %e, "backend failed the job");
                 self.retry_or_fail(rec, e.to_string(), Some(&e)).await;
             }
             Ok(Err(e)) => {
                 let detail = match &e {
-                    BackendError::Rejected(body) => body["error"]["message"].as_str().unwrap_or("the workflow was refused").to_string(),
+                    BackendError::Rejected(body) => body["error"]["message"]
+                        .as_str()
+                        .unwrap_or("the workflow was refused")
+                        .to_string(),
                     other => other.to_string(),
                 };
-                let _ = self.finish_failed(&id, &user, client_id.as_deref(), &detail, "ComfyUMe.BackendRejected").await;
+                let _ = self
+                    .finish_failed(
+                        &id,
+                        &user,
+                        client_id.as_deref(),
+                        &detail,
+                        "ComfyUMe.BackendRejected",
+                    )
+                    .await;
                 self.queue.job_ended(&user);
             }
             Err(()) => {
-                let msg = format!("The job ran longer than the workshop's limit ({} s) and was stopped.", self.cfg.job_timeout.as_secs());
-                let _ = self.finish_failed(&id, &user, client_id.as_deref(), &msg, "ComfyUMe.JobTimeout").await;
+                let msg = format!(
+                    "The job ran longer than the workshop's limit ({} s) and was stopped.",
+                    self.cfg.job_timeout.as_secs()
+                );
+                let _ = self
+                    .finish_failed(
+                        &id,
+                        &user,
+                        client_id.as_deref(),
+                        &msg,
+                        "ComfyUMe.JobTimeout",
+                    )
+                    .await;
                 self.queue.job_ended(&user);
             }
         }
@@ -292,7 +393,10 @@ impl Dispatcher {
                     &id,
                     &[JobState::Dispatched, JobState::Running],
                     JobState::Queued,
-                    JobPatch { error: Some(json!({"retry_reason": reason})), ..Default::default() },
+                    JobPatch {
+                        error: Some(json!({"retry_reason": reason})),
+                        ..Default::default()
+                    },
                 )
                 .await
             {
@@ -302,7 +406,10 @@ impl Dispatcher {
                         &self.queue,
                         &user,
                         &id,
-                        &format!("{reason}. Retrying on another GPU (attempt {next} of {}).", self.cfg.max_attempts),
+                        &format!(
+                            "{reason}. Retrying on another GPU (attempt {next} of {}).",
+                            self.cfg.max_attempts
+                        ),
                     );
                     self.queue.requeue(&r);
                     self.queue.broadcast_status(&user).await;
@@ -314,19 +421,36 @@ impl Dispatcher {
             }
         } else {
             let msg = format!("{reason}. Gave up after {} attempts.", rec.attempts);
-            let _ = self.finish_failed(&id, &user, rec.client_id.as_deref(), &msg, "ComfyUMe.BackendFailed").await;
+            let _ = self
+                .finish_failed(
+                    &id,
+                    &user,
+                    rec.client_id.as_deref(),
+                    &msg,
+                    "ComfyUMe.BackendFailed",
+                )
+                .await;
             self.queue.job_ended(&user);
         }
     }
 
     /// Records a backend outcome, then tells the owner's sockets (ComfyUI's
-    /// order: `status`, then the `executing: null` end marker).
-    async fn finish(&self, rec: &JobRecord, outcome: Outcome) -> Result<(), StoreError> {
+    /// order: the outcome message unless the relay already passed it on,
+    /// `status`, then the `executing: null` end marker).
+    async fn finish(
+        &self,
+        rec: &JobRecord,
+        outcome: Outcome,
+        relayed_end: bool,
+    ) -> Result<(), StoreError> {
         let (state, error) = match &outcome.kind {
             OutcomeKind::Success => (JobState::Succeeded, Some(Value::Null)),
             OutcomeKind::ExecutionError(data) => (JobState::Failed, Some(data.clone())),
             OutcomeKind::Interrupted(data) => (JobState::Interrupted, Some(data.clone())),
         };
+        // Learnt from history after a gap in the events (a dropped socket, a
+        // re-attach): the frontend still needs to hear how the job ended.
+        let missed_end = (!relayed_end).then(|| end_message(&rec.id, &outcome));
         let res = self
             .queue
             .store()
@@ -336,7 +460,9 @@ impl Dispatcher {
                 state,
                 JobPatch {
                     finished_at_ms: Some(now_ms()),
-                    started_at_ms: Some(rec.started_at_ms.unwrap_or_else(now_ms)),
+                    // Normally already set when execution started; a job collected
+                    // from history after a restart takes ComfyUI's own timestamp.
+                    started_at_ms: execution_start_ms(&outcome.messages),
                     error,
                     outputs: Some(Value::Object(outcome.outputs)),
                     messages: Some(Value::Array(outcome.messages)),
@@ -349,7 +475,13 @@ impl Dispatcher {
             tracing::error!(job = %rec.id, error = %e, "could not record a job's outcome");
         }
         metrics::counter!("comfyume_jobs_finished_total", "state" => state.as_str()).increment(1);
-        self.end_marker(&rec.user, rec.client_id.as_deref(), &rec.id).await;
+        if let (Some(msg), Some(c)) = (missed_end, rec.client_id.as_deref()) {
+            self.queue
+                .events()
+                .to_client(&rec.user, c, &msg.to_string());
+        }
+        self.end_marker(&rec.user, rec.client_id.as_deref(), &rec.id)
+            .await;
         res.map(|_| ())
     }
 
@@ -406,6 +538,42 @@ impl Dispatcher {
     }
 }
 
+/// ComfyUI's message for how a job ended (`execution_success`,
+/// `execution_error` or `execution_interrupted`).
+fn end_message(id: &str, outcome: &Outcome) -> Value {
+    let (kind, data) = match &outcome.kind {
+        OutcomeKind::Success => {
+            let recorded = outcome.messages.iter().find_map(|m| {
+                let a = m.as_array()?;
+                (a.first()?.as_str()? == "execution_success").then(|| a.get(1).cloned())?
+            });
+            (
+                "execution_success",
+                recorded.unwrap_or_else(|| json!({"prompt_id": id, "timestamp": now_ms()})),
+            )
+        }
+        OutcomeKind::ExecutionError(data) => ("execution_error", data.clone()),
+        OutcomeKind::Interrupted(data) => ("execution_interrupted", data.clone()),
+    };
+    json!({"type": kind, "data": data})
+}
+
+/// Whether a relayed message is one of ComfyUI's job-ending messages.
+fn is_end_message(kind: &str) -> bool {
+    matches!(
+        kind,
+        "execution_success" | "execution_error" | "execution_interrupted"
+    )
+}
+
+/// The `execution_start` timestamp among ComfyUI's status messages.
+fn execution_start_ms(messages: &[Value]) -> Option<i64> {
+    messages.iter().find_map(|m| {
+        let a = m.as_array()?;
+        (a.first()?.as_str()? == "execution_start").then(|| a.get(1)?.get("timestamp")?.as_i64())?
+    })
+}
+
 /// A plain message for the participant's banner (our own message type; the
 /// stock frontend ignores types it does not know).
 fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
@@ -415,7 +583,7 @@ fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
 
 /// Forwards a job's events to its owner's sockets, as ComfyUI routes them:
 /// execution messages to the submitting client only; `progress_state` to all
-/// of the owner's tabs.
+/// of the owner's tabs. Returns whether the job's ending message was among them.
 async fn relay_events(
     queue: Arc<Queue>,
     mut rx: mpsc::Receiver<BackendEvent>,
@@ -423,26 +591,35 @@ async fn relay_events(
     user: String,
     client_id: Option<String>,
     backend: String,
-) {
+) -> bool {
     let events = queue.events().clone();
+    let mut ended = false;
     while let Some(ev) = rx.recv().await {
         match ev {
             BackendEvent::Submitted => {}
             BackendEvent::Started => {
-                let _ = queue
-                    .store()
-                    .transition(
-                        &id,
-                        &[JobState::Dispatched, JobState::Running],
-                        JobState::Running,
-                        JobPatch { started_at_ms: Some(now_ms()), ..Default::default() },
-                    )
-                    .await;
                 notice(&queue, &user, &id, &format!("Running on {backend}"));
             }
             BackendEvent::Message(v) => {
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+                if kind == "execution_start" {
+                    let at = v["data"]["timestamp"].as_i64().unwrap_or_else(now_ms);
+                    let _ = queue
+                        .store()
+                        .transition(
+                            &id,
+                            &[JobState::Dispatched, JobState::Running],
+                            JobState::Running,
+                            JobPatch {
+                                started_at_ms: Some(at),
+                                ..Default::default()
+                            },
+                        )
+                        .await;
+                    queue.broadcast_status(&user).await;
+                }
+                ended |= is_end_message(kind);
                 if kind == "progress_state" {
                     events.to_user(&user, &text);
                 } else if let Some(c) = &client_id {
@@ -458,13 +635,17 @@ async fn relay_events(
             BackendEvent::Notice(text) => notice(&queue, &user, &id, &text),
         }
     }
+    ended
 }
 
 /// A type-4 preview frame (with metadata) as the type-1 frame older clients
 /// expect; `None` for anything else.
 fn legacy_preview(frame: &Bytes) -> Option<Bytes> {
-    let decoded = comfyume_wire::shapes::ws::BinaryFrame::decode(frame).ok()?;
-    decoded.to_legacy().map(|f| Bytes::from(f.encode()))
+    use comfyume_wire::shapes::ws::BinaryFrame;
+    match BinaryFrame::decode(frame).ok()? {
+        f @ BinaryFrame::PreviewImageWithMetadata { .. } => f.to_legacy().map(|l| Bytes::from(l.encode())),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 //! and (in `dispatcher`) the backends that run jobs.
 
 pub mod backend;
+pub mod comfyui;
 pub mod dispatcher;
 pub mod events;
 pub mod queue;
 
 pub use backend::{Backend, BackendError, BackendEvent, JobSpec, Outcome, OutcomeKind, Timeouts};
+pub use comfyui::ComfyUiBackend;
 pub use dispatcher::{DispatchConfig, Dispatcher};
 pub use events::EventSink;
 pub use queue::{Queue, QueueConfig, QueueError};

@@ -118,6 +118,13 @@ impl AuthState {
             .map(|(u, _)| u.clone())
     }
 
+    fn forget_basic(&self, key: &[u8; 32]) {
+        self.basic_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
     fn remember_basic(&self, key: [u8; 32], user: User) {
         let mut map = self.basic_cache.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() > 10_000 {
@@ -244,7 +251,13 @@ pub async fn require_auth(State(state): State<AppState>, mut req: Request, next:
     {
         let key: [u8; 32] = Sha256::digest(format!("{name}\0{pass}").as_bytes()).into();
         if let Some(u) = state.auth.cached_basic(&key) {
-            user = Some(u);
+            // The cache spares the hash, not the account check: a disabled or
+            // removed account is refused at once (and a role change applies).
+            match state.store.get_user(&u.name).await {
+                Ok(Some(fresh)) if !fresh.disabled => user = Some(fresh),
+                Ok(_) => state.auth.forget_basic(&key),
+                Err(e) => return crate::error::ApiError::Store(e).into_response(),
+            }
         } else {
             let keys = limiter_keys(client_ip(&req), &name);
             if let Some(secs) = state.auth.blocked_for(&keys) {

@@ -31,10 +31,16 @@ fn escape(s: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-/// Only a local path may be a redirect target (no `//evil.example`).
+/// Only a local path may be a redirect target (no `//evil.example`). Browsers
+/// drop tabs and newlines from URLs (`/\t/evil.example` is `//evil.example`),
+/// and a control character would not fit in a Location header: visible ASCII only.
 fn safe_next(next: Option<&str>) -> Option<String> {
-    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
-        .map(str::to_string)
+    next.filter(|n| {
+        n.starts_with('/')
+            && !n.starts_with("//")
+            && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\')
+    })
+    .map(str::to_string)
 }
 
 fn page(next: &str, error: Option<&str>) -> String {

@@ -40,6 +40,7 @@ const MODEL_INPUTS: &[(&str, &str)] = &[
     ("CheckpointLoaderSimple", "ckpt_name"),
     ("LTXAVTextEncoderLoader", "text_encoder"),
     ("LTXAVTextEncoderLoader", "ckpt_name"),
+    ("LTXVAudioVAELoader", "ckpt_name"),
 ];
 const MODEL_EXTENSIONS: &[&str] = &[
     ".safetensors",
@@ -87,6 +88,7 @@ impl Catalog {
             CLIP_FILES,
         );
         set_choices(&mut info, "LTXAVTextEncoderLoader", "ckpt_name", CKPT_FILES);
+        set_choices(&mut info, "LTXVAudioVAELoader", "ckpt_name", CKPT_FILES);
         Self {
             builtin: true,
             source: "builtin".into(),
@@ -277,7 +279,7 @@ mod tests {
     #[test]
     fn builtin_has_every_template_node() {
         let c = Catalog::builtin();
-        assert_eq!(c.len(), 26);
+        assert_eq!(c.len(), 34);
         for n in [
             "UNETLoader",
             "CLIPLoader",

@@ -370,7 +370,8 @@ enum Outcome {
     },
     Error {
         node: String,
-        error: NodeError,
+        exception_type: String,
+        message: String,
         inputs: Value,
     },
 }
@@ -453,7 +454,8 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
             let node = list.pending.first().cloned().unwrap_or_default();
             break Outcome::Error {
                 node,
-                error: NodeError::runtime("Dependency cycle detected"),
+                exception_type: "RuntimeError".into(),
+                message: "Dependency cycle detected".into(),
                 inputs: json!({}),
             };
         };
@@ -475,10 +477,9 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         {
             let mut inner = lock(&shared.inner);
             inner.last_node = Some(node.clone());
-            lock(&shared.stats)
-                .current
-                .as_mut()
-                .map(|c| c.node = Some(node.clone()));
+            if let Some(c) = lock(&shared.stats).current.as_mut() {
+                c.node = Some(node.clone());
+            }
         }
         job.exec_msg(
             "executing",
@@ -509,10 +510,14 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
             }
             Err(NodeError::Died) => return Err(Died),
             Err(NodeError::Interrupted) => break Outcome::Interrupted { node },
-            Err(error) => {
+            Err(NodeError::Runtime {
+                exception_type,
+                message,
+            }) => {
                 break Outcome::Error {
                     node,
-                    error,
+                    exception_type,
+                    message,
                     inputs: args.formatted(),
                 };
             }
@@ -541,16 +546,10 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         }
         Outcome::Error {
             node,
-            error,
+            exception_type,
+            message,
             inputs,
         } => {
-            let (exception_type, message) = match error {
-                NodeError::Runtime {
-                    exception_type,
-                    message,
-                } => (exception_type.clone(), message.clone()),
-                other => ("RuntimeError".to_string(), format!("{other:?}")),
-            };
             tracing::info!(prompt_id = %item.prompt_id, node, %message, "job failed");
             let current_outputs: Vec<&String> = prompt.keys().collect();
             job.add_message(
@@ -680,7 +679,8 @@ async fn execute_node(job: &mut Job<'_>, ctx: &NodeCtx, args: &Args) -> Result<N
     let builtin = shared.catalog.builtin;
     let class = ctx.class_type.clone();
 
-    let sampled = if nodes::is_sampler(builtin, &class) {
+    let outputs = shared.catalog.output_types(&class);
+    let sampled = if nodes::is_sampler(builtin, &class, &outputs) {
         let plan = nodes::sampler_plan(args, 20)?;
         run_steps(
             job,
@@ -705,7 +705,6 @@ async fn execute_node(job: &mut Job<'_>, ctx: &NodeCtx, args: &Args) -> Result<N
     }
     let ctx = ctx.clone();
     let args = args.clone();
-    let outputs = shared.catalog.output_types(&class);
     let is_output = shared.catalog.is_output(&class);
     let result = tokio::task::spawn_blocking(move || {
         if builtin {

@@ -70,12 +70,14 @@ fn chunks(png: &[u8]) -> Vec<([u8; 4], &[u8])> {
 
 fn plain_png(img: &RgbImage, fast: bool) -> Vec<u8> {
     let mut buf = Vec::new();
-    let compression = if fast {
-        CompressionType::Fast
+    // Fast mode (outputs, video frames): one cheap filter instead of trying all five per row;
+    // gradients compress well with Sub anyway.
+    let (compression, filter) = if fast {
+        (CompressionType::Fast, PngFilter::Sub)
     } else {
-        CompressionType::Default
+        (CompressionType::Default, PngFilter::Adaptive)
     };
-    PngEncoder::new_with_quality(&mut buf, compression, PngFilter::Adaptive)
+    PngEncoder::new_with_quality(&mut buf, compression, filter)
         .write_image(
             img.as_raw(),
             img.width(),
@@ -260,78 +262,149 @@ fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
     [(r + m) * 255.0, (g + m) * 255.0, (b + m) * 255.0]
 }
 
-/// A generated-looking placeholder: a seed-coloured gradient stamped "SIMULATED" plus info lines.
-/// `phase` (0..1) shifts the gradient, for video frames.
-pub fn placeholder(width: u32, height: u32, seed: u64, lines: &[String], phase: f32) -> RgbImage {
-    let (w, h) = (width.max(1), height.max(1));
-    let hue1 = (seed % 360) as f32;
-    let hue2 = hue1 + 90.0 + ((seed / 360) % 120) as f32;
-    let c1 = hsv(hue1, 0.55, 0.85);
-    let c2 = hsv(hue2, 0.65, 0.45);
-    let mut img = RgbImage::new(w, h);
-    let (fw, fh) = (w as f32, h as f32);
-    for (x, y, px) in img.enumerate_pixels_mut() {
-        let t = ((x as f32 / fw + y as f32 / fh) * 0.5 + phase).fract();
-        // Triangle wave, so a phase shift loops seamlessly.
-        let t = 1.0 - (2.0 * t - 1.0).abs();
-        let ripple = ((x as f32 * 0.05).sin() * (y as f32 * 0.05).cos()) * 6.0;
-        *px = Rgb(std::array::from_fn(|i| {
-            (c1[i] + (c2[i] - c1[i]) * t + ripple).clamp(0.0, 255.0) as u8
-        }));
-    }
-    stamp(&mut img, "SIMULATED", lines);
-    img
+/// Where the stamp goes in a `w` x `h` image with `lines` info lines.
+struct StampLayout {
+    big: u32,
+    small: u32,
+    top: i64,
+    band: std::ops::Range<u32>,
 }
 
-/// Draw the big title and the info lines centred on a darkened band.
-pub fn stamp(img: &mut RgbImage, title: &str, lines: &[String]) {
-    let (w, h) = img.dimensions();
-    let title_w1 = font::text_width(title, 1).max(1);
-    let big = ((w * 8 / 10) / title_w1).min(h / 5 / GLYPH_H).max(1);
-    let small = (big / 3).max(1);
-    let line_h = (GLYPH_H + 3) * small;
-    let title_h = GLYPH_H * big;
-    let block_h = title_h + small * 4 + line_h * lines.len() as u32;
-    let top = i64::from(h.saturating_sub(block_h) / 2);
-    let band_top = (top - i64::from(small * 2)).max(0) as u32;
-    let band_bottom = (top + i64::from(block_h) + i64::from(small * 2)).min(i64::from(h)) as u32;
-    for y in band_top..band_bottom {
-        for x in 0..w {
-            let p = img.get_pixel_mut(x, y);
-            p.0 = p.0.map(|c| c / 3);
+impl StampLayout {
+    fn new(title: &str, w: u32, h: u32, lines: usize) -> Self {
+        let title_w1 = font::text_width(title, 1).max(1);
+        let big = ((w * 8 / 10) / title_w1).min(h / 5 / GLYPH_H).max(1);
+        let small = (big / 3).max(1);
+        let block_h = GLYPH_H * big + small * 4 + (GLYPH_H + 3) * small * lines as u32;
+        let top = i64::from(h.saturating_sub(block_h) / 2);
+        let band_top = (top - i64::from(small * 2)).max(0) as u32;
+        let band_bottom =
+            (top + i64::from(block_h) + i64::from(small * 2)).min(i64::from(h)) as u32;
+        Self {
+            big,
+            small,
+            top,
+            band: band_top..band_bottom,
         }
     }
-    let centered = |text: &str, scale: u32| -> i64 {
-        (i64::from(w) - i64::from(font::text_width(text, scale))) / 2
-    };
-    font::draw_text_shadowed(
-        img,
-        centered(title, big),
-        top,
-        title,
-        big,
-        Rgb([255, 255, 255]),
-    );
-    let max_chars = ((w / (font::ADVANCE * small)).max(1)) as usize;
-    let mut y = top + i64::from(title_h + small * 4);
-    for line in lines {
-        let text: String = if line.chars().count() > max_chars {
-            let mut t: String = line.chars().take(max_chars.saturating_sub(3)).collect();
-            t.push_str("...");
-            t
-        } else {
-            line.clone()
+
+    fn draw_text(&self, img: &mut RgbImage, title: &str, lines: &[String]) {
+        let w = img.width();
+        let centered = |text: &str, scale: u32| -> i64 {
+            (i64::from(w) - i64::from(font::text_width(text, scale))) / 2
         };
         font::draw_text_shadowed(
             img,
-            centered(&text, small),
-            y,
-            &text,
-            small,
-            Rgb([255, 230, 120]),
+            centered(title, self.big),
+            self.top,
+            title,
+            self.big,
+            Rgb([255, 255, 255]),
         );
-        y += i64::from(line_h);
+        let max_chars = ((w / (font::ADVANCE * self.small)).max(1)) as usize;
+        let mut y = self.top + i64::from(GLYPH_H * self.big + self.small * 4);
+        for line in lines {
+            let text: String = if line.chars().count() > max_chars {
+                let mut t: String = line.chars().take(max_chars.saturating_sub(3)).collect();
+                t.push_str("...");
+                t
+            } else {
+                line.clone()
+            };
+            font::draw_text_shadowed(
+                img,
+                centered(&text, self.small),
+                y,
+                &text,
+                self.small,
+                Rgb([255, 230, 120]),
+            );
+            y += i64::from((GLYPH_H + 3) * self.small);
+        }
     }
+}
+
+/// A seed-coloured diagonal gradient, `period` pixels per cycle along x, with the stamp band
+/// already darkened (the band spans whole rows, so it survives horizontal scrolling).
+fn gradient(
+    width: u32,
+    height: u32,
+    seed: u64,
+    period: u32,
+    band: &std::ops::Range<u32>,
+) -> RgbImage {
+    let hue1 = (seed % 360) as f32;
+    let hue2 = hue1 + 90.0 + ((seed / 360) % 120) as f32;
+    let (c1, c2) = (hsv(hue1, 0.55, 0.85), hsv(hue2, 0.65, 0.45));
+    let lut: Vec<[u8; 3]> = (0..256)
+        .map(|i| {
+            let t = i as f32 / 255.0;
+            std::array::from_fn(|c| (c1[c] + (c2[c] - c1[c]) * t).clamp(0.0, 255.0) as u8)
+        })
+        .collect();
+    let dark: Vec<[u8; 3]> = lut.iter().map(|p| p.map(|c| c / 3)).collect();
+    let ax: Vec<f32> = (0..width)
+        .map(|x| x as f32 / period.max(1) as f32)
+        .collect();
+    let mut buf = vec![0u8; width as usize * height as usize * 3];
+    for (y, row) in buf.chunks_exact_mut(width as usize * 3).enumerate() {
+        let ay = y as f32 / height.max(1) as f32 * 0.5;
+        let colors = if band.contains(&(y as u32)) {
+            &dark
+        } else {
+            &lut
+        };
+        for (px, a) in row.chunks_exact_mut(3).zip(&ax) {
+            let t = (a + ay).fract();
+            // Triangle wave, so scrolling by a whole period loops seamlessly.
+            let tri = 1.0 - (2.0 * t - 1.0).abs();
+            px.copy_from_slice(&colors[(tri * 255.0) as usize]);
+        }
+    }
+    RgbImage::from_raw(width, height, buf).expect("buffer matches size")
+}
+
+/// A generated-looking placeholder: a seed-coloured gradient stamped "SIMULATED" plus info lines.
+pub fn placeholder(width: u32, height: u32, seed: u64, lines: &[String]) -> RgbImage {
+    let (w, h) = (width.max(1), height.max(1));
+    let layout = StampLayout::new("SIMULATED", w, h, lines.len());
+    let mut img = gradient(w, h, seed, 2 * w, &layout.band);
+    layout.draw_text(&mut img, "SIMULATED", lines);
+    img
+}
+
+/// `count` placeholder frames whose gradient scrolls through one full cycle (a seamless loop);
+/// `label(i)` adds a last info line per frame.
+pub fn placeholder_frames(
+    width: u32,
+    height: u32,
+    seed: u64,
+    lines: &[String],
+    count: u32,
+    label: impl Fn(u32) -> String,
+) -> Vec<RgbImage> {
+    let (w, h) = (width.max(1), height.max(1));
+    let layout = StampLayout::new("SIMULATED", w, h, lines.len() + 1);
+    let period = 2 * w;
+    // Rendered once, three frames wide; each frame is a window scrolled along it.
+    let wide = gradient(w + period, h, seed, period, &layout.band);
+    let row_len = w as usize * 3;
+    let wide_row = (w + period) as usize * 3;
+    (0..count.max(1))
+        .map(|i| {
+            let off = (u64::from(i) * u64::from(period) / u64::from(count.max(1))) as usize * 3;
+            let mut buf = Vec::with_capacity(row_len * h as usize);
+            for y in 0..h as usize {
+                let start = y * wide_row + off;
+                buf.extend_from_slice(&wide.as_raw()[start..start + row_len]);
+            }
+            let mut img = RgbImage::from_raw(w, h, buf).expect("buffer matches size");
+            let mut frame_lines = lines.to_vec();
+            frame_lines.push(label(i));
+            layout.draw_text(&mut img, "SIMULATED", &frame_lines);
+            img
+        })
+        .collect()
 }
 
 /// Blend `img` with deterministic noise: `amount` 1.0 is pure noise, 0.0 the image.
@@ -519,8 +592,12 @@ mod tests {
         assert_eq!(py_round(0.5), 0);
         assert_eq!(py_round(1.5), 2);
         assert_eq!(py_round(0.01), 0);
-        let p = placeholder(64, 32, 7, &["SEED 7".into()], 0.0);
-        assert_eq!(p, placeholder(64, 32, 7, &["SEED 7".into()], 0.0));
-        assert_ne!(p, placeholder(64, 32, 8, &["SEED 7".into()], 0.0));
+        let p = placeholder(64, 32, 7, &["SEED 7".into()]);
+        assert_eq!(p, placeholder(64, 32, 7, &["SEED 7".into()]));
+        assert_ne!(p, placeholder(64, 32, 8, &["SEED 7".into()]));
+        let frames = placeholder_frames(40, 30, 7, &[], 4, |i| format!("FRAME {i}"));
+        assert_eq!(frames.len(), 4);
+        assert!(frames.iter().all(|f| f.dimensions() == (40, 30)));
+        assert_ne!(frames[0], frames[1]);
     }
 }

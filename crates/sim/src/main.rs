@@ -6,26 +6,31 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// A ComfyUI v0.11.0 server double (simulated, no GPU).
+///
+/// Settings come from SIMULATOR_* environment variables (see `SimConfig::from_env`);
+/// flags given here win.
 #[derive(Debug, Parser)]
 #[command(name = "comfyume-sim", version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8188")]
     listen: SocketAddr,
-    /// Serve this object_info.json instead of the built-in node set.
-    #[arg(long, env = "SIMULATOR_OBJECT_INFO")]
+    /// Serve this object_info.json instead of the built-in node set [env: SIMULATOR_OBJECT_INFO].
+    #[arg(long)]
     object_info: Option<PathBuf>,
-    /// Simulated milliseconds per sampler step.
-    #[arg(long, env = "SIMULATOR_STEP_MS", default_value_t = comfyume_sim::DEFAULT_STEP_MS)]
-    step_ms: u64,
-    /// Directory for input/, output/ and temp/ (default: a fresh temporary directory).
-    #[arg(long, env = "SIMULATOR_DATA_DIR")]
+    /// Simulated milliseconds per sampler step [env: SIMULATOR_STEP_MS; default 50].
+    #[arg(long)]
+    step_ms: Option<u64>,
+    /// Directory for input/, output/ and temp/ [env: SIMULATOR_DATA_DIR; default: a fresh
+    /// temporary directory].
+    #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Fault active from the start (repeatable): refuse-connections[:MS], prompt-error,
-    /// drop-websocket, hang[:MS], forget-history, slow-view:MS, die-mid-job.
+    /// Fault active from the start, repeatable [env: SIMULATOR_FAULTS, comma-separated]:
+    /// refuse-connections[:MS], prompt-error, drop-websocket, hang[:MS], forget-history,
+    /// slow-view:MS, die-mid-job.
     #[arg(long = "fault", value_name = "SPEC")]
     faults: Vec<Fault>,
-    /// Disable ComfyUI's classic result cache (like ComfyUI's --cache-none).
+    /// Disable ComfyUI's classic result cache, like ComfyUI's --cache-none [env: SIMULATOR_CACHE=none].
     #[arg(long)]
     cache_none: bool,
     /// Also serve the /sim/* control routes here (reachable while the main port refuses or hangs).
@@ -43,14 +48,20 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let config = SimConfig {
-        object_info: args.object_info,
-        step_ms: args.step_ms,
-        data_dir: args.data_dir,
-        faults: args.faults,
-        cache: !args.cache_none && SimConfig::from_env()?.cache,
-        ..SimConfig::default()
-    };
+    let mut config = SimConfig::from_env()?;
+    if let Some(path) = args.object_info {
+        config.object_info = Some(path);
+    }
+    if let Some(ms) = args.step_ms {
+        config.step_ms = ms;
+    }
+    if let Some(dir) = args.data_dir {
+        config.data_dir = Some(dir);
+    }
+    config.faults.extend(args.faults);
+    if args.cache_none {
+        config.cache = false;
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let sim = comfyume_sim::try_spawn(config, listener).await?;
     if let Some(addr) = args.control_listen {

@@ -15,8 +15,8 @@ use crate::pyjson;
 /// Largest side of a rendered still placeholder; larger requests are rendered smaller.
 const MAX_PLACEHOLDER_SIDE: u32 = 2048;
 /// Video placeholders: longest side and frame count are capped to keep files small.
-const MAX_VIDEO_SIDE: u32 = 512;
-const MAX_VIDEO_FRAMES: u32 = 24;
+const MAX_VIDEO_SIDE: u32 = 320;
+const MAX_VIDEO_FRAMES: u32 = 121;
 
 #[derive(Debug, Clone)]
 pub struct Latent {
@@ -26,8 +26,16 @@ pub struct Latent {
     /// Pixel frames this latent decodes to (1 for still images).
     pub frames: u32,
     pub video: bool,
+    /// The audio half of an LTX-2 audio+video latent.
+    pub audio: Option<AudioInfo>,
     /// Set by a sampler: what the "generated" picture is derived from.
     pub sampled: Option<Sampled>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AudioInfo {
+    pub frames: u32,
+    pub frame_rate: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -42,6 +50,8 @@ pub struct Sampled {
 pub struct Video {
     pub frames: Arc<Vec<RgbImage>>,
     pub fps: f64,
+    /// Seconds of (simulated) sound attached by CreateVideo; not written to the file.
+    pub audio_seconds: Option<f64>,
 }
 
 /// A value flowing along a link.
@@ -65,6 +75,12 @@ pub enum Data {
         cfg: f64,
     },
     Video(Video),
+    /// A primitive value on a link (PrimitiveInt's INT).
+    Primitive(Value),
+    Audio {
+        seconds: f64,
+        sample_rate: u32,
+    },
     /// Anything of a served (external) node set; `steps` travels along so samplers know it.
     Opaque {
         kind: String,
@@ -103,6 +119,11 @@ impl Data {
                 v.frames.len(),
                 v.fps
             ),
+            Data::Primitive(v) => pyjson::py_str(v),
+            Data::Audio {
+                seconds,
+                sample_rate,
+            } => format!("<AUDIO {seconds}s {sample_rate} Hz (simulated)>"),
             Data::Opaque { kind, .. } => format!("<{kind} (simulated)>"),
         }
     }
@@ -160,9 +181,10 @@ impl Args {
         ))
     }
 
+    /// A widget value, or a primitive arriving on a link (a widget converted to an input).
     fn lit(&self, name: &str) -> Option<&Value> {
         match self.get(name) {
-            Some(Arg::Lit(v)) => Some(v),
+            Some(Arg::Lit(v)) | Some(Arg::Data(Data::Primitive(v))) => Some(v),
             _ => None,
         }
     }
@@ -322,6 +344,7 @@ pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, Node
             batch: 1,
             frames: 1,
             video: false,
+            audio: None,
             sampled: None,
         },
     };
@@ -362,7 +385,7 @@ pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, Node
         sampler,
     };
     let (pw, ph) = preview_size(&latent);
-    let preview_base = imaging::placeholder(pw, ph, seed, &[], 0.0);
+    let preview_base = imaging::placeholder(pw, ph, seed, &[]);
     Ok(SamplerPlan {
         steps,
         latent: Latent {
@@ -374,6 +397,11 @@ pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, Node
 }
 
 fn decode_latent(l: &Latent) -> Result<Vec<RgbImage>, NodeError> {
+    if l.width == 0 || l.height == 0 {
+        return Err(NodeError::runtime(
+            "comfyume-sim: this latent has no picture (an audio latent?); VAEDecode needs a video or image latent",
+        ));
+    }
     let (w, h, frames) = if l.video {
         let (w, h) = fit(l.width, l.height, MAX_VIDEO_SIDE);
         (w, h, l.frames.clamp(1, MAX_VIDEO_FRAMES))
@@ -385,26 +413,31 @@ fn decode_latent(l: &Latent) -> Result<Vec<RgbImage>, NodeError> {
     check_budget(w, h, count)?;
     let mut out = Vec::with_capacity(count as usize);
     for b in 0..l.batch.max(1) {
-        for f in 0..frames {
-            let mut lines = vec!["COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string()];
-            let seed = match &l.sampled {
-                Some(s) => {
-                    lines.push(format!("SEED {}  STEPS {}  {}", s.seed, s.steps, s.sampler));
-                    if !s.text.trim().is_empty() {
-                        lines.push(s.text.split_whitespace().collect::<Vec<_>>().join(" "));
-                    }
-                    s.seed.wrapping_add(u64::from(b))
+        let mut lines = vec!["COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string()];
+        let seed = match &l.sampled {
+            Some(s) => {
+                lines.push(format!("SEED {}  STEPS {}  {}", s.seed, s.steps, s.sampler));
+                if !s.text.trim().is_empty() {
+                    lines.push(s.text.split_whitespace().collect::<Vec<_>>().join(" "));
                 }
-                None => {
-                    lines.push("UNSAMPLED LATENT".into());
-                    u64::from(b)
-                }
-            };
-            if l.video {
-                lines.push(format!("FRAME {}/{}", f + 1, frames));
+                s.seed.wrapping_add(u64::from(b))
             }
-            let phase = f as f32 / frames as f32;
-            out.push(imaging::placeholder(w, h, seed, &lines, phase));
+            None => {
+                lines.push("UNSAMPLED LATENT".into());
+                u64::from(b)
+            }
+        };
+        if l.video {
+            out.extend(imaging::placeholder_frames(
+                w,
+                h,
+                seed,
+                &lines,
+                frames,
+                |f| format!("FRAME {}/{}", f + 1, frames),
+            ));
+        } else {
+            out.push(imaging::placeholder(w, h, seed, &lines));
         }
     }
     Ok(out)
@@ -623,6 +656,7 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             batch: u32_of(args.int("batch_size")?),
             frames: 1,
             video: false,
+            audio: None,
             sampled: None,
         }))),
         "EmptyLTXVLatentVideo" => one(Data::Latent(Arc::new(Latent {
@@ -631,8 +665,77 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             batch: u32_of(args.int("batch_size")?),
             frames: u32_of(args.int("length")?),
             video: true,
+            audio: None,
             sampled: None,
         }))),
+        "LTXVEmptyLatentAudio" => one(Data::Latent(Arc::new(Latent {
+            width: 0,
+            height: 0,
+            batch: u32_of(args.int("batch_size")?),
+            frames: 0,
+            video: false,
+            audio: Some(AudioInfo {
+                frames: u32_of(args.int("frames_number")?),
+                frame_rate: u32_of(args.int("frame_rate")?),
+            }),
+            sampled: None,
+        }))),
+        "LTXVConcatAVLatent" => {
+            let video = args.latent("video_latent")?;
+            let audio = args.latent("audio_latent")?;
+            one(Data::Latent(Arc::new(Latent {
+                audio: audio.audio,
+                ..(*video).clone()
+            })))
+        }
+        "LTXVSeparateAVLatent" => {
+            let av = args.latent("av_latent")?;
+            let audio = Latent {
+                width: 0,
+                height: 0,
+                frames: 0,
+                video: false,
+                ..(*av).clone()
+            };
+            Ok(NodeOut {
+                values: vec![
+                    Data::Latent(Arc::new(Latent {
+                        audio: None,
+                        ..(*av).clone()
+                    })),
+                    Data::Latent(Arc::new(audio)),
+                ],
+                ui: None,
+            })
+        }
+        "LTXVAudioVAELoader" => one(Data::Vae(args.string("ckpt_name")?)),
+        "LTXVAudioVAEDecode" => {
+            let latent = args.latent("samples")?;
+            let info = latent.audio.ok_or_else(|| {
+                NodeError::runtime("comfyume-sim: LTXVAudioVAEDecode needs an audio latent")
+            })?;
+            one(Data::Audio {
+                seconds: f64::from(info.frames) / f64::from(info.frame_rate.max(1)),
+                sample_rate: 44_100,
+            })
+        }
+        "PrimitiveInt" => one(Data::Primitive(json!(args.int("value")?))),
+        "ConditioningZeroOut" => match args.data("conditioning")? {
+            Data::Conditioning { frame_rate, .. } => one(Data::Conditioning {
+                text: String::new(),
+                frame_rate: *frame_rate,
+            }),
+            _ => Err(Args::missing("conditioning")),
+        },
+        "ManualSigmas" => {
+            // ComfyUI takes every number in the text; a sampler runs one step per interval.
+            let text = args.string("sigmas")?;
+            let count = text
+                .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == '+'))
+                .filter(|t| t.parse::<f64>().is_ok())
+                .count() as u32;
+            one(Data::Sigmas(count.saturating_sub(1)))
+        }
         "Flux2Scheduler" | "LTXVScheduler" => one(Data::Sigmas(u32_of(args.int("steps")?))),
         "KSamplerSelect" => one(Data::Sampler(args.string("sampler_name")?)),
         "RandomNoise" => one(Data::Noise(args.u64("noise_seed")?)),
@@ -669,9 +772,14 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
         }
         "CreateVideo" => {
             let images = args.image("images")?;
+            let audio_seconds = match args.get("audio") {
+                Some(Arg::Data(Data::Audio { seconds, .. })) => Some(*seconds),
+                _ => None,
+            };
             one(Data::Video(Video {
                 frames: images,
                 fps: args.float("fps")?,
+                audio_seconds,
             }))
         }
         "SaveVideo" => {
@@ -690,9 +798,16 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             let (folder, filename, counter, subfolder) = save_path(&ctx.output_dir, &prefix, w, h)?;
             // No video encoder here: the "video" is an animated PNG the browser plays in <img>.
             let file = format!("{filename}_{counter:05}_.png");
+            let mut text = ctx.png_text.clone();
+            if let Some(seconds) = video.audio_seconds {
+                text.push((
+                    "comfyume-sim".into(),
+                    format!("simulated video; its {seconds:.2} s of audio are not written"),
+                ));
+            }
             write_file(
                 &folder.join(&file),
-                &imaging::apng(&video.frames, video.fps, &ctx.png_text),
+                &imaging::apng(&video.frames, video.fps, &text),
             )?;
             Ok(NodeOut {
                 values: vec![],
@@ -791,11 +906,13 @@ pub fn slow_units(class: &str, args: &Args) -> u64 {
 }
 
 /// Whether a node runs a step loop (progress, previews, interrupt at each step).
-pub fn is_sampler(builtin: bool, class: &str) -> bool {
+/// In a served node set: a class named like a sampler that returns a LATENT (KSampler,
+/// SamplerCustom...), not the ones that only build a SAMPLER object.
+pub fn is_sampler(builtin: bool, class: &str, output_types: &[String]) -> bool {
     if builtin {
         class == "SamplerCustomAdvanced"
     } else {
-        class.contains("Sampler") && !class.contains("Select")
+        class.contains("Sampler") && output_types.iter().any(|t| t == "LATENT")
     }
 }
 
@@ -836,7 +953,7 @@ pub fn run_generic(
         .fold(ctx.class_type.len() as u64, |a, b| {
             a.wrapping_mul(31).wrapping_add(u64::from(b))
         });
-    let img = imaging::placeholder(512, 512, seed, &lines, 0.0);
+    let img = imaging::placeholder(512, 512, seed, &lines);
     let prefix = args
         .get("filename_prefix")
         .and_then(|a| match a {
@@ -874,9 +991,9 @@ mod tests {
         let a = save_images(&c, &[img.clone(), img.clone()], "nomodel", "output").unwrap();
         assert_eq!(a[0]["filename"], "nomodel_00001_.png");
         assert_eq!(a[1]["filename"], "nomodel_00002_.png");
-        let b = save_images(&c, &[img.clone()], "nomodel", "output").unwrap();
+        let b = save_images(&c, std::slice::from_ref(&img), "nomodel", "output").unwrap();
         assert_eq!(b[0]["filename"], "nomodel_00003_.png");
-        let v = save_images(&c, &[img.clone()], "video/clip", "output").unwrap();
+        let v = save_images(&c, std::slice::from_ref(&img), "video/clip", "output").unwrap();
         assert_eq!(
             v[0],
             json!({"filename": "clip_00001_.png", "subfolder": "video", "type": "output"})

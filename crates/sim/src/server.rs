@@ -155,13 +155,25 @@ impl Listener for SimListener {
     }
 }
 
-/// A running simulator. Dropping the handle leaves it running; use [`SimHandle::shutdown`] or
-/// [`SimHandle::kill`].
+/// A running simulator. Stop it with [`SimHandle::shutdown`] (graceful) or [`SimHandle::kill`]
+/// (abrupt). Dropping the handle stops it abruptly too and removes a data directory the
+/// simulator created itself, so tests leave nothing running or on disk.
 pub struct SimHandle {
     shared: Arc<Shared>,
     addr: SocketAddr,
-    server: tokio::task::JoinHandle<()>,
-    worker: tokio::task::JoinHandle<()>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        if !self.shared.shutdown.is_cancelled() {
+            self.shared.halt();
+        }
+        if self.shared.dirs.owned {
+            let _ = std::fs::remove_dir_all(&self.shared.dirs.root);
+        }
+    }
 }
 
 impl std::fmt::Debug for SimHandle {
@@ -250,8 +262,8 @@ pub async fn try_spawn(config: SimConfig, listener: TcpListener) -> Result<SimHa
     Ok(SimHandle {
         shared,
         addr,
-        server,
-        worker,
+        server: Some(server),
+        worker: Some(worker),
     })
 }
 
@@ -319,21 +331,21 @@ impl SimHandle {
     /// Graceful stop: no new connections, WebSockets get a close frame, in-flight requests
     /// finish (for up to 5 s), the worker stops. A data directory the simulator created itself
     /// is removed.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shared.shutdown.cancel();
-        let mut server = self.server;
-        if tokio::time::timeout(Duration::from_secs(5), &mut server)
-            .await
-            .is_err()
+        if let Some(mut server) = self.server.take()
+            && tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
         {
-            self.shared.die();
+            self.shared.halt();
             let _ = server.await;
         }
-        self.worker.abort();
-        let _ = self.worker.await;
-        if self.shared.dirs.owned {
-            let _ = std::fs::remove_dir_all(&self.shared.dirs.root);
+        if let Some(worker) = self.worker.take() {
+            worker.abort();
+            let _ = worker.await;
         }
+        // The data directory goes with the handle (see Drop).
         tracing::info!(addr = %self.addr, "comfyume-sim stopped");
     }
 

@@ -418,34 +418,27 @@ impl Shared {
             Fault::RefuseConnections { for_ms } => {
                 self.faults.send_modify(|f| f.refuse_connections = true);
                 self.clear_later(generation, for_ms, |f| f.refuse_connections = false);
-                return;
             }
             Fault::PromptError => {
                 self.faults.send_modify(|f| f.prompt_error = true);
-                return;
             }
             Fault::DropWebsocket => {
                 self.faults.send_modify(|f| f.drop_websocket = true);
-                return;
             }
             Fault::Hang { for_ms } => {
                 self.faults.send_modify(|f| f.hang = true);
                 self.clear_later(generation, for_ms, |f| f.hang = false);
-                return;
             }
             Fault::ForgetHistory => {
                 self.forget();
-                return;
             }
             Fault::SlowView { ms } => {
                 self.faults.send_modify(|f| f.slow_view_ms = ms);
-                return;
             }
             Fault::DieMidJob => {
                 self.faults.send_modify(|f| f.die_mid_job = true);
-                return;
             }
-        };
+        }
     }
 
     fn clear_later(
@@ -500,10 +493,18 @@ impl Shared {
 
     /// Stop abruptly: listener closed, every connection cut, worker stopped.
     pub fn die(&self) {
-        if self.died.swap(true, Ordering::SeqCst) {
+        if self.died.load(Ordering::SeqCst) {
             return;
         }
         tracing::error!("simulated server dies abruptly");
+        self.halt();
+    }
+
+    /// Stop everything at once, without the log line (also used when the handle is dropped).
+    pub fn halt(&self) {
+        if self.died.swap(true, Ordering::SeqCst) {
+            return;
+        }
         self.root.cancel();
         for t in lock(&self.tasks).drain(..) {
             t.abort();

@@ -96,22 +96,22 @@ pub fn validate_prompt(
     prompt: &mut Map<String, Value>,
     partial: Option<&[String]>,
     image_exists: &dyn Fn(&str) -> bool,
-) -> Result<Accepted, Rejected> {
+) -> Result<Accepted, Box<Rejected>> {
     let mut outputs = Vec::new();
     for (id, node) in prompt.iter() {
         let Some(class) = node.as_object().and_then(|n| n.get("class_type")) else {
-            return Err(Rejected {
+            return Err(Box::new(Rejected {
                 error: top_error(
                     "invalid_prompt",
                     "Cannot execute because a node is missing the class_type property.",
                     &format!("Node ID '#{id}'"),
                 ),
                 node_errors: json!({}),
-            });
+            }));
         };
         let class_name = class.as_str().unwrap_or_default();
         if class.as_str().is_none() || !cat.has(class_name) {
-            return Err(Rejected {
+            return Err(Box::new(Rejected {
                 error: top_error(
                     "invalid_prompt",
                     &format!(
@@ -121,17 +121,17 @@ pub fn validate_prompt(
                     &format!("Node ID '#{id}'"),
                 ),
                 node_errors: json!({}),
-            });
+            }));
         }
         if cat.is_output(class_name) && partial.is_none_or(|p| p.iter().any(|t| t == id)) {
             outputs.push(id.clone());
         }
     }
     if outputs.is_empty() {
-        return Err(Rejected {
+        return Err(Box::new(Rejected {
             error: top_error("prompt_no_outputs", "Prompt has no outputs", ""),
             node_errors: json!({}),
-        });
+        }));
     }
 
     let mut ctx = Ctx {
@@ -200,14 +200,14 @@ pub fn validate_prompt(
                 )
             })
             .collect();
-        return Err(Rejected {
+        return Err(Box::new(Rejected {
             error: top_error(
                 "prompt_outputs_failed_validation",
                 "Prompt outputs failed validation",
                 &lines.join("\n"),
             ),
             node_errors: Value::Object(node_errors),
-        });
+        }));
     }
     Ok(Accepted {
         outputs: good,
@@ -639,7 +639,7 @@ fn py_float(v: &Value) -> Result<Value, PyExc> {
 mod tests {
     use super::*;
 
-    fn run(prompt: Value) -> Result<Accepted, Rejected> {
+    fn run(prompt: Value) -> Result<Accepted, Box<Rejected>> {
         let cat = Catalog::builtin();
         let mut p = prompt.as_object().unwrap().clone();
         validate_prompt(&cat, &mut p, None, &|name| name == "up.png")

@@ -14,6 +14,9 @@ NODES = [
     "VAEDecode", "SaveImage", "PreviewImage", "CheckpointLoaderSimple", "LTXAVTextEncoderLoader",
     "EmptyLTXVLatentVideo", "LTXVScheduler", "LTXVConditioning", "CreateVideo", "SaveVideo",
     "LoadImage", "EmptyImage", "ImageInvert", "ImageBlur", "ImageScaleBy", "ImageScale",
+    # also used by the workshop templates (crates/templates/workflows)
+    "PrimitiveInt", "ConditioningZeroOut", "ManualSigmas", "LTXVAudioVAELoader",
+    "LTXVEmptyLatentAudio", "LTXVConcatAVLatent", "LTXVSeparateAVLatent", "LTXVAudioVAEDecode",
 ]
 
 src = sys.argv[1] if len(sys.argv) > 1 else "/work/shared/comfyui/api/object_info.json"

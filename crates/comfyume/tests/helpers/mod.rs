@@ -28,13 +28,14 @@ pub struct TestApp {
     pub data_dir: PathBuf,
     pub state: AppState,
     pub store: Arc<dyn Store>,
-    _tmp: tempfile::TempDir,
+    pub dispatcher: Arc<comfyume_dispatch::Dispatcher>,
+    _tmp: Option<tempfile::TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A minimal stand-in for the frontend's static folder (the browser test uses
 /// the real one): enough for routing, caching and the extension list.
-fn fake_frontend(dir: &std::path::Path) {
+pub fn fake_frontend(dir: &std::path::Path) {
     std::fs::create_dir_all(dir.join("assets")).unwrap();
     std::fs::create_dir_all(dir.join("extensions/core")).unwrap();
     std::fs::create_dir_all(dir.join("scripts")).unwrap();
@@ -57,12 +58,56 @@ pub fn queue_cfg() -> comfyume_dispatch::QueueConfig {
     comfyume_dispatch::QueueConfig::default()
 }
 
+/// The captured ComfyUI `/object_info` (592 classes), parsed once per test binary.
+pub fn captured_object_info() -> Value {
+    static INFO: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    INFO.get_or_init(|| {
+        serde_json::from_str(&std::fs::read_to_string(shared("api/object_info.json")).unwrap()).unwrap()
+    })
+    .clone()
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
 
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
-    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = AppOptions::default();
+    tweak(&mut opts.settings_tweak);
+    spawn_full(opts).await
+}
+
+/// Everything a test may choose about its server.
+pub struct AppOptions {
+    /// Applied over the defaults (data and frontend dirs are the harness's own).
+    pub settings_tweak: Settings,
+    pub queue: comfyume_dispatch::QueueConfig,
+    /// Backends jobs run on; none: jobs stay queued.
+    pub backends: Vec<Arc<dyn comfyume_dispatch::Backend>>,
+    pub dispatch: comfyume_dispatch::DispatchConfig,
+    /// Node definitions: the real ComfyUI capture (default) or none (taken from
+    /// the first backend, as `serve` does).
+    pub real_object_info: bool,
+    /// Reuse a data directory (a restart); otherwise a fresh one with users.
+    pub reuse: Option<tempfile::TempDir>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            settings_tweak: Settings::with_data_dir("unused", "unused"),
+            queue: queue_cfg(),
+            backends: Vec::new(),
+            dispatch: comfyume_dispatch::DispatchConfig::default(),
+            real_object_info: true,
+            reuse: None,
+        }
+    }
+}
+
+pub async fn spawn_full(opts: AppOptions) -> TestApp {
+    let fresh = opts.reuse.is_none();
+    let tmp = opts.reuse.unwrap_or_else(|| tempfile::tempdir().unwrap());
     let data_dir = tmp.path().join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
     let frontend = tmp.path().join("frontend");
@@ -72,27 +117,33 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
             .await
             .unwrap(),
     );
-    for u in ["user001", "user002"] {
-        store
-            .create_user(u, PASSWORD, Role::Participant)
+    if fresh {
+        for u in ["user001", "user002"] {
+            store.create_user(u, PASSWORD, Role::Participant).await.unwrap();
+        }
+        store.create_user(ADMIN, PASSWORD, Role::Admin).await.unwrap();
+    }
+    let mut settings = opts.settings_tweak;
+    settings.data_dir = data_dir.clone();
+    settings.frontend_dir = frontend;
+    let (state, in_flight) = comfyume_gateway::build_state(settings, store.clone(), opts.queue)
+        .await
+        .unwrap();
+    if opts.real_object_info {
+        comfyume_gateway::replace_object_info(&state, captured_object_info(), "test")
             .await
             .unwrap();
+    } else if let Some(b) = opts.backends.first() {
+        let info = b.object_info().await.unwrap();
+        comfyume_gateway::replace_object_info(&state, info, "backend").await.unwrap();
     }
-    store
-        .create_user(ADMIN, PASSWORD, Role::Admin)
-        .await
-        .unwrap();
-    let mut settings = Settings::with_data_dir(&data_dir, &frontend);
-    tweak(&mut settings);
-    let (state, _) = comfyume_gateway::build_state(settings, store.clone(), queue_cfg())
-        .await
-        .unwrap();
-    let info: Value =
-        serde_json::from_str(&std::fs::read_to_string(shared("api/object_info.json")).unwrap())
-            .unwrap();
-    comfyume_gateway::replace_object_info(&state, info, "test")
-        .await
-        .unwrap();
+    let dispatcher = comfyume_dispatch::Dispatcher::new(
+        state.queue.clone(),
+        opts.backends,
+        opts.dispatch,
+        data_dir.clone(),
+    );
+    dispatcher.start(in_flight);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -110,9 +161,37 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
         data_dir,
         state,
         store,
-        _tmp: tmp,
+        dispatcher,
+        _tmp: Some(tmp),
         shutdown: Some(tx),
     }
+}
+
+impl TestApp {
+    /// Stops the server and hands back its data directory (for a restart).
+    pub fn stop(mut self) -> tempfile::TempDir {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self._tmp.take().unwrap()
+    }
+}
+
+/// A simulator on 127.0.0.1:0 and a `comfyui` backend pointed at it.
+pub async fn sim_backend(
+    name: &str,
+    step_ms: u64,
+) -> (comfyume_sim::SimHandle, Arc<dyn comfyume_dispatch::Backend>) {
+    let cfg = comfyume_sim::SimConfig { step_ms, ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = comfyume_sim::spawn(cfg, listener).await;
+    let timeouts = comfyume_dispatch::Timeouts {
+        request: std::time::Duration::from_secs(3),
+        transfer: std::time::Duration::from_secs(10),
+        silence: std::time::Duration::from_secs(5),
+    };
+    let b = comfyume_dispatch::comfyui::ComfyUiBackend::new(name, sim.url(), 2, timeouts).unwrap();
+    (sim, Arc::new(b))
 }
 
 impl Drop for TestApp {
@@ -148,13 +227,22 @@ impl Resp {
 
 impl TestApp {
     pub fn client() -> reqwest::Client {
-        // reqwest is built without a bundled TLS provider; tests speak plain HTTP
-        // but the client still wants one installed.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
+        // Building a client costs ~100 ms (it loads the system's root
+        // certificates); one per process. No idle pool: each test has its own
+        // runtime and port, so a pooled connection could outlive its server.
+        static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+        CLIENT
+            .get_or_init(|| {
+                // reqwest is built without a bundled TLS provider; tests speak plain
+                // HTTP but the client still wants one installed.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap()
+            })
+            .clone()
     }
 
     /// `user`'s request with Basic Auth; `path` is sent as given.
@@ -444,4 +532,199 @@ pub async fn assert_silent(ws: &mut Ws, ms: u64) {
 /// Decodes an image body (PNG, JPEG, WebP).
 pub fn decode(bytes: &[u8]) -> image::DynamicImage {
     image::load_from_memory(bytes).expect("a decodable image")
+}
+
+impl TestApp {
+    /// A second process's state over the same store and data directory, as
+    /// after a restart (the running server keeps its own).
+    pub async fn fresh_state(&self) -> AppState {
+        let frontend = self.data_dir.parent().unwrap().join("frontend");
+        let settings = Settings::with_data_dir(&self.data_dir, &frontend);
+        let (state, _) = comfyume_gateway::build_state(settings, self.store.clone(), queue_cfg())
+            .await
+            .unwrap();
+        state
+    }
+}
+
+// ---- queue and dispatch stories (tests/queue.rs, tests/dispatch.rs) ----
+
+/// A workflow of `shared/comfyui/workflows/` (API format).
+pub fn workflow(name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(shared(&format!("workflows/{name}"))).unwrap())
+        .unwrap()
+}
+
+/// Backend call limits short enough for tests.
+pub fn test_timeouts() -> comfyume_dispatch::Timeouts {
+    comfyume_dispatch::Timeouts {
+        request: std::time::Duration::from_secs(3),
+        transfer: std::time::Duration::from_secs(10),
+        silence: std::time::Duration::from_secs(5),
+    }
+}
+
+/// A simulator with `slots` backend slots (one: the scheduler decides every job).
+pub async fn sim_backend_slots(
+    name: &str,
+    step_ms: u64,
+    slots: usize,
+) -> (comfyume_sim::SimHandle, Arc<dyn comfyume_dispatch::Backend>) {
+    let cfg = comfyume_sim::SimConfig { step_ms, ..Default::default() };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = comfyume_sim::spawn(cfg, listener).await;
+    let b = backend_for(&sim, name, slots, test_timeouts());
+    (sim, b)
+}
+
+/// Another `comfyui` backend pointed at a running simulator (a restarted
+/// server reaches the same GPU under the same name).
+pub fn backend_for(
+    sim: &comfyume_sim::SimHandle,
+    name: &str,
+    slots: usize,
+    timeouts: comfyume_dispatch::Timeouts,
+) -> Arc<dyn comfyume_dispatch::Backend> {
+    Arc::new(
+        comfyume_dispatch::comfyui::ComfyUiBackend::new(name, sim.url(), slots, timeouts).unwrap(),
+    )
+}
+
+/// A server in its own runtime, so it can die like a killed process: every
+/// task (HTTP, dispatcher, backend connections) stops at once, the data
+/// directory stays. The simulator lives in the test's runtime and goes on.
+pub struct Process {
+    rt: Option<tokio::runtime::Runtime>,
+    pub app: Option<TestApp>,
+}
+
+pub fn spawn_process(opts: AppOptions) -> Process {
+    let (rt, app) = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let app = rt.block_on(spawn_full(opts));
+        (rt, app)
+    })
+    .join()
+    .unwrap();
+    Process { rt: Some(rt), app: Some(app) }
+}
+
+impl Process {
+    pub fn app(&self) -> &TestApp {
+        self.app.as_ref().unwrap()
+    }
+
+    /// Kills the server (no graceful anything) and hands back its data directory.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+        self.app.take().unwrap().stop()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl TestApp {
+    /// `POST /api/prompt` as the frontend sends it, for `user`'s tab `client_id`.
+    pub async fn queue_prompt(&self, user: &str, client_id: &str, prompt: &Value) -> Resp {
+        let body = serde_json::json!({"client_id": client_id, "prompt": prompt});
+        self.post_json(user, "/api/prompt", &body).await
+    }
+
+    /// Submits and returns the prompt id (asserting 200).
+    pub async fn submit(&self, user: &str, client_id: &str, prompt: &Value) -> String {
+        let r = self.queue_prompt(user, client_id, prompt).await;
+        assert_eq!(r.status, 200, "POST /api/prompt: {}", r.text());
+        r.json()["prompt_id"].as_str().unwrap().to_string()
+    }
+
+    /// `/api/jobs/{id}`'s status for `user`.
+    pub async fn job_status(&self, user: &str, id: &str) -> String {
+        let r = self.get(user, &format!("/api/jobs/{id}")).await;
+        assert_eq!(r.status, 200, "GET /api/jobs/{id}: {}", r.text());
+        r.json()["status"].as_str().unwrap().to_string()
+    }
+
+    /// Waits (up to `secs`) until `user`'s job `id` has one of `states` in
+    /// `/api/jobs/{id}`; returns it.
+    pub async fn wait_job(&self, user: &str, id: &str, states: &[&str], secs: u64) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let s = self.job_status(user, id).await;
+            if states.contains(&s.as_str()) {
+                return s;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "job {id} still {s} after {secs} s (wanted {states:?})"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The files in `user`'s outputs folder (names, sorted; none half-written).
+    pub fn output_files(&self, user: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.data_dir.join("outputs").join(user))
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Text messages on `ws` until one satisfies `stop` (included), within `secs`.
+pub async fn messages_until(ws: &mut Ws, secs: u64, stop: impl Fn(&Value) -> bool) -> Vec<Value> {
+    use futures_util::StreamExt;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut out = Vec::new();
+    loop {
+        let msg = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no matching WebSocket message within {secs} s; got {out:#?}"))
+            .expect("socket open")
+            .expect("no socket error");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            let done = stop(&v);
+            out.push(v);
+            if done {
+                return out;
+            }
+        }
+    }
+}
+
+/// The end-of-job marker for `id`: `executing` with `node: null`.
+pub fn is_end_of(v: &Value, id: &str) -> bool {
+    v["type"] == "executing" && v["data"]["node"].is_null() && v["data"]["prompt_id"] == id
+}
+
+/// Polls `cond` every 5 ms for up to `ms`; whether it became true.
+pub async fn eventually(ms: u64, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }

@@ -19,7 +19,7 @@ use tower::ServiceExt;
 use crate::api::write_atomic;
 use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
-use crate::paths::{is_plain_file_name, resolve_within};
+use crate::paths::{PathError, is_plain_file_name, resolve_within};
 use crate::state::{AppState, UserDirs};
 
 /// The folder for ComfyUI's `type` parameter.
@@ -149,7 +149,8 @@ fn choose_target(
         if overwrite || !path.exists() {
             return (path, candidate, false);
         }
-        if sha256_file(&path) == Some(digest) {
+        // Compare only a regular file's bytes: never read through a link.
+        if path.symlink_metadata().is_ok_and(|m| m.is_file()) && sha256_file(&path) == Some(digest) {
             return (path, candidate, true);
         }
         candidate = format!("{stem} ({i}){ext}");
@@ -229,7 +230,8 @@ pub async fn upload_mask(
     if !is_plain_file_name(&orig.filename) {
         return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
     }
-    let orig_path = folder.join(&orig.filename);
+    // resolve_within: a link named like the original must not lead outside.
+    let orig_path = resolve_within(&folder, &orig.filename).map_err(|_| ApiError::forbidden())?;
     let mask_bytes = up.bytes.clone();
     let merged = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
         let original = image::open(&orig_path).map_err(|e| e.to_string())?;
@@ -273,9 +275,13 @@ pub async fn view(
     Query(q): Query<ViewQuery>,
     req: Request,
 ) -> ApiResult<Response> {
-    let Some(mut filename) = q.filename.filter(|f| !f.is_empty()) else {
+    // ComfyUI: no filename parameter is a 404, an empty one a 400.
+    let Some(mut filename) = q.filename else {
         return Err(ApiError::not_found());
     };
+    if filename.is_empty() {
+        return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
+    }
     let mut kind = q.kind.unwrap_or_else(|| "output".into());
     // "name.png [output]" overrides type, as in ComfyUI's annotated names.
     for tag in ["output", "input", "temp"] {
@@ -291,7 +297,12 @@ pub async fn view(
     let base = type_dir(&dirs, &kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
     let folder = resolve_within(&base, q.subfolder.as_deref().unwrap_or(""))
         .map_err(|_| ApiError::forbidden())?;
-    let path = resolve_within(&folder, &filename).map_err(|_| ApiError::forbidden())?;
+    let path = resolve_within(&folder, &filename).map_err(|e| match e {
+        // A backslash or NUL in the name: a malformed request.
+        PathError::Invalid => ApiError::forbidden(),
+        // Through a link out of the participant's folder.
+        PathError::Traversal => ApiError::forbidden(),
+    })?;
     if !path.is_file() {
         return Err(ApiError::not_found());
     }

@@ -61,6 +61,10 @@ fn walk(dir: &FsPath, recurse: bool, out: &mut Vec<(PathBuf, std::fs::Metadata)>
     let mut entries: Vec<_> = rd.flatten().collect();
     entries.sort_by_key(|e| e.file_name());
     for e in entries {
+        // ComfyUI's glob('*') skips dot files; so do we (and our in-progress `.tmp` writes).
+        if e.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         // symlink_metadata: never follow a link out of the participant's folder.
         let Ok(md) = e.path().symlink_metadata() else {
             continue;
@@ -92,7 +96,8 @@ pub async fn list(
         return Err(ApiError::bad_request("Directory not provided"));
     };
     let root = user_root(&state, &who);
-    let base = resolve(&root, dir)?;
+    let base = resolve_within(&root, dir)
+        .map_err(|_| ApiError::Text(StatusCode::FORBIDDEN, "Invalid directory".into()))?;
     if !base.is_dir() {
         return Err(ApiError::Text(
             StatusCode::NOT_FOUND,
@@ -134,11 +139,30 @@ pub async fn get_file(
         Ok(md) if md.is_file() => md,
         _ => return Err(ApiError::not_found()),
     };
-    let bytes = tokio::fs::read(&path).await?;
-    let mime = mime_guess::from_path(&path).first_or_octet_stream();
     let _ = md;
+    let bytes = tokio::fs::read(&path).await?;
+    // Participant files are arbitrary content and never render inline on this
+    // origin (the instructor opening /user001/ would run user001's script), as
+    // in later ComfyUI. `user.css` is the frontend's own stylesheet hook.
+    let (ct, disposition) = if rel_string(&root, &path) == "user.css" {
+        ("text/css".to_string(), "inline")
+    } else {
+        let mime = mime_guess::from_path(&path).first_or_octet_stream();
+        let ct = match mime.essence_str() {
+            "text/html" | "application/xhtml+xml" | "application/javascript" | "text/javascript"
+            | "text/css" | "image/svg+xml" | "text/xml" | "application/xml" => {
+                "application/octet-stream".to_string()
+            }
+            other => other.to_string(),
+        };
+        (ct, "attachment")
+    };
     Ok((
-        [(header::CONTENT_TYPE, mime.essence_str().to_string())],
+        [
+            (header::CONTENT_TYPE, ct),
+            (header::CONTENT_DISPOSITION, disposition.to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+        ],
         Body::from(bytes),
     )
         .into_response())
@@ -259,7 +283,10 @@ pub async fn list_v2(
 ) -> ApiResult<Response> {
     let root = user_root(&state, &who);
     let rel = q.path.unwrap_or_default();
-    let base = resolve(&root, rel.trim_matches('/'))?;
+    // ComfyUI: 400 "Invalid path requested" for a path outside the user's folder
+    // (a leading `/` included: it names the filesystem root there).
+    let base = resolve_within(&root, &rel)
+        .map_err(|_| ApiError::Text(StatusCode::BAD_REQUEST, "Invalid path requested".into()))?;
     if !base.is_dir() {
         return Err(ApiError::Text(
             StatusCode::NOT_FOUND,
@@ -287,6 +314,10 @@ pub async fn list_v2(
         }
         visit(&root, &base, &mut dirs, &mut files);
         dirs.extend(files);
+        // ComfyUI sorts directories first, then each group by name, case-insensitively.
+        dirs.sort_by_cached_key(|e| {
+            (e["type"] != "directory", e["name"].as_str().unwrap_or("").to_lowercase())
+        });
         dirs
     })
     .await

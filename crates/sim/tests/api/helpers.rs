@@ -42,6 +42,37 @@ pub fn trace_messages(name: &str) -> Vec<Value> {
         .collect()
 }
 
+/// A fresh directory for a simulator whose end is not graceful (die/kill leave their files).
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("comfyume-sim-test-{}", uuid_like()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
 pub struct TestSim {
     pub sim: SimHandle,
     pub http: reqwest::Client,
@@ -243,6 +274,20 @@ impl Ws {
                 Ok(Some(Ok(Message::Binary(b)))) => return Ok(Frame::Binary(b.to_vec())),
                 Ok(Some(Ok(Message::Close(_)))) => return Err(WsEnd::Closed),
                 Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// The next text frame verbatim.
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("websocket frame")
+            {
+                Some(Ok(Message::Text(t))) => return t.as_str().to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
             }
         }
     }

@@ -4,4 +4,5 @@ mod faults;
 mod files;
 mod helpers;
 mod protocol;
+mod templates;
 mod workflows;

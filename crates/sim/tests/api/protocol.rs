@@ -15,11 +15,14 @@ fn queue_remaining(v: &Value) -> u64 {
 async fn owner_socket_sees_the_trace_sequence_for_nomodel() {
     let t = quick_sim().await;
     let mut ws = t.ws(Some("ownerA")).await;
-    let hello = ws.next_json().await;
+    // Byte for byte what ComfyUI (json.dumps) sent in the capture.
+    let raw = ws.next_text().await;
+    let trace = std::fs::read_to_string(shared_file("traces/ws_owner.txt")).unwrap();
     assert_eq!(
-        hello,
-        json!({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}}, "sid": "ownerA"}})
+        raw,
+        trace.lines().next().unwrap().split_once(' ').unwrap().1
     );
+    let hello: Value = serde_json::from_str(&raw).unwrap();
 
     let id = t.queue_ok(&workflow("nomodel.json"), Some("ownerA")).await;
     let mut frames = vec![crate::helpers::Frame::Json(hello)];
@@ -145,7 +148,7 @@ async fn without_client_id_others_get_status_and_progress_state_only() {
 #[tokio::test]
 async fn interrupt_sequence_matches_the_queue_interrupt_trace() {
     let t = spawn_sim(comfyume_sim::SimConfig {
-        step_ms: 25,
+        step_ms: 40,
         ..Default::default()
     })
     .await;
@@ -573,7 +576,7 @@ async fn queue_runs_in_number_order_and_front_goes_first() {
     .await;
     let mut ws = t.ws(Some("q")).await;
     ws.next().await;
-    let a = t.queue_ok(&flux_workflow(10, 1, 32), Some("q")).await;
+    let a = t.queue_ok(&flux_workflow(50, 1, 32), Some("q")).await;
     t.wait_running(&a).await;
     let b = t.queue_ok(&flux_workflow(1, 2, 32), Some("q")).await;
     let (_, body) = t
@@ -604,7 +607,7 @@ async fn reconnecting_executing_client_is_told_the_current_node() {
         ..Default::default()
     })
     .await;
-    let id = t.queue_ok(&flux_workflow(30, 1, 32), Some("back")).await;
+    let id = t.queue_ok(&flux_workflow(60, 1, 32), Some("back")).await;
     t.wait_node(&id, "11").await;
     let mut ws = t.ws(Some("back")).await;
     assert_eq!(queue_remaining(&ws.next_json().await), 1);

@@ -1,0 +1,127 @@
+//! The participant's story in a real browser: headless Chromium (Debian's),
+//! driven by Playwright, against the real `comfyume serve` binary serving the
+//! unmodified ComfyUI frontend 1.37.11. Needs `scripts/install-test-deps.sh`
+//! and `scripts/install-frontend.sh target/test-data` (scripts/test.sh runs both).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn frontend_dir() -> PathBuf {
+    let dir = std::env::var_os("COMFYUME_TEST_FRONTEND_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/test-data/frontend/1.37.11"));
+    assert!(
+        dir.join("index.html").is_file(),
+        "the real frontend is not at {}: run scripts/install-frontend.sh target/test-data (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_comfyume")
+}
+
+fn add_user(data: &Path, name: &str, password: &str) {
+    let mut child = Command::new(bin())
+        .args(["--data-dir", data.to_str().unwrap(), "users", "add", name, "--password-stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server(data: &Path) -> (Server, String) {
+    let mut child = Command::new(bin())
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--frontend-dir",
+            frontend_dir().to_str().unwrap(),
+        ])
+        .env("INFERENCE_MODE", "simulator")
+        .env("SIMULATOR_STEP_MS", "5")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx.recv_timeout(Duration::from_secs(30)).expect("serve printed its address");
+    (Server(child), url)
+}
+
+fn node_script(script: &str, base: &str, out: &Path) {
+    let dir = repo().join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run scripts/install-test-deps.sh"
+    );
+    let started = Instant::now();
+    let output = Command::new("node")
+        .arg(dir.join(script))
+        .current_dir(&dir)
+        .env("BASE_URL", base)
+        .env("USER1", "user001")
+        .env("PASS1", "first-secret")
+        .env("USER2", "user002")
+        .env("PASS2", "second-secret")
+        .env("OUT_DIR", out)
+        .output()
+        .expect("node runs (scripts/install-test-deps.sh installs it)");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} failed after {:?} ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}\nscreenshots in {}",
+        started.elapsed(),
+        output.status,
+        out.display()
+    );
+    println!("{script} passed in {:?}: {stdout}", started.elapsed());
+}
+
+/// user001 signs in, the canvas and node library load, a workflow saved with
+/// Ctrl+S is there after a reload; user002 does not see it. Any uncaught page
+/// error or failed request (other than the known harmless 404s) fails it.
+#[test]
+fn participant_story_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    add_user(&data, "user001", "first-secret");
+    add_user(&data, "user002", "second-secret");
+    let (_server, base) = start_server(&data);
+    let out = tmp.path().join("screenshots");
+    std::fs::create_dir_all(&out).unwrap();
+    node_script("story.mjs", &base, &out);
+}
