@@ -63,7 +63,8 @@ pub struct ServeArgs {
     /// Priority aging: a waiting job gains one level per this many seconds.
     #[arg(long, env = "PRIORITY_AGING_SECS")]
     pub priority_aging_secs: Option<u64>,
-    /// Where jobs run: local (ComfyUI servers in COMFYUI_URLS), simulator, or serverless.
+    /// Where jobs run: local (ComfyUI servers in COMFYUI_URLS), simulator, serverless,
+    /// or none (jobs stay queued).
     #[arg(long, env = "INFERENCE_MODE")]
     pub inference_mode: Option<InferenceMode>,
     /// ComfyUI servers for INFERENCE_MODE=local, comma-separated.
@@ -90,6 +91,12 @@ pub enum InferenceMode {
     Simulator,
     /// Serverless GPU containers running comfyume-worker.
     Serverless,
+    /// No backend at all: jobs are accepted, stored and stay queued (benchmarks of
+    /// the submission path; taking submissions before the GPUs are up). Node
+    /// definitions come from the stored snapshot (`comfyume object-info import`).
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    NoBackend,
 }
 
 /// The optional TOML file: the same settings, snake_case.
@@ -273,6 +280,14 @@ mod tests {
         let r = resolve_serve(&common, &flags).unwrap();
         assert_eq!(r.listen.port(), 7001);
         assert_eq!(r.data_dir, PathBuf::from("/tmp/y"));
+    }
+
+    #[test]
+    fn inference_mode_none_means_no_backend() {
+        use clap::ValueEnum;
+        let parsed: FileConfig = toml::from_str("inference_mode = \"none\"").unwrap();
+        assert_eq!(parsed.inference_mode, Some(InferenceMode::NoBackend));
+        assert_eq!(InferenceMode::from_str("none", false).unwrap(), InferenceMode::NoBackend);
     }
 
     #[test]

@@ -46,6 +46,11 @@ async fn build_backends(
             println!("backend: simulator (no GPU; set COMFYUI_URLS for real ComfyUI servers)");
             Ok((vec![Arc::new(b) as Arc<dyn Backend>], "simulator (no GPU)".into(), Some(sim)))
         }
+        InferenceMode::NoBackend => {
+            tracing::warn!("INFERENCE_MODE=none: no backend; jobs are accepted and stay queued");
+            println!("backend: none (jobs stay queued)");
+            Ok((Vec::new(), "no backend (jobs stay queued)".into(), None))
+        }
         InferenceMode::Serverless => bail!(
             "INFERENCE_MODE=serverless needs the comfyume-worker backend, which this build does not include yet; \
              use INFERENCE_MODE=local with COMFYUI_URLS, or the simulator"
@@ -215,6 +220,6 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    comfyume_gateway::launch(state, listener, shutdown_signal()).await?;
+    comfyume_gateway::launch_with(state, listener, comfyume_admin::routes(), shutdown_signal()).await?;
     Ok(())
 }

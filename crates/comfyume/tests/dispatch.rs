@@ -269,6 +269,37 @@ async fn interrupts_stop_only_the_callers_own_job() {
 }
 
 #[tokio::test]
+async fn a_job_waiting_on_the_gpu_can_be_stopped_by_its_owner_only() {
+    let (sim, backend) = sim_backend_slots("gpu-a", 25, 2).await;
+    let app = spawn_full(with_backends(vec![backend])).await;
+    let mut ws1 = tab(&app, U1, "tab").await;
+    let mut ws2 = tab(&app, U2, "tab").await;
+    let running = app.submit(U1, "tab", &slow_blur()).await;
+    messages_until(&mut ws1, 10, |v| v["type"] == "executing" && v["data"]["node"] == "2").await;
+    // Handed over in advance: queued on the GPU server behind user001's.
+    let waiting = app.submit(U2, "tab", &nomodel(11)).await;
+    assert!(eventually(5000, || sim.state().queue_pending == 1).await);
+    let r = app.post(U2, "/api/interrupt", Vec::new()).await;
+    assert_eq!(r.status, 200);
+    let msgs = until_end(&mut ws2, &waiting, 10).await;
+    let int = msgs
+        .iter()
+        .find(|m| m["type"] == "execution_interrupted")
+        .unwrap_or_else(|| panic!("execution_interrupted: {msgs:#?}"));
+    assert_eq!(int["data"]["prompt_id"], waiting.as_str());
+    assert_eq!(app.job_status(U2, &waiting).await, "cancelled");
+    assert_eq!(sim.state().queue_pending, 0, "taken off the GPU server's queue");
+    // user001's job, running meanwhile, is untouched.
+    let msgs = until_end(&mut ws1, &running, 15).await;
+    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
+    assert_eq!(app.job_status(U1, &running).await, "completed");
+    let st = sim.state();
+    assert_eq!((st.jobs_run, st.jobs_interrupted), (1, 0));
+    assert!(app.output_files(U2).is_empty());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_dropped_backend_socket_does_not_lose_the_job() {
     let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
     let app = spawn_full(with_backends(vec![backend])).await;

@@ -306,7 +306,10 @@ async fn v2_userdata_lists_directories_first_then_files() {
     let app = spawn_app().await;
     app.post_json(U, "/api/settings", &json!({"Comfy.Test": 1})).await;
     app.post(U, "/api/userdata/workflows%2Fsub%2Fz.json", "{}").await;
-    app.post(U, "/api/userdata/Alpha.json", "{}").await;
+    // Byte order (Alpha, Gamma, beta, …) is not ComfyUI's order (alpha, beta, …, gamma).
+    for f in ["Alpha.json", "beta.json", "Gamma.json", "zeta.json"] {
+        app.post(U, &format!("/api/userdata/{f}"), "{}").await;
+    }
     for p in variants(U, "/v2/userdata") {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
@@ -322,11 +325,12 @@ async fn v2_userdata_lists_directories_first_then_files() {
         assert!(settings["size"].as_u64().unwrap() > 0 && settings["modified"].as_f64().unwrap() > 1.0e9);
         assert!(rows.iter().any(|e| e["path"] == "workflows/sub/z.json" && e["name"] == "z.json"));
         // ComfyUI sorts each group by name, case-insensitively.
-        let names: Vec<String> =
-            rows[first_file..].iter().map(|e| e["name"].as_str().unwrap().to_lowercase()).collect();
-        let mut sorted = names.clone();
-        sorted.sort();
-        assert_eq!(names, sorted, "{p}");
+        for group in [&rows[..first_file], &rows[first_file..]] {
+            let names: Vec<String> = group.iter().map(|e| e["name"].as_str().unwrap().to_lowercase()).collect();
+            let mut sorted = names.clone();
+            sorted.sort();
+            assert_eq!(names, sorted, "{p}");
+        }
     }
     let r = app.get(U, "/api/v2/userdata?path=workflows%2Fsub").await;
     assert_eq!(r.json(), json!([{"name": "z.json", "path": "workflows/sub/z.json", "type": "file", "size": 2,

@@ -620,10 +620,16 @@ async fn relay_events(
                     queue.broadcast_status(&user).await;
                 }
                 ended |= is_end_message(kind);
-                if kind == "progress_state" {
-                    events.to_user(&user, &text);
-                } else if let Some(c) = &client_id {
-                    events.to_client(&user, c, &text);
+                // As ComfyUI routes them (ws_observer.txt): to the submitting
+                // client; without one, progress reaches all of the owner's tabs.
+                match &client_id {
+                    Some(c) => {
+                        events.to_client(&user, c, &text);
+                    }
+                    None if matches!(kind, "progress_state" | "execution_interrupted") => {
+                        events.to_user(&user, &text);
+                    }
+                    None => {}
                 }
             }
             BackendEvent::Binary(frame) => {

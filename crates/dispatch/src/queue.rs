@@ -77,6 +77,17 @@ fn queued_job(r: &JobRecord) -> QueuedJob {
     }
 }
 
+/// The counter value a restored job's `number` requires: the counter also
+/// moves on rejected prompts, so `seq` alone can be lower, and a new job
+/// would then sort before (or, with `front`, after) jobs already waiting.
+fn counter_floor(number: f64) -> i64 {
+    if number.is_finite() {
+        number.abs().ceil().min(9.0e15) as i64
+    } else {
+        0
+    }
+}
+
 impl Queue {
     /// Opens the queue over `store`: queued jobs go back into the scheduler;
     /// jobs left dispatched or running by a previous process are returned for
@@ -97,7 +108,7 @@ impl Queue {
         let mut in_flight = Vec::new();
         let mut max_seq = 0;
         for r in store.unfinished_jobs().await? {
-            max_seq = max_seq.max(r.seq);
+            max_seq = max_seq.max(r.seq).max(counter_floor(r.number));
             match r.state {
                 JobState::Queued => {
                     if let Err(e) = sched.enqueue(queued_job(&r)) {
@@ -117,7 +128,9 @@ impl Queue {
                 ..Default::default()
             })
             .await?;
-        max_seq = max_seq.max(recent.first().map(|r| r.seq).unwrap_or(0));
+        if let Some(r) = recent.first() {
+            max_seq = max_seq.max(r.seq).max(counter_floor(r.number));
+        }
         let q = Arc::new(Queue {
             store,
             sched: Mutex::new(sched),

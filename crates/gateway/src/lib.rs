@@ -107,19 +107,44 @@ async fn track_metrics(req: Request, next: Next) -> Response {
     resp
 }
 
+/// `/api/comfyume/status`: what the participant's banner shows: who they
+/// are, where their next job stands in the workshop queue, and where it runs.
 async fn banner_status(
     State(state): State<AppState>,
     who: auth::Participant,
-) -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({
+) -> Result<axum::Json<serde_json::Value>, error::ApiError> {
+    use comfyume_store::{JobQuery, JobState};
+    let order = state.queue.projected_order();
+    let ahead = order.iter().position(|(_, u)| *u == who.name);
+    let waiting = order.iter().filter(|(_, u)| *u == who.name).count();
+    let (running, _) = state
+        .store
+        .list_jobs(&JobQuery {
+            user: Some(who.name.clone()),
+            states: vec![JobState::Dispatched, JobState::Running],
+            ..Default::default()
+        })
+        .await?;
+    let running_on: Vec<String> = running.iter().filter_map(|r| r.backend.clone()).collect();
+    let message = match (running_on.first(), ahead) {
+        (Some(b), _) => Some(format!("Your job is running on {b}")),
+        (None, Some(0)) => Some("Your job is next in the workshop queue".to_string()),
+        (None, Some(n)) => Some(format!("{n} job(s) ahead of yours in the workshop queue")),
+        (None, None) => None,
+    };
+    Ok(axum::Json(serde_json::json!({
         "user": who.name,
         "backend": state.settings.backend_label,
-        "message": serde_json::Value::Null,
-    }))
+        "queue_position": ahead,
+        "waiting": waiting,
+        "running_on": running_on,
+        "message": message,
+    })))
 }
 
-/// The whole router (before the participant-prefix rewrite).
-pub fn router(state: AppState) -> Router {
+/// The whole router (before the participant-prefix rewrite). `extra` routes
+/// (the instructor's API) sit behind the same authentication.
+pub fn router(state: AppState, extra: Router<AppState>) -> Router {
     let api = api::routes().route("/comfyume/status", get(banner_status));
     let authed = Router::new()
         .merge(api.clone())
@@ -128,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(frontend::index))
         .route("/index.html", get(frontend::index))
         .route("/__comfyume_add_slash", get(frontend::add_slash))
+        .merge(extra)
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_auth,
@@ -159,8 +185,18 @@ pub async fn launch(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    launch_with(state, listener, Router::new(), shutdown).await
+}
+
+/// [`launch`] with extra authenticated routes (the instructor's API).
+pub async fn launch_with(
+    state: AppState,
+    listener: TcpListener,
+    extra: Router<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let reserved = state.reserved.clone();
-    let app = router(state);
+    let app = router(state, extra);
     let svc = tower::util::MapRequestLayer::new(move |req: Request| scope::rewrite(req, &reserved))
         .layer(app);
     let make = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(svc);

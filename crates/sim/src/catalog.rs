@@ -28,7 +28,10 @@ const CKPT_FILES: &[&str] = &[
     "ltx-2-19b-distilled-fp8.safetensors",
     "ltx-2-19b-dev.safetensors",
     "ltx-2-19b-distilled.safetensors",
+    // What the stock frontend's default graph loads.
+    "v1-5-pruned-emaonly-fp16.safetensors",
 ];
+const LORA_FILES: &[&str] = &["ltx-2-19b-distilled-lora-384.safetensors"];
 
 /// `(class, input)` pairs whose choices are model files. A file name that is not listed is still
 /// accepted there when it looks like a model file: the simulator has no real models, and the
@@ -41,6 +44,7 @@ const MODEL_INPUTS: &[(&str, &str)] = &[
     ("LTXAVTextEncoderLoader", "text_encoder"),
     ("LTXAVTextEncoderLoader", "ckpt_name"),
     ("LTXVAudioVAELoader", "ckpt_name"),
+    ("LoraLoader", "lora_name"),
 ];
 const MODEL_EXTENSIONS: &[&str] = &[
     ".safetensors",
@@ -89,6 +93,7 @@ impl Catalog {
         );
         set_choices(&mut info, "LTXAVTextEncoderLoader", "ckpt_name", CKPT_FILES);
         set_choices(&mut info, "LTXVAudioVAELoader", "ckpt_name", CKPT_FILES);
+        set_choices(&mut info, "LoraLoader", "lora_name", LORA_FILES);
         Self {
             builtin: true,
             source: "builtin".into(),
@@ -279,7 +284,7 @@ mod tests {
     #[test]
     fn builtin_has_every_template_node() {
         let c = Catalog::builtin();
-        assert_eq!(c.len(), 34);
+        assert_eq!(c.len(), 45);
         for n in [
             "UNETLoader",
             "CLIPLoader",
@@ -287,6 +292,9 @@ mod tests {
             "SaveVideo",
             "LoadImage",
             "ImageScale",
+            "KSampler",
+            "EmptyLatentImage",
+            "PreviewAny",
         ] {
             assert!(c.has(n), "{n}");
         }
@@ -310,6 +318,10 @@ mod tests {
             .input_spec("LTXAVTextEncoderLoader", "text_encoder")
             .unwrap();
         assert!(!te[1]["options"].as_array().unwrap().is_empty());
+        let lora = c.input_spec("LoraLoader", "lora_name").unwrap();
+        assert!(!lora[0].as_array().unwrap().is_empty());
+        assert!(c.is_output("PreviewAny"));
+        assert_eq!(c.output_types("KSampler"), ["LATENT"]);
     }
 
     #[test]

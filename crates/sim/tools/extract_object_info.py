@@ -17,6 +17,10 @@ NODES = [
     # also used by the workshop templates (crates/templates/workflows)
     "PrimitiveInt", "ConditioningZeroOut", "ManualSigmas", "LTXVAudioVAELoader",
     "LTXVEmptyLatentAudio", "LTXVConcatAVLatent", "LTXVSeparateAVLatent", "LTXVAudioVAEDecode",
+    # the stock frontend's default graph and commonly taught SD nodes
+    "KSampler", "EmptyLatentImage", "KSamplerAdvanced", "LoraLoader", "VAEEncode", "LatentUpscale",
+    "LatentUpscaleBy", "ImageScaleToTotalPixels", "PreviewAny", "ConditioningCombine",
+    "CLIPSetLastLayer",
 ]
 
 src = sys.argv[1] if len(sys.argv) > 1 else "/work/shared/comfyui/api/object_info.json"

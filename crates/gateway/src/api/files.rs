@@ -299,7 +299,7 @@ pub async fn view(
         .map_err(|_| ApiError::forbidden())?;
     let path = resolve_within(&folder, &filename).map_err(|e| match e {
         // A backslash or NUL in the name: a malformed request.
-        PathError::Invalid => ApiError::forbidden(),
+        PathError::Invalid => ApiError::Empty(StatusCode::BAD_REQUEST),
         // Through a link out of the participant's folder.
         PathError::Traversal => ApiError::forbidden(),
     })?;
