@@ -39,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/api/queue/policy", put(set_policy))
         .route("/admin/api/queue/limits", put(set_limits))
         .route("/admin/api/users/{name}/priority", put(set_user_priority))
+        .route("/admin/api/jobs/{id}/priority", put(set_job_priority))
 }
 
 /// The workshop queue as the scheduler would serve it, and what is running.
@@ -131,6 +132,32 @@ async fn set_user_priority(
             tracing::info!(instructor = %who.0, user = %name, level = ?b.level, "participant priority changed");
             Json(json!({"user": name, "level": b.level})).into_response()
         }
+        Err(e) => bad(e.to_string()),
+    }
+}
+
+async fn set_job_priority(
+    State(state): State<AppState>,
+    who: Instructor,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(b) = serde_json::from_slice::<PriorityBody>(&body) else {
+        return bad("expected {\"level\": 0-3 | null}");
+    };
+    match state.queue.set_job_priority(&id, b.level).await {
+        Ok(_) => {
+            tracing::info!(instructor = %who.0, job = %id, level = ?b.level, "job priority changed");
+            Json(json!({"id": id, "level": b.level})).into_response()
+        }
+        Err(comfyume_dispatch::QueueError::Store(comfyume_store::StoreError::NotFound)) => {
+            (StatusCode::NOT_FOUND, Json(json!({"error": "no such job"}))).into_response()
+        }
+        Err(comfyume_dispatch::QueueError::Store(comfyume_store::StoreError::Conflict(_))) => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "the job is no longer waiting"})),
+        )
+            .into_response(),
         Err(e) => bad(e.to_string()),
     }
 }

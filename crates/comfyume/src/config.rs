@@ -181,11 +181,14 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         .filter(|u| !u.is_empty())
         .collect();
     // Without a configured GPU backend, the demo runs on the simulator.
-    let inference_mode = args.inference_mode.or(file.inference_mode).unwrap_or(if comfyui_urls.is_empty() {
-        InferenceMode::Simulator
-    } else {
-        InferenceMode::Local
-    });
+    let inference_mode =
+        args.inference_mode
+            .or(file.inference_mode)
+            .unwrap_or(if comfyui_urls.is_empty() {
+                InferenceMode::Simulator
+            } else {
+                InferenceMode::Local
+            });
     if inference_mode == InferenceMode::Local && comfyui_urls.is_empty() {
         anyhow::bail!("INFERENCE_MODE=local needs COMFYUI_URLS (e.g. http://127.0.0.1:8188)");
     }
@@ -235,7 +238,11 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         },
         inference_mode,
         comfyui_urls,
-        backend_slots: args.backend_slots.or(file.backend_slots).unwrap_or(2).max(1),
+        backend_slots: args
+            .backend_slots
+            .or(file.backend_slots)
+            .unwrap_or(2)
+            .max(1),
         dispatch: DispatchConfig {
             max_attempts: args.max_attempts.or(file.max_attempts).unwrap_or(3).max(1),
             job_timeout: std::time::Duration::from_secs(
@@ -287,7 +294,38 @@ mod tests {
         use clap::ValueEnum;
         let parsed: FileConfig = toml::from_str("inference_mode = \"none\"").unwrap();
         assert_eq!(parsed.inference_mode, Some(InferenceMode::NoBackend));
-        assert_eq!(InferenceMode::from_str("none", false).unwrap(), InferenceMode::NoBackend);
+        assert_eq!(
+            InferenceMode::from_str("none", false).unwrap(),
+            InferenceMode::NoBackend
+        );
+    }
+
+    /// `.env.example` must list every variable the server reads.
+    #[test]
+    fn env_example_lists_every_variable() {
+        use clap::Args;
+        let example = include_str!("../../../.env.example");
+        let listed: Vec<&str> = example
+            .lines()
+            .map(|l| l.trim_start_matches("# ").trim())
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .collect();
+        let cmd = ServeArgs::augment_args(CommonArgs::augment_args(clap::Command::new("t")));
+        let mut missing = Vec::new();
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let env = env.to_string_lossy().into_owned();
+                if !listed.contains(&env.as_str()) {
+                    missing.push(env);
+                }
+            }
+        }
+        for sim in ["SIMULATOR_STEP_MS", "SIMULATOR_OBJECT_INFO", "SIMULATOR_FAULTS", "SIMULATOR_DATA_DIR"] {
+            if !listed.contains(&sim) {
+                missing.push(sim.to_string());
+            }
+        }
+        assert!(missing.is_empty(), ".env.example lacks {missing:?}");
     }
 
     #[test]

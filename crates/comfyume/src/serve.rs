@@ -15,28 +15,46 @@ use crate::config::{CommonArgs, InferenceMode, ServeArgs, ServeConfig, resolve_s
 /// (kept alive as long as the server runs) when that is the backend.
 async fn build_backends(
     cfg: &ServeConfig,
-) -> Result<(Vec<Arc<dyn Backend>>, String, Option<comfyume_sim::SimHandle>)> {
+) -> Result<(
+    Vec<Arc<dyn Backend>>,
+    String,
+    Option<comfyume_sim::SimHandle>,
+)> {
     let timeouts = Timeouts::default();
     match cfg.inference_mode {
         InferenceMode::Local => {
             let mut out: Vec<Arc<dyn Backend>> = Vec::new();
             for (i, url) in cfg.comfyui_urls.iter().enumerate() {
-                let name = if cfg.comfyui_urls.len() == 1 { "comfyui".to_string() } else { format!("comfyui-{}", i + 1) };
+                let name = if cfg.comfyui_urls.len() == 1 {
+                    "comfyui".to_string()
+                } else {
+                    format!("comfyui-{}", i + 1)
+                };
                 let b = ComfyUiBackend::new(name, url.clone(), cfg.backend_slots, timeouts)
                     .with_context(|| format!("COMFYUI_URLS entry {url}"))?;
                 out.push(Arc::new(b));
             }
-            tracing::info!(servers = out.len(), "jobs run on ComfyUI servers (INFERENCE_MODE=local)");
-            let label = if out.len() == 1 { "ComfyUI".to_string() } else { format!("{} ComfyUI servers", out.len()) };
+            tracing::info!(
+                servers = out.len(),
+                "jobs run on ComfyUI servers (INFERENCE_MODE=local)"
+            );
+            let label = if out.len() == 1 {
+                "ComfyUI".to_string()
+            } else {
+                format!("{} ComfyUI servers", out.len())
+            };
             Ok((out, label, None))
         }
         InferenceMode::Simulator => {
-            let mut sim_cfg = comfyume_sim::SimConfig::from_env().context("simulator settings (SIMULATOR_*)")?;
+            let mut sim_cfg =
+                comfyume_sim::SimConfig::from_env().context("simulator settings (SIMULATOR_*)")?;
             if sim_cfg.data_dir.is_none() {
                 sim_cfg.data_dir = Some(cfg.data_dir.join("simulator"));
             }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let sim = comfyume_sim::try_spawn(sim_cfg, listener).await.context("starting the simulator")?;
+            let sim = comfyume_sim::try_spawn(sim_cfg, listener)
+                .await
+                .context("starting the simulator")?;
             let b = ComfyUiBackend::new("simulator", sim.url(), cfg.backend_slots, timeouts)?;
             tracing::warn!(
                 url = %sim.url(),
@@ -44,7 +62,11 @@ async fn build_backends(
                  Set INFERENCE_MODE=local with COMFYUI_URLS to use real ComfyUI servers."
             );
             println!("backend: simulator (no GPU; set COMFYUI_URLS for real ComfyUI servers)");
-            Ok((vec![Arc::new(b) as Arc<dyn Backend>], "simulator (no GPU)".into(), Some(sim)))
+            Ok((
+                vec![Arc::new(b) as Arc<dyn Backend>],
+                "simulator (no GPU)".into(),
+                Some(sim),
+            ))
         }
         InferenceMode::NoBackend => {
             tracing::warn!("INFERENCE_MODE=none: no backend; jobs are accepted and stay queued");
@@ -87,14 +109,28 @@ async fn refresh_once(state: &AppState, backends: &[Arc<dyn Backend>]) -> bool {
                 match b.object_info().await {
                     Ok(v) if v.as_object().is_some_and(|m| !m.is_empty()) => {
                         let n = v.as_object().map(|m| m.len()).unwrap_or(0);
-                        match comfyume_gateway::replace_object_info(state, v, &format!("backend:{}", b.name())).await {
-                            Ok(()) => tracing::info!(backend = b.name(), nodes = n, "node definitions refreshed"),
-                            Err(e) => tracing::error!(error = %e, "could not store node definitions"),
+                        match comfyume_gateway::replace_object_info(
+                            state,
+                            v,
+                            &format!("backend:{}", b.name()),
+                        )
+                        .await
+                        {
+                            Ok(()) => tracing::info!(
+                                backend = b.name(),
+                                nodes = n,
+                                "node definitions refreshed"
+                            ),
+                            Err(e) => {
+                                tracing::error!(error = %e, "could not store node definitions")
+                            }
                         }
                         return true;
                     }
                     Ok(_) => tracing::warn!(backend = b.name(), "backend has no node definitions"),
-                    Err(e) => tracing::warn!(backend = b.name(), error = %e, "backend not reachable for node definitions yet"),
+                    Err(e) => {
+                        tracing::warn!(backend = b.name(), error = %e, "backend not reachable for node definitions yet")
+                    }
                 }
             }
             false
@@ -174,7 +210,12 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         );
     }
     tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), "queue open");
-    let dispatcher = Dispatcher::new(state.queue.clone(), backends.clone(), cfg.dispatch.clone(), cfg.data_dir.clone());
+    let dispatcher = Dispatcher::new(
+        state.queue.clone(),
+        backends.clone(),
+        cfg.dispatch.clone(),
+        cfg.data_dir.clone(),
+    );
     let _dispatch = dispatcher.start(in_flight);
     let backends_empty = backends.is_empty();
     refresh_object_info(state.clone(), backends).await;
@@ -220,6 +261,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    comfyume_gateway::launch_with(state, listener, comfyume_admin::routes(), shutdown_signal()).await?;
+    comfyume_gateway::launch_with(state, listener, comfyume_admin::routes(), shutdown_signal())
+        .await?;
     Ok(())
 }

@@ -80,7 +80,7 @@ pub async fn list(store: &dyn Store) -> Result<()> {
     for u in users {
         let last = u
             .last_login_ms
-            .map(|ms| format_ms(ms))
+            .map(format_ms)
             .unwrap_or_else(|| "never".into());
         let status = if u.disabled { "disabled" } else { "active" };
         println!(

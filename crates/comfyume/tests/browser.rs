@@ -9,7 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn frontend_dir() -> PathBuf {
@@ -30,12 +33,24 @@ fn bin() -> &'static str {
 
 fn add_user(data: &Path, name: &str, password: &str) {
     let mut child = Command::new(bin())
-        .args(["--data-dir", data.to_str().unwrap(), "users", "add", name, "--password-stdin"])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "users",
+            "add",
+            name,
+            "--password-stdin",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(password.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success());
 }
 
@@ -77,7 +92,9 @@ fn start_server(data: &Path) -> (Server, String) {
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(30)).expect("serve printed its address");
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve printed its address");
     (Server(child), url)
 }
 

@@ -21,7 +21,11 @@ struct Env {
 fn env() -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    Env { data: root.join("data"), root, _tmp: tmp }
+    Env {
+        data: root.join("data"),
+        root,
+        _tmp: tmp,
+    }
 }
 
 /// A command with a clean environment (no COMFYUME_* or .env from the host),
@@ -39,7 +43,9 @@ fn cmd(e: &Env, args: &[&str]) -> Command {
 
 fn run(e: &Env, args: &[&str], stdin: Option<&str>) -> Output {
     let mut c = cmd(e, args);
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
     {
         let mut si = child.stdin.take().unwrap();
@@ -64,21 +70,38 @@ fn ok(e: &Env, args: &[&str], stdin: Option<&str>) -> String {
 /// Runs a command that must fail; returns stdout + stderr.
 fn fails(e: &Env, args: &[&str], stdin: Option<&str>) -> String {
     let out = run(e, args, stdin);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "comfyume {args:?} should fail: {text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "comfyume {args:?} should fail: {text}"
+    );
     text
 }
 
 async fn store(e: &Env) -> comfyume_store::sqlite::SqliteStore {
-    comfyume_store::sqlite::SqliteStore::open(&e.data.join("comfyume.db")).await.unwrap()
+    comfyume_store::sqlite::SqliteStore::open(&e.data.join("comfyume.db"))
+        .await
+        .unwrap()
 }
 
 async fn verifies(e: &Env, name: &str, password: &str) -> bool {
-    store(e).await.verify_password(name, password).await.unwrap().is_some()
+    store(e)
+        .await
+        .verify_password(name, password)
+        .await
+        .unwrap()
+        .is_some()
 }
 
 fn generated_password(stdout: &str) -> String {
-    let line = stdout.lines().find_map(|l| l.strip_prefix("password: ")).expect("a generated password line");
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .expect("a generated password line");
     assert_eq!(line.len(), 14, "{line}");
     line.to_string()
 }
@@ -93,38 +116,82 @@ fn list_line(e: &Env, name: &str) -> Option<String> {
 #[tokio::test]
 async fn an_instructor_manages_accounts_from_the_command_line() {
     let e = env();
-    let out = ok(&e, &["users", "add", "alice", "--password-stdin"], Some("alice-pass-1\n"));
+    let out = ok(
+        &e,
+        &["users", "add", "alice", "--password-stdin"],
+        Some("alice-pass-1\n"),
+    );
     assert!(out.contains("created alice (participant)"), "{out}");
-    assert!(!out.contains("password:"), "a given password is not echoed: {out}");
+    assert!(
+        !out.contains("password:"),
+        "a given password is not echoed: {out}"
+    );
     assert!(verifies(&e, "alice", "alice-pass-1").await);
 
     let out = ok(&e, &["users", "add", "bob"], None);
     let bob_pw = generated_password(&out);
     assert!(verifies(&e, "bob", &bob_pw).await);
-    let out = ok(&e, &["users", "add", "carol", "--admin", "--password-stdin"], Some("carol-pass"));
+    let out = ok(
+        &e,
+        &["users", "add", "carol", "--admin", "--password-stdin"],
+        Some("carol-pass"),
+    );
     assert!(out.contains("created carol (admin)"), "{out}");
-    assert!(fails(&e, &["users", "add", "alice", "--password-stdin"], Some("x")).contains("already exists"));
-    assert!(fails(&e, &["users", "add", "dave", "--password-stdin"], Some("\n")).contains("empty"));
+    assert!(
+        fails(
+            &e,
+            &["users", "add", "alice", "--password-stdin"],
+            Some("x")
+        )
+        .contains("already exists")
+    );
+    assert!(
+        fails(
+            &e,
+            &["users", "add", "dave", "--password-stdin"],
+            Some("\n")
+        )
+        .contains("empty")
+    );
 
     let list = ok(&e, &["users", "list"], None);
     assert!(list.lines().next().unwrap().starts_with("name"), "{list}");
     let alice = list_line(&e, "alice").unwrap();
-    assert!(alice.contains("participant") && alice.contains("active"), "{alice}");
+    assert!(
+        alice.contains("participant") && alice.contains("active"),
+        "{alice}"
+    );
     let carol = list_line(&e, "carol").unwrap();
-    assert!(carol.contains("admin") && carol.ends_with("never"), "{carol}");
+    assert!(
+        carol.contains("admin") && carol.ends_with("never"),
+        "{carol}"
+    );
     assert!(list_line(&e, "bob").is_some());
 
-    ok(&e, &["users", "passwd", "alice", "--password-stdin"], Some("alice-pass-2\n"));
-    assert!(!verifies(&e, "alice", "alice-pass-1").await, "the old password stops working");
+    ok(
+        &e,
+        &["users", "passwd", "alice", "--password-stdin"],
+        Some("alice-pass-2\n"),
+    );
+    assert!(
+        !verifies(&e, "alice", "alice-pass-1").await,
+        "the old password stops working"
+    );
     assert!(verifies(&e, "alice", "alice-pass-2").await);
-    assert!(list_line(&e, "alice").unwrap().split_whitespace().last() != Some("never"), "last login recorded");
+    assert!(
+        list_line(&e, "alice").unwrap().split_whitespace().last() != Some("never"),
+        "last login recorded"
+    );
     let out = ok(&e, &["users", "passwd", "bob"], None);
     let bob_new = generated_password(&out);
     assert!(verifies(&e, "bob", &bob_new).await && !verifies(&e, "bob", &bob_pw).await);
 
     ok(&e, &["users", "disable", "alice"], None);
     assert!(list_line(&e, "alice").unwrap().contains("disabled"));
-    assert!(!verifies(&e, "alice", "alice-pass-2").await, "a disabled account cannot sign in");
+    assert!(
+        !verifies(&e, "alice", "alice-pass-2").await,
+        "a disabled account cannot sign in"
+    );
     ok(&e, &["users", "enable", "alice"], None);
     assert!(list_line(&e, "alice").unwrap().contains("active"));
     assert!(verifies(&e, "alice", "alice-pass-2").await);
@@ -132,16 +199,36 @@ async fn an_instructor_manages_accounts_from_the_command_line() {
     ok(&e, &["users", "remove", "bob"], None);
     assert!(list_line(&e, "bob").is_none());
     assert!(fails(&e, &["users", "remove", "bob"], None).contains("no account named 'bob'"));
-    assert!(fails(&e, &["users", "passwd", "nosuch", "--password-stdin"], Some("x")).contains("no account named"));
+    assert!(
+        fails(
+            &e,
+            &["users", "passwd", "nosuch", "--password-stdin"],
+            Some("x")
+        )
+        .contains("no account named")
+    );
     assert!(fails(&e, &["users", "disable", "nosuch"], None).contains("no account named"));
 }
 
 #[tokio::test]
 async fn names_that_would_shadow_a_route_are_refused() {
     let e = env();
-    for name in ["api", "assets", "login", "ws", "templates", "index.html", "a.b", "has/slash", "sp ace"] {
+    for name in [
+        "api",
+        "assets",
+        "login",
+        "ws",
+        "templates",
+        "index.html",
+        "a.b",
+        "has/slash",
+        "sp ace",
+    ] {
         let text = fails(&e, &["users", "add", name, "--password-stdin"], Some("pw"));
-        assert!(text.contains("account name") || text.contains("account names"), "{name}: {text}");
+        assert!(
+            text.contains("account name") || text.contains("account names"),
+            "{name}: {text}"
+        );
     }
     assert!(fails(&e, &["users", "add", "api", "--password-stdin"], Some("pw")).contains("route"));
     let list = ok(&e, &["users", "list"], None);
@@ -156,11 +243,29 @@ async fn a_workshop_sheet_is_printed_and_written_privately() {
     // A stale, world-readable sheet from an earlier run is narrowed, not reused as is.
     std::fs::write(&csv, "old").unwrap();
     std::fs::set_permissions(&csv, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = ok(&e, &["users", "create-workshop", "--count", "3", "--csv", csv.to_str().unwrap()], None);
+    let out = ok(
+        &e,
+        &[
+            "users",
+            "create-workshop",
+            "--count",
+            "3",
+            "--csv",
+            csv.to_str().unwrap(),
+        ],
+        None,
+    );
     let header = out.lines().next().unwrap();
-    assert!(header.starts_with("username") && header.contains("password") && header.contains("url"), "{out}");
+    assert!(
+        header.starts_with("username") && header.contains("password") && header.contains("url"),
+        "{out}"
+    );
     for u in ["user001", "user002", "user003"] {
-        assert!(out.lines().any(|l| l.starts_with(u) && l.ends_with(&format!("/{u}/"))), "{u} in the table: {out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(u) && l.ends_with(&format!("/{u}/"))),
+            "{u} in the table: {out}"
+        );
     }
     assert!(!out.contains("user004"));
     let mode = std::fs::metadata(&csv).unwrap().permissions().mode() & 0o777;
@@ -172,9 +277,15 @@ async fn a_workshop_sheet_is_printed_and_written_privately() {
     for (i, row) in rows[1..].iter().enumerate() {
         let cols: Vec<&str> = row.split(',').collect();
         let name = format!("user{:03}", i + 1);
-        assert_eq!((cols[0], cols[2]), (name.as_str(), format!("/{name}/").as_str()));
+        assert_eq!(
+            (cols[0], cols[2]),
+            (name.as_str(), format!("/{name}/").as_str())
+        );
         assert!(out.contains(row), "the CSV is printed too");
-        assert!(verifies(&e, &name, cols[1]).await, "{name}'s sheet password works");
+        assert!(
+            verifies(&e, &name, cols[1]).await,
+            "{name}'s sheet password works"
+        );
     }
     // Running it again keeps existing accounts (and their passwords).
     let again = run(&e, &["users", "create-workshop", "--count", "3"], None);
@@ -190,7 +301,11 @@ async fn object_info_import_refuses_what_is_not_object_info() {
     let e = env();
     let bad = [
         ("list.json", "[1, 2]", "not a ComfyUI object_info document"),
-        ("wrong.json", r#"{"Foo": {"bar": 1}}"#, "lacks 'input'/'output'"),
+        (
+            "wrong.json",
+            r#"{"Foo": {"bar": 1}}"#,
+            "lacks 'input'/'output'",
+        ),
         ("text.json", "hello", "is not JSON"),
     ];
     for (name, body, msg) in bad {
@@ -200,12 +315,25 @@ async fn object_info_import_refuses_what_is_not_object_info() {
         assert!(text.contains(msg), "{name}: {text}");
     }
     assert!(fails(&e, &["object-info", "import", "/nonexistent/o.json"], None).contains("reading"));
-    assert!(store(&e).await.get_meta(comfyume_gateway::OBJECT_INFO_KEY).await.unwrap().is_none(), "nothing stored");
+    assert!(
+        store(&e)
+            .await
+            .get_meta(comfyume_gateway::OBJECT_INFO_KEY)
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing stored"
+    );
 
     let real = helpers::shared("api/object_info.json");
     let out = ok(&e, &["object-info", "import", real.to_str().unwrap()], None);
     assert!(out.contains("imported 592 node definitions"), "{out}");
-    let meta = store(&e).await.get_meta(comfyume_gateway::OBJECT_INFO_KEY).await.unwrap().unwrap();
+    let meta = store(&e)
+        .await
+        .get_meta(comfyume_gateway::OBJECT_INFO_KEY)
+        .await
+        .unwrap()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_str(&meta.value).unwrap();
     assert_eq!(v.as_object().unwrap().len(), 592);
 }
@@ -214,7 +342,17 @@ async fn object_info_import_refuses_what_is_not_object_info() {
 async fn serve_without_a_frontend_says_how_to_install_it() {
     let e = env();
     let start = Instant::now();
-    let out = run(&e, &["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"], None);
+    let out = run(
+        &e,
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("scripts/install-frontend.sh"), "{err}");
@@ -246,19 +384,28 @@ fn start_serve(e: &Env) -> (Child, String) {
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
             if let Some(addr) = line.strip_prefix("listening on http://") {
                 let _ = tx.send(addr.to_string());
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(30)).expect("serve prints `listening on http://ADDR`");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve prints `listening on http://ADDR`");
     assert!(addr.parse::<std::net::SocketAddr>().is_ok(), "{addr}");
     (child, addr)
 }
 
 fn sigterm_and_wait(child: &mut Child) -> std::process::ExitStatus {
-    let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -284,32 +431,46 @@ async fn get(addr: &str, path: &str, cred: Option<(&str, &str)>) -> reqwest::Sta
 #[tokio::test]
 async fn serve_listens_answers_and_stops_promptly_on_sigterm() {
     let e = env();
-    ok(&e, &["users", "add", "ann", "--password-stdin"], Some("ann-pass"));
+    ok(
+        &e,
+        &["users", "add", "ann", "--password-stdin"],
+        Some("ann-pass"),
+    );
     let (mut child, addr) = start_serve(&e);
-    assert_eq!(get(&addr, "/api/system_stats", Some(("ann", "ann-pass"))).await, 200);
+    assert_eq!(
+        get(&addr, "/api/system_stats", Some(("ann", "ann-pass"))).await,
+        200
+    );
     assert_eq!(get(&addr, "/api/system_stats", None).await, 401);
     assert_eq!(get(&addr, "/healthz", None).await, 200);
     // An open participant socket must not hold the shutdown up.
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
-        "ws://{addr}/ann/ws?clientId=x"
-    ))
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{addr}/ann/ws?clientId=x"),
+    )
     .unwrap();
     use base64::Engine;
     let cred = base64::engine::general_purpose::STANDARD.encode("ann:ann-pass");
-    req.headers_mut().insert("authorization", format!("Basic {cred}").parse().unwrap());
+    req.headers_mut()
+        .insert("authorization", format!("Basic {cred}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(helpers::next_json(&mut ws).await["data"]["sid"], "x");
 
     let start = Instant::now();
     let status = sigterm_and_wait(&mut child);
     assert!(status.success(), "exit status {status:?}");
-    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
 }
 
 #[tokio::test]
 async fn htpasswd_accounts_sign_in_and_are_rehashed_to_argon2id() {
     let e = env();
-    let dana = bcrypt::hash_with_result("dana-pass", 4).unwrap().format_for_version(bcrypt::Version::TwoY);
+    let dana = bcrypt::hash_with_result("dana-pass", 4)
+        .unwrap()
+        .format_for_version(bcrypt::Version::TwoY);
     let frank = bcrypt::hash("frank-pass", 4).unwrap();
     assert!(dana.starts_with("$2y$04$") && frank.starts_with("$2b$04$"));
     let file = e.root.join("htpasswd");
@@ -320,28 +481,69 @@ async fn htpasswd_accounts_sign_in_and_are_rehashed_to_argon2id() {
         ),
     )
     .unwrap();
-    let out = run(&e, &["users", "import-htpasswd", file.to_str().unwrap()], None);
+    let out = run(
+        &e,
+        &["users", "import-htpasswd", file.to_str().unwrap()],
+        None,
+    );
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stdout.contains("imported 2 account(s), skipped 3"), "{stdout}{stderr}");
-    assert!(stderr.contains("eve") && stderr.contains("not a bcrypt hash"), "{stderr}");
-    assert!(stderr.contains("line 4") && stderr.contains("line 5"), "{stderr}");
+    assert!(
+        stdout.contains("imported 2 account(s), skipped 3"),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        stderr.contains("eve") && stderr.contains("not a bcrypt hash"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("line 4") && stderr.contains("line 5"),
+        "{stderr}"
+    );
     {
         let s = store(&e).await;
-        assert_eq!(s.password_scheme("dana").await.unwrap(), Some(PasswordScheme::Bcrypt));
+        assert_eq!(
+            s.password_scheme("dana").await.unwrap(),
+            Some(PasswordScheme::Bcrypt)
+        );
         assert_eq!(s.password_scheme("eve").await.unwrap(), None);
         assert!(s.get_user("api").await.unwrap().is_none());
     }
 
     let (mut child, addr) = start_serve(&e);
-    assert_eq!(get(&addr, "/api/settings", Some(("dana", "wrong"))).await, 401);
-    assert_eq!(get(&addr, "/api/settings", Some(("dana", "dana-pass"))).await, 200);
+    assert_eq!(
+        get(&addr, "/api/settings", Some(("dana", "wrong"))).await,
+        401
+    );
+    assert_eq!(
+        get(&addr, "/api/settings", Some(("dana", "dana-pass"))).await,
+        200
+    );
     assert!(sigterm_and_wait(&mut child).success());
 
     let s = store(&e).await;
-    assert_eq!(s.password_scheme("dana").await.unwrap(), Some(PasswordScheme::Argon2id), "rehashed at sign-in");
-    assert_eq!(s.password_scheme("frank").await.unwrap(), Some(PasswordScheme::Bcrypt), "not signed in yet");
-    assert!(s.verify_password("dana", "dana-pass").await.unwrap().is_some(), "same password, new hash");
-    assert!(s.verify_password("frank", "frank-pass").await.unwrap().is_some());
+    assert_eq!(
+        s.password_scheme("dana").await.unwrap(),
+        Some(PasswordScheme::Argon2id),
+        "rehashed at sign-in"
+    );
+    assert_eq!(
+        s.password_scheme("frank").await.unwrap(),
+        Some(PasswordScheme::Bcrypt),
+        "not signed in yet"
+    );
+    assert!(
+        s.verify_password("dana", "dana-pass")
+            .await
+            .unwrap()
+            .is_some(),
+        "same password, new hash"
+    );
+    assert!(
+        s.verify_password("frank", "frank-pass")
+            .await
+            .unwrap()
+            .is_some()
+    );
 }

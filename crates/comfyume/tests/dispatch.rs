@@ -11,8 +11,8 @@ use std::time::Duration;
 use comfyume_sim::Fault;
 use helpers::{
     AppOptions, TestApp, Ws, assert_silent, backend_for, decode, eventually, is_end_of,
-    messages_until, next_json, shared, sim_backend_slots, spawn_full, spawn_process,
-    test_timeouts, workflow,
+    messages_until, next_json, shared, sim_backend_slots, spawn_full, spawn_process, test_timeouts,
+    workflow,
 };
 use serde_json::{Value, json};
 
@@ -35,7 +35,10 @@ fn nomodel(color: u32) -> Value {
 }
 
 fn with_backends(backends: Vec<std::sync::Arc<dyn comfyume_dispatch::Backend>>) -> AppOptions {
-    AppOptions { backends, ..Default::default() }
+    AppOptions {
+        backends,
+        ..Default::default()
+    }
 }
 
 /// A connected tab whose greeting `status` was read.
@@ -56,7 +59,12 @@ async fn until_end(ws: &mut Ws, id: &str, secs: u64) -> Vec<Value> {
 fn notices(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
         .filter(|m| m["type"] == "comfyume")
-        .map(|m| m["data"]["message"].as_str().unwrap_or_default().to_string())
+        .map(|m| {
+            m["data"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
         .collect()
 }
 
@@ -76,25 +84,29 @@ fn executed_files(msgs: &[Value]) -> Vec<String> {
     let mut v: Vec<String> = msgs
         .iter()
         .filter(|m| m["type"] == "executed")
-        .flat_map(|m| m["data"]["output"]["images"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| {
+            m["data"]["output"]["images"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
         .map(|i| i["filename"].as_str().unwrap().to_string())
         .collect();
     v.sort();
     v
 }
 
-fn sim_history_order(sim_url: &str) -> impl std::future::Future<Output = Vec<String>> + '_ {
-    async move {
-        let v: Value = TestApp::client()
-            .get(format!("{sim_url}/history"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v.as_object().unwrap().keys().cloned().collect()
-    }
+/// The simulator's history ids, in the order its one worker ran them.
+async fn sim_history_order(sim_url: &str) -> Vec<String> {
+    let v: Value = TestApp::client()
+        .get(format!("{sim_url}/history"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_object().unwrap().keys().cloned().collect()
 }
 
 #[tokio::test]
@@ -112,22 +124,43 @@ async fn the_owner_sees_comfyuis_sequence_and_gets_the_image() {
     let trace = std::fs::read_to_string(shared("traces/ws_owner.txt")).unwrap();
     let captured: Vec<Value> = trace
         .lines()
-        .filter_map(|l| l.split_once(' ').map(|(_, j)| serde_json::from_str(j).unwrap()))
+        .filter_map(|l| {
+            l.split_once(' ')
+                .map(|(_, j)| serde_json::from_str(j).unwrap())
+        })
         .collect();
-    assert_eq!(shape(&msgs), shape(&captured), "ComfyUI's message sequence; got {msgs:#?}");
+    assert_eq!(
+        shape(&msgs),
+        shape(&captured),
+        "ComfyUI's message sequence; got {msgs:#?}"
+    );
     assert_eq!(msgs[0]["data"]["sid"], "ownerA");
     let remaining: Vec<u64> = msgs
         .iter()
         .filter(|m| m["type"] == "status")
-        .map(|m| m["data"]["status"]["exec_info"]["queue_remaining"].as_u64().unwrap())
+        .map(|m| {
+            m["data"]["status"]["exec_info"]["queue_remaining"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(remaining, [0, 1, 1, 0], "status counts as in the capture");
-    for m in msgs.iter().filter(|m| m["type"] != "status" && m["type"] != "comfyume") {
+    for m in msgs
+        .iter()
+        .filter(|m| m["type"] != "status" && m["type"] != "comfyume")
+    {
         assert_eq!(m["data"]["prompt_id"], id.as_str(), "{m}");
     }
-    let last_progress = msgs.iter().rev().find(|m| m["type"] == "progress_state").unwrap();
+    let last_progress = msgs
+        .iter()
+        .rev()
+        .find(|m| m["type"] == "progress_state")
+        .unwrap();
     for n in ["1", "2", "3"] {
-        assert_eq!(last_progress["data"]["nodes"][n]["state"], "finished", "{last_progress}");
+        assert_eq!(
+            last_progress["data"]["nodes"][n]["state"], "finished",
+            "{last_progress}"
+        );
     }
     for n in ["execution_start", "execution_cached", "execution_success"] {
         let m = msgs.iter().find(|m| m["type"] == n).unwrap();
@@ -141,7 +174,7 @@ async fn the_owner_sees_comfyuis_sequence_and_gets_the_image() {
     assert_eq!(image["type"], "output");
     assert_eq!(image["subfolder"], "");
     let file = image["filename"].as_str().unwrap().to_string();
-    assert_eq!(app.output_files(U1), [file.clone()]);
+    assert_eq!(app.output_files(U1), std::slice::from_ref(&file));
     let view = format!("/api/view?filename={file}&subfolder=&type=output");
     let r = app.get(U1, &view).await;
     assert_eq!(r.status, 200);
@@ -167,7 +200,10 @@ async fn the_owner_sees_comfyuis_sequence_and_gets_the_image() {
         .iter()
         .map(|m| m[0].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["execution_start", "execution_cached", "execution_success"]);
+    assert_eq!(
+        kinds,
+        ["execution_start", "execution_cached", "execution_success"]
+    );
     let job = app.get(U1, &format!("/api/jobs/{id}")).await.json();
     assert_eq!(job["status"], "completed");
     assert_eq!(job["outputs_count"], 1);
@@ -197,14 +233,33 @@ async fn a_runtime_error_reaches_the_owner_and_is_not_retried() {
     assert_eq!(d["node_type"], "ImageScaleBy");
     assert_eq!(d["executed"], json!(["1"]));
     assert_eq!(d["exception_type"], "RuntimeError");
-    assert!(d["exception_message"].as_str().unwrap().contains("greater than 0"), "{d}");
-    assert!(d["traceback"].is_array() && d["current_inputs"].is_object() && d["current_outputs"].is_array(), "{d}");
+    assert!(
+        d["exception_message"]
+            .as_str()
+            .unwrap()
+            .contains("greater than 0"),
+        "{d}"
+    );
+    assert!(
+        d["traceback"].is_array()
+            && d["current_inputs"].is_object()
+            && d["current_outputs"].is_array(),
+        "{d}"
+    );
     assert!(d["timestamp"].is_u64());
     // Then, as ComfyUI: status and the end marker.
     let n = msgs.len();
     assert_eq!(msgs[n - 2]["type"], "status");
-    assert_eq!(msgs[n - 2]["data"]["status"]["exec_info"]["queue_remaining"], 0);
-    assert!(notices(&msgs).iter().all(|m| !m.to_lowercase().contains("retry")), "{msgs:#?}");
+    assert_eq!(
+        msgs[n - 2]["data"]["status"]["exec_info"]["queue_remaining"],
+        0
+    );
+    assert!(
+        notices(&msgs)
+            .iter()
+            .all(|m| !m.to_lowercase().contains("retry")),
+        "{msgs:#?}"
+    );
 
     let h = app.get(U1, &format!("/api/history/{id}")).await.json();
     assert_eq!(h[&id]["status"]["status_str"], "error");
@@ -213,7 +268,11 @@ async fn a_runtime_error_reaches_the_owner_and_is_not_retried() {
     assert_eq!(job["status"], "failed");
     assert_eq!(job["execution_error"]["node_type"], "ImageScaleBy", "{job}");
     let st = sim.state();
-    assert_eq!((st.prompts_received, st.jobs_run), (1, 1), "a workflow error is not retried");
+    assert_eq!(
+        (st.prompts_received, st.jobs_run),
+        (1, 1),
+        "a workflow error is not retried"
+    );
     assert!(app.output_files(U1).is_empty());
     sim.shutdown().await;
 }
@@ -226,14 +285,24 @@ async fn interrupts_stop_only_the_callers_own_job() {
 
     // user002 tries both kinds of interrupt while user001's blur runs.
     let first = app.submit(U1, "tab", &slow_blur()).await;
-    messages_until(&mut ws, 10, |v| v["type"] == "executing" && v["data"]["node"] == "2").await;
-    for body in [Vec::new(), b"{}".to_vec(), serde_json::to_vec(&json!({"prompt_id": first})).unwrap()] {
+    messages_until(&mut ws, 10, |v| {
+        v["type"] == "executing" && v["data"]["node"] == "2"
+    })
+    .await;
+    for body in [
+        Vec::new(),
+        b"{}".to_vec(),
+        serde_json::to_vec(&json!({"prompt_id": first})).unwrap(),
+    ] {
         let r = app.post(U2, "/api/interrupt", body).await;
         assert_eq!(r.status, 200);
         assert!(r.body.is_empty());
     }
     let msgs = until_end(&mut ws, &first, 15).await;
-    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
     let saved = executed_files(&msgs);
     assert_eq!(saved.len(), 2, "slow_blur saves a batch of two");
     assert!(!msgs.iter().any(|m| m["type"] == "execution_interrupted"));
@@ -241,14 +310,20 @@ async fn interrupts_stop_only_the_callers_own_job() {
     assert_eq!(sim.state().jobs_interrupted, 0);
 
     // The owner's interrupt by prompt id stops it at the next node.
-    let second = app.submit(U1, "tab", &{
-        let mut p = slow_blur();
-        p["1"]["inputs"]["color"] = json!(7);
-        p
+    let second = app
+        .submit(U1, "tab", &{
+            let mut p = slow_blur();
+            p["1"]["inputs"]["color"] = json!(7);
+            p
+        })
+        .await;
+    messages_until(&mut ws, 10, |v| {
+        v["type"] == "executing" && v["data"]["node"] == "2"
     })
     .await;
-    messages_until(&mut ws, 10, |v| v["type"] == "executing" && v["data"]["node"] == "2").await;
-    let r = app.post_json(U1, "/api/interrupt", &json!({"prompt_id": second})).await;
+    let r = app
+        .post_json(U1, "/api/interrupt", &json!({"prompt_id": second}))
+        .await;
     assert_eq!(r.status, 200);
     let msgs = until_end(&mut ws, &second, 15).await;
     let int = msgs
@@ -258,11 +333,19 @@ async fn interrupts_stop_only_the_callers_own_job() {
     assert_eq!(int["data"]["prompt_id"], second.as_str());
     assert_eq!(int["data"]["node_id"], "3");
     assert_eq!(int["data"]["node_type"], "ImageInvert");
-    assert!(!msgs.iter().any(|m| m["type"] == "execution_error" || m["type"] == "execution_success"));
+    assert!(
+        !msgs
+            .iter()
+            .any(|m| m["type"] == "execution_error" || m["type"] == "execution_success")
+    );
     assert_eq!(app.job_status(U1, &second).await, "cancelled");
     let h = app.get(U1, &format!("/api/history/{second}")).await.json();
     assert_eq!(h[&second]["status"]["status_str"], "error");
-    assert_eq!(app.output_files(U1), saved, "only the first job saved images");
+    assert_eq!(
+        app.output_files(U1),
+        saved,
+        "only the first job saved images"
+    );
     let st = sim.state();
     assert_eq!((st.jobs_interrupted, st.prompts_received), (1, 2));
     sim.shutdown().await;
@@ -275,7 +358,10 @@ async fn a_job_waiting_on_the_gpu_can_be_stopped_by_its_owner_only() {
     let mut ws1 = tab(&app, U1, "tab").await;
     let mut ws2 = tab(&app, U2, "tab").await;
     let running = app.submit(U1, "tab", &slow_blur()).await;
-    messages_until(&mut ws1, 10, |v| v["type"] == "executing" && v["data"]["node"] == "2").await;
+    messages_until(&mut ws1, 10, |v| {
+        v["type"] == "executing" && v["data"]["node"] == "2"
+    })
+    .await;
     // Handed over in advance: queued on the GPU server behind user001's.
     let waiting = app.submit(U2, "tab", &nomodel(11)).await;
     assert!(eventually(5000, || sim.state().queue_pending == 1).await);
@@ -288,10 +374,17 @@ async fn a_job_waiting_on_the_gpu_can_be_stopped_by_its_owner_only() {
         .unwrap_or_else(|| panic!("execution_interrupted: {msgs:#?}"));
     assert_eq!(int["data"]["prompt_id"], waiting.as_str());
     assert_eq!(app.job_status(U2, &waiting).await, "cancelled");
-    assert_eq!(sim.state().queue_pending, 0, "taken off the GPU server's queue");
+    assert_eq!(
+        sim.state().queue_pending,
+        0,
+        "taken off the GPU server's queue"
+    );
     // user001's job, running meanwhile, is untouched.
     let msgs = until_end(&mut ws1, &running, 15).await;
-    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
     assert_eq!(app.job_status(U1, &running).await, "completed");
     let st = sim.state();
     assert_eq!((st.jobs_run, st.jobs_interrupted), (1, 0));
@@ -308,12 +401,22 @@ async fn a_dropped_backend_socket_does_not_lose_the_job() {
     let id = app.submit(U1, "tab", &nomodel(1)).await;
     let msgs = until_end(&mut ws, &id, 15).await;
     assert!(!sim.state().faults.drop_websocket, "the fault fired");
-    assert!(msgs.iter().any(|m| m["type"] == "executed"), "the output still reached the tab: {msgs:#?}");
-    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
+    assert!(
+        msgs.iter().any(|m| m["type"] == "executed"),
+        "the output still reached the tab: {msgs:#?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
     assert_eq!(app.job_status(U1, &id).await, "completed");
     assert_eq!(app.output_files(U1), executed_files(&msgs));
     assert_eq!(app.output_files(U1).len(), 1);
-    assert_eq!(sim.state().prompts_received, 1, "followed up, not resubmitted");
+    assert_eq!(
+        sim.state().prompts_received,
+        1,
+        "followed up, not resubmitted"
+    );
     sim.shutdown().await;
 }
 
@@ -328,8 +431,14 @@ async fn a_500_from_prompt_is_retried_and_the_participant_is_told() {
     sim.clear_faults();
     let msgs = until_end(&mut ws, &id, 15).await;
     let told = notices(&msgs);
-    assert!(told.iter().any(|m| m.to_lowercase().contains("retrying")), "a retry notice: {told:?}");
-    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
+    assert!(
+        told.iter().any(|m| m.to_lowercase().contains("retrying")),
+        "a retry notice: {told:?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
     assert_eq!(app.job_status(U1, &id).await, "completed");
     assert_eq!(app.output_files(U1).len(), 1);
     assert_eq!(sim.state().prompts_accepted, 1);
@@ -347,15 +456,28 @@ async fn a_dead_backend_hands_the_job_to_a_healthy_one() {
     let id = app.submit(U1, "tab", &nomodel(3)).await;
     let msgs = until_end(&mut ws, &id, 20).await;
     assert!(dying.is_dead());
-    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
-    assert!(notices(&msgs).iter().any(|m| m.to_lowercase().contains("retrying")), "{msgs:#?}");
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
+    assert!(
+        notices(&msgs)
+            .iter()
+            .any(|m| m.to_lowercase().contains("retrying")),
+        "{msgs:#?}"
+    );
     assert_eq!(app.job_status(U1, &id).await, "completed");
     assert_eq!(healthy.state().jobs_succeeded, 1);
     assert_eq!(app.output_files(U1).len(), 1);
     // And the next job does not go to the dead one either.
     let next = app.submit(U1, "tab", &nomodel(4)).await;
     let msgs = until_end(&mut ws, &next, 20).await;
-    assert!(notices(&msgs).iter().all(|m| !m.to_lowercase().contains("retrying")), "{msgs:#?}");
+    assert!(
+        notices(&msgs)
+            .iter()
+            .all(|m| !m.to_lowercase().contains("retrying")),
+        "{msgs:#?}"
+    );
     assert_eq!(healthy.state().jobs_succeeded, 2);
     assert_eq!(app.job_status(U1, &next).await, "completed");
     assert_eq!(app.output_files(U1).len(), 2);
@@ -365,8 +487,16 @@ async fn a_dead_backend_hands_the_job_to_a_healthy_one() {
 #[tokio::test]
 async fn a_job_failing_on_every_attempt_fails_with_a_readable_reason() {
     let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
-    let dispatch = comfyume_dispatch::DispatchConfig { max_attempts: 2, ..Default::default() };
-    let app = spawn_full(AppOptions { backends: vec![backend], dispatch, ..Default::default() }).await;
+    let dispatch = comfyume_dispatch::DispatchConfig {
+        max_attempts: 2,
+        ..Default::default()
+    };
+    let app = spawn_full(AppOptions {
+        backends: vec![backend],
+        dispatch,
+        ..Default::default()
+    })
+    .await;
     let mut ws = tab(&app, U1, "tab").await;
     sim.set_fault(Fault::PromptError);
     let id = app.submit(U1, "tab", &nomodel(5)).await;
@@ -376,13 +506,32 @@ async fn a_job_failing_on_every_attempt_fails_with_a_readable_reason() {
         .find(|m| m["type"] == "execution_error")
         .unwrap_or_else(|| panic!("execution_error: {msgs:#?}"));
     let text = err["data"]["exception_message"].as_str().unwrap();
-    assert!(text.contains("2 attempts") && text.contains("500"), "readable: {text}");
+    assert!(
+        text.contains("2 attempts") && text.contains("500"),
+        "readable: {text}"
+    );
     assert_eq!(err["data"]["prompt_id"], id.as_str());
-    assert_eq!(notices(&msgs).iter().filter(|m| m.to_lowercase().contains("retrying")).count(), 1);
+    assert_eq!(
+        notices(&msgs)
+            .iter()
+            .filter(|m| m.to_lowercase().contains("retrying"))
+            .count(),
+        1
+    );
     assert_eq!(app.job_status(U1, &id).await, "failed");
     let job = app.get(U1, &format!("/api/jobs/{id}")).await.json();
-    assert!(job["execution_error"]["exception_message"].as_str().unwrap().contains("2 attempts"), "{job}");
-    assert_eq!(sim.state().prompts_received, 2, "exactly MAX_ATTEMPTS tries");
+    assert!(
+        job["execution_error"]["exception_message"]
+            .as_str()
+            .unwrap()
+            .contains("2 attempts"),
+        "{job}"
+    );
+    assert_eq!(
+        sim.state().prompts_received,
+        2,
+        "exactly MAX_ATTEMPTS tries"
+    );
     assert!(app.output_files(U1).is_empty());
     sim.shutdown().await;
 }
@@ -390,20 +539,41 @@ async fn a_job_failing_on_every_attempt_fails_with_a_readable_reason() {
 #[tokio::test]
 async fn a_backend_that_forgets_a_waiting_job_gets_it_again() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = comfyume_sim::spawn(comfyume_sim::SimConfig { step_ms: 25, ..Default::default() }, listener).await;
+    let sim = comfyume_sim::spawn(
+        comfyume_sim::SimConfig {
+            step_ms: 25,
+            ..Default::default()
+        },
+        listener,
+    )
+    .await;
     let mut t = test_timeouts();
     t.silence = Duration::from_millis(800);
     let app = spawn_full(with_backends(vec![backend_for(&sim, "gpu-a", 2, t)])).await;
     let mut ws1 = tab(&app, U1, "tab").await;
     let mut ws2 = tab(&app, U2, "tab").await;
     let running = app.submit(U1, "tab", &slow_blur()).await;
-    messages_until(&mut ws1, 10, |v| v["type"] == "executing" && v["data"]["node"] == "2").await;
+    messages_until(&mut ws1, 10, |v| {
+        v["type"] == "executing" && v["data"]["node"] == "2"
+    })
+    .await;
     let waiting = app.submit(U2, "tab", &nomodel(6)).await;
-    assert!(eventually(5000, || sim.state().queue_pending == 1).await, "handed over in advance");
+    assert!(
+        eventually(5000, || sim.state().queue_pending == 1).await,
+        "handed over in advance"
+    );
     sim.set_fault(Fault::ForgetHistory);
     let msgs = until_end(&mut ws2, &waiting, 20).await;
-    assert!(notices(&msgs).iter().any(|m| m.to_lowercase().contains("retrying")), "{msgs:#?}");
-    assert!(msgs.iter().any(|m| m["type"] == "execution_success"), "{msgs:#?}");
+    assert!(
+        notices(&msgs)
+            .iter()
+            .any(|m| m.to_lowercase().contains("retrying")),
+        "{msgs:#?}"
+    );
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
     let first = until_end(&mut ws1, &running, 20).await;
     assert_eq!(app.job_status(U1, &running).await, "completed");
     assert_eq!(app.job_status(U2, &waiting).await, "completed");
@@ -422,11 +592,12 @@ async fn slow_downloads_still_deliver_the_output() {
     sim.set_fault(Fault::SlowView { ms: 400 });
     let id = app.submit(U1, "tab", &nomodel(8)).await;
     let msgs = until_end(&mut ws, &id, 15).await;
-    let file = msgs.iter().find(|m| m["type"] == "executed").unwrap()["data"]["output"]["images"][0]["filename"]
+    let file = msgs.iter().find(|m| m["type"] == "executed").unwrap()["data"]["output"]["images"]
+        [0]["filename"]
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(app.output_files(U1), [file.clone()]);
+    assert_eq!(app.output_files(U1), std::slice::from_ref(&file));
     let r = app.get(U1, &format!("/api/view?filename={file}")).await;
     assert_eq!(r.status, 200);
     decode(&r.body);
@@ -448,7 +619,10 @@ async fn two_participants_at_once_never_mix_events_or_files() {
     let (m1, m2) = tokio::join!(until_end(&mut ws1, &id1, 15), until_end(&mut ws2, &id2, 15));
     for (msgs, mine, theirs) in [(&m1, &id1, &id2), (&m2, &id2, &id1)] {
         for m in msgs.iter() {
-            assert!(!m.to_string().contains(theirs.as_str()), "another participant's event: {m}");
+            assert!(
+                !m.to_string().contains(theirs.as_str()),
+                "another participant's event: {m}"
+            );
             if let Some(p) = m["data"]["prompt_id"].as_str() {
                 assert_eq!(p, mine.as_str(), "{m}");
             }
@@ -473,7 +647,12 @@ async fn round_robin_lets_a_second_participant_in_early() {
     let (sim, backend) = sim_backend_slots("gpu-a", 20, 1).await;
     let mut queue = helpers::queue_cfg();
     queue.policy = comfyume_scheduler::Policy::RoundRobin;
-    let app = spawn_full(AppOptions { backends: vec![backend], queue, ..Default::default() }).await;
+    let app = spawn_full(AppOptions {
+        backends: vec![backend],
+        queue,
+        ..Default::default()
+    })
+    .await;
     // user001's first job is slow, so the burst is queued behind it.
     let mut first = slow_blur();
     first["2"]["inputs"]["blur_radius"] = json!(15);
@@ -500,23 +679,46 @@ async fn round_robin_lets_a_second_participant_in_early() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_running_when_the_server_dies_is_reattached_and_completes_once() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let sim = comfyume_sim::spawn(comfyume_sim::SimConfig { step_ms: 40, ..Default::default() }, listener).await;
-    let server = spawn_process(with_backends(vec![backend_for(&sim, "gpu-a", 1, test_timeouts())]));
+    let sim = comfyume_sim::spawn(
+        comfyume_sim::SimConfig {
+            step_ms: 40,
+            ..Default::default()
+        },
+        listener,
+    )
+    .await;
+    let server = spawn_process(with_backends(vec![backend_for(
+        &sim,
+        "gpu-a",
+        1,
+        test_timeouts(),
+    )]));
     let mut ws = tab(server.app(), U1, "tab").await;
     let id = server.app().submit(U1, "tab", &slow_blur()).await;
-    messages_until(&mut ws, 10, |v| v["type"] == "executing" && v["data"]["node"] == "2").await;
+    messages_until(&mut ws, 10, |v| {
+        v["type"] == "executing" && v["data"]["node"] == "2"
+    })
+    .await;
     let dir = server.kill();
-    assert!(sim.state().current_job.is_some(), "the GPU is still working on it");
+    assert!(
+        sim.state().current_job.is_some(),
+        "the GPU is still working on it"
+    );
 
     let app = spawn_full(AppOptions {
         reuse: Some(dir),
         ..with_backends(vec![backend_for(&sim, "gpu-a", 1, test_timeouts())])
     })
     .await;
-    app.wait_job(U1, &id, &["completed", "failed", "cancelled"], 20).await;
+    app.wait_job(U1, &id, &["completed", "failed", "cancelled"], 20)
+        .await;
     assert_eq!(app.job_status(U1, &id).await, "completed");
     let st = sim.state();
-    assert_eq!((st.prompts_received, st.jobs_run), (1, 1), "re-attached, never submitted again");
+    assert_eq!(
+        (st.prompts_received, st.jobs_run),
+        (1, 1),
+        "re-attached, never submitted again"
+    );
     let files = app.output_files(U1);
     assert_eq!(files.len(), 2, "one batch of two, fetched once: {files:?}");
     let h = app.get(U1, &format!("/api/history/{id}")).await.json();

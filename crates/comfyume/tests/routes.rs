@@ -14,7 +14,11 @@ const U: &str = "user001";
 
 fn assert_empty_ok(r: &helpers::Resp, what: &str) {
     assert_eq!(r.status, 200, "{what}: {}", r.text());
-    assert!(r.body.is_empty(), "{what}: ComfyUI answers POSTs like this with an empty body, got {:?}", r.text());
+    assert!(
+        r.body.is_empty(),
+        "{what}: ComfyUI answers POSTs like this with an empty body, got {:?}",
+        r.text()
+    );
 }
 
 #[tokio::test]
@@ -23,16 +27,31 @@ async fn the_startup_routes_answer_everywhere_the_frontend_looks() {
     for p in variants(U, "/system_stats") {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert!(r.header("content-type").unwrap().starts_with("application/json"), "{p}");
+        assert!(
+            r.header("content-type")
+                .unwrap()
+                .starts_with("application/json"),
+            "{p}"
+        );
         let v = r.json();
         assert_eq!(v["system"]["comfyui_version"], "0.11.0", "{p}");
         assert_eq!(v["system"]["required_frontend_version"], "1.37.11", "{p}");
         assert_eq!(v["system"]["installed_templates_version"], "0.8.24", "{p}");
         assert_eq!(v["system"]["required_templates_version"], "0.8.24", "{p}");
         assert_eq!(v["system"]["embedded_python"], false, "{p}");
-        assert!(v["system"]["ram_total"].is_u64() && v["system"]["argv"].is_array(), "{p}");
+        assert!(
+            v["system"]["ram_total"].is_u64() && v["system"]["argv"].is_array(),
+            "{p}"
+        );
         let dev = &v["devices"][0];
-        for k in ["name", "type", "vram_total", "vram_free", "torch_vram_total", "torch_vram_free"] {
+        for k in [
+            "name",
+            "type",
+            "vram_total",
+            "vram_free",
+            "torch_vram_total",
+            "torch_vram_free",
+        ] {
             assert!(dev.get(k).is_some(), "{p}: devices[0] lacks {k}");
         }
     }
@@ -50,9 +69,15 @@ async fn the_startup_routes_answer_everywhere_the_frontend_looks() {
     for p in variants(U, "/users") {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert_eq!(r.json(), json!({"storage": "server", "migrated": true}), "{p}");
+        assert_eq!(
+            r.json(),
+            json!({"storage": "server", "migrated": true}),
+            "{p}"
+        );
     }
-    let r = app.post_json(U, "/api/users", &json!({"username": "Mallory"})).await;
+    let r = app
+        .post_json(U, "/api/users", &json!({"username": "Mallory"}))
+        .await;
     assert_eq!(r.status, 400, "participants cannot create accounts");
     assert!(r.json()["error"].is_string());
 
@@ -71,11 +96,16 @@ async fn the_startup_routes_answer_everywhere_the_frontend_looks() {
         }
     }
     let want_models: Value =
-        serde_json::from_str(&std::fs::read_to_string(helpers::shared("api/models.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(helpers::shared("api/models.json")).unwrap())
+            .unwrap();
     for p in variants(U, "/models") {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert_eq!(r.json(), want_models, "{p}: ComfyUI's folder keys, in its order");
+        assert_eq!(
+            r.json(),
+            want_models,
+            "{p}: ComfyUI's folder keys, in its order"
+        );
     }
     for p in variants(U, "/models/bogus") {
         let r = app.get(U, &p).await;
@@ -86,11 +116,32 @@ async fn the_startup_routes_answer_everywhere_the_frontend_looks() {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
         let v = r.json();
-        let names: Vec<&str> = v.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
-        assert_eq!(names.len(), want_models.as_array().unwrap().len() - 2, "{p}");
-        assert!(names.contains(&"checkpoints") && names.contains(&"loras"), "{p}");
-        assert!(!names.contains(&"configs") && !names.contains(&"custom_nodes"), "{p}");
-        assert!(v.as_array().unwrap().iter().all(|e| e["folders"].is_array()), "{p}");
+        let names: Vec<&str> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names.len(),
+            want_models.as_array().unwrap().len() - 2,
+            "{p}"
+        );
+        assert!(
+            names.contains(&"checkpoints") && names.contains(&"loras"),
+            "{p}"
+        );
+        assert!(
+            !names.contains(&"configs") && !names.contains(&"custom_nodes"),
+            "{p}"
+        );
+        assert!(
+            v.as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["folders"].is_array()),
+            "{p}"
+        );
     }
     assert_eq!(app.get(U, "/api/experiment/models/bogus").await.status, 404);
 }
@@ -102,15 +153,32 @@ async fn extensions_list_the_frontend_core_scripts_and_ours() {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
         let list = r.json();
-        let list: Vec<&str> = list.as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        assert!(list.contains(&"/extensions/core/groupNode.js"), "{p}: {list:?}");
-        assert!(list.contains(&"/extensions/comfyume/comfyume.js"), "{p}: {list:?}");
+        let list: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            list.contains(&"/extensions/core/groupNode.js"),
+            "{p}: {list:?}"
+        );
+        assert!(
+            list.contains(&"/extensions/comfyume/comfyume.js"),
+            "{p}: {list:?}"
+        );
     }
     // And the scripts it names load, from the root and from the participant's prefix.
-    for p in ["/extensions/comfyume/comfyume.js", "/user001/extensions/comfyume/comfyume.js"] {
+    for p in [
+        "/extensions/comfyume/comfyume.js",
+        "/user001/extensions/comfyume/comfyume.js",
+    ] {
         let r = app.get(U, p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert!(r.header("content-type").unwrap().contains("javascript"), "{p}");
+        assert!(
+            r.header("content-type").unwrap().contains("javascript"),
+            "{p}"
+        );
         assert!(!r.body.is_empty());
     }
     let r = app.get(U, "/extensions/core/groupNode.js").await;
@@ -122,12 +190,26 @@ async fn settings_are_read_and_merged_as_comfyui_does() {
     let app = spawn_app().await;
     for p in variants(U, "/settings") {
         let r = app.get(U, &p).await;
-        assert_eq!((r.status.as_u16(), r.json()), (200, json!({})), "{p}: a new participant has no settings");
+        assert_eq!(
+            (r.status.as_u16(), r.json()),
+            (200, json!({})),
+            "{p}: a new participant has no settings"
+        );
     }
-    let r = app.post_json(U, "/api/settings", &json!({"Comfy.Test": 1, "Comfy.Other": "x"})).await;
+    let r = app
+        .post_json(
+            U,
+            "/api/settings",
+            &json!({"Comfy.Test": 1, "Comfy.Other": "x"}),
+        )
+        .await;
     assert_empty_ok(&r, "POST /api/settings");
     for p in variants(U, "/settings") {
-        assert_eq!(app.get(U, &p).await.json(), json!({"Comfy.Test": 1, "Comfy.Other": "x"}), "{p}");
+        assert_eq!(
+            app.get(U, &p).await.json(),
+            json!({"Comfy.Test": 1, "Comfy.Other": "x"}),
+            "{p}"
+        );
     }
     for p in variants(U, "/settings/Comfy.Test") {
         let r = app.get(U, &p).await;
@@ -141,27 +223,42 @@ async fn settings_are_read_and_merged_as_comfyui_does() {
     for (i, p) in variants(U, "/settings/Comfy.Test").iter().enumerate() {
         let r = app.post(U, p, format!("{}", 40 + i)).await;
         assert_empty_ok(&r, p);
-        assert_eq!(app.get(U, "/settings/Comfy.Test").await.json(), json!(40 + i), "{p}");
+        assert_eq!(
+            app.get(U, "/settings/Comfy.Test").await.json(),
+            json!(40 + i),
+            "{p}"
+        );
     }
     for (i, p) in variants(U, "/settings").iter().enumerate() {
-        let r = app.post_json(U, p, &json!({ format!("Via.{i}"): true })).await;
+        let r = app
+            .post_json(U, p, &json!({ format!("Via.{i}"): true }))
+            .await;
         assert_empty_ok(&r, p);
     }
     let all = app.get(U, "/api/settings").await.json();
-    assert_eq!(all["Comfy.Other"], "x", "POST /settings merges, never replaces");
+    assert_eq!(
+        all["Comfy.Other"], "x",
+        "POST /settings merges, never replaces"
+    );
     assert_eq!(all["Comfy.Test"], 43);
     for i in 0..4 {
         assert_eq!(all[format!("Via.{i}")], true);
     }
-    let post_one = app.post_json(U, "/api/settings/Comfy.Obj", &json!({"nested": [1, 2]})).await;
+    let post_one = app
+        .post_json(U, "/api/settings/Comfy.Obj", &json!({"nested": [1, 2]}))
+        .await;
     assert_empty_ok(&post_one, "a JSON object as one setting's value");
-    assert_eq!(app.get(U, "/settings/Comfy.Obj").await.json(), json!({"nested": [1, 2]}));
+    assert_eq!(
+        app.get(U, "/settings/Comfy.Obj").await.json(),
+        json!({"nested": [1, 2]})
+    );
 }
 
 #[tokio::test]
 async fn invalid_settings_bodies_are_a_400_and_change_nothing() {
     let app = spawn_app().await;
-    app.post_json(U, "/api/settings", &json!({"Keep": "me"})).await;
+    app.post_json(U, "/api/settings", &json!({"Keep": "me"}))
+        .await;
     // ComfyUI answers 500 here; a client mistake is a 400.
     for (path, body) in [
         ("/api/settings", "{not json"),
@@ -174,7 +271,10 @@ async fn invalid_settings_bodies_are_a_400_and_change_nothing() {
         let r = app.post(U, path, body).await;
         assert_eq!(r.status, 400, "{path} {body:?}: {}", r.text());
     }
-    assert_eq!(app.get(U, "/api/settings").await.json(), json!({"Keep": "me"}));
+    assert_eq!(
+        app.get(U, "/api/settings").await.json(),
+        json!({"Keep": "me"})
+    );
 }
 
 #[tokio::test]
@@ -188,7 +288,11 @@ async fn concurrent_posts_of_different_settings_all_persist() {
     for i in 0..24 {
         let app = app.clone();
         tasks.push(tokio::spawn(async move {
-            let path = if i % 2 == 0 { format!("/api/settings/Key.{i}") } else { format!("/user001/settings/Key.{i}") };
+            let path = if i % 2 == 0 {
+                format!("/api/settings/Key.{i}")
+            } else {
+                format!("/user001/settings/Key.{i}")
+            };
             app.post(U, &path, format!("{i}")).await.status
         }));
     }
@@ -207,66 +311,169 @@ async fn saving_listing_and_moving_workflows_follows_the_capture() {
     let app = spawn_app().await;
     for p in variants(U, "/userdata?dir=mine") {
         let r = app.get(U, &p).await;
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (404, "Directory not found"), "{p}");
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (404, "Directory not found"),
+            "{p}"
+        );
     }
     for p in variants(U, "/userdata") {
         let r = app.get(U, &p).await;
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (400, "Directory not provided"), "{p}");
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (400, "Directory not provided"),
+            "{p}"
+        );
     }
 
-    let r = app.post(U, "/api/userdata/mine%2Ftest.json", r#"{"a":1}"#).await;
-    assert_eq!((r.status.as_u16(), r.json()), (200, json!("mine/test.json")));
-    let r = app.post(U, "/api/userdata/mine%2Ftest.json?overwrite=false", "{}").await;
-    assert_eq!((r.status.as_u16(), r.text().as_str()), (409, "File already exists"));
-    let r = app.post(U, "/user001/api/userdata/mine%2Ftest2.json?full_info=true", r#"{"b":2}"#).await;
+    let r = app
+        .post(U, "/api/userdata/mine%2Ftest.json", r#"{"a":1}"#)
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()),
+        (200, json!("mine/test.json"))
+    );
+    let r = app
+        .post(U, "/api/userdata/mine%2Ftest.json?overwrite=false", "{}")
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (409, "File already exists")
+    );
+    let r = app
+        .post(
+            U,
+            "/user001/api/userdata/mine%2Ftest2.json?full_info=true",
+            r#"{"b":2}"#,
+        )
+        .await;
     assert_eq!(r.status, 200);
     let info = r.json();
-    assert_eq!((&info["path"], &info["size"]), (&json!("mine/test2.json"), &json!(7)));
+    assert_eq!(
+        (&info["path"], &info["size"]),
+        (&json!("mine/test2.json"), &json!(7))
+    );
     assert!(info["modified"].as_f64().unwrap() > 1.0e9 && info["created"].as_f64().is_some());
 
     for p in variants(U, "/userdata/mine%2Ftest.json") {
         let r = app.get(U, &p).await;
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, r#"{"a":1}"#), "{p}: the 409 wrote nothing");
-        assert!(r.header("content-type").unwrap().starts_with("application/json"), "{p}");
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, r#"{"a":1}"#),
+            "{p}: the 409 wrote nothing"
+        );
+        assert!(
+            r.header("content-type")
+                .unwrap()
+                .starts_with("application/json"),
+            "{p}"
+        );
     }
-    assert_eq!(app.get(U, "/api/userdata/mine%2Fnope.json").await.status, 404);
+    assert_eq!(
+        app.get(U, "/api/userdata/mine%2Fnope.json").await.status,
+        404
+    );
 
-    app.post(U, "/api/userdata/mine%2Fsub%2Fdeep.json", "{}").await;
+    app.post(U, "/api/userdata/mine%2Fsub%2Fdeep.json", "{}")
+        .await;
     for p in variants(U, "/userdata?dir=mine") {
-        assert_eq!(app.get(U, &p).await.json(), json!(["test.json", "test2.json"]), "{p}: no recursion asked");
+        assert_eq!(
+            app.get(U, &p).await.json(),
+            json!(["test.json", "test2.json"]),
+            "{p}: no recursion asked"
+        );
     }
     let r = app.get(U, "/api/userdata?dir=mine&recurse=true").await;
-    assert_eq!(r.json(), json!(["sub/deep.json", "test.json", "test2.json"]));
-    let r = app.get(U, "/api/userdata?dir=mine&recurse=true&split=true").await;
     assert_eq!(
         r.json(),
-        json!([["sub/deep.json", "sub", "deep.json"], ["test.json", "test.json"], ["test2.json", "test2.json"]])
+        json!(["sub/deep.json", "test.json", "test2.json"])
+    );
+    let r = app
+        .get(U, "/api/userdata?dir=mine&recurse=true&split=true")
+        .await;
+    assert_eq!(
+        r.json(),
+        json!([
+            ["sub/deep.json", "sub", "deep.json"],
+            ["test.json", "test.json"],
+            ["test2.json", "test2.json"]
+        ])
     );
     let r = app.get(U, "/api/userdata?dir=mine&full_info=true").await;
     let v = r.json();
     let rows = v.as_array().unwrap();
     assert_eq!(rows.len(), 2);
-    assert_eq!((&rows[0]["path"], &rows[0]["size"]), (&json!("test.json"), &json!(7)));
+    assert_eq!(
+        (&rows[0]["path"], &rows[0]["size"]),
+        (&json!("test.json"), &json!(7))
+    );
     assert_eq!(rows[1]["path"], "test2.json");
-    assert!(rows.iter().all(|r| r["modified"].is_number() && r["created"].is_number()));
+    assert!(
+        rows.iter()
+            .all(|r| r["modified"].is_number() && r["created"].is_number())
+    );
 
-    let r = app.post(U, "/api/userdata/mine%2Ftest.json/move/mine%2Fmoved.json", "").await;
-    assert_eq!((r.status.as_u16(), r.json()), (200, json!("mine/moved.json")));
-    assert_eq!(app.get(U, "/api/userdata/mine%2Ftest.json").await.status, 404);
-    assert_eq!(app.get(U, "/api/userdata/mine%2Fmoved.json").await.text(), r#"{"a":1}"#);
-    let r = app.post(U, "/user001/userdata/mine%2Ftest2.json/move/mine%2Fmoved.json?overwrite=false", "").await;
-    assert_eq!((r.status.as_u16(), r.text().as_str()), (409, "File already exists"));
-    assert_eq!(app.get(U, "/api/userdata/mine%2Fmoved.json").await.text(), r#"{"a":1}"#, "409 moved nothing");
-    let r = app.post(U, "/api/userdata/mine%2Fnope.json/move/mine%2Fx.json", "").await;
+    let r = app
+        .post(
+            U,
+            "/api/userdata/mine%2Ftest.json/move/mine%2Fmoved.json",
+            "",
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()),
+        (200, json!("mine/moved.json"))
+    );
+    assert_eq!(
+        app.get(U, "/api/userdata/mine%2Ftest.json").await.status,
+        404
+    );
+    assert_eq!(
+        app.get(U, "/api/userdata/mine%2Fmoved.json").await.text(),
+        r#"{"a":1}"#
+    );
+    let r = app
+        .post(
+            U,
+            "/user001/userdata/mine%2Ftest2.json/move/mine%2Fmoved.json?overwrite=false",
+            "",
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (409, "File already exists")
+    );
+    assert_eq!(
+        app.get(U, "/api/userdata/mine%2Fmoved.json").await.text(),
+        r#"{"a":1}"#,
+        "409 moved nothing"
+    );
+    let r = app
+        .post(U, "/api/userdata/mine%2Fnope.json/move/mine%2Fx.json", "")
+        .await;
     assert_eq!(r.status, 404, "moving a missing file");
-    let r = app.post(U, "/api/userdata/mine%2Ftest2.json/move/mine%2Fmoved.json?full_info=true", "").await;
+    let r = app
+        .post(
+            U,
+            "/api/userdata/mine%2Ftest2.json/move/mine%2Fmoved.json?full_info=true",
+            "",
+        )
+        .await;
     assert_eq!(r.status, 200, "overwrite is the default");
-    assert_eq!((&r.json()["path"], &r.json()["size"]), (&json!("mine/moved.json"), &json!(7)));
+    assert_eq!(
+        (&r.json()["path"], &r.json()["size"]),
+        (&json!("mine/moved.json"), &json!(7))
+    );
 
     let r = app.delete(U, "/api/userdata/mine%2Fmoved.json").await;
     assert_eq!(r.status, 204);
     assert!(r.body.is_empty());
-    assert_eq!(app.delete(U, "/user001/userdata/mine%2Fmoved.json").await.status, 404);
+    assert_eq!(
+        app.delete(U, "/user001/userdata/mine%2Fmoved.json")
+            .await
+            .status,
+        404
+    );
     assert_eq!(app.get(U, "/api/userdata?dir=mine").await.json(), json!([]));
 }
 
@@ -275,22 +482,44 @@ async fn userdata_files_are_downloaded_never_rendered_except_user_css() {
     // A participant's page must not run on this origin when the instructor opens
     // /user001/api/userdata/… (later ComfyUI does the same).
     let app = spawn_app().await;
-    app.post(U, "/api/userdata/page.html", "<script>alert(1)</script>").await;
-    app.post(U, "/api/userdata/pic.svg", "<svg onload=alert(1)/>").await;
+    app.post(U, "/api/userdata/page.html", "<script>alert(1)</script>")
+        .await;
+    app.post(U, "/api/userdata/pic.svg", "<svg onload=alert(1)/>")
+        .await;
     for p in ["/api/userdata/page.html", "/api/userdata/pic.svg"] {
         let r = app.get(helpers::ADMIN, &format!("/user001{p}")).await;
         assert_eq!(r.status, 200, "{p}");
-        assert_eq!(r.header("content-type").as_deref(), Some("application/octet-stream"), "{p}");
-        assert_eq!(r.header("content-disposition").as_deref(), Some("attachment"), "{p}");
-        assert_eq!(r.header("x-content-type-options").as_deref(), Some("nosniff"), "{p}");
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/octet-stream"),
+            "{p}"
+        );
+        assert_eq!(
+            r.header("content-disposition").as_deref(),
+            Some("attachment"),
+            "{p}"
+        );
+        assert_eq!(
+            r.header("x-content-type-options").as_deref(),
+            Some("nosniff"),
+            "{p}"
+        );
     }
     // index.html links api/userdata/user.css: it stays a stylesheet.
-    app.post(U, "/api/userdata/user.css", "body{color:red}").await;
+    app.post(U, "/api/userdata/user.css", "body{color:red}")
+        .await;
     let r = app.get(U, "/user001/api/userdata/user.css").await;
-    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "body{color:red}"));
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "body{color:red}")
+    );
     assert_eq!(r.header("content-type").as_deref(), Some("text/css"));
     assert_eq!(r.header("content-disposition").as_deref(), Some("inline"));
-    assert_eq!(app.get("user002", "/api/userdata/user.css").await.status, 404, "only if they made one");
+    assert_eq!(
+        app.get("user002", "/api/userdata/user.css").await.status,
+        404,
+        "only if they made one"
+    );
 }
 
 #[tokio::test]
@@ -298,14 +527,19 @@ async fn hidden_files_are_not_listed_like_comfyuis_glob() {
     let app = spawn_app().await;
     app.post(U, "/api/userdata/mine%2Fa.json", "{}").await;
     std::fs::write(app.dirs(U).user_data.join("mine/.a.json.tmp"), "half").unwrap();
-    assert_eq!(app.get(U, "/api/userdata?dir=mine").await.json(), json!(["a.json"]));
+    assert_eq!(
+        app.get(U, "/api/userdata?dir=mine").await.json(),
+        json!(["a.json"])
+    );
 }
 
 #[tokio::test]
 async fn v2_userdata_lists_directories_first_then_files() {
     let app = spawn_app().await;
-    app.post_json(U, "/api/settings", &json!({"Comfy.Test": 1})).await;
-    app.post(U, "/api/userdata/workflows%2Fsub%2Fz.json", "{}").await;
+    app.post_json(U, "/api/settings", &json!({"Comfy.Test": 1}))
+        .await;
+    app.post(U, "/api/userdata/workflows%2Fsub%2Fz.json", "{}")
+        .await;
     // Byte order (Alpha, Gamma, beta, …) is not ComfyUI's order (alpha, beta, …, gamma).
     for f in ["Alpha.json", "beta.json", "Gamma.json", "zeta.json"] {
         app.post(U, &format!("/api/userdata/{f}"), "{}").await;
@@ -316,28 +550,57 @@ async fn v2_userdata_lists_directories_first_then_files() {
         let v = r.json();
         let rows = v.as_array().unwrap();
         let first_file = rows.iter().position(|e| e["type"] == "file").unwrap();
-        assert!(rows[..first_file].iter().all(|e| e["type"] == "directory"), "{p}: {v}");
-        assert!(rows[first_file..].iter().all(|e| e["type"] == "file"), "{p}: {v}");
-        assert!(rows.contains(&json!({"name": "workflows", "path": "workflows", "type": "directory"})));
-        assert!(rows.contains(&json!({"name": "sub", "path": "workflows/sub", "type": "directory"})));
-        let settings = rows.iter().find(|e| e["path"] == "comfy.settings.json").expect("the settings file");
+        assert!(
+            rows[..first_file].iter().all(|e| e["type"] == "directory"),
+            "{p}: {v}"
+        );
+        assert!(
+            rows[first_file..].iter().all(|e| e["type"] == "file"),
+            "{p}: {v}"
+        );
+        assert!(
+            rows.contains(&json!({"name": "workflows", "path": "workflows", "type": "directory"}))
+        );
+        assert!(
+            rows.contains(&json!({"name": "sub", "path": "workflows/sub", "type": "directory"}))
+        );
+        let settings = rows
+            .iter()
+            .find(|e| e["path"] == "comfy.settings.json")
+            .expect("the settings file");
         assert_eq!(settings["name"], "comfy.settings.json");
-        assert!(settings["size"].as_u64().unwrap() > 0 && settings["modified"].as_f64().unwrap() > 1.0e9);
-        assert!(rows.iter().any(|e| e["path"] == "workflows/sub/z.json" && e["name"] == "z.json"));
+        assert!(
+            settings["size"].as_u64().unwrap() > 0
+                && settings["modified"].as_f64().unwrap() > 1.0e9
+        );
+        assert!(
+            rows.iter()
+                .any(|e| e["path"] == "workflows/sub/z.json" && e["name"] == "z.json")
+        );
         // ComfyUI sorts each group by name, case-insensitively.
         for group in [&rows[..first_file], &rows[first_file..]] {
-            let names: Vec<String> = group.iter().map(|e| e["name"].as_str().unwrap().to_lowercase()).collect();
+            let names: Vec<String> = group
+                .iter()
+                .map(|e| e["name"].as_str().unwrap().to_lowercase())
+                .collect();
             let mut sorted = names.clone();
             sorted.sort();
             assert_eq!(names, sorted, "{p}");
         }
     }
     let r = app.get(U, "/api/v2/userdata?path=workflows%2Fsub").await;
-    assert_eq!(r.json(), json!([{"name": "z.json", "path": "workflows/sub/z.json", "type": "file", "size": 2,
-                                  "modified": r.json()[0]["modified"]}]));
+    assert_eq!(
+        r.json(),
+        json!([{"name": "z.json", "path": "workflows/sub/z.json", "type": "file", "size": 2,
+                                  "modified": r.json()[0]["modified"]}])
+    );
     for p in variants(U, "/v2/userdata?path=nope") {
         let r = app.get(U, &p).await;
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (404, "Requested path not found"), "{p}");
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (404, "Requested path not found"),
+            "{p}"
+        );
     }
 }
 
@@ -353,23 +616,56 @@ fn load_image_choices(info: &Value) -> Vec<String> {
 #[tokio::test]
 async fn object_info_is_the_full_library_with_only_the_participants_own_images() {
     let app = spawn_app().await;
-    let shared: Value =
-        serde_json::from_str(&std::fs::read_to_string(helpers::shared("api/object_info.json")).unwrap()).unwrap();
+    let shared: Value = serde_json::from_str(
+        &std::fs::read_to_string(helpers::shared("api/object_info.json")).unwrap(),
+    )
+    .unwrap();
     for p in variants(U, "/object_info") {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
         let v = r.json();
         assert_eq!(v.as_object().unwrap().len(), 592, "{p}");
-        assert_eq!(v["KSampler"], shared["KSampler"], "{p}: other classes pass through unchanged");
+        assert_eq!(
+            v["KSampler"], shared["KSampler"],
+            "{p}: other classes pass through unchanged"
+        );
         // The capture server's own uploads ("up.png", ...) are not this participant's.
         assert_eq!(load_image_choices(&v), Vec::<String>::new(), "{p}");
-        assert_eq!(v["LoadImage"]["input"]["required"]["image"][1], json!({"image_upload": true}));
+        assert_eq!(
+            v["LoadImage"]["input"]["required"]["image"][1],
+            json!({"image_upload": true})
+        );
     }
-    app.upload(U, "/api/upload/image", "b.png", png(2, 2, [0, 0, 255, 255]), &[]).await;
-    app.upload(U, "/api/upload/image", "a.png", png(2, 2, [0, 255, 0, 255]), &[]).await;
-    app.upload("user002", "/api/upload/image", "theirs.png", png(2, 2, [9, 9, 9, 255]), &[]).await;
+    app.upload(
+        U,
+        "/api/upload/image",
+        "b.png",
+        png(2, 2, [0, 0, 255, 255]),
+        &[],
+    )
+    .await;
+    app.upload(
+        U,
+        "/api/upload/image",
+        "a.png",
+        png(2, 2, [0, 255, 0, 255]),
+        &[],
+    )
+    .await;
+    app.upload(
+        "user002",
+        "/api/upload/image",
+        "theirs.png",
+        png(2, 2, [9, 9, 9, 255]),
+        &[],
+    )
+    .await;
     let v = app.get(U, "/api/object_info").await.json();
-    assert_eq!(load_image_choices(&v), vec!["a.png", "b.png"], "sorted, own uploads only");
+    assert_eq!(
+        load_image_choices(&v),
+        vec!["a.png", "b.png"],
+        "sorted, own uploads only"
+    );
     let v = app.get("user002", "/api/object_info").await.json();
     assert_eq!(load_image_choices(&v), vec!["theirs.png"]);
 
@@ -384,7 +680,11 @@ async fn object_info_is_the_full_library_with_only_the_participants_own_images()
     }
     for p in variants(U, "/object_info/NoSuchNode") {
         let r = app.get(U, &p).await;
-        assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "{}"), "{p}: ComfyUI's 200 {{}} for an unknown class");
+        assert_eq!(
+            (r.status.as_u16(), r.text().as_str()),
+            (200, "{}"),
+            "{p}: ComfyUI's 200 {{}} for an unknown class"
+        );
     }
 }
 
@@ -399,43 +699,126 @@ async fn uploading_an_image_deduplicates_renames_and_overwrites_like_comfyui() {
     let second = png(4, 4, [0, 255, 0, 255]);
     let third = png(4, 4, [0, 0, 255, 255]);
     for (i, p) in variants(U, "/upload/image").iter().enumerate() {
-        let r = app.upload(U, p, &format!("v{i}.png"), first.clone(), &[]).await;
+        let r = app
+            .upload(U, p, &format!("v{i}.png"), first.clone(), &[])
+            .await;
         assert_eq!(r.status, 200, "{p}");
-        assert_eq!(r.json(), json!({"name": format!("v{i}.png"), "subfolder": "", "type": "input"}), "{p}");
+        assert_eq!(
+            r.json(),
+            json!({"name": format!("v{i}.png"), "subfolder": "", "type": "input"}),
+            "{p}"
+        );
     }
 
-    let r = app.upload(U, "/api/upload/image", "up.png", first.clone(), &[]).await;
-    assert_eq!(r.json(), json!({"name": "up.png", "subfolder": "", "type": "input"}));
-    let r = app.upload(U, "/api/upload/image", "up.png", first.clone(), &[]).await;
-    assert_eq!(r.json(), json!({"name": "up.png", "subfolder": "", "type": "input"}), "same bytes: same name");
-    let r = app.upload(U, "/api/upload/image", "up.png", second.clone(), &[]).await;
-    assert_eq!(r.json(), json!({"name": "up (1).png", "subfolder": "", "type": "input"}), "different bytes: renamed");
-    let r = app.upload(U, "/api/upload/image", "up.png", second.clone(), &[]).await;
-    assert_eq!(r.json()["name"], "up (1).png", "the renamed copy is found again by its bytes");
-    assert_eq!(app.get(U, &view_path("filename=up.png&type=input")).await.body, first);
-    assert_eq!(app.get(U, &view_path("filename=up%20(1).png&type=input")).await.body, second);
-
-    let r = app.upload(U, "/api/upload/image", "up.png", third.clone(), &[("overwrite", "true")]).await;
-    assert_eq!(r.json(), json!({"name": "up.png", "subfolder": "", "type": "input"}));
-    assert_eq!(app.get(U, &view_path("filename=up.png&type=input")).await.body, third, "overwritten");
+    let r = app
+        .upload(U, "/api/upload/image", "up.png", first.clone(), &[])
+        .await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "up.png", "subfolder": "", "type": "input"})
+    );
+    let r = app
+        .upload(U, "/api/upload/image", "up.png", first.clone(), &[])
+        .await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "up.png", "subfolder": "", "type": "input"}),
+        "same bytes: same name"
+    );
+    let r = app
+        .upload(U, "/api/upload/image", "up.png", second.clone(), &[])
+        .await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "up (1).png", "subfolder": "", "type": "input"}),
+        "different bytes: renamed"
+    );
+    let r = app
+        .upload(U, "/api/upload/image", "up.png", second.clone(), &[])
+        .await;
+    assert_eq!(
+        r.json()["name"],
+        "up (1).png",
+        "the renamed copy is found again by its bytes"
+    );
+    assert_eq!(
+        app.get(U, &view_path("filename=up.png&type=input"))
+            .await
+            .body,
+        first
+    );
+    assert_eq!(
+        app.get(U, &view_path("filename=up%20(1).png&type=input"))
+            .await
+            .body,
+        second
+    );
 
     let r = app
-        .upload(U, "/api/upload/image", "up.png", first.clone(), &[("subfolder", "sub/dir"), ("type", "temp")])
+        .upload(
+            U,
+            "/api/upload/image",
+            "up.png",
+            third.clone(),
+            &[("overwrite", "true")],
+        )
         .await;
-    assert_eq!(r.json(), json!({"name": "up.png", "subfolder": "sub/dir", "type": "temp"}));
-    assert_eq!(std::fs::read(app.dirs(U).temp.join("sub/dir/up.png")).unwrap(), first);
-    let r = app.get(U, &view_path("filename=up.png&type=temp&subfolder=sub%2Fdir")).await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "up.png", "subfolder": "", "type": "input"})
+    );
+    assert_eq!(
+        app.get(U, &view_path("filename=up.png&type=input"))
+            .await
+            .body,
+        third,
+        "overwritten"
+    );
+
+    let r = app
+        .upload(
+            U,
+            "/api/upload/image",
+            "up.png",
+            first.clone(),
+            &[("subfolder", "sub/dir"), ("type", "temp")],
+        )
+        .await;
+    assert_eq!(
+        r.json(),
+        json!({"name": "up.png", "subfolder": "sub/dir", "type": "temp"})
+    );
+    assert_eq!(
+        std::fs::read(app.dirs(U).temp.join("sub/dir/up.png")).unwrap(),
+        first
+    );
+    let r = app
+        .get(
+            U,
+            &view_path("filename=up.png&type=temp&subfolder=sub%2Fdir"),
+        )
+        .await;
     assert_eq!((r.status.as_u16(), r.body.clone()), (200, first.clone()));
 
     for sub in ["../..", "../user002", "/etc", "a/../../b"] {
-        let r = app.upload(U, "/api/upload/image", "x.png", first.clone(), &[("subfolder", sub)]).await;
+        let r = app
+            .upload(
+                U,
+                "/api/upload/image",
+                "x.png",
+                first.clone(),
+                &[("subfolder", sub)],
+            )
+            .await;
         assert_eq!(r.status, 400, "subfolder {sub:?}");
         assert!(r.body.is_empty(), "ComfyUI's 400 here is empty");
     }
     // A multipart form without the image field.
     let form = reqwest::multipart::Form::new().text("overwrite", "true");
     let r = TestApp::send(
-        app.request(Method::POST, "/api/upload/image").basic_auth(U, Some(helpers::PASSWORD)).multipart(form),
+        app.request(Method::POST, "/api/upload/image")
+            .basic_auth(U, Some(helpers::PASSWORD))
+            .multipart(form),
     )
     .await;
     assert_eq!(r.status, 400);
@@ -445,12 +828,28 @@ async fn uploading_an_image_deduplicates_renames_and_overwrites_like_comfyui() {
 #[tokio::test]
 async fn an_upload_over_the_limit_is_refused_with_413() {
     let app = spawn_app_with(|s| s.max_upload_bytes = 4096).await;
-    assert_eq!(app.get(U, "/api/features").await.json()["max_upload_size"], 4096);
+    assert_eq!(
+        app.get(U, "/api/features").await.json()["max_upload_size"],
+        4096
+    );
     let big = vec![7u8; 32 * 1024];
-    let r = app.upload(U, "/api/upload/image", "big.png", big, &[]).await;
+    let r = app
+        .upload(U, "/api/upload/image", "big.png", big, &[])
+        .await;
     assert_eq!(r.status, 413, "{}", r.text());
-    assert!(!app.dirs(U).inputs.join("big.png").exists(), "nothing was written");
-    let small = app.upload(U, "/api/upload/image", "small.png", png(2, 2, [1, 2, 3, 255]), &[]).await;
+    assert!(
+        !app.dirs(U).inputs.join("big.png").exists(),
+        "nothing was written"
+    );
+    let small = app
+        .upload(
+            U,
+            "/api/upload/image",
+            "small.png",
+            png(2, 2, [1, 2, 3, 255]),
+            &[],
+        )
+        .await;
     assert_eq!(small.status, 200, "an upload under the limit still works");
 }
 
@@ -458,7 +857,8 @@ async fn an_upload_over_the_limit_is_refused_with_413() {
 async fn saving_a_mask_merges_its_alpha_into_the_original() {
     let app = spawn_app().await;
     let original = png(4, 4, [200, 10, 10, 255]);
-    app.upload(U, "/api/upload/image", "photo.png", original, &[]).await;
+    app.upload(U, "/api/upload/image", "photo.png", original, &[])
+        .await;
     // The mask editor sends an image whose alpha is the mask: left half clear.
     let mut mask = image::RgbaImage::from_pixel(4, 4, image::Rgba([0, 0, 0, 255]));
     for y in 0..4 {
@@ -476,21 +876,42 @@ async fn saving_a_mask_merges_its_alpha_into_the_original() {
                 "clipspace-mask.png",
                 buf.get_ref().clone(),
                 &[
-                    ("original_ref", r#"{"filename":"photo.png","subfolder":"","type":"input"}"#),
+                    (
+                        "original_ref",
+                        r#"{"filename":"photo.png","subfolder":"","type":"input"}"#,
+                    ),
                     ("type", "input"),
                     ("overwrite", "true"),
                 ],
             )
             .await;
         assert_eq!(r.status, 200, "{p}: {}", r.text());
-        assert_eq!(r.json(), json!({"name": "clipspace-mask.png", "subfolder": "", "type": "input"}));
+        assert_eq!(
+            r.json(),
+            json!({"name": "clipspace-mask.png", "subfolder": "", "type": "input"})
+        );
     }
-    let saved = decode(&app.get(U, &view_path("filename=clipspace-mask.png&type=input")).await.body).to_rgba8();
+    let saved = decode(
+        &app.get(U, &view_path("filename=clipspace-mask.png&type=input"))
+            .await
+            .body,
+    )
+    .to_rgba8();
     assert_eq!(saved.dimensions(), (4, 4));
-    assert_eq!(saved.get_pixel(0, 0).0, [200, 10, 10, 0], "colour of the original, alpha of the mask");
+    assert_eq!(
+        saved.get_pixel(0, 0).0,
+        [200, 10, 10, 0],
+        "colour of the original, alpha of the mask"
+    );
     assert_eq!(saved.get_pixel(3, 3).0, [200, 10, 10, 255]);
     let r = app
-        .upload(U, "/api/upload/mask", "m.png", buf.get_ref().clone(), &[("type", "input")])
+        .upload(
+            U,
+            "/api/upload/mask",
+            "m.png",
+            buf.get_ref().clone(),
+            &[("type", "input")],
+        )
         .await;
     assert_eq!(r.status, 400, "a mask without original_ref");
 }
@@ -514,36 +935,83 @@ fn write_output(app: &TestApp) -> Vec<u8> {
 async fn view_serves_outputs_previews_and_channels_like_the_capture() {
     let app = spawn_app().await;
     let bytes = write_output(&app);
-    for p in variants(U, "/view?filename=nomodel_00001_.png&subfolder=&type=output") {
+    for p in variants(
+        U,
+        "/view?filename=nomodel_00001_.png&subfolder=&type=output",
+    ) {
         let r = app.get(U, &p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert_eq!(r.header("content-type").as_deref(), Some("image/png"), "{p}");
-        assert_eq!(r.header("content-disposition").as_deref(), Some("filename=\"nomodel_00001_.png\""), "{p}");
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("image/png"),
+            "{p}"
+        );
+        assert_eq!(
+            r.header("content-disposition").as_deref(),
+            Some("filename=\"nomodel_00001_.png\""),
+            "{p}"
+        );
         assert_eq!(r.body, bytes, "{p}");
     }
     let r = app.get(U, &view_path("filename=nomodel_00001_.png")).await;
-    assert_eq!((r.status.as_u16(), r.body == bytes), (200, true), "type defaults to output");
-    let r = app.get(U, &view_path("filename=nomodel_00001_.png%20%5Boutput%5D&type=input")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.body == bytes),
+        (200, true),
+        "type defaults to output"
+    );
+    let r = app
+        .get(
+            U,
+            &view_path("filename=nomodel_00001_.png%20%5Boutput%5D&type=input"),
+        )
+        .await;
     assert_eq!(r.status, 200, "an annotated name overrides type");
 
-    let r = app.get(U, &view_path("filename=nomodel_00001_.png&type=output&preview=webp;50")).await;
+    let r = app
+        .get(
+            U,
+            &view_path("filename=nomodel_00001_.png&type=output&preview=webp;50"),
+        )
+        .await;
     assert_eq!(r.header("content-type").as_deref(), Some("image/webp"));
-    assert_eq!(r.header("content-disposition").as_deref(), Some("filename=\"nomodel_00001_.png\""));
+    assert_eq!(
+        r.header("content-disposition").as_deref(),
+        Some("filename=\"nomodel_00001_.png\"")
+    );
     assert_eq!((&r.body[..4], &r.body[8..12]), (&b"RIFF"[..], &b"WEBP"[..]));
     assert_eq!(decode(&r.body).to_rgba8().dimensions(), (8, 8));
-    let r = app.get(U, &view_path("filename=nomodel_00001_.png&type=output&preview=jpeg;80")).await;
+    let r = app
+        .get(
+            U,
+            &view_path("filename=nomodel_00001_.png&type=output&preview=jpeg;80"),
+        )
+        .await;
     assert_eq!(r.header("content-type").as_deref(), Some("image/jpeg"));
     assert_eq!(&r.body[..3], &[0xff, 0xd8, 0xff]);
 
-    let r = app.get(U, &view_path("filename=nomodel_00001_.png&type=output&channel=rgb")).await;
+    let r = app
+        .get(
+            U,
+            &view_path("filename=nomodel_00001_.png&type=output&channel=rgb"),
+        )
+        .await;
     assert_eq!(r.header("content-type").as_deref(), Some("image/png"));
     let rgb = decode(&r.body);
     assert!(!rgb.color().has_alpha(), "channel=rgb drops the alpha");
     assert_eq!(rgb.to_rgb8().get_pixel(0, 0).0, [10, 200, 30]);
-    let r = app.get(U, &view_path("filename=nomodel_00001_.png&type=output&channel=a")).await;
+    let r = app
+        .get(
+            U,
+            &view_path("filename=nomodel_00001_.png&type=output&channel=a"),
+        )
+        .await;
     assert_eq!(r.header("content-type").as_deref(), Some("image/png"));
     let a = decode(&r.body).to_rgba8();
-    assert_eq!((a.get_pixel(0, 0).0[3], a.get_pixel(0, 1).0[3]), (0, 255), "channel=a carries the alpha");
+    assert_eq!(
+        (a.get_pixel(0, 0).0[3], a.get_pixel(0, 1).0[3]),
+        (0, 255),
+        "channel=a carries the alpha"
+    );
 
     for (q, status) in [
         ("filename=nomodel_00001_.png&type=input", 404),
@@ -564,12 +1032,30 @@ async fn view_serves_outputs_previews_and_channels_like_the_capture() {
 async fn view_answers_range_requests_for_scrubbing() {
     let app = spawn_app().await;
     let bytes = write_output(&app);
-    let r = app.get_with(U, &view_path("filename=nomodel_00001_.png"), &[("range", "bytes=4-11")]).await;
+    let r = app
+        .get_with(
+            U,
+            &view_path("filename=nomodel_00001_.png"),
+            &[("range", "bytes=4-11")],
+        )
+        .await;
     assert_eq!(r.status, 206);
     assert_eq!(r.body, bytes[4..12]);
-    assert_eq!(r.header("content-range"), Some(format!("bytes 4-11/{}", bytes.len())));
-    let r = app.get_with(U, &view_path("filename=nomodel_00001_.png"), &[("range", "bytes=-5")]).await;
-    assert_eq!((r.status.as_u16(), r.body.as_slice()), (206, &bytes[bytes.len() - 5..]));
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 4-11/{}", bytes.len()))
+    );
+    let r = app
+        .get_with(
+            U,
+            &view_path("filename=nomodel_00001_.png"),
+            &[("range", "bytes=-5")],
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.body.as_slice()),
+        (206, &bytes[bytes.len() - 5..])
+    );
 }
 
 #[tokio::test]
@@ -580,21 +1066,39 @@ async fn view_never_renders_markup_on_this_origin() {
     let dir = app.dirs(U).inputs;
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("page.html"), "<script>alert(1)</script>").unwrap();
-    let r = app.get(U, &view_path("filename=page.html&type=input")).await;
+    let r = app
+        .get(U, &view_path("filename=page.html&type=input"))
+        .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("content-type").as_deref(), Some("application/octet-stream"));
-    assert_eq!(r.header("x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    assert_eq!(
+        r.header("x-content-type-options").as_deref(),
+        Some("nosniff")
+    );
 }
 
 #[tokio::test]
 async fn internal_files_lists_own_files_newest_first() {
     let app = spawn_app().await;
     for name in ["old.png", "mid.png", "new.png"] {
-        app.upload(U, "/api/upload/image", name, png(2, 2, [name.len() as u8, 0, 0, 255]), &[]).await;
+        app.upload(
+            U,
+            "/api/upload/image",
+            name,
+            png(2, 2, [name.len() as u8, 0, 0, 255]),
+            &[],
+        )
+        .await;
     }
     let now = SystemTime::now();
     for (name, age) in [("old.png", 300), ("mid.png", 200), ("new.png", 100)] {
-        let f = std::fs::File::options().write(true).open(app.dirs(U).inputs.join(name)).unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(app.dirs(U).inputs.join(name))
+            .unwrap();
         f.set_modified(now - Duration::from_secs(age)).unwrap();
     }
     for p in ["/internal/files/input", "/user001/internal/files/input"] {
@@ -602,12 +1106,33 @@ async fn internal_files_lists_own_files_newest_first() {
         assert_eq!(r.status, 200, "{p}");
         assert_eq!(r.json(), json!(["new.png", "mid.png", "old.png"]), "{p}");
     }
+    // Only the folder itself, like ComfyUI's os.scandir (and no dot files).
+    app.upload(
+        U,
+        "/api/upload/image",
+        "deep.png",
+        png(2, 2, [1, 1, 1, 255]),
+        &[("subfolder", "sub")],
+    )
+    .await;
+    std::fs::write(app.dirs(U).inputs.join(".hidden.png"), "x").unwrap();
+    assert_eq!(
+        app.get(U, "/internal/files/input").await.json(),
+        json!(["new.png", "mid.png", "old.png"])
+    );
     assert_eq!(app.get(U, "/internal/files/output").await.json(), json!([]));
     assert_eq!(app.get(U, "/internal/files/temp").await.json(), json!([]));
     let r = app.get(U, "/internal/files/bogus").await;
-    assert_eq!((r.status.as_u16(), r.json()), (400, json!({"error": "Invalid directory type"})));
+    assert_eq!(
+        (r.status.as_u16(), r.json()),
+        (400, json!({"error": "Invalid directory type"}))
+    );
     // /internal is a sub-app at the root only.
-    for p in ["/api/internal/folder_paths", "/api/internal/files/input", "/user001/api/internal/files/input"] {
+    for p in [
+        "/api/internal/folder_paths",
+        "/api/internal/files/input",
+        "/user001/api/internal/files/input",
+    ] {
         assert_eq!(app.get(U, p).await.status, 404, "{p}");
     }
     assert_eq!(app.get(U, "/internal/folder_paths").await.status, 200);
@@ -616,7 +1141,12 @@ async fn internal_files_lists_own_files_newest_first() {
 #[tokio::test]
 async fn the_websocket_greets_with_status_and_sid_on_every_path() {
     let app = spawn_app().await;
-    for p in ["/ws?clientId=abc", "/api/ws?clientId=abc", "/user001/ws?clientId=abc", "/user001/api/ws?clientId=abc"] {
+    for p in [
+        "/ws?clientId=abc",
+        "/api/ws?clientId=abc",
+        "/user001/ws?clientId=abc",
+        "/user001/api/ws?clientId=abc",
+    ] {
         let mut ws = app.ws(U, p).await;
         assert_eq!(
             next_json(&mut ws).await,
@@ -628,7 +1158,10 @@ async fn the_websocket_greets_with_status_and_sid_on_every_path() {
     let mut ws = app.ws(U, "/ws").await;
     let hello = next_json(&mut ws).await;
     let sid = hello["data"]["sid"].as_str().unwrap();
-    assert!(sid.len() == 32 && sid.bytes().all(|b| b.is_ascii_hexdigit()), "{sid}");
+    assert!(
+        sid.len() == 32 && sid.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{sid}"
+    );
 }
 
 #[tokio::test]
@@ -651,7 +1184,9 @@ async fn feature_flags_are_answered_when_they_are_the_first_message() {
 
     let mut late = app.ws(U, "/ws?clientId=late").await;
     next_json(&mut late).await;
-    late.send(Message::Text(r#"{"type":"hello"}"#.into())).await.unwrap();
+    late.send(Message::Text(r#"{"type":"hello"}"#.into()))
+        .await
+        .unwrap();
     late.send(Message::Text(flags.into())).await.unwrap();
     helpers::assert_silent(&mut late, 300).await;
 }
@@ -659,27 +1194,49 @@ async fn feature_flags_are_answered_when_they_are_the_first_message() {
 #[tokio::test]
 async fn the_frontend_page_is_never_cached_and_assets_are_cached_for_good() {
     let app = spawn_app().await;
-    let index = "<!doctype html><title>ComfyUI</title><script src=\"./assets/index-abc.js\"></script>";
+    let index =
+        "<!doctype html><title>ComfyUI</title><script src=\"./assets/index-abc.js\"></script>";
     for p in ["/", "/user001/"] {
         let r = app.get_with(U, p, &[("accept", "text/html")]).await;
         assert_eq!(r.status, 200, "{p}");
         assert_eq!(r.text(), index, "{p}");
-        assert!(r.header("content-type").unwrap().starts_with("text/html"), "{p}");
-        assert_eq!(r.header("cache-control").as_deref(), Some("no-cache"), "{p}");
+        assert!(
+            r.header("content-type").unwrap().starts_with("text/html"),
+            "{p}"
+        );
+        assert_eq!(
+            r.header("cache-control").as_deref(),
+            Some("no-cache"),
+            "{p}"
+        );
         assert_eq!(r.header("pragma").as_deref(), Some("no-cache"), "{p}");
         assert_eq!(r.header("expires").as_deref(), Some("0"), "{p}");
     }
     for p in ["/assets/index-abc.js", "/user001/assets/index-abc.js"] {
         let r = app.get(U, p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert_eq!(r.header("cache-control").as_deref(), Some("public, max-age=31536000, immutable"), "{p}");
+        assert_eq!(
+            r.header("cache-control").as_deref(),
+            Some("public, max-age=31536000, immutable"),
+            "{p}"
+        );
         assert_eq!(r.text(), "console.log('x');".repeat(200), "{p}");
-        assert_eq!(r.header("content-encoding"), None, "{p}: not compressed unless asked");
+        assert_eq!(
+            r.header("content-encoding"),
+            None,
+            "{p}: not compressed unless asked"
+        );
     }
     let r = app.get(U, "/scripts/app.js").await;
-    assert_eq!(r.header("cache-control").as_deref(), Some("no-cache"), "unhashed scripts revalidate");
+    assert_eq!(
+        r.header("cache-control").as_deref(),
+        Some("no-cache"),
+        "unhashed scripts revalidate"
+    );
 
-    let r = app.get_with(U, "/assets/index-abc.js", &[("accept-encoding", "gzip")]).await;
+    let r = app
+        .get_with(U, "/assets/index-abc.js", &[("accept-encoding", "gzip")])
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
     assert_eq!(&r.body[..2], &[0x1f, 0x8b]);
@@ -693,7 +1250,11 @@ async fn the_frontend_page_is_never_cached_and_assets_are_cached_for_good() {
     for p in ["/templates/index.json", "/user001/templates/index.json"] {
         let r = app.get(U, p).await;
         assert_eq!(r.status, 200, "{p}");
-        assert!(r.header("content-type").unwrap().starts_with("application/json"));
+        assert!(
+            r.header("content-type")
+                .unwrap()
+                .starts_with("application/json")
+        );
         assert_eq!(r.json(), json!([]), "{p}: a valid, empty template index");
     }
     let r = app.get(U, "/templates/fuse_options.json").await;

@@ -160,6 +160,18 @@ impl Hub {
     }
 }
 
+impl comfyume_dispatch::EventSink for Hub {
+    fn to_user(&self, user: &str, text: &str) {
+        self.send_user(user, text);
+    }
+    fn to_client(&self, user: &str, client_id: &str, text: &str) -> bool {
+        self.send_client(user, client_id, text)
+    }
+    fn preview(&self, user: &str, client_id: &str, legacy: Bytes, with_meta: Bytes) {
+        self.send_preview(user, client_id, legacy, with_meta);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,17 +196,5 @@ mod tests {
         let (_b, _rx_b) = hub.register("u", "same");
         assert!(matches!(rx_a.try_recv(), Ok(Outbound::Close)));
         assert_eq!(hub.open_sockets(), 1);
-    }
-}
-
-impl comfyume_dispatch::EventSink for Hub {
-    fn to_user(&self, user: &str, text: &str) {
-        self.send_user(user, text);
-    }
-    fn to_client(&self, user: &str, client_id: &str, text: &str) -> bool {
-        self.send_client(user, client_id, text)
-    }
-    fn preview(&self, user: &str, client_id: &str, legacy: Bytes, with_meta: Bytes) {
-        self.send_preview(user, client_id, legacy, with_meta);
     }
 }

@@ -79,15 +79,14 @@ async fn serve_socket(state: AppState, user: String, client_id: String, socket: 
             incoming = stream.next() => match incoming {
                 Some(Ok(Message::Text(t))) => {
                     // Feature flags count only as the client's first text message.
-                    if std::mem::take(&mut first_text) {
-                        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
-                            && v.get("type").and_then(|t| t.as_str()) == Some("feature_flags")
-                        {
-                            let wants_meta = v["data"]["supports_preview_metadata"].as_bool() == Some(true);
-                            conn.preview_metadata.store(wants_meta, Ordering::Relaxed);
-                            let reply = json!({"type": "feature_flags", "data": feature_flags(&state)}).to_string();
-                            if sink.send(Message::Text(reply.into())).await.is_err() { break; }
-                        }
+                    if std::mem::take(&mut first_text)
+                        && let Ok(v) = serde_json::from_str::<serde_json::Value>(&t)
+                        && v.get("type").and_then(|t| t.as_str()) == Some("feature_flags")
+                    {
+                        let wants_meta = v["data"]["supports_preview_metadata"].as_bool() == Some(true);
+                        conn.preview_metadata.store(wants_meta, Ordering::Relaxed);
+                        let reply = json!({"type": "feature_flags", "data": feature_flags(&state)}).to_string();
+                        if sink.send(Message::Text(reply.into())).await.is_err() { break; }
                     }
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,

@@ -681,7 +681,7 @@ async fn execute_node(job: &mut Job<'_>, ctx: &NodeCtx, args: &Args) -> Result<N
 
     let outputs = shared.catalog.output_types(&class);
     let sampled = if nodes::is_sampler(builtin, &class, &outputs) {
-        let plan = nodes::sampler_plan(args, 20)?;
+        let plan = nodes::sampler_plan(&class, args, 20)?;
         run_steps(
             job,
             &ctx.node_id,
@@ -697,9 +697,10 @@ async fn execute_node(job: &mut Job<'_>, ctx: &NodeCtx, args: &Args) -> Result<N
     };
 
     if builtin && let Some(latent) = sampled {
+        // KSampler has one LATENT output; SamplerCustomAdvanced two (output, denoised_output).
         let l = Arc::new(latent);
         return Ok(NodeOut {
-            values: vec![Data::Latent(l.clone()), Data::Latent(l)],
+            values: outputs.iter().map(|_| Data::Latent(l.clone())).collect(),
             ui: None,
         });
     }

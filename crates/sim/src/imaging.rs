@@ -422,6 +422,16 @@ pub fn noisy(img: &RgbImage, seed: u64, amount: f32) -> RgbImage {
     out
 }
 
+/// `a` and `b` (same size) mixed: `t` 0.0 is `a`, 1.0 is `b`.
+pub fn blend(a: &RgbImage, b: &RgbImage, t: f32) -> RgbImage {
+    let t = t.clamp(0.0, 1.0);
+    let mut out = b.clone();
+    for (o, p) in out.iter_mut().zip(a.as_raw()) {
+        *o = (f32::from(*p) * (1.0 - t) + f32::from(*o) * t).round() as u8;
+    }
+    out
+}
+
 pub fn fill(width: u32, height: u32, color: u32) -> RgbImage {
     let rgb = Rgb([
         ((color >> 16) & 0xFF) as u8,

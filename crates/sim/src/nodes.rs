@@ -1,7 +1,8 @@
 //! What each node does when the simulator "executes" it.
 //!
 //! Image nodes do real pixel work (EmptyImage fills, ImageInvert inverts, ...). Model nodes pass
-//! descriptions along; VAEDecode of a sampled latent renders a placeholder stamped "SIMULATED".
+//! descriptions along; VAEDecode of a sampled latent renders a placeholder stamped "SIMULATED"
+//! (blended with the encoded picture after a partial denoise, returned as is when unsampled).
 //! Timing (sampler steps, slow nodes) is the executor's business, see `exec.rs`.
 
 use image::{GrayImage, RgbImage};
@@ -30,6 +31,16 @@ pub struct Latent {
     pub audio: Option<AudioInfo>,
     /// Set by a sampler: what the "generated" picture is derived from.
     pub sampled: Option<Sampled>,
+    /// What lies under the noise: the pixels VAEEncode put in, or (after a partial denoise) the
+    /// latent the sampler started from. Decoding shows it, or blends it in by `1 - denoise`.
+    pub source: Option<Source>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Already `width` x `height`, one per batch entry.
+    Pixels(Arc<Vec<RgbImage>>),
+    Latent(Arc<Latent>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +55,8 @@ pub struct Sampled {
     pub text: String,
     pub steps: u32,
     pub sampler: String,
+    /// Share of the input the sampler replaced (KSampler's `denoise`); 1.0 ignores the input.
+    pub denoise: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -335,8 +348,15 @@ fn preview_size(l: &Latent) -> (u32, u32) {
     fit((l.width / 8).max(8), (l.height / 8).max(8), 512)
 }
 
-pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, NodeError> {
-    let latent = match args.get("latent_image") {
+/// `class` decides how many of the steps run: KSampler's `denoise` and KSamplerAdvanced's
+/// `start_at_step`/`end_at_step` slice ComfyUI's sigmas. With no step left the input comes back
+/// unchanged (`steps` 0), as ComfyUI returns `latent_image` for an empty schedule.
+pub fn sampler_plan(
+    class: &str,
+    args: &Args,
+    steps_default: u32,
+) -> Result<SamplerPlan, NodeError> {
+    let input = match args.get("latent_image") {
         Some(Arg::Data(Data::Latent(l))) => (**l).clone(),
         _ => Latent {
             width: 512,
@@ -346,6 +366,7 @@ pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, Node
             video: false,
             audio: None,
             sampled: None,
+            source: None,
         },
     };
     let (text, seed, sampler) = {
@@ -371,26 +392,55 @@ pub fn sampler_plan(args: &Args, steps_default: u32) -> Result<SamplerPlan, Node
         };
         (text, seed, sampler)
     };
-    let steps = args
+    let scheduled = args
         .int("steps")
         .ok()
         .map(u32_of)
         .or_else(|| args.steps_hint())
         .unwrap_or(steps_default)
         .max(1);
+    let (steps, denoise) = match class {
+        "KSampler" => match args.float("denoise").unwrap_or(1.0) {
+            // ComfyUI: denoise <= 0 gives an empty schedule.
+            d if d <= 0.0 => (0, 0.0),
+            // A partial denoise still runs `steps` steps, over the tail of a longer schedule.
+            d => (scheduled, d.min(1.0)),
+        },
+        "KSamplerAdvanced" => {
+            let start = u32_of(args.int("start_at_step").unwrap_or(0));
+            let last = u32_of(args.int("end_at_step").unwrap_or(i64::MAX)).min(scheduled);
+            // Starting late skips the noisiest part of the schedule: some input survives.
+            (
+                last.saturating_sub(start),
+                f64::from(scheduled.saturating_sub(start)) / f64::from(scheduled),
+            )
+        }
+        _ => (scheduled, 1.0),
+    };
+    let (pw, ph) = preview_size(&input);
+    let preview_base = imaging::placeholder(pw, ph, seed, &[]);
+    if steps == 0 {
+        return Ok(SamplerPlan {
+            steps,
+            latent: input,
+            preview_base,
+        });
+    }
+    let source = (denoise < 1.0 && (input.sampled.is_some() || input.source.is_some()))
+        .then(|| Source::Latent(Arc::new(input.clone())));
     let sampled = Sampled {
         seed,
         text,
         steps,
         sampler,
+        denoise,
     };
-    let (pw, ph) = preview_size(&latent);
-    let preview_base = imaging::placeholder(pw, ph, seed, &[]);
     Ok(SamplerPlan {
         steps,
         latent: Latent {
             sampled: Some(sampled),
-            ..latent
+            source,
+            ..input
         },
         preview_base,
     })
@@ -401,6 +451,15 @@ fn decode_latent(l: &Latent) -> Result<Vec<RgbImage>, NodeError> {
         return Err(NodeError::runtime(
             "comfyume-sim: this latent has no picture (an audio latent?); VAEDecode needs a video or image latent",
         ));
+    }
+    // Encoded pixels come back as they went in (a VAE round trip is nearly lossless).
+    match (&l.sampled, &l.source) {
+        (None, Some(Source::Pixels(p))) => {
+            check_budget(l.width, l.height, p.len() as u32)?;
+            return Ok(p.to_vec());
+        }
+        (None, Some(Source::Latent(inner))) => return decode_latent(inner),
+        _ => {}
     }
     let (w, h, frames) = if l.video {
         let (w, h) = fit(l.width, l.height, MAX_VIDEO_SIDE);
@@ -416,7 +475,11 @@ fn decode_latent(l: &Latent) -> Result<Vec<RgbImage>, NodeError> {
         let mut lines = vec!["COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string()];
         let seed = match &l.sampled {
             Some(s) => {
-                lines.push(format!("SEED {}  STEPS {}  {}", s.seed, s.steps, s.sampler));
+                let mut line = format!("SEED {}  STEPS {}  {}", s.seed, s.steps, s.sampler);
+                if s.denoise < 1.0 {
+                    line.push_str(&format!("  DENOISE {:.2}", s.denoise));
+                }
+                lines.push(line);
                 if !s.text.trim().is_empty() {
                     lines.push(s.text.split_whitespace().collect::<Vec<_>>().join(" "));
                 }
@@ -440,7 +503,68 @@ fn decode_latent(l: &Latent) -> Result<Vec<RgbImage>, NodeError> {
             out.push(imaging::placeholder(w, h, seed, &lines));
         }
     }
+    // A partial denoise keeps `1 - denoise` of what the sampler started from.
+    if let (Some(s), Some(src)) = (&l.sampled, &l.source)
+        && s.denoise < 1.0
+    {
+        let under = match src {
+            Source::Pixels(p) => p.to_vec(),
+            Source::Latent(inner) => decode_latent(inner)?,
+        };
+        if !under.is_empty() {
+            for (i, img) in out.iter_mut().enumerate() {
+                let base = &under[i % under.len()];
+                let base = if base.dimensions() == (w, h) {
+                    std::borrow::Cow::Borrowed(base)
+                } else {
+                    std::borrow::Cow::Owned(imaging::upscale(base, w, h, "bilinear", false))
+                };
+                *img = imaging::blend(&base, img, s.denoise as f32);
+            }
+        }
+    }
     Ok(out)
+}
+
+/// The same latent at another size; encoded pixels are resized with it.
+fn resize_latent(
+    l: &Latent,
+    width: u32,
+    height: u32,
+    method: &str,
+    crop: bool,
+) -> Result<Latent, NodeError> {
+    let source = match &l.source {
+        None => None,
+        Some(Source::Pixels(p)) => {
+            check_budget(width, height, p.len() as u32)?;
+            Some(Source::Pixels(Arc::new(
+                p.iter()
+                    .map(|i| imaging::upscale(i, width, height, method, crop))
+                    .collect(),
+            )))
+        }
+        Some(Source::Latent(inner)) => Some(Source::Latent(Arc::new(resize_latent(
+            inner, width, height, method, crop,
+        )?))),
+    };
+    Ok(Latent {
+        width,
+        height,
+        source,
+        ..l.clone()
+    })
+}
+
+/// A latent's size in latent pixels (ComfyUI's SD latents are 1/8 of the image).
+fn latent_dims(l: &Latent) -> Result<(u32, u32), NodeError> {
+    let (w, h) = (l.width / 8, l.height / 8);
+    if w == 0 || h == 0 {
+        return Err(NodeError::runtime(
+            "comfyume-sim: this latent has no picture (an audio latent?) to upscale",
+        ));
+    }
+    Ok((w, h))
 }
 
 /// ComfyUI's `get_save_image_path`: prefix may hold a subfolder; the counter continues after the
@@ -596,10 +720,13 @@ fn scale_all(
 }
 
 fn interpolate_error(img: &RgbImage, w: i64, h: i64) -> NodeError {
+    sizes_error(img.width(), img.height(), w, h)
+}
+
+/// What `torch.nn.functional.interpolate` raises for an empty target size.
+fn sizes_error(in_w: u32, in_h: u32, w: i64, h: i64) -> NodeError {
     NodeError::runtime(format!(
-        "Input and output sizes should be greater than 0, but got input (H: {}, W: {}) output (H: {h}, W: {w})",
-        img.height(),
-        img.width()
+        "Input and output sizes should be greater than 0, but got input (H: {in_h}, W: {in_w}) output (H: {h}, W: {w})"
     ))
 }
 
@@ -632,6 +759,49 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             text: args.string("text")?,
             frame_rate: None,
         }),
+        "LoraLoader" => {
+            let model = match args.data("model")? {
+                Data::Model(m) => m.clone(),
+                _ => return Err(Args::missing("model")),
+            };
+            let clip = match args.data("clip")? {
+                Data::Clip(c) => c.clone(),
+                _ => return Err(Args::missing("clip")),
+            };
+            let lora = args.string("lora_name")?;
+            let (sm, sc) = (args.float("strength_model")?, args.float("strength_clip")?);
+            // ComfyUI does not even open the file when both strengths are 0.
+            let (model, clip) = if sm == 0.0 && sc == 0.0 {
+                (model, clip)
+            } else {
+                (
+                    format!("{model} + {lora} @ {}", pyjson::float_repr(sm)),
+                    format!("{clip} + {lora} @ {}", pyjson::float_repr(sc)),
+                )
+            };
+            Ok(NodeOut {
+                values: vec![Data::Model(model), Data::Clip(clip)],
+                ui: None,
+            })
+        }
+        // Clip skip changes the embedding a real model computes; the simulator has none.
+        "CLIPSetLastLayer" => match args.data("clip")? {
+            Data::Clip(c) => one(Data::Clip(c.clone())),
+            _ => Err(Args::missing("clip")),
+        },
+        "ConditioningCombine" => {
+            let (a, rate_a) = args.text("conditioning_1")?;
+            let (b, rate_b) = args.text("conditioning_2")?;
+            let text = match (a.trim().is_empty(), b.trim().is_empty()) {
+                (true, _) => b,
+                (_, true) => a,
+                _ => format!("{a} + {b}"),
+            };
+            one(Data::Conditioning {
+                text,
+                frame_rate: rate_a.or(rate_b),
+            })
+        }
         "LTXVConditioning" => {
             let rate = args.float("frame_rate")?;
             let (pos, _) = args.text("positive")?;
@@ -658,7 +828,91 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             video: false,
             audio: None,
             sampled: None,
+            source: None,
         }))),
+        // torch.zeros([batch, 4, height // 8, width // 8]): it decodes to multiples of 8 pixels.
+        "EmptyLatentImage" => one(Data::Latent(Arc::new(Latent {
+            width: u32_of(args.int("width")? / 8 * 8),
+            height: u32_of(args.int("height")? / 8 * 8),
+            batch: u32_of(args.int("batch_size")?),
+            frames: 1,
+            video: false,
+            audio: None,
+            sampled: None,
+            source: None,
+        }))),
+        "VAEEncode" => {
+            let images = args.image("pixels")?;
+            let first = images
+                .first()
+                .ok_or_else(|| NodeError::runtime("empty IMAGE batch"))?;
+            let (w, h) = first.dimensions();
+            // `vae_encode_crop_pixels`: centre crop to whole latent pixels.
+            let (cw, ch) = (w / 8 * 8, h / 8 * 8);
+            if cw == 0 || ch == 0 {
+                return Err(NodeError::runtime(format!(
+                    "comfyume-sim: VAEEncode needs at least 8x8 pixels, got {w}x{h}"
+                )));
+            }
+            let (ox, oy) = ((w % 8) / 2, (h % 8) / 2);
+            let pixels: Vec<RgbImage> = images
+                .iter()
+                .map(|i| {
+                    if (cw, ch) == i.dimensions() {
+                        i.clone()
+                    } else {
+                        image::imageops::crop_imm(i, ox, oy, cw, ch).to_image()
+                    }
+                })
+                .collect();
+            one(Data::Latent(Arc::new(Latent {
+                width: cw,
+                height: ch,
+                batch: pixels.len() as u32,
+                frames: 1,
+                video: false,
+                audio: None,
+                sampled: None,
+                source: Some(Source::Pixels(Arc::new(pixels))),
+            })))
+        }
+        "LatentUpscale" => {
+            let latent = args.latent("samples")?;
+            let method = args.string("upscale_method")?;
+            let crop = args.string("crop")? == "center";
+            let (w, h) = (args.int("width")?, args.int("height")?);
+            if w == 0 && h == 0 {
+                return one(Data::Latent(latent));
+            }
+            let (lw, lh) = latent_dims(&latent)?;
+            let (lw, lh) = (f64::from(lw), f64::from(lh));
+            let (w, h) = if w == 0 {
+                let h = h.max(64);
+                (imaging::py_round(lw * h as f64 / lh).max(64), h)
+            } else if h == 0 {
+                let w = w.max(64);
+                (w, imaging::py_round(lh * w as f64 / lw).max(64))
+            } else {
+                (w.max(64), h.max(64))
+            };
+            // Resized to width // 8 x height // 8 latent pixels.
+            let resized =
+                resize_latent(&latent, u32_of(w / 8 * 8), u32_of(h / 8 * 8), &method, crop)?;
+            one(Data::Latent(Arc::new(resized)))
+        }
+        "LatentUpscaleBy" => {
+            let latent = args.latent("samples")?;
+            let method = args.string("upscale_method")?;
+            let by = args.float("scale_by")?;
+            let (lw, lh) = latent_dims(&latent)?;
+            let w = imaging::py_round(f64::from(lw) * by);
+            let h = imaging::py_round(f64::from(lh) * by);
+            if w <= 0 || h <= 0 {
+                return Err(sizes_error(lw, lh, w, h));
+            }
+            let resized = resize_latent(&latent, u32_of(w * 8), u32_of(h * 8), &method, false)?;
+            one(Data::Latent(Arc::new(resized)))
+        }
         "EmptyLTXVLatentVideo" => one(Data::Latent(Arc::new(Latent {
             width: u32_of(args.int("width")?),
             height: u32_of(args.int("height")?),
@@ -667,6 +921,7 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             video: true,
             audio: None,
             sampled: None,
+            source: None,
         }))),
         "LTXVEmptyLatentAudio" => one(Data::Latent(Arc::new(Latent {
             width: 0,
@@ -679,6 +934,7 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
                 frame_rate: u32_of(args.int("frame_rate")?),
             }),
             sampled: None,
+            source: None,
         }))),
         "LTXVConcatAVLatent" => {
             let video = args.latent("video_latent")?;
@@ -768,6 +1024,21 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             Ok(NodeOut {
                 values: vec![],
                 ui: Some(json!({"images": results})),
+            })
+        }
+        "PreviewAny" => {
+            // nodes_preview_any: str for scalars, json.dumps for containers, else str(obj).
+            let text = match args.get("source") {
+                None => "None".to_string(),
+                Some(Arg::Lit(v) | Arg::Data(Data::Primitive(v))) => match v {
+                    Value::Array(_) | Value::Object(_) => pyjson::to_string(v),
+                    scalar => pyjson::py_str(scalar),
+                },
+                Some(Arg::Data(d)) => d.describe(),
+            };
+            Ok(NodeOut {
+                values: vec![],
+                ui: Some(json!({"text": [text]})),
             })
         }
         "CreateVideo" => {
@@ -887,6 +1158,27 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             })?;
             one(Data::Image(Arc::new(out)))
         }
+        "ImageScaleToTotalPixels" => {
+            let images = args.image("image")?;
+            let method = args.string("upscale_method")?;
+            let total = args.float("megapixels")? * 1024.0 * 1024.0;
+            let step = args.int("resolution_steps")?.max(1);
+            let first = images
+                .first()
+                .ok_or_else(|| NodeError::runtime("empty IMAGE batch"))?;
+            let (ow, oh) = (f64::from(first.width()), f64::from(first.height()));
+            let scale_by = (total / (ow * oh)).sqrt();
+            let w = imaging::py_round(ow * scale_by / step as f64) * step;
+            let h = imaging::py_round(oh * scale_by / step as f64) * step;
+            if w <= 0 || h <= 0 {
+                return Err(interpolate_error(first, w, h));
+            }
+            check_budget(u32_of(w), u32_of(h), images.len() as u32)?;
+            let out = scale_all(&images, |img| {
+                Ok(imaging::upscale(img, u32_of(w), u32_of(h), &method, false))
+            })?;
+            one(Data::Image(Arc::new(out)))
+        }
         other => Err(NodeError::runtime(format!(
             "comfyume-sim has no implementation for {other}"
         ))),
@@ -910,7 +1202,10 @@ pub fn slow_units(class: &str, args: &Args) -> u64 {
 /// SamplerCustom...), not the ones that only build a SAMPLER object.
 pub fn is_sampler(builtin: bool, class: &str, output_types: &[String]) -> bool {
     if builtin {
-        class == "SamplerCustomAdvanced"
+        matches!(
+            class,
+            "SamplerCustomAdvanced" | "KSampler" | "KSamplerAdvanced"
+        )
     } else {
         class.contains("Sampler") && output_types.iter().any(|t| t == "LATENT")
     }
@@ -1021,6 +1316,297 @@ mod tests {
                 assert_eq!(exception_type, "RuntimeError");
                 assert!(message.starts_with("Input and output sizes should be greater than 0"));
             }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn lit(name: &str, v: Value) -> (String, Arg) {
+        (name.into(), Arg::Lit(v))
+    }
+
+    fn data(name: &str, d: Data) -> (String, Arg) {
+        (name.into(), Arg::Data(d))
+    }
+
+    fn latent_of(out: NodeOut) -> Arc<Latent> {
+        match out.values.into_iter().next() {
+            Some(Data::Latent(l)) => l,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn images_of(out: NodeOut) -> Arc<Vec<RgbImage>> {
+        match out.values.into_iter().next() {
+            Some(Data::Image(i)) => i,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn sampler_steps_follow_comfyui_schedules() {
+        let steps = |class: &str, extra: Vec<(String, Arg)>| {
+            let mut args = vec![lit("steps", json!(20))];
+            args.extend(extra);
+            sampler_plan(class, &Args(args), 20).unwrap()
+        };
+        let full = steps("KSampler", vec![lit("denoise", json!(1.0))]);
+        assert_eq!(full.steps, 20);
+        assert_eq!(full.latent.sampled.as_ref().unwrap().denoise, 1.0);
+        // A partial denoise still runs every step; denoise 0 runs none and changes nothing.
+        assert_eq!(
+            steps("KSampler", vec![lit("denoise", json!(0.4))]).steps,
+            20
+        );
+        let none = steps("KSampler", vec![lit("denoise", json!(0.0))]);
+        assert_eq!(none.steps, 0);
+        assert!(none.latent.sampled.is_none());
+        let adv = |start: i64, end: i64| {
+            steps(
+                "KSamplerAdvanced",
+                vec![
+                    lit("start_at_step", json!(start)),
+                    lit("end_at_step", json!(end)),
+                ],
+            )
+            .steps
+        };
+        assert_eq!(adv(0, 10000), 20);
+        assert_eq!(adv(5, 15), 10);
+        assert_eq!(adv(12, 10000), 8);
+        assert_eq!(adv(20, 10000), 0);
+        assert_eq!(adv(10, 4), 0);
+        assert_eq!(steps("SamplerCustomAdvanced", vec![]).steps, 20);
+    }
+
+    #[test]
+    fn vae_round_trip_and_partial_denoise_keep_the_picture() {
+        let c = ctx(Path::new("/nonexistent"));
+        // 21x17 is centre-cropped to 16x16 at (2, 0), like vae_encode_crop_pixels.
+        let mut img = imaging::fill(21, 17, 0xFF0000);
+        img.put_pixel(2, 0, image::Rgb([1, 2, 3]));
+        let encoded = latent_of(
+            run_builtin(
+                &c,
+                "VAEEncode",
+                &Args(vec![
+                    data("pixels", Data::Image(Arc::new(vec![img]))),
+                    data("vae", Data::Vae("v".into())),
+                ]),
+            )
+            .unwrap(),
+        );
+        assert_eq!((encoded.width, encoded.height), (16, 16));
+        let decode = |l: &Arc<Latent>| {
+            images_of(
+                run_builtin(
+                    &c,
+                    "VAEDecode",
+                    &Args(vec![
+                        data("samples", Data::Latent(l.clone())),
+                        data("vae", Data::Vae("v".into())),
+                    ]),
+                )
+                .unwrap(),
+            )
+        };
+        let back = decode(&encoded);
+        assert_eq!(back[0].dimensions(), (16, 16));
+        assert_eq!(back[0].get_pixel(0, 0).0, [1, 2, 3]);
+        assert_eq!(back[0].get_pixel(5, 5).0, [255, 0, 0]);
+
+        let plan = sampler_plan(
+            "KSampler",
+            &Args(vec![
+                lit("steps", json!(4)),
+                lit("seed", json!(3)),
+                lit("denoise", json!(0.25)),
+                data("latent_image", Data::Latent(encoded.clone())),
+            ]),
+            20,
+        )
+        .unwrap();
+        let img2img = decode(&Arc::new(plan.latent));
+        // Three quarters of the red input survive whatever the placeholder is.
+        assert!(
+            img2img[0]
+                .enumerate_pixels()
+                .filter(|(x, y, _)| (*x, *y) != (0, 0))
+                .all(|(_, _, p)| p.0[0] >= 191 && p.0[1] <= 64)
+        );
+        assert_ne!(img2img[0], back[0]);
+        // Denoise 1 ignores the input entirely.
+        let plan = sampler_plan(
+            "KSampler",
+            &Args(vec![
+                lit("steps", json!(4)),
+                lit("seed", json!(3)),
+                lit("denoise", json!(1.0)),
+                data("latent_image", Data::Latent(encoded)),
+            ]),
+            20,
+        )
+        .unwrap();
+        assert!(plan.latent.source.is_none());
+    }
+
+    #[test]
+    fn latent_upscales_size_like_comfyui() {
+        let c = ctx(Path::new("/nonexistent"));
+        let empty = |w: i64, h: i64| {
+            latent_of(
+                run_builtin(
+                    &c,
+                    "EmptyLatentImage",
+                    &Args(vec![
+                        lit("width", json!(w)),
+                        lit("height", json!(h)),
+                        lit("batch_size", json!(1)),
+                    ]),
+                )
+                .unwrap(),
+            )
+        };
+        let l = empty(516, 260);
+        assert_eq!((l.width, l.height), (512, 256));
+        let up = |l: &Arc<Latent>, w: i64, h: i64| {
+            let out = run_builtin(
+                &c,
+                "LatentUpscale",
+                &Args(vec![
+                    data("samples", Data::Latent(l.clone())),
+                    lit("upscale_method", json!("nearest-exact")),
+                    lit("width", json!(w)),
+                    lit("height", json!(h)),
+                    lit("crop", json!("disabled")),
+                ]),
+            )
+            .unwrap();
+            let r = latent_of(out);
+            (r.width, r.height)
+        };
+        assert_eq!(up(&l, 0, 0), (512, 256));
+        assert_eq!(up(&l, 1024, 0), (1024, 512));
+        assert_eq!(up(&l, 0, 100), (200, 96));
+        assert_eq!(up(&l, 10, 1000), (64, 1000));
+        let by = |scale: f64| {
+            run_builtin(
+                &c,
+                "LatentUpscaleBy",
+                &Args(vec![
+                    data("samples", Data::Latent(l.clone())),
+                    lit("upscale_method", json!("bilinear")),
+                    lit("scale_by", json!(scale)),
+                ]),
+            )
+            .map(|o| {
+                let r = latent_of(o);
+                (r.width, r.height)
+            })
+        };
+        assert_eq!(by(1.5).unwrap(), (768, 384));
+        match by(0.01) {
+            Err(NodeError::Runtime { message, .. }) => assert_eq!(
+                message,
+                "Input and output sizes should be greater than 0, but got input (H: 32, W: 64) output (H: 0, W: 1)"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn scale_to_total_pixels_rounds_to_resolution_steps() {
+        let c = ctx(Path::new("/nonexistent"));
+        let run = |mp: f64, steps: i64| {
+            run_builtin(
+                &c,
+                "ImageScaleToTotalPixels",
+                &Args(vec![
+                    data(
+                        "image",
+                        Data::Image(Arc::new(vec![imaging::fill(100, 50, 0x00FF00)])),
+                    ),
+                    lit("upscale_method", json!("lanczos")),
+                    lit("megapixels", json!(mp)),
+                    lit("resolution_steps", json!(steps)),
+                ]),
+            )
+            .map(|o| images_of(o)[0].clone())
+        };
+        let one = run(0.01, 1).unwrap();
+        assert_eq!(one.dimensions(), (145, 72));
+        assert_eq!(one.get_pixel(70, 30).0, [0, 255, 0]);
+        assert_eq!(run(0.01, 8).unwrap().dimensions(), (144, 72));
+        assert!(run(0.01, 256).is_err());
+    }
+
+    #[test]
+    fn preview_any_and_model_nodes() {
+        let c = ctx(Path::new("/nonexistent"));
+        let preview = |arg: Arg| {
+            let out = run_builtin(&c, "PreviewAny", &Args(vec![("source".into(), arg)])).unwrap();
+            assert!(out.values.is_empty());
+            out.ui.unwrap()
+        };
+        assert_eq!(
+            preview(Arg::Lit(json!("a cat"))),
+            json!({"text": ["a cat"]})
+        );
+        assert_eq!(
+            preview(Arg::Data(Data::Primitive(json!(5)))),
+            json!({"text": ["5"]})
+        );
+        assert_eq!(preview(Arg::Lit(json!(1.0))), json!({"text": ["1.0"]}));
+        assert_eq!(preview(Arg::Lit(json!(true))), json!({"text": ["True"]}));
+        assert_eq!(
+            preview(Arg::Data(Data::Clip("c.safetensors".into()))),
+            json!({"text": ["<CLIP c.safetensors (simulated)>"]})
+        );
+        let lora = |s: f64| {
+            let out = run_builtin(
+                &c,
+                "LoraLoader",
+                &Args(vec![
+                    data("model", Data::Model("m".into())),
+                    data("clip", Data::Clip("c".into())),
+                    lit("lora_name", json!("l.safetensors")),
+                    lit("strength_model", json!(s)),
+                    lit("strength_clip", json!(s)),
+                ]),
+            )
+            .unwrap();
+            out.values.iter().map(Data::describe).collect::<Vec<_>>()
+        };
+        assert_eq!(lora(0.0), ["<MODEL m (simulated)>", "<CLIP c (simulated)>"]);
+        assert_eq!(
+            lora(0.5),
+            [
+                "<MODEL m + l.safetensors @ 0.5 (simulated)>",
+                "<CLIP c + l.safetensors @ 0.5 (simulated)>"
+            ]
+        );
+        let combined = run_builtin(
+            &c,
+            "ConditioningCombine",
+            &Args(vec![
+                data(
+                    "conditioning_1",
+                    Data::Conditioning {
+                        text: "a cat".into(),
+                        frame_rate: None,
+                    },
+                ),
+                data(
+                    "conditioning_2",
+                    Data::Conditioning {
+                        text: "in a hat".into(),
+                        frame_rate: None,
+                    },
+                ),
+            ]),
+        )
+        .unwrap();
+        match &combined.values[0] {
+            Data::Conditioning { text, .. } => assert_eq!(text, "a cat + in a hat"),
             other => panic!("{other:?}"),
         }
     }

@@ -34,7 +34,7 @@ macro_rules! conformance_tests {
             users_crud, passwords_and_logins, bcrypt_import_and_rehash, disabled_users,
             sessions, meta, enqueue_roundtrip, durability_across_reopen, duplicate_ids,
             enqueue_limits, transitions_cas, listing, delete_and_clear_isolation, count_jobs,
-            concurrent_enqueues, concurrent_transitions);
+            concurrent_enqueues, concurrent_transitions, job_priority_patch);
     };
     (@each $backend:expr; $($story:ident),* $(,)?) => {
         $(
@@ -64,6 +64,32 @@ pub async fn run_all(b: &dyn Backend) {
     count_jobs(b).await;
     concurrent_enqueues(b).await;
     concurrent_transitions(b).await;
+    job_priority_patch(b).await;
+}
+
+/// The instructor sets, changes and clears a waiting job's own priority
+/// level; other fields and other jobs stay as they were, and it survives a reopen.
+pub async fn job_priority_patch(b: &dyn Backend) {
+    let (s, key) = b.create().await;
+    s.enqueue(new_job("p1", "u1"), NO_LIMITS).await.unwrap();
+    s.enqueue(new_job("p2", "u1"), NO_LIMITS).await.unwrap();
+    let set = JobPatch { priority: Some(Some(3)), ..JobPatch::default() };
+    let r = s.transition("p1", &[JobState::Queued], JobState::Queued, set).await.unwrap();
+    assert_eq!(r.priority, Some(3));
+    assert_eq!(r.attempts, 0);
+    assert_eq!(s.get_job("p2").await.unwrap().unwrap().priority, None);
+    // A patch without `priority` leaves it alone.
+    let r = s
+        .transition("p1", &[JobState::Queued], JobState::Queued, JobPatch::default())
+        .await
+        .unwrap();
+    assert_eq!(r.priority, Some(3));
+    drop(s);
+    let s = b.reopen(&key).await;
+    assert_eq!(s.get_job("p1").await.unwrap().unwrap().priority, Some(3));
+    let clear = JobPatch { priority: Some(None), ..JobPatch::default() };
+    let r = s.transition("p1", &[JobState::Queued], JobState::Queued, clear).await.unwrap();
+    assert_eq!(r.priority, None);
 }
 
 /// A small job of `user`, with a workflow id in `extra_pnginfo` as the frontend sends it.

@@ -293,6 +293,9 @@ pub struct JobPatch {
     pub outputs: Option<serde_json::Value>,
     pub messages: Option<serde_json::Value>,
     pub meta: Option<serde_json::Value>,
+    /// `Some(level)` sets the job's own priority level (`Some(None)` clears it).
+    #[serde(default)]
+    pub priority: Option<Option<u8>>,
 }
 
 #[async_trait]

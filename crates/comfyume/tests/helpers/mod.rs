@@ -570,7 +570,10 @@ pub async fn sim_backend_slots(
     step_ms: u64,
     slots: usize,
 ) -> (comfyume_sim::SimHandle, Arc<dyn comfyume_dispatch::Backend>) {
-    let cfg = comfyume_sim::SimConfig { step_ms, ..Default::default() };
+    let cfg = comfyume_sim::SimConfig {
+        step_ms,
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim = comfyume_sim::spawn(cfg, listener).await;
     let b = backend_for(&sim, name, slots, test_timeouts());
@@ -610,7 +613,10 @@ pub fn spawn_process(opts: AppOptions) -> Process {
     })
     .join()
     .unwrap();
-    Process { rt: Some(rt), app: Some(app) }
+    Process {
+        rt: Some(rt),
+        app: Some(app),
+    }
 }
 
 impl Process {
@@ -696,7 +702,9 @@ pub async fn messages_until(ws: &mut Ws, secs: u64, stop: impl Fn(&Value) -> boo
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .unwrap_or_else(|_| panic!("no matching WebSocket message within {secs} s; got {out:#?}"))
+            .unwrap_or_else(|_| {
+                panic!("no matching WebSocket message within {secs} s; got {out:#?}")
+            })
             .expect("socket open")
             .expect("no socket error");
         if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {

@@ -150,7 +150,8 @@ fn choose_target(
             return (path, candidate, false);
         }
         // Compare only a regular file's bytes: never read through a link.
-        if path.symlink_metadata().is_ok_and(|m| m.is_file()) && sha256_file(&path) == Some(digest) {
+        if path.symlink_metadata().is_ok_and(|m| m.is_file()) && sha256_file(&path) == Some(digest)
+        {
             return (path, candidate, true);
         }
         candidate = format!("{stem} ({i}){ext}");

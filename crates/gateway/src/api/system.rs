@@ -178,6 +178,8 @@ pub async fn internal_files(
         }
     };
     let mut files = crate::api::files::list_files(&dir).await;
-    files.sort_by(|a, b| b.1.cmp(&a.1));
+    // ComfyUI scans only the folder itself (os.scandir), not subfolders.
+    files.retain(|(name, _)| !name.contains('/'));
+    files.sort_by_key(|f| std::cmp::Reverse(f.1));
     Json(json!(files.into_iter().map(|(n, _)| n).collect::<Vec<_>>())).into_response()
 }

@@ -149,10 +149,14 @@ pub async fn get_file(
     } else {
         let mime = mime_guess::from_path(&path).first_or_octet_stream();
         let ct = match mime.essence_str() {
-            "text/html" | "application/xhtml+xml" | "application/javascript" | "text/javascript"
-            | "text/css" | "image/svg+xml" | "text/xml" | "application/xml" => {
-                "application/octet-stream".to_string()
-            }
+            "text/html"
+            | "application/xhtml+xml"
+            | "application/javascript"
+            | "text/javascript"
+            | "text/css"
+            | "image/svg+xml"
+            | "text/xml"
+            | "application/xml" => "application/octet-stream".to_string(),
             other => other.to_string(),
         };
         (ct, "attachment")

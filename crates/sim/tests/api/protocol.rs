@@ -442,6 +442,80 @@ async fn cached_rerun_sends_cached_executed_only() {
     t.sim.shutdown().await;
 }
 
+/// One job the way the dispatcher's `comfyui` backend runs it: its own socket
+/// `comfyume-<job>`, our `prompt_id`, `extra_data`; returns the socket's frames and the history.
+async fn dispatcher_job(t: &TestSim, prompt: &Value, job: &str) -> (Vec<Frame>, Value) {
+    let client = format!("comfyume-{job}");
+    let mut ws = t.ws(Some(&client)).await;
+    ws.send_feature_flags().await;
+    let (status, body) = t
+        .submit(&json!({
+            "prompt": prompt, "client_id": client, "prompt_id": job,
+            "extra_data": {"client_id": client, "extra_pnginfo": {"workflow": {"nodes": []}}},
+        }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["prompt_id"], job);
+    let frames = ws.until_done(job).await;
+    (frames, t.wait_history(job).await)
+}
+
+/// The same sampled prompt twice, as the dispatcher sends it: the rerun is served from the
+/// classic cache and its history points at the first run's file, which `/view` still serves.
+#[tokio::test]
+async fn identical_rerun_from_a_new_client_is_fully_cached() {
+    let t = quick_sim().await;
+    let prompt = default_graph(7);
+    let (first_frames, first) = dispatcher_job(&t, &prompt, "job-1").await;
+    assert_eq!(first["status"]["status_str"], "success");
+    assert_eq!(
+        first_frames.iter().filter(|f| f.ty() == "progress").count(),
+        20
+    );
+    let (frames, second) = dispatcher_job(&t, &prompt, "job-2").await;
+    let own: Vec<&Value> = frames
+        .iter()
+        .filter_map(Frame::json)
+        .filter(|v| v["data"]["prompt_id"] == "job-2")
+        .collect();
+    let own_types: Vec<&str> = own.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        own_types,
+        [
+            "execution_start",
+            "execution_cached",
+            "executed",
+            "progress_state",
+            "execution_success",
+            "executing"
+        ]
+    );
+    assert_eq!(
+        own[1]["data"]["nodes"],
+        json!(["3", "4", "5", "6", "7", "8", "9"])
+    );
+    assert!(
+        frames.iter().all(|f| matches!(f, Frame::Json(_))),
+        "no previews"
+    );
+    let file =
+        json!({"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]});
+    assert_eq!(own[2]["data"]["node"], "9");
+    assert_eq!(own[2]["data"]["output"], file);
+    assert_eq!(second["status"]["status_str"], "success");
+    assert_eq!(second["status"]["completed"], true);
+    assert_eq!(second["outputs"], json!({"9": file}));
+    assert_eq!(second["outputs"], first["outputs"]);
+    assert_eq!(second["prompt"][1], "job-2");
+    let r = t.get("/view?filename=ComfyUI_00001_.png&type=output").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(image::load_from_memory(&r.bytes().await.unwrap()).is_ok());
+    assert!(!t.sim.output_dir().join("ComfyUI_00002_.png").exists());
+    let s = t.sim.state();
+    assert_eq!((s.jobs_run, s.jobs_succeeded), (2, 2));
+    t.sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn http_quirks() {
     let t = quick_sim().await;

@@ -4,7 +4,7 @@ use crate::helpers::*;
 use comfyume_sim::SimConfig;
 use image::AnimationDecoder;
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test]
 async fn flux_text_to_image_writes_a_stamped_placeholder() {
@@ -54,6 +54,132 @@ async fn flux_text_to_image_writes_a_stamped_placeholder() {
         "two sampled jobs of 4 steps x 10 ms: {}",
         s.busy_ms
     );
+    t.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn frontend_default_graph_samples_and_saves_a_png() {
+    let t = quick_sim().await;
+    let mut ws = t.ws(Some("default")).await;
+    ws.send_feature_flags().await;
+    ws.next().await;
+    let id = t
+        .queue_ok(&default_graph(156680208700286), Some("default"))
+        .await;
+    let frames = ws.until_done(&id).await;
+    let progress: Vec<&Value> = frames
+        .iter()
+        .filter_map(Frame::json)
+        .filter(|v| v["type"] == "progress")
+        .collect();
+    assert_eq!(progress.len(), 20, "one progress per KSampler step");
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["data"]["node"] == "3" && p["data"]["max"] == 20)
+    );
+    assert_eq!(progress[19]["data"]["value"], 20);
+    // A type-4 preview (with metadata) for every step, plus the legacy frame.
+    let previews = frames.iter().filter(|f| f.ty() == "binary:4").count();
+    assert_eq!(previews, 20);
+    let executing: Vec<Value> = frames
+        .iter()
+        .filter_map(Frame::json)
+        .filter(|v| v["type"] == "executing")
+        .map(|v| v["data"]["node"].clone())
+        .collect();
+    assert_eq!(executing.last(), Some(&Value::Null));
+    assert_eq!(executing.len(), 8, "seven nodes, then null: {executing:?}");
+
+    let h = t.wait_history(&id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    assert_eq!(
+        h["outputs"],
+        json!({"9": {"images": [{"filename": "ComfyUI_00001_.png", "subfolder": "", "type": "output"}]}})
+    );
+    let r = t.get("/view?filename=ComfyUI_00001_.png&type=output").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let bytes = r.bytes().await.unwrap();
+    assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n"));
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (512, 512));
+    assert!(img.pixels().any(|p| p.0 == [255, 255, 255]), "stamped");
+    t.sim.shutdown().await;
+}
+
+/// Every node added for the SD lessons, validated by the real spec and run: img2img through a
+/// LoRA and clip skip, a two-stage KSamplerAdvanced, a hires-fix pass and a text preview.
+#[tokio::test]
+async fn taught_sd_nodes_validate_and_run() {
+    let t = quick_sim().await;
+    let prompt = json!({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "ltx-2-19b-distilled-lora-384.safetensors", "strength_model": 0.8, "strength_clip": 1}},
+        "3": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["2", 1], "stop_at_clip_layer": -2}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "a red barn", "clip": ["3", 0]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "in the snow", "clip": ["3", 0]}},
+        "6": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["5", 0]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["3", 0]}},
+        "8": {"class_type": "EmptyImage", "inputs": {"width": 100, "height": 50, "batch_size": 1, "color": 16711680}},
+        "9": {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["8", 0], "upscale_method": "bilinear", "megapixels": 0.02, "resolution_steps": 8}},
+        "10": {"class_type": "VAEEncode", "inputs": {"pixels": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["2", 0], "add_noise": "enable", "noise_seed": 5, "steps": 6, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["10", 0], "start_at_step": 2, "end_at_step": 4, "return_with_leftover_noise": "enable"}},
+        "12": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["2", 0], "add_noise": "disable", "noise_seed": 5, "steps": 6, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["11", 0], "start_at_step": 4, "end_at_step": 10000, "return_with_leftover_noise": "disable"}},
+        "13": {"class_type": "LatentUpscaleBy", "inputs": {"samples": ["12", 0], "upscale_method": "nearest-exact", "scale_by": 1.5}},
+        "14": {"class_type": "KSampler", "inputs": {"seed": 9, "steps": 3, "cfg": 8, "sampler_name": "euler", "scheduler": "normal", "denoise": 0.5, "model": ["2", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["13", 0]}},
+        "15": {"class_type": "LatentUpscale", "inputs": {"samples": ["14", 0], "upscale_method": "bilinear", "width": 0, "height": 256, "crop": "disabled"}},
+        "16": {"class_type": "VAEDecode", "inputs": {"samples": ["15", 0], "vae": ["1", 2]}},
+        "17": {"class_type": "SaveImage", "inputs": {"filename_prefix": "taught", "images": ["16", 0]}},
+        "18": {"class_type": "PrimitiveInt", "inputs": {"value": 42}},
+        "19": {"class_type": "PreviewAny", "inputs": {"source": ["18", 0]}}
+    });
+    let mut ws = t.ws(Some("sd")).await;
+    ws.next().await;
+    let id = t.queue_ok(&prompt, Some("sd")).await;
+    let frames = ws.until_done(&id).await;
+    let mut steps: Vec<(String, u64)> = Vec::new();
+    for v in frames.iter().filter_map(Frame::json) {
+        if v["type"] == "progress" {
+            let node = v["data"]["node"].as_str().unwrap().to_string();
+            let max = v["data"]["max"].as_u64().unwrap();
+            if !steps.contains(&(node.clone(), max)) {
+                steps.push((node, max));
+            }
+        }
+    }
+    // Sigmas sliced like ComfyUI: 2..4 of 6, then 4..6, then all 3 of the hires pass.
+    assert_eq!(
+        steps,
+        [
+            ("11".to_string(), 2),
+            ("12".to_string(), 2),
+            ("14".to_string(), 3)
+        ]
+    );
+    let h = t.wait_history(&id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    assert_eq!(h["outputs"]["19"], json!({"text": ["42"]}));
+    let file = h["outputs"]["17"]["images"][0]["filename"]
+        .as_str()
+        .unwrap();
+    let img = image::load_from_memory(
+        &t.get(&format!("/view?filename={file}"))
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap()
+    .to_rgb8();
+    // 100x50 at 0.02 MP: 208x104 (steps of 8). By 1.5 in latent pixels: 26x13 -> 39x20 (19.5
+    // rounds half to even), 312x160. Height 256 keeps the aspect: round(39 * 256 / 20) = 499,
+    // floored to whole latent pixels: 496x256.
+    assert_eq!(img.dimensions(), (496, 256));
+    // Denoise 0.5 of an img2img whose first stages kept part of the red input: still reddish.
+    let (r, g) = img.pixels().fold((0u64, 0u64), |(r, g), p| {
+        (r + u64::from(p.0[0]), g + u64::from(p.0[1]))
+    });
+    assert!(r > g + g / 2, "red {r} vs green {g}");
     t.sim.shutdown().await;
 }
 

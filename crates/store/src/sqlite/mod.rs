@@ -919,7 +919,8 @@ impl JobStore for SqliteStore {
                  error = CASE WHEN ?6 THEN ?7 ELSE error END, \
                  outputs = COALESCE(?8, outputs), \
                  messages = COALESCE(?9, messages), \
-                 meta = COALESCE(?10, meta) \
+                 meta = COALESCE(?10, meta), \
+                 priority = CASE WHEN ?12 THEN ?13 ELSE priority END \
                  WHERE id = ?11 RETURNING ",
                 job_cols!()
             ))
@@ -934,6 +935,8 @@ impl JobStore for SqliteStore {
             .bind(patch.messages.as_ref().map(ToString::to_string))
             .bind(patch.meta.as_ref().map(ToString::to_string))
             .bind(id)
+            .bind(patch.priority.is_some())
+            .bind(patch.priority.flatten().map(i64::from))
             .fetch_one(&mut *tx)
             .await
             .db()?;

@@ -1,0 +1,57 @@
+//! `comfyume-bench`: the benchmark programs behind docs/PERFORMANCE.md. Each
+//! subcommand prints a small table and, last, a one-line JSON summary. Every
+//! loop is bounded; everything runs on loopback.
+
+mod common;
+mod dispatch_latency;
+mod gpu_gap;
+mod overhead;
+mod pick;
+mod submit;
+mod ui_load;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "comfyume-bench",
+    about = "ComfyUMe benchmarks (run from the repository root after `cargo build --release -p comfyume-bench -p comfyume`)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start time and memory of `comfyume serve` while participants load the frontend.
+    UiLoad(ui_load::Args),
+    /// Latency and rate of POST /api/prompt on `comfyume serve` with no backend.
+    Submit(submit::Args),
+    /// In-process cost of picking the next job at a deep queue.
+    Pick(pick::Args),
+    /// Idle system: POST /api/prompt until the GPU server has the prompt.
+    DispatchLatency(dispatch_latency::Args),
+    /// With a backlog: how busy the GPU is, and the gap between jobs.
+    GpuGap(gpu_gap::Args),
+    /// The same jobs straight at the simulator and through `comfyume serve`.
+    Overhead(overhead::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::UiLoad(a) => ui_load::run(a).await,
+            Command::Submit(a) => submit::run(a).await,
+            Command::Pick(a) => pick::run(a).await,
+            Command::DispatchLatency(a) => dispatch_latency::run(a).await,
+            Command::GpuGap(a) => gpu_gap::run(a).await,
+            Command::Overhead(a) => overhead::run(a).await,
+        }
+    })
+}
