@@ -320,7 +320,12 @@ mod tests {
                 }
             }
         }
-        for sim in ["SIMULATOR_STEP_MS", "SIMULATOR_OBJECT_INFO", "SIMULATOR_FAULTS", "SIMULATOR_DATA_DIR"] {
+        for sim in [
+            "SIMULATOR_STEP_MS",
+            "SIMULATOR_OBJECT_INFO",
+            "SIMULATOR_FAULTS",
+            "SIMULATOR_DATA_DIR",
+        ] {
             if !listed.contains(&sim) {
                 missing.push(sim.to_string());
             }

@@ -17,15 +17,30 @@ fn bin() -> &'static str {
 
 fn fake_frontend(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("index.html"), "<!doctype html><title>ComfyUI</title>").unwrap();
+    std::fs::write(
+        dir.join("index.html"),
+        "<!doctype html><title>ComfyUI</title>",
+    )
+    .unwrap();
 }
 
 /// Starts `serve` with jobs held in the queue (no backend drains it), and
 /// returns the child and its base URL.
 fn serve(data: &Path, frontend: &Path) -> (Child, String) {
     let mut child = Command::new(bin())
-        .args(["--data-dir", data.to_str().unwrap(), "serve", "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0", "--frontend-dir", frontend.to_str().unwrap()])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--frontend-dir",
+            frontend.to_str().unwrap(),
+        ])
         .env("INFERENCE_MODE", "local")
         // A closed port: jobs wait (and are retried) but none completes during the test.
         .env("COMFYUI_URLS", "http://127.0.0.1:9")
@@ -46,7 +61,9 @@ fn serve(data: &Path, frontend: &Path) -> (Child, String) {
             }
         }
     });
-    let url = rx.recv_timeout(Duration::from_secs(30)).expect("serve printed its address");
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve printed its address");
     (child, url)
 }
 
@@ -66,7 +83,14 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
     fake_frontend(&frontend);
     let csv = tmp.path().join("sheet.csv");
     let out = Command::new(bin())
-        .args(["--data-dir", data.to_str().unwrap(), "users", "create-workshop", "--count", "20"])
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "users",
+            "create-workshop",
+            "--count",
+            "20",
+        ])
         .args(["--csv", csv.to_str().unwrap()])
         .output()
         .unwrap();
@@ -82,16 +106,30 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
         .collect();
     assert_eq!(users.len(), 20);
     // The object_info snapshot: the real ComfyUI capture, so EmptyImage validates.
-    let info = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/comfyui/api/object_info.json");
-    assert!(Command::new(bin())
-        .args(["--data-dir", data.to_str().unwrap(), "object-info", "import", info])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let info = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/comfyui/api/object_info.json"
+    );
+    assert!(
+        Command::new(bin())
+            .args([
+                "--data-dir",
+                data.to_str().unwrap(),
+                "object-info",
+                "import",
+                info
+            ])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
 
     let (mut child, base) = serve(&data, &frontend);
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
     let acked: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
     let mut tasks = Vec::new();
     for (user, pass) in users.clone() {
@@ -108,9 +146,16 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
                 if r.status() != 200 {
                     return;
                 }
-                let Ok(body) = r.json::<Value>().await else { return };
+                let Ok(body) = r.json::<Value>().await else {
+                    return;
+                };
                 let id = body["prompt_id"].as_str().unwrap().to_string();
-                acked.lock().unwrap().entry(user.clone()).or_default().push(id);
+                acked
+                    .lock()
+                    .unwrap()
+                    .entry(user.clone())
+                    .or_default()
+                    .push(id);
             }
         }));
     }
@@ -129,7 +174,10 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
     }
     let acked = acked.lock().unwrap().clone();
     let total: usize = acked.values().map(Vec::len).sum();
-    assert!(total >= 300, "the burst was answered ({total} jobs) before the kill");
+    assert!(
+        total >= 300,
+        "the burst was answered ({total} jobs) before the kill"
+    );
     assert!(total < 20 * 400, "the kill happened mid-burst");
 
     let (mut child, base) = serve(&data, &frontend);
@@ -143,18 +191,40 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
             .json()
             .await
             .unwrap();
-        let present: Vec<&str> = r["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap()).collect();
+        let present: Vec<&str> = r["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap())
+            .collect();
         let mine = acked.get(user).cloned().unwrap_or_default();
         // Exactly once each, and in the order they were answered.
         let mut last = None;
         for id in &mine {
-            let at: Vec<usize> = present.iter().enumerate().filter(|(_, p)| **p == id).map(|(i, _)| i).collect();
-            assert_eq!(at.len(), 1, "{user}'s acknowledged job {id} present exactly once after the crash");
-            assert!(last.is_none_or(|l| at[0] > l), "{user}'s jobs keep their order");
+            let at: Vec<usize> = present
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| **p == id)
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(
+                at.len(),
+                1,
+                "{user}'s acknowledged job {id} present exactly once after the crash"
+            );
+            assert!(
+                last.is_none_or(|l| at[0] > l),
+                "{user}'s jobs keep their order"
+            );
             last = Some(at[0]);
         }
         // At most one job more than acknowledged (accepted, answer lost in the kill).
-        assert!(present.len() <= mine.len() + 1, "{user}: {} present, {} acknowledged", present.len(), mine.len());
+        assert!(
+            present.len() <= mine.len() + 1,
+            "{user}: {} present, {} acknowledged",
+            present.len(),
+            mine.len()
+        );
     }
     child.kill().unwrap();
     child.wait().unwrap();

@@ -710,6 +710,10 @@ async fn a_job_running_when_the_server_dies_is_reattached_and_completes_once() {
         ..with_backends(vec![backend_for(&sim, "gpu-a", 1, test_timeouts())])
     })
     .await;
+    assert!(
+        sim.state().current_job.is_some(),
+        "still running when the new server took it back (else this tests collection only)"
+    );
     app.wait_job(U1, &id, &["completed", "failed", "cancelled"], 20)
         .await;
     assert_eq!(app.job_status(U1, &id).await, "completed");

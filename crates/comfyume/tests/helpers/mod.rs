@@ -58,11 +58,20 @@ pub fn queue_cfg() -> comfyume_dispatch::QueueConfig {
     comfyume_dispatch::QueueConfig::default()
 }
 
+/// PASSWORD as a cost-4 bcrypt hash (an htpasswd import), made once per test
+/// binary. Three argon2id hashes per server were most of the suite's CPU time;
+/// sign-in still runs the real check (and upgrades the hash to argon2id).
+fn quick_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| bcrypt::hash(PASSWORD, 4).unwrap())
+}
+
 /// The captured ComfyUI `/object_info` (592 classes), parsed once per test binary.
 pub fn captured_object_info() -> Value {
     static INFO: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     INFO.get_or_init(|| {
-        serde_json::from_str(&std::fs::read_to_string(shared("api/object_info.json")).unwrap()).unwrap()
+        serde_json::from_str(&std::fs::read_to_string(shared("api/object_info.json")).unwrap())
+            .unwrap()
     })
     .clone()
 }
@@ -119,9 +128,15 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
     );
     if fresh {
         for u in ["user001", "user002"] {
-            store.create_user(u, PASSWORD, Role::Participant).await.unwrap();
+            store
+                .import_bcrypt(u, quick_hash(), Role::Participant)
+                .await
+                .unwrap();
         }
-        store.create_user(ADMIN, PASSWORD, Role::Admin).await.unwrap();
+        store
+            .import_bcrypt(ADMIN, quick_hash(), Role::Admin)
+            .await
+            .unwrap();
     }
     let mut settings = opts.settings_tweak;
     settings.data_dir = data_dir.clone();
@@ -135,7 +150,9 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
             .unwrap();
     } else if let Some(b) = opts.backends.first() {
         let info = b.object_info().await.unwrap();
-        comfyume_gateway::replace_object_info(&state, info, "backend").await.unwrap();
+        comfyume_gateway::replace_object_info(&state, info, "backend")
+            .await
+            .unwrap();
     }
     let dispatcher = comfyume_dispatch::Dispatcher::new(
         state.queue.clone(),
@@ -182,7 +199,10 @@ pub async fn sim_backend(
     name: &str,
     step_ms: u64,
 ) -> (comfyume_sim::SimHandle, Arc<dyn comfyume_dispatch::Backend>) {
-    let cfg = comfyume_sim::SimConfig { step_ms, ..Default::default() };
+    let cfg = comfyume_sim::SimConfig {
+        step_ms,
+        ..Default::default()
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sim = comfyume_sim::spawn(cfg, listener).await;
     let timeouts = comfyume_dispatch::Timeouts {
@@ -395,13 +415,18 @@ pub fn variants(user: &str, path: &str) -> [String; 4] {
 }
 
 /// The WebSocket type the helpers return.
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 impl TestApp {
     /// Any request, built by the caller (headers, credentials, body), read whole.
     pub async fn send(rb: reqwest::RequestBuilder) -> Resp {
         let r = rb.send().await.unwrap();
-        Resp { status: r.status(), headers: r.headers().clone(), body: r.bytes().await.unwrap().to_vec() }
+        Resp {
+            status: r.status(),
+            headers: r.headers().clone(),
+            body: r.bytes().await.unwrap().to_vec(),
+        }
     }
 
     /// A request builder for `path` with no credentials.
@@ -420,7 +445,9 @@ impl TestApp {
 
     /// `user`'s GET (Basic Auth) with extra headers.
     pub async fn get_with(&self, user: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
-        let mut rb = self.request(Method::GET, path).basic_auth(user, Some(PASSWORD));
+        let mut rb = self
+            .request(Method::GET, path)
+            .basic_auth(user, Some(PASSWORD));
         for (k, v) in headers {
             rb = rb.header(*k, *v);
         }
@@ -428,7 +455,13 @@ impl TestApp {
     }
 
     /// A request authenticated only by a session cookie (`name=value`).
-    pub async fn with_cookie(&self, cookie: &str, method: Method, path: &str, body: Option<Vec<u8>>) -> Resp {
+    pub async fn with_cookie(
+        &self,
+        cookie: &str,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Resp {
         let mut rb = self.request(method, path).header("cookie", cookie);
         if let Some(b) = body {
             rb = rb.body(b);
@@ -438,10 +471,11 @@ impl TestApp {
 
     /// The login form's POST, answered as is (no redirect following).
     pub async fn login_form(&self, user: &str, password: &str, next: &str) -> Resp {
-        Self::send(
-            self.request(Method::POST, "/login")
-                .form(&[("username", user), ("password", password), ("next", next)]),
-        )
+        Self::send(self.request(Method::POST, "/login").form(&[
+            ("username", user),
+            ("password", password),
+            ("next", next),
+        ]))
         .await
     }
 
@@ -455,26 +489,41 @@ impl TestApp {
         bytes: Vec<u8>,
         fields: &[(&str, &str)],
     ) -> Resp {
-        let mut form = reqwest::multipart::Form::new()
-            .part("image", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
+        let mut form = reqwest::multipart::Form::new().part(
+            "image",
+            reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+        );
         for (k, v) in fields {
             form = form.text(k.to_string(), v.to_string());
         }
-        Self::send(self.request(Method::POST, path).basic_auth(user, Some(password)).multipart(form)).await
+        Self::send(
+            self.request(Method::POST, path)
+                .basic_auth(user, Some(password))
+                .multipart(form),
+        )
+        .await
     }
 
     /// A WebSocket upgrade with exactly these headers (no credentials added):
     /// the error when the server refuses it.
-    pub async fn ws_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    pub async fn ws_with(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = format!("ws://{}{path}", self.addr).into_client_request().unwrap();
+        let mut req = format!("ws://{}{path}", self.addr)
+            .into_client_request()
+            .unwrap();
         for (k, v) in headers {
             req.headers_mut().insert(
                 reqwest::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                 v.parse().unwrap(),
             );
         }
-        tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
+        tokio_tungstenite::connect_async(req)
+            .await
+            .map(|(ws, _)| ws)
     }
 
     /// One HTTP/1.1 request written byte for byte (clients normalise `..`

@@ -109,10 +109,8 @@ async fn frontend_default_graph_samples_and_saves_a_png() {
 
 /// Every node added for the SD lessons, validated by the real spec and run: img2img through a
 /// LoRA and clip skip, a two-stage KSamplerAdvanced, a hires-fix pass and a text preview.
-#[tokio::test]
-async fn taught_sd_nodes_validate_and_run() {
-    let t = quick_sim().await;
-    let prompt = json!({
+fn taught_graph(color: u32) -> Value {
+    json!({
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}},
         "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": "ltx-2-19b-distilled-lora-384.safetensors", "strength_model": 0.8, "strength_clip": 1}},
         "3": {"class_type": "CLIPSetLastLayer", "inputs": {"clip": ["2", 1], "stop_at_clip_layer": -2}},
@@ -120,7 +118,7 @@ async fn taught_sd_nodes_validate_and_run() {
         "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "in the snow", "clip": ["3", 0]}},
         "6": {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["4", 0], "conditioning_2": ["5", 0]}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["3", 0]}},
-        "8": {"class_type": "EmptyImage", "inputs": {"width": 100, "height": 50, "batch_size": 1, "color": 16711680}},
+        "8": {"class_type": "EmptyImage", "inputs": {"width": 100, "height": 50, "batch_size": 1, "color": color}},
         "9": {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["8", 0], "upscale_method": "bilinear", "megapixels": 0.02, "resolution_steps": 8}},
         "10": {"class_type": "VAEEncode", "inputs": {"pixels": ["9", 0], "vae": ["1", 2]}},
         "11": {"class_type": "KSamplerAdvanced", "inputs": {"model": ["2", 0], "add_noise": "enable", "noise_seed": 5, "steps": 6, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal", "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["10", 0], "start_at_step": 2, "end_at_step": 4, "return_with_leftover_noise": "enable"}},
@@ -132,54 +130,67 @@ async fn taught_sd_nodes_validate_and_run() {
         "17": {"class_type": "SaveImage", "inputs": {"filename_prefix": "taught", "images": ["16", 0]}},
         "18": {"class_type": "PrimitiveInt", "inputs": {"value": 42}},
         "19": {"class_type": "PreviewAny", "inputs": {"source": ["18", 0]}}
-    });
+    })
+}
+
+#[tokio::test]
+async fn taught_sd_nodes_validate_and_run() {
+    let t = quick_sim().await;
     let mut ws = t.ws(Some("sd")).await;
     ws.next().await;
-    let id = t.queue_ok(&prompt, Some("sd")).await;
-    let frames = ws.until_done(&id).await;
-    let mut steps: Vec<(String, u64)> = Vec::new();
-    for v in frames.iter().filter_map(Frame::json) {
-        if v["type"] == "progress" {
-            let node = v["data"]["node"].as_str().unwrap().to_string();
-            let max = v["data"]["max"].as_u64().unwrap();
-            if !steps.contains(&(node.clone(), max)) {
-                steps.push((node, max));
+    // Sums of the red and blue channels of the saved picture.
+    let mut red_blue = Vec::new();
+    for color in [0xFF0000, 0x0000FF] {
+        let id = t.queue_ok(&taught_graph(color), Some("sd")).await;
+        let frames = ws.until_done(&id).await;
+        let mut steps: Vec<(String, u64)> = Vec::new();
+        for v in frames.iter().filter_map(Frame::json) {
+            if v["type"] == "progress" {
+                let node = v["data"]["node"].as_str().unwrap().to_string();
+                let max = v["data"]["max"].as_u64().unwrap();
+                if !steps.contains(&(node.clone(), max)) {
+                    steps.push((node, max));
+                }
             }
         }
+        // Sigmas sliced like ComfyUI: 2..4 of 6, then 4..6, then all 3 of the hires pass.
+        assert_eq!(
+            steps,
+            [
+                ("11".to_string(), 2),
+                ("12".to_string(), 2),
+                ("14".to_string(), 3)
+            ]
+        );
+        let h = t.wait_history(&id).await;
+        assert_eq!(h["status"]["status_str"], "success", "{h}");
+        assert_eq!(h["outputs"]["19"], json!({"text": ["42"]}));
+        let file = h["outputs"]["17"]["images"][0]["filename"]
+            .as_str()
+            .unwrap();
+        let img = image::load_from_memory(
+            &t.get(&format!("/view?filename={file}"))
+                .await
+                .bytes()
+                .await
+                .unwrap(),
+        )
+        .unwrap()
+        .to_rgb8();
+        // 100x50 at 0.02 MP: 208x104 (steps of 8). By 1.5 in latent pixels: 26x13 -> 39x20
+        // (19.5 rounds half to even), 312x160. Height 256 keeps the aspect:
+        // round(39 * 256 / 20) = 499, floored to whole latent pixels: 496x256.
+        assert_eq!(img.dimensions(), (496, 256));
+        red_blue.push(img.pixels().fold((0u64, 0u64), |(r, b), p| {
+            (r + u64::from(p.0[0]), b + u64::from(p.0[2]))
+        }));
     }
-    // Sigmas sliced like ComfyUI: 2..4 of 6, then 4..6, then all 3 of the hires pass.
-    assert_eq!(
-        steps,
-        [
-            ("11".to_string(), 2),
-            ("12".to_string(), 2),
-            ("14".to_string(), 3)
-        ]
+    // The partial denoises keep some of the encoded input: its colour shows through.
+    let (red_run, blue_run) = (red_blue[0], red_blue[1]);
+    assert!(
+        red_run.0 > blue_run.0 && blue_run.1 > red_run.1,
+        "{red_blue:?}"
     );
-    let h = t.wait_history(&id).await;
-    assert_eq!(h["status"]["status_str"], "success", "{h}");
-    assert_eq!(h["outputs"]["19"], json!({"text": ["42"]}));
-    let file = h["outputs"]["17"]["images"][0]["filename"]
-        .as_str()
-        .unwrap();
-    let img = image::load_from_memory(
-        &t.get(&format!("/view?filename={file}"))
-            .await
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap()
-    .to_rgb8();
-    // 100x50 at 0.02 MP: 208x104 (steps of 8). By 1.5 in latent pixels: 26x13 -> 39x20 (19.5
-    // rounds half to even), 312x160. Height 256 keeps the aspect: round(39 * 256 / 20) = 499,
-    // floored to whole latent pixels: 496x256.
-    assert_eq!(img.dimensions(), (496, 256));
-    // Denoise 0.5 of an img2img whose first stages kept part of the red input: still reddish.
-    let (r, g) = img.pixels().fold((0u64, 0u64), |(r, g), p| {
-        (r + u64::from(p.0[0]), g + u64::from(p.0[1]))
-    });
-    assert!(r > g + g / 2, "red {r} vs green {g}");
     t.sim.shutdown().await;
 }
 
