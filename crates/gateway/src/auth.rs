@@ -78,7 +78,14 @@ impl AuthState {
                 {
                     q.pop_front();
                 }
-                if q.len() as u32 >= self.max_failures
+                // A room behind one NAT shares an address: the per-address
+                // budget is ten accounts' worth, the per-account one is tight.
+                let budget = if k.starts_with("ip:") {
+                    self.max_failures.saturating_mul(10)
+                } else {
+                    self.max_failures
+                };
+                if q.len() as u32 >= budget
                     && let Some(first) = q.front()
                 {
                     let left = self.window.saturating_sub(now.duration_since(*first));

@@ -23,7 +23,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use comfyume_dispatch::{Queue, QueueConfig, QueueError};
 use comfyume_store::{JobRecord, Store};
@@ -88,6 +88,26 @@ pub async fn replace_object_info(
         .await?;
     state.set_object_info(value);
     Ok(())
+}
+
+/// Cross-site request guard. Browsers resend cached Basic credentials on
+/// cross-site requests, so a state-changing request (or a WebSocket upgrade)
+/// whose `Origin` is not this server is refused, as ComfyUI refuses them
+/// (403, empty body). Requests without an `Origin` (scripts) pass.
+async fn same_origin(req: Request, next: Next) -> Response {
+    use axum::http::{Method, StatusCode, header};
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) && !upgrade;
+    if !safe
+        && let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok())
+    {
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
+        if origin == "null" || !origin_host.eq_ignore_ascii_case(host) {
+            return StatusCode::FORBIDDEN.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 async fn track_metrics(req: Request, next: Next) -> Response {
@@ -174,6 +194,7 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(
             state.settings.max_upload_bytes as usize,
         ))
+        .layer(middleware::from_fn(same_origin))
         .layer(middleware::from_fn(track_metrics))
         .layer(CompressionLayer::new().compress_when(predicate))
         .with_state(state)
