@@ -212,20 +212,21 @@ runStory(async (browser, summary) => {
   summary.prompt_id = promptId;
 
   const run = await step(`${LABEL} watches the progress until the job finishes`, async () => {
-    // A screenshot mid-run shows the running node and the progress overlay.
-    await page
-      .waitForFunction(() => window.__run.events.some((e) => e.type === 'progress'), null, { timeout: RUN_BUDGET_MS })
-      .then(() => shot(page, `${LABEL}-running`))
-      .catch(() => {});
-    try {
-      await page.waitForFunction(
-        (id) => window.__run.events.some((e) => /^execution_(success|error|interrupted)$/.test(e.type) && e.detail?.prompt_id === id),
-        promptId,
-        { timeout: Math.max(1, RUN_BUDGET_MS - (Date.now() - t0)) },
+    const ended = (id) =>
+      window.__run.events.some((e) => /^execution_(success|error|interrupted)$/.test(e.type) && e.detail?.prompt_id === id);
+    const waitFor = (fn) =>
+      page.waitForFunction(fn, promptId, { timeout: Math.max(1, RUN_BUDGET_MS - (Date.now() - t0)) }).catch(() =>
+        fail(`${LABEL}: job ${promptId} did not finish within ${RUN_BUDGET_MS} ms of pressing Run`),
       );
-    } catch {
-      fail(`${LABEL}: job ${promptId} did not finish within ${RUN_BUDGET_MS} ms of pressing Run`);
-    }
+    // A screenshot mid-run shows the running node and the progress overlay (if the job is
+    // still running by then).
+    await waitFor((id) =>
+      window.__run.events.some(
+        (e) => e.type === 'progress' || (/^execution_(success|error|interrupted)$/.test(e.type) && e.detail?.prompt_id === id),
+      ),
+    );
+    await shot(page, `${LABEL}-running`);
+    await waitFor(ended);
     const r = await page.evaluate(() => {
       const { events, currentNodes, maxRunning, clickedAt } = window.__run;
       window.__run.observer.disconnect();

@@ -23,7 +23,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Instructor {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<Caller>() {
             Some(Caller(u)) if u.role == Role::Admin => Ok(Instructor(u.name.clone())),
-            Some(_) => Err((StatusCode::FORBIDDEN, Json(json!({"error": "instructors only"}))).into_response()),
+            Some(_) => Err((
+                StatusCode::FORBIDDEN,
+                Json(json!({"error": "instructors only"})),
+            )
+                .into_response()),
             None => Err(StatusCode::UNAUTHORIZED.into_response()),
         }
     }
@@ -47,11 +51,20 @@ async fn queue_overview(State(state): State<AppState>, _: Instructor) -> Respons
     let order = state.queue.projected_order();
     let running = match state
         .store
-        .list_jobs(&JobQuery { states: vec![JobState::Dispatched, JobState::Running], ..Default::default() })
+        .list_jobs(&JobQuery {
+            states: vec![JobState::Dispatched, JobState::Running],
+            ..Default::default()
+        })
         .await
     {
         Ok((jobs, _)) => jobs,
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
     };
     Json(json!({
         "policy": state.queue.policy().as_str(),
@@ -68,7 +81,11 @@ struct PolicyBody {
     policy: String,
 }
 
-async fn set_policy(State(state): State<AppState>, who: Instructor, body: axum::body::Bytes) -> Response {
+async fn set_policy(
+    State(state): State<AppState>,
+    who: Instructor,
+    body: axum::body::Bytes,
+) -> Response {
     let Ok(b) = serde_json::from_slice::<PolicyBody>(&body) else {
         return bad("expected {\"policy\": \"fifo\" | \"round_robin\" | \"priority\"}");
     };
@@ -89,9 +106,15 @@ struct LimitsBody {
     max_queue_depth: Option<u32>,
 }
 
-async fn set_limits(State(state): State<AppState>, who: Instructor, body: axum::body::Bytes) -> Response {
+async fn set_limits(
+    State(state): State<AppState>,
+    who: Instructor,
+    body: axum::body::Bytes,
+) -> Response {
     let Ok(b) = serde_json::from_slice::<LimitsBody>(&body) else {
-        return bad("expected {\"max_running_per_user\"?, \"max_queued_per_user\"?, \"max_queue_depth\"?}");
+        return bad(
+            "expected {\"max_running_per_user\"?, \"max_queued_per_user\"?, \"max_queue_depth\"?}",
+        );
     };
     if let Some(n) = b.max_running_per_user {
         state.queue.set_max_running_per_user(n);
@@ -105,7 +128,10 @@ async fn set_limits(State(state): State<AppState>, who: Instructor, body: axum::
     }
     state.queue.set_enqueue_limits(l);
     tracing::info!(instructor = %who.0, "queue limits changed");
-    Json(json!({"max_queued_per_user": l.max_queued_per_user, "max_queue_depth": l.max_queue_depth})).into_response()
+    Json(
+        json!({"max_queued_per_user": l.max_queued_per_user, "max_queue_depth": l.max_queue_depth}),
+    )
+    .into_response()
 }
 
 #[derive(Deserialize)]
@@ -124,8 +150,20 @@ async fn set_user_priority(
     };
     match state.store.get_user(&name).await {
         Ok(Some(_)) => {}
-        Ok(None) => return (StatusCode::NOT_FOUND, Json(json!({"error": "no such participant"}))).into_response(),
-        Err(e) => return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string()}))).into_response(),
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "no such participant"})),
+            )
+                .into_response();
+        }
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": e.to_string()})),
+            )
+                .into_response();
+        }
     }
     match state.queue.set_user_priority(&name, b.level) {
         Ok(()) => {

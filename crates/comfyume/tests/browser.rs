@@ -3,10 +3,12 @@
 //! unmodified ComfyUI frontend 1.37.11. Needs `scripts/install-test-deps.sh`
 //! and `scripts/install-frontend.sh target/test-data` (scripts/test.sh runs both).
 
-use std::io::{BufRead, BufReader, Write};
+mod helpers;
+
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -64,37 +66,33 @@ impl Drop for Server {
 }
 
 fn start_server(data: &Path) -> (Server, String) {
-    let mut child = Command::new(bin())
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--frontend-dir",
-            frontend_dir().to_str().unwrap(),
-        ])
-        .env("INFERENCE_MODE", "simulator")
-        .env("SIMULATOR_STEP_MS", "5")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("listening on ") {
-                let _ = tx.send(url.to_string());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve printed its address");
+    spawn_server(data, Some("5"))
+}
+
+/// `step_ms` sets SIMULATOR_STEP_MS; None leaves the simulator at its default (as in the demo).
+fn spawn_server(data: &Path, step_ms: Option<&str>) -> (Server, String) {
+    let mut cmd = Command::new(bin());
+    match step_ms {
+        Some(ms) => cmd.env("SIMULATOR_STEP_MS", ms),
+        None => cmd.env_remove("SIMULATOR_STEP_MS"),
+    };
+    cmd.args([
+        "--data-dir",
+        data.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args([
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--frontend-dir",
+        frontend_dir().to_str().unwrap(),
+    ])
+    .env("INFERENCE_MODE", "simulator")
+    .env("RUST_LOG", "warn")
+    .stderr(Stdio::inherit());
+    let (child, url) = helpers::spawn_serve(cmd);
     (Server(child), url)
 }
 
@@ -141,4 +139,22 @@ fn participant_story_in_chromium() {
     let out = tmp.path().join("screenshots");
     std::fs::create_dir_all(&out).unwrap();
     node_script("story.mjs", &base, &out);
+}
+
+/// The story: a new participant (user001) closes the Templates dialog, opens
+/// "Flux.2 Klein 9B - text to image" from the Workflows sidebar, presses Run, gets every node's
+/// `executing`, the sampler's `progress` 1..4 and the queue overlay naming the running node,
+/// then `executed` with an image and `execution_success`; the image loads as PNG through
+/// /user001/api/view on the Save Image node and in the Assets sidebar, all within 30 s of
+/// pressing Run. The simulator runs at its default speed, as in the demo. Any uncaught page
+/// error or failed request (other than the known harmless 404s) fails it.
+#[test]
+fn participant_runs_flux_klein_template_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    add_user(&data, "user001", "first-secret");
+    let (_server, base) = spawn_server(&data, None);
+    let out = tmp.path().join("screenshots");
+    std::fs::create_dir_all(&out).unwrap();
+    node_script("run.mjs", &base, &out);
 }

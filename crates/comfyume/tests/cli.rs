@@ -3,7 +3,7 @@
 
 mod helpers;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -364,7 +364,7 @@ async fn serve_without_a_frontend_says_how_to_install_it() {
 fn start_serve(e: &Env) -> (Child, String) {
     let frontend = e.root.join("frontend");
     helpers::fake_frontend(&frontend);
-    let mut child = cmd(
+    let mut c = cmd(
         e,
         &[
             "serve",
@@ -375,27 +375,10 @@ fn start_serve(e: &Env) -> (Child, String) {
             "--frontend-dir",
             frontend.to_str().unwrap(),
         ],
-    )
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if let Some(addr) = line.strip_prefix("listening on http://") {
-                let _ = tx.send(addr.to_string());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve prints `listening on http://ADDR`");
+    );
+    c.stderr(Stdio::null());
+    let (child, url) = helpers::spawn_serve(c);
+    let addr = url.trim_start_matches("http://").to_string();
     assert!(addr.parse::<std::net::SocketAddr>().is_ok(), "{addr}");
     (child, addr)
 }

@@ -2,8 +2,9 @@
 //! with SIGKILL mid-burst and restarted: every job that was answered 200 is
 //! present, in order, exactly once.
 
+mod helpers;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -15,56 +16,32 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_comfyume")
 }
 
-fn fake_frontend(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("index.html"),
-        "<!doctype html><title>ComfyUI</title>",
-    )
-    .unwrap();
-}
-
 /// Starts `serve` with jobs held in the queue (no backend drains it), and
 /// returns the child and its base URL.
 fn serve(data: &Path, frontend: &Path) -> (Child, String) {
-    let mut child = Command::new(bin())
-        .args([
-            "--data-dir",
-            data.to_str().unwrap(),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--frontend-dir",
-            frontend.to_str().unwrap(),
-        ])
-        .env("INFERENCE_MODE", "local")
-        // A closed port: jobs wait (and are retried) but none completes during the test.
-        .env("COMFYUI_URLS", "http://127.0.0.1:9")
-        .env("MAX_QUEUED_PER_USER", "10000")
-        .env("MAX_QUEUE_DEPTH", "100000")
-        .env("MAX_RUNNING_PER_USER", "0")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("listening on ") {
-                let _ = tx.send(url.to_string());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve printed its address");
-    (child, url)
+    let mut cmd = Command::new(bin());
+    cmd.args([
+        "--data-dir",
+        data.to_str().unwrap(),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args([
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--frontend-dir",
+        frontend.to_str().unwrap(),
+    ])
+    .env("INFERENCE_MODE", "local")
+    // A closed port: jobs wait (and are retried) but none completes during the test.
+    .env("COMFYUI_URLS", "http://127.0.0.1:9")
+    .env("MAX_QUEUED_PER_USER", "10000")
+    .env("MAX_QUEUE_DEPTH", "100000")
+    .env("MAX_RUNNING_PER_USER", "0")
+    .env("RUST_LOG", "error")
+    .stderr(Stdio::null());
+    helpers::spawn_serve(cmd)
 }
 
 fn prompt(n: usize) -> Value {
@@ -80,7 +57,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let frontend = tmp.path().join("frontend");
-    fake_frontend(&frontend);
+    helpers::fake_frontend(&frontend);
     let csv = tmp.path().join("sheet.csv");
     let out = Command::new(bin())
         .args([

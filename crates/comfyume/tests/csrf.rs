@@ -24,7 +24,10 @@ async fn a_foreign_origin_cannot_change_settings_or_queue_jobs() {
     let r = TestApp::send(evil).await;
     assert_eq!(r.status, 403);
     assert!(r.body.is_empty());
-    assert_eq!(app.get("user001", "/api/settings/Comfy.Evil").await.text(), "null");
+    assert_eq!(
+        app.get("user001", "/api/settings/Comfy.Evil").await.text(),
+        "null"
+    );
 
     let evil = app
         .request(Method::POST, "/api/prompt")
@@ -41,9 +44,20 @@ async fn a_foreign_origin_cannot_change_settings_or_queue_jobs() {
         .body("1");
     assert_eq!(TestApp::send(own).await.status, 200);
     // Scripts send no Origin: allowed.
-    assert_eq!(app.post("user001", "/api/settings/Comfy.Script", "2").await.status, 200);
+    assert_eq!(
+        app.post("user001", "/api/settings/Comfy.Script", "2")
+            .await
+            .status,
+        200
+    );
     // Reads are not refused (they reveal nothing cross-site under CORS).
-    let r = app.get_with("user001", "/api/settings", &[("Origin", "http://evil.example")]).await;
+    let r = app
+        .get_with(
+            "user001",
+            "/api/settings",
+            &[("Origin", "http://evil.example")],
+        )
+        .await;
     assert_eq!(r.status, 200);
 }
 
@@ -52,11 +66,19 @@ async fn a_foreign_origin_cannot_open_the_participants_websocket() {
     let app = spawn_app().await;
     let auth = basic("user001");
     let refused = app
-        .ws_with("/ws?clientId=x", &[("authorization", &auth), ("origin", "http://evil.example")])
+        .ws_with(
+            "/ws?clientId=x",
+            &[("authorization", &auth), ("origin", "http://evil.example")],
+        )
         .await;
     assert!(refused.is_err(), "cross-site WebSocket upgrade refused");
     let own = format!("http://{}", app.addr);
-    let ok = app.ws_with("/ws?clientId=x", &[("authorization", &auth), ("origin", &own)]).await;
+    let ok = app
+        .ws_with(
+            "/ws?clientId=x",
+            &[("authorization", &auth), ("origin", &own)],
+        )
+        .await;
     assert!(ok.is_ok());
 }
 

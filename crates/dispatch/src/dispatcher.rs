@@ -649,7 +649,9 @@ async fn relay_events(
 fn legacy_preview(frame: &Bytes) -> Option<Bytes> {
     use comfyume_wire::shapes::ws::BinaryFrame;
     match BinaryFrame::decode(frame).ok()? {
-        f @ BinaryFrame::PreviewImageWithMetadata { .. } => f.to_legacy().map(|l| Bytes::from(l.encode())),
+        f @ BinaryFrame::PreviewImageWithMetadata { .. } => {
+            f.to_legacy().map(|l| Bytes::from(l.encode()))
+        }
         _ => None,
     }
 }

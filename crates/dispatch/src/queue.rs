@@ -356,12 +356,22 @@ impl Queue {
 
     /// Sets a waiting job's own priority level (the instructor's call);
     /// `Conflict` once it has left the queue.
-    pub async fn set_job_priority(&self, id: &str, level: Option<u8>) -> Result<JobRecord, QueueError> {
+    pub async fn set_job_priority(
+        &self,
+        id: &str,
+        level: Option<u8>,
+    ) -> Result<JobRecord, QueueError> {
         if level.is_some_and(|l| l > comfyume_scheduler::MAX_LEVEL) {
             return Err(QueueError::InvalidLevel(level.unwrap_or(0)));
         }
-        let patch = JobPatch { priority: Some(level), ..Default::default() };
-        let rec = self.store.transition(id, &[JobState::Queued], JobState::Queued, patch).await?;
+        let patch = JobPatch {
+            priority: Some(level),
+            ..Default::default()
+        };
+        let rec = self
+            .store
+            .transition(id, &[JobState::Queued], JobState::Queued, patch)
+            .await?;
         {
             let mut s = self.sched();
             if s.remove(id).is_some() {

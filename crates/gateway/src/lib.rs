@@ -99,9 +99,16 @@ async fn same_origin(req: Request, next: Next) -> Response {
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) && !upgrade;
     if !safe
-        && let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok())
+        && let Some(origin) = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
     {
-        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
         let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
         if origin == "null" || !origin_host.eq_ignore_ascii_case(host) {
             return StatusCode::FORBIDDEN.into_response();

@@ -73,22 +73,39 @@ pub async fn job_priority_patch(b: &dyn Backend) {
     let (s, key) = b.create().await;
     s.enqueue(new_job("p1", "u1"), NO_LIMITS).await.unwrap();
     s.enqueue(new_job("p2", "u1"), NO_LIMITS).await.unwrap();
-    let set = JobPatch { priority: Some(Some(3)), ..JobPatch::default() };
-    let r = s.transition("p1", &[JobState::Queued], JobState::Queued, set).await.unwrap();
+    let set = JobPatch {
+        priority: Some(Some(3)),
+        ..JobPatch::default()
+    };
+    let r = s
+        .transition("p1", &[JobState::Queued], JobState::Queued, set)
+        .await
+        .unwrap();
     assert_eq!(r.priority, Some(3));
     assert_eq!(r.attempts, 0);
     assert_eq!(s.get_job("p2").await.unwrap().unwrap().priority, None);
     // A patch without `priority` leaves it alone.
     let r = s
-        .transition("p1", &[JobState::Queued], JobState::Queued, JobPatch::default())
+        .transition(
+            "p1",
+            &[JobState::Queued],
+            JobState::Queued,
+            JobPatch::default(),
+        )
         .await
         .unwrap();
     assert_eq!(r.priority, Some(3));
     drop(s);
     let s = b.reopen(&key).await;
     assert_eq!(s.get_job("p1").await.unwrap().unwrap().priority, Some(3));
-    let clear = JobPatch { priority: Some(None), ..JobPatch::default() };
-    let r = s.transition("p1", &[JobState::Queued], JobState::Queued, clear).await.unwrap();
+    let clear = JobPatch {
+        priority: Some(None),
+        ..JobPatch::default()
+    };
+    let r = s
+        .transition("p1", &[JobState::Queued], JobState::Queued, clear)
+        .await
+        .unwrap();
     assert_eq!(r.priority, None);
 }
 

@@ -16,6 +16,9 @@ pub use object_info::{
     FileKind, InputCategory, InputKind, InputSpec, NumberSpec, ObjectInfo, ObjectInfoError,
     UserFiles, ViewTemplate, participant_node, participant_view, upload_kind,
 };
+/// Python `repr(float)`, `str(value)` and `bool(value)` of JSON values, for text that
+/// must read like ComfyUI's (validation details, node outputs).
+pub use py::{float_repr, py_str, truthy};
 pub use sensitive::{SENSITIVE_EXTRA_DATA_KEYS, split_sensitive};
 pub use validate::{
     PromptError, ValidPrompt, uses_server_counter, validate_prompt, validate_prompt_with_files,

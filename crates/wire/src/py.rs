@@ -43,7 +43,7 @@ pub(crate) fn type_name(v: &Value) -> &'static str {
 }
 
 /// `repr(float)`: shortest round-trip digits, scientific outside 1e-4 <= |x| < 1e16.
-pub(crate) fn float_repr(x: f64) -> String {
+pub fn float_repr(x: f64) -> String {
     if x.is_nan() {
         return "nan".into();
     }
@@ -197,7 +197,7 @@ fn write_repr(v: &Value, out: &mut String) {
 }
 
 /// `str(v)`.
-pub(crate) fn py_str(v: &Value) -> String {
+pub fn py_str(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => py_repr(other),
@@ -205,7 +205,7 @@ pub(crate) fn py_str(v: &Value) -> String {
 }
 
 /// `bool(v)`.
-pub(crate) fn truthy(v: &Value) -> bool {
+pub fn truthy(v: &Value) -> bool {
     match v {
         Value::Null => false,
         Value::Bool(b) => *b,

@@ -785,3 +785,30 @@ pub async fn eventually(ms: u64, mut cond: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }
+
+/// Starts a prepared `comfyume … serve` command (stdout piped) and waits for
+/// its `listening on http://ADDR` line; returns the child and `http://ADDR`.
+pub fn spawn_serve(mut cmd: std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(url) = line.strip_prefix("listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("serve prints `listening on http://ADDR`");
+    (child, url)
+}
