@@ -232,6 +232,7 @@ runStory(async (browser, summary) => {
       window.__run.observer.disconnect();
       return { events, currentNodes, maxRunning, clickedAt };
     });
+    if (r.clickedAt === null) fail(`${LABEL}: the page saw no pointer press on Run`);
     const end = r.events.find((e) => /^execution_(success|error|interrupted)$/.test(e.type) && e.detail?.prompt_id === promptId);
     if (end.type !== 'execution_success') fail(`${LABEL}: job ended with ${end.type}: ${JSON.stringify(end.detail).slice(0, 600)}`);
     r.checked = checkEvents(r.events, promptId, promptNodes, graph);
