@@ -1,6 +1,9 @@
 //! The node set the simulator serves: `/object_info` plus the lookups validation and execution need.
 
-use serde_json::{Map, Value};
+use comfyume_wire::shapes::to_python_json;
+use comfyume_wire::{ObjectInfo, PromptError, UserFiles, ValidPrompt, validate_prompt_with_files};
+use serde_json::{Map, Value, json};
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use crate::SimError;
@@ -57,13 +60,6 @@ const MODEL_EXTENSIONS: &[&str] = &[
     ".gguf",
 ];
 
-/// Which half of an input spec a name was found in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputCategory {
-    Required,
-    Optional,
-}
-
 #[derive(Debug)]
 pub struct Catalog {
     /// `true` for the simulator's own node set (full validation, real node behaviour).
@@ -71,6 +67,8 @@ pub struct Catalog {
     /// `"builtin"` or the path of the served file.
     pub source: String,
     info: Map<String, Value>,
+    /// What `POST /prompt` is validated against (see [`Catalog::validation_view`]).
+    validation: ObjectInfo,
     /// External documents can be large; serialise them once.
     cached_text: Option<String>,
 }
@@ -97,6 +95,7 @@ impl Catalog {
         Self {
             builtin: true,
             source: "builtin".into(),
+            validation: ObjectInfo::from_map(info.clone()),
             info,
             cached_text: None,
         }
@@ -117,10 +116,11 @@ impl Catalog {
                 reason: "not a JSON object of node classes".into(),
             });
         };
-        let cached_text = Some(crate::pyjson::to_string(&Value::Object(info.clone())));
+        let cached_text = Some(to_python_json(&Value::Object(info.clone())));
         Ok(Self {
             builtin: false,
             source: path.display().to_string(),
+            validation: ObjectInfo::from_map(any_inputs(&info)),
             info,
             cached_text,
         })
@@ -133,6 +133,7 @@ impl Catalog {
         }
     }
 
+    #[cfg(test)]
     pub fn has(&self, class: &str) -> bool {
         self.info.contains_key(class)
     }
@@ -161,46 +162,92 @@ impl Catalog {
             .unwrap_or_default()
     }
 
-    /// Required and optional input names with their specs, in ComfyUI's iteration order
-    /// (required first, then optional).
-    pub fn inputs(&self, class: &str) -> Vec<(String, InputCategory, Value)> {
-        let mut out = Vec::new();
-        let Some(input) = self
-            .class(class)
-            .and_then(|c| c.get("input"))
+    #[cfg(test)]
+    pub fn input_spec(&self, class: &str, name: &str) -> Option<Value> {
+        let input = self.class(class)?.get("input")?;
+        ["required", "optional"]
+            .iter()
+            .find_map(|cat| input.get(*cat)?.get(name).cloned())
+    }
+
+    /// The node set `POST /prompt` is validated against (the input files for LoadImage and
+    /// friends come separately, see [`Catalog::validate`]), adjusted for the simulator's own acceptance rules:
+    /// * built-in set: an unlisted model-looking file name at a [`MODEL_INPUTS`] input is
+    ///   added to that input's choices (the simulator has no real models);
+    /// * served file: every input is an optional `*`, so any prompt whose classes exist and
+    ///   whose links resolve is accepted (the simulator cannot know those nodes' rules).
+    fn validation_view(&self, prompt: Option<&Value>) -> Cow<'_, ObjectInfo> {
+        if !self.builtin {
+            return Cow::Borrowed(&self.validation);
+        }
+        let mut extra: Vec<(&str, &str, &str)> = Vec::new();
+        for node in prompt
             .and_then(Value::as_object)
-        else {
-            return out;
-        };
-        for (key, cat) in [
-            ("required", InputCategory::Required),
-            ("optional", InputCategory::Optional),
-        ] {
-            if let Some(map) = input.get(key).and_then(Value::as_object) {
-                for (name, spec) in map {
-                    out.push((name.clone(), cat, spec.clone()));
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            let Some(class) = node.get("class_type").and_then(Value::as_str) else {
+                continue;
+            };
+            let Some(inputs) = node.get("inputs").and_then(Value::as_object) else {
+                continue;
+            };
+            for (c, input) in MODEL_INPUTS.iter().filter(|(c, _)| *c == class) {
+                if let Some(file) = inputs.get(*input).and_then(Value::as_str)
+                    && looks_like_model(file)
+                    && !self.has_choice(c, input, file)
+                {
+                    extra.push((c, input, file));
                 }
             }
         }
-        out
+        if extra.is_empty() {
+            return Cow::Borrowed(&self.validation);
+        }
+        let mut info = self.info.clone();
+        for (class, input, file) in extra {
+            add_choice(&mut info, class, input, file);
+        }
+        Cow::Owned(ObjectInfo::from_map(info))
     }
 
-    #[cfg(test)]
-    pub fn input_spec(&self, class: &str, name: &str) -> Option<Value> {
-        self.inputs(class)
-            .into_iter()
-            .find(|(n, _, _)| n == name)
-            .map(|(_, _, s)| s)
+    /// `POST /prompt` validation as the gateway does it, against [`Catalog::validation_view`],
+    /// with `input_files` (names relative to `input/`) as what file-loading nodes may name.
+    pub fn validate(
+        &self,
+        body: &Value,
+        input_files: Vec<String>,
+    ) -> Result<ValidPrompt, PromptError> {
+        // The simulator does not sort files by kind: every input file counts for every loader,
+        // as its LoadImage list shows them all.
+        let files = UserFiles {
+            images: input_files.clone(),
+            videos: input_files.clone(),
+            audio: input_files.clone(),
+            all: input_files,
+        };
+        let view = self.validation_view(body.get("prompt"));
+        validate_prompt_with_files(body, &view, &files)
     }
 
-    /// True where an unlisted model-looking file name is still accepted (see [`MODEL_INPUTS`]).
-    pub fn lenient_model_choice(&self, class: &str, input: &str, value: &Value) -> bool {
-        self.builtin
-            && MODEL_INPUTS.contains(&(class, input))
-            && value.as_str().is_some_and(|s| {
-                let lower = s.to_ascii_lowercase();
-                MODEL_EXTENSIONS.iter().any(|ext| lower.ends_with(ext))
-            })
+    fn has_choice(&self, class: &str, input: &str, file: &str) -> bool {
+        self.input_choices(class, input)
+            .is_some_and(|c| c.iter().any(|v| v.as_str() == Some(file)))
+    }
+
+    fn input_choices(&self, class: &str, input: &str) -> Option<&Vec<Value>> {
+        let spec = ["required", "optional"].iter().find_map(|cat| {
+            self.class(class)?
+                .get("input")?
+                .get(*cat)?
+                .get(input)?
+                .as_array()
+        })?;
+        match spec.first()? {
+            Value::Array(choices) => Some(choices),
+            Value::String(t) if t == "COMBO" => spec.get(1)?.get("options")?.as_array(),
+            _ => None,
+        }
     }
 
     /// The `/object_info` document as JSON text. The built-in `LoadImage` lists the current
@@ -209,7 +256,7 @@ impl Catalog {
         if let Some(text) = &self.cached_text {
             return text.clone();
         }
-        crate::pyjson::to_string(&Value::Object(self.object_info_map(input_files)))
+        to_python_json(&Value::Object(self.object_info_map(input_files)))
     }
 
     fn object_info_map(&self, input_files: &[String]) -> Map<String, Value> {
@@ -243,15 +290,58 @@ impl Catalog {
     }
 }
 
-/// Replace the choice list of a combo input, whichever of ComfyUI's two spellings it uses:
-/// `[[choices], {...}]` or `["COMBO", {"options": [choices], ...}]`.
+fn looks_like_model(file: &str) -> bool {
+    let lower = file.to_ascii_lowercase();
+    MODEL_EXTENSIONS.iter().any(|ext| lower.ends_with(ext))
+}
+
+/// Append `choice` to a combo input's list.
+fn add_choice(info: &mut Map<String, Value>, class: &str, input: &str, choice: &str) {
+    edit_choices(info, class, input, |list| {
+        list.push(Value::String(choice.to_string()))
+    });
+}
+
+/// A served node set with every input turned into an optional `["*", {}]`: validation then
+/// only checks that classes exist, links resolve and outputs are reached.
+fn any_inputs(info: &Map<String, Value>) -> Map<String, Value> {
+    let mut out = info.clone();
+    for node in out.values_mut() {
+        let Some(input) = node.get_mut("input").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let mut any = Map::new();
+        for cat in ["required", "optional"] {
+            if let Some(section) = input.get(cat).and_then(Value::as_object) {
+                for name in section.keys() {
+                    any.insert(name.clone(), json!(["*", {}]));
+                }
+            }
+        }
+        input.remove("required");
+        input.insert("optional".into(), Value::Object(any));
+    }
+    out
+}
+
+/// Replace the choice list of a combo input.
 fn set_choices(info: &mut Map<String, Value>, class: &str, input: &str, choices: &[&str]) {
-    let list = Value::Array(
-        choices
+    edit_choices(info, class, input, |list| {
+        *list = choices
             .iter()
             .map(|s| Value::String(s.to_string()))
-            .collect(),
-    );
+            .collect();
+    });
+}
+
+/// Apply `edit` to the choice list of a combo input, whichever of ComfyUI's two spellings it
+/// uses: `[[choices], {...}]` or `["COMBO", {"options": [choices], ...}]`.
+fn edit_choices(
+    info: &mut Map<String, Value>,
+    class: &str,
+    input: &str,
+    mut edit: impl FnMut(&mut Vec<Value>),
+) {
     let Some(node_inputs) = info
         .get_mut(class)
         .and_then(|c| c.get_mut("input"))
@@ -267,12 +357,20 @@ fn set_choices(info: &mut Map<String, Value>, class: &str, input: &str, choices:
         else {
             continue;
         };
-        if spec.first().is_some_and(Value::is_array) {
-            spec[0] = list.clone();
-        } else if spec.first().and_then(Value::as_str) == Some("COMBO")
-            && let Some(opts) = spec.get_mut(1).and_then(Value::as_object_mut)
-        {
-            opts.insert("options".into(), list.clone());
+        let list = match spec.first_mut() {
+            Some(Value::Array(list)) => Some(list),
+            Some(Value::String(t)) if t == "COMBO" => spec
+                .get_mut(1)
+                .and_then(Value::as_object_mut)
+                .and_then(|o| {
+                    o.entry("options")
+                        .or_insert_with(|| Value::Array(Vec::new()))
+                        .as_array_mut()
+                }),
+            _ => None,
+        };
+        if let Some(list) = list {
+            edit(list);
         }
     }
 }
@@ -280,6 +378,7 @@ fn set_choices(info: &mut Map<String, Value>, class: &str, input: &str, choices:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn builtin_has_every_template_node() {
@@ -333,5 +432,97 @@ mod tests {
             serde_json::json!(["a.png"])
         );
         assert_eq!(c.object_info_one("NoSuchNode", &[]), serde_json::json!({}));
+    }
+
+    fn flux(unet: &str, vae: &str) -> Value {
+        json!({"prompt": {
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": unet, "weight_dtype": "default"}},
+            "2": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "3": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
+            "4": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["3", 0]}},
+            "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "x"}}
+        }})
+    }
+
+    #[test]
+    fn model_files_are_lenient_but_other_combos_are_not() {
+        let c = Catalog::builtin();
+        assert!(
+            c.validate(&flux("a.safetensors", "other.SFT"), vec![])
+                .is_ok()
+        );
+        // Node 1 is not reachable from the output, so it is not validated.
+        assert!(
+            c.validate(&flux("notes.txt", "flux2-vae.safetensors"), vec![])
+                .is_ok()
+        );
+        let e = c
+            .validate(&flux("a.safetensors", "notes.txt"), vec![])
+            .unwrap_err();
+        assert_eq!(
+            e.node_errors()["3"]["errors"][0]["type"],
+            "value_not_in_list"
+        );
+        assert_eq!(
+            e.node_errors()["3"]["errors"][0]["details"],
+            "vae_name: 'notes.txt' not in ['flux2-vae.safetensors', 'ltx-2-vae.safetensors', 'pixel_space']"
+        );
+        // The extra choice is only in the validation view, never in what /object_info serves.
+        assert!(!c.has_choice("VAELoader", "vae_name", "other.SFT"));
+    }
+
+    #[test]
+    fn load_image_checks_the_input_files() {
+        let c = Catalog::builtin();
+        let body = json!({"prompt": {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "up.png"}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}}
+        }});
+        assert!(c.validate(&body, vec!["up.png".into()]).is_ok());
+        let e = c.validate(&body, vec!["other.png".into()]).unwrap_err();
+        assert_eq!(
+            e.node_errors()["1"]["errors"][0],
+            json!({"type": "custom_validation_failed", "message": "Custom validation failed for node", "details": "image - Invalid image file: up.png", "extra_info": {"input_name": "image"}})
+        );
+    }
+
+    #[test]
+    fn served_node_sets_only_need_existing_classes_and_links() {
+        let mut info = Map::new();
+        info.insert(
+            "Gen".into(),
+            json!({"input": {"required": {"steps": ["INT", {"min": 1}], "mode": [["a", "b"], {}]}}, "output": ["IMAGE"], "output_node": false}),
+        );
+        info.insert(
+            "Out".into(),
+            json!({"input": {"required": {"images": ["IMAGE", {}], "prefix": ["STRING", {}]}}, "output": [], "output_node": true}),
+        );
+        let c = Catalog {
+            builtin: false,
+            source: "test".into(),
+            validation: ObjectInfo::from_map(any_inputs(&info)),
+            info,
+            cached_text: None,
+        };
+        let ok = json!({"prompt": {
+            "1": {"class_type": "Gen", "inputs": {"steps": 0, "mode": "zzz"}},
+            "2": {"class_type": "Out", "inputs": {"images": ["1", 0]}}
+        }});
+        let valid = c.validate(&ok, vec![]).unwrap();
+        assert_eq!(valid.outputs_to_execute, ["2"]);
+        let unknown = json!({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}});
+        assert_eq!(
+            c.validate(&unknown, vec![]).unwrap_err().error_type(),
+            "invalid_prompt"
+        );
+        let bad_slot = json!({"prompt": {
+            "1": {"class_type": "Gen", "inputs": {}},
+            "2": {"class_type": "Out", "inputs": {"images": ["1", 3]}}
+        }});
+        let e = c.validate(&bad_slot, vec![]).unwrap_err();
+        assert_eq!(
+            e.node_errors()["2"]["errors"][0]["type"],
+            "exception_during_validation"
+        );
     }
 }

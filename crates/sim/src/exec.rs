@@ -11,7 +11,15 @@ use std::time::{Duration, Instant};
 use crate::catalog::Catalog;
 use crate::imaging;
 use crate::nodes::{self, Arg, Args, Data, NodeCtx, NodeError, NodeOut};
-use crate::pyjson;
+use comfyume_wire::shapes::executed as ws_executed;
+use comfyume_wire::shapes::{
+    ExecStatus, ExecutionErrorInfo, HistoryRecord, NodeProgress, StatusStr, executing,
+    executing_done, execution_cached, execution_error, execution_interrupted, execution_start,
+    execution_success, history_item, meta_entry, preview_metadata, progress, progress_state,
+    to_python_json,
+};
+use serde_json::Number;
+
 use crate::state::{CacheEntry, CurrentJobInner, PreviewPhase, QueueItem, Shared, lock, now_ms};
 
 /// The prompt worker loop. Returns on shutdown; is aborted when the server dies.
@@ -61,15 +69,19 @@ pub struct Died;
 struct Progress {
     node: String,
     state: &'static str,
-    value: Value,
-    max: Value,
+    value: Number,
+    max: Number,
+}
+
+fn float(x: f64) -> Number {
+    Number::from_f64(x).unwrap_or_else(|| Number::from(0))
 }
 
 struct Job<'a> {
     shared: &'a Arc<Shared>,
     prompt_id: String,
     client: Option<String>,
-    messages: Vec<Value>,
+    messages: Vec<(String, Value)>,
     progress: Vec<Progress>,
 }
 
@@ -79,20 +91,24 @@ impl Job<'_> {
     }
 
     /// `add_message`: recorded in history; sent to the client (or broadcast when `broadcast`).
-    fn add_message(&mut self, event: &str, mut data: Value, broadcast: bool) {
-        if let Some(obj) = data.as_object_mut() {
-            obj.insert("timestamp".into(), json!(now_ms()));
-        }
-        self.messages.push(json!([event, data.clone()]));
+    fn add_message(&mut self, message: Value, broadcast: bool) {
         if self.client.is_some() || broadcast {
-            self.shared.send(self.client.as_deref(), event, data);
+            self.shared.send(self.client.as_deref(), &message);
+        }
+        if let Value::Object(mut m) = message {
+            let event = match m.remove("type") {
+                Some(Value::String(t)) => t,
+                _ => String::new(),
+            };
+            let data = m.remove("data").unwrap_or(Value::Null);
+            self.messages.push((event, data));
         }
     }
 
     /// Execution messages reach only the submitting client; without one nobody gets them.
-    fn exec_msg(&self, event: &str, data: Value) {
+    fn exec_msg(&self, message: &Value) {
         if let Some(c) = self.client() {
-            self.shared.send(Some(c), event, data);
+            self.shared.send(Some(c), message);
         }
     }
 
@@ -103,44 +119,41 @@ impl Job<'_> {
         self.progress.push(Progress {
             node: node.to_string(),
             state: "pending",
-            value: json!(0),
-            max: json!(1),
+            value: Number::from(0),
+            max: Number::from(1),
         });
         self.progress.last_mut().expect("just pushed")
     }
 
     fn send_progress_state(&self) {
-        let mut nodes = Map::new();
-        for p in self.progress.iter().filter(|p| p.state != "pending") {
-            nodes.insert(
-                p.node.clone(),
-                json!({
-                    "value": p.value, "max": p.max, "state": p.state, "node_id": p.node,
-                    "prompt_id": self.prompt_id, "display_node_id": p.node,
-                    "parent_node_id": null, "real_node_id": p.node,
-                }),
-            );
-        }
-        self.shared.send(
-            self.client(),
-            "progress_state",
-            json!({"prompt_id": self.prompt_id, "nodes": nodes}),
-        );
+        let nodes: Vec<NodeProgress> = self
+            .progress
+            .iter()
+            .filter(|p| p.state != "pending")
+            .map(|p| NodeProgress {
+                value: p.value.clone(),
+                max: p.max.clone(),
+                running: p.state == "running",
+                ..NodeProgress::started(&p.node)
+            })
+            .collect();
+        self.shared
+            .send(self.client(), &progress_state(&self.prompt_id, &nodes));
     }
 
     fn progress_start(&mut self, node: &str) {
         let e = self.entry(node);
         e.state = "running";
-        e.value = json!(0.0);
-        e.max = json!(1.0);
+        e.value = float(0.0);
+        e.max = float(1.0);
         self.send_progress_state();
     }
 
     fn progress_update(&mut self, node: &str, value: u32, max: u32) {
         let e = self.entry(node);
         e.state = "running";
-        e.value = json!(value);
-        e.max = json!(max);
+        e.value = Number::from(value);
+        e.max = Number::from(max);
         self.send_progress_state();
     }
 
@@ -349,7 +362,7 @@ fn signatures(shared: &Shared, prompt: &Map<String, Value>) -> HashMap<String, S
         } else {
             String::new()
         };
-        let text = pyjson::to_string(&json!([class, changed, parts]));
+        let text = to_python_json(&json!([class, changed, parts]));
         let s = hex::encode(Sha256::digest(text.as_bytes()));
         visiting.remove(id);
         memo.insert(id.to_string(), s.clone());
@@ -379,11 +392,11 @@ enum Outcome {
 fn png_text(item: &QueueItem) -> Vec<(String, String)> {
     let mut out = vec![(
         "prompt".to_string(),
-        pyjson::to_string(&Value::Object(item.prompt.clone())),
+        to_python_json(&Value::Object(item.prompt.clone())),
     )];
     if let Some(Value::Object(extra)) = item.extra_data.get("extra_pnginfo") {
         for (k, v) in extra {
-            out.push((k.clone(), pyjson::to_string(v)));
+            out.push((k.clone(), to_python_json(v)));
         }
     }
     out
@@ -411,11 +424,7 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         messages: Vec::new(),
         progress: Vec::new(),
     };
-    job.add_message(
-        "execution_start",
-        json!({"prompt_id": item.prompt_id}),
-        false,
-    );
+    job.add_message(execution_start(&item.prompt_id, now_ms()), false);
 
     let prompt = &item.prompt;
     let sigs = signatures(shared, prompt);
@@ -433,8 +442,7 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         }
     }
     job.add_message(
-        "execution_cached",
-        json!({"nodes": cached_nodes, "prompt_id": item.prompt_id}),
+        execution_cached(&cached_nodes, &item.prompt_id, now_ms()),
         false,
     );
     let cached: HashSet<String> = cached_nodes.iter().cloned().collect();
@@ -461,10 +469,8 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         };
         if cached.contains(&node) {
             let ui = cached_ui.get(&node).cloned().flatten();
-            job.exec_msg(
-                "executed",
-                json!({"node": node, "display_node": node, "output": ui, "prompt_id": item.prompt_id}),
-            );
+            let output = ui.clone().unwrap_or(Value::Null);
+            job.exec_msg(&ws_executed(&node, &node, &output, &item.prompt_id));
             if let Some(ui) = ui {
                 ui_outputs.push((node.clone(), ui));
             }
@@ -481,10 +487,7 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
                 c.node = Some(node.clone());
             }
         }
-        job.exec_msg(
-            "executing",
-            json!({"node": node, "display_node": node, "prompt_id": item.prompt_id}),
-        );
+        job.exec_msg(&executing(&node, &node, &item.prompt_id));
         let args = resolve_args(prompt, &node, &values);
         let ctx = NodeCtx {
             node_id: node.clone(),
@@ -498,10 +501,7 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
             Ok(out) => {
                 values.insert(node.clone(), Arc::new(out.values));
                 if let Some(ui) = out.ui {
-                    job.exec_msg(
-                        "executed",
-                        json!({"node": node, "display_node": node, "output": ui, "prompt_id": item.prompt_id}),
-                    );
+                    job.exec_msg(&ws_executed(&node, &node, &ui, &item.prompt_id));
                     ui_outputs.push((node.clone(), ui));
                 }
                 job.progress_finish(&node);
@@ -525,24 +525,23 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
     };
 
     // ComfyUI reports `executed` as a set; most recent first matches the captures.
-    let executed_list: Vec<Value> = executed.iter().rev().map(|s| json!(s)).collect();
+    let executed_list: Vec<String> = executed.iter().rev().cloned().collect();
     let (status_str, completed) = match &outcome {
         Outcome::Success => {
-            job.add_message(
-                "execution_success",
-                json!({"prompt_id": item.prompt_id}),
-                false,
-            );
-            ("success", true)
+            job.add_message(execution_success(&item.prompt_id, now_ms()), false);
+            (StatusStr::Success, true)
         }
         Outcome::Interrupted { node } => {
             tracing::info!(prompt_id = %item.prompt_id, node, "job interrupted");
-            job.add_message(
-                "execution_interrupted",
-                json!({"prompt_id": item.prompt_id, "node_id": node, "node_type": class_of(prompt, node), "executed": executed_list}),
-                true,
+            let message = execution_interrupted(
+                &item.prompt_id,
+                node,
+                class_of(prompt, node),
+                &executed_list,
+                now_ms(),
             );
-            ("error", false)
+            job.add_message(message, true);
+            (StatusStr::Error, false)
         }
         Outcome::Error {
             node,
@@ -551,26 +550,26 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
             inputs,
         } => {
             tracing::info!(prompt_id = %item.prompt_id, node, %message, "job failed");
-            let current_outputs: Vec<&String> = prompt.keys().collect();
-            job.add_message(
-                "execution_error",
-                json!({
-                    "prompt_id": item.prompt_id,
-                    "node_id": node,
-                    "node_type": class_of(prompt, node),
-                    "executed": executed_list,
-                    "exception_message": format!("{message}\n"),
-                    "exception_type": exception_type,
-                    "traceback": [
-                        "  File \"comfyume-sim\", in execute (simulated server; no Python traceback)\n",
-                        format!("  node {node} ({}) raised {exception_type}\n", class_of(prompt, node)),
-                    ],
-                    "current_inputs": inputs,
-                    "current_outputs": current_outputs,
-                }),
-                false,
-            );
-            ("error", false)
+            let info = ExecutionErrorInfo {
+                prompt_id: item.prompt_id.clone(),
+                node_id: node.clone(),
+                node_type: class_of(prompt, node).to_string(),
+                executed: executed_list,
+                exception_message: format!("{message}\n"),
+                exception_type: exception_type.clone(),
+                traceback: vec![
+                    "  File \"comfyume-sim\", in execute (simulated server; no Python traceback)\n"
+                        .into(),
+                    format!(
+                        "  node {node} ({}) raised {exception_type}\n",
+                        class_of(prompt, node)
+                    ),
+                ],
+                current_inputs: inputs.clone(),
+                current_outputs: prompt.keys().cloned().collect(),
+            };
+            job.add_message(execution_error(&info, now_ms()), false);
+            (StatusStr::Error, false)
         }
     };
 
@@ -578,16 +577,21 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
     let mut meta = Map::new();
     for (node, ui) in &ui_outputs {
         outputs.insert(node.clone(), ui.clone());
-        meta.insert(
-            node.clone(),
-            json!({"node_id": node, "display_node": node, "parent_node": null, "real_node_id": node}),
-        );
+        meta.insert(node.clone(), meta_entry(node, node, None, node));
     }
-    let entry = json!({
-        "prompt": item.to_json(),
-        "outputs": outputs,
-        "status": {"status_str": status_str, "completed": completed, "messages": job.messages},
-        "meta": meta,
+    let entry = history_item(&HistoryRecord {
+        number: item.number.clone(),
+        prompt_id: item.prompt_id.clone(),
+        prompt: Value::Object(item.prompt.clone()),
+        extra_data: Value::Object(item.extra_data.clone()),
+        outputs_to_execute: item.outputs.clone(),
+        outputs,
+        status: Some(ExecStatus {
+            status_str,
+            completed,
+            messages: std::mem::take(&mut job.messages),
+        }),
+        meta,
     });
 
     let elapsed = started.elapsed();
@@ -625,11 +629,8 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         }
         shared.broadcast_status(&inner);
     }
-    job.exec_msg(
-        "executing",
-        json!({"node": null, "prompt_id": item.prompt_id}),
-    );
-    tracing::info!(prompt_id = %item.prompt_id, status_str, ms = elapsed.as_millis() as u64, "job done");
+    job.exec_msg(&executing_done(&item.prompt_id));
+    tracing::info!(prompt_id = %item.prompt_id, status_str = status_str.as_str(), ms = elapsed.as_millis() as u64, "job done");
     Ok(())
 }
 
@@ -743,21 +744,15 @@ async fn run_steps(
         job.progress_update(node, step, steps);
         let amount = 1.0 - step as f32 / steps as f32;
         let preview = imaging::jpeg(&imaging::noisy(base, seed ^ u64::from(step), amount), 80);
-        let metadata = json!({
-            "node_id": node, "prompt_id": job.prompt_id, "display_node_id": node,
-            "parent_node_id": null, "real_node_id": node, "image_type": "image/jpeg",
-        });
+        let metadata = preview_metadata(node, &job.prompt_id, node, None, node, "image/jpeg");
         job.shared.send_preview(
             job.client(),
             PreviewPhase::WithMetadata,
             &preview,
             &metadata,
         );
-        job.shared.send(
-            job.client(),
-            "progress",
-            json!({"value": step, "max": steps, "prompt_id": job.prompt_id, "node": node}),
-        );
+        let message = progress(u64::from(step), u64::from(steps), &job.prompt_id, node);
+        job.shared.send(job.client(), &message);
         job.shared
             .send_preview(job.client(), PreviewPhase::Legacy, &preview, &metadata);
     }

@@ -14,10 +14,13 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use comfyume_wire::shapes::{
+    history_window, prompt_accepted, prompt_info, queue_response, to_python_json,
+};
+use comfyume_wire::{PromptError, py_str, truthy, uses_server_counter};
+
 use crate::config::Fault;
-use crate::pyjson;
-use crate::state::{QueueItem, SENSITIVE_EXTRA_DATA_KEYS, Shared, lock, now_ms};
-use crate::validate;
+use crate::state::{QueueItem, Shared, lock, now_ms};
 
 type S = State<Arc<Shared>>;
 
@@ -71,7 +74,7 @@ pub fn json_response(status: StatusCode, v: &Value) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-        pyjson::to_string(v),
+        to_python_json(v),
     )
         .into_response()
 }
@@ -145,39 +148,19 @@ async fn guard(State(shared): S, req: Request, next: Next) -> Response {
 
 async fn get_prompt(State(shared): S) -> Response {
     let remaining = lock(&shared.inner).queue_remaining();
-    json_response(
-        StatusCode::OK,
-        &json!({"exec_info": {"queue_remaining": remaining}}),
-    )
+    json_response(StatusCode::OK, &prompt_info(remaining as u64))
 }
 
-/// Python `str()` of the client's `prompt_id`.
-fn prompt_id_of(v: Option<&Value>) -> String {
-    match v {
-        None => uuid::Uuid::new_v4().to_string(),
-        Some(v) => pyjson::py_str(v),
-    }
-}
-
-/// Python `float(number)`.
-fn number_of(v: &Value) -> Option<f64> {
-    match v {
-        Value::Number(n) => n.as_f64(),
-        Value::Bool(b) => Some(f64::from(u8::from(*b))),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-fn py_truthy(v: &Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(m) => !m.is_empty(),
-    }
+/// Validation errors for inputs where ComfyUI 0.11.0 itself crashes with a 500 (wire answers
+/// those with a ComfyUI-shaped 400; the simulator stays byte-faithful to the server).
+fn comfyui_crashes_on(e: &PromptError) -> bool {
+    e.error_type() == "invalid_prompt"
+        && matches!(
+            e.message(),
+            "Invalid prompt number"
+                | "Invalid extra_data"
+                | "Cannot execute because the prompt is not an object of node id to node."
+        )
 }
 
 async fn post_prompt(State(shared): S, body: Bytes) -> Response {
@@ -185,95 +168,59 @@ async fn post_prompt(State(shared): S, body: Bytes) -> Response {
     if shared.faults.borrow().prompt_error {
         return trouble();
     }
-    let Ok(Value::Object(json_data)) = serde_json::from_slice::<Value>(&body) else {
+    // ComfyUI calls `json_data.get(...)`: anything but an object is an unhandled exception.
+    let Ok(body @ Value::Object(_)) = serde_json::from_slice::<Value>(&body) else {
         return trouble();
     };
 
     // The number is taken (and the counter advanced) before validation, so rejected prompts
     // use up numbers too.
-    let (number, sort_key) = {
+    let counter = uses_server_counter(&body).then(|| {
         let mut inner = lock(&shared.inner);
-        match json_data.get("number") {
-            Some(n) => match number_of(n) {
-                Some(f) => (
-                    serde_json::Number::from_f64(f)
-                        .map(Value::Number)
-                        .unwrap_or(Value::Null),
-                    f,
-                ),
-                None => return trouble(),
-            },
-            None => {
-                let mut n = inner.counter;
-                if json_data.get("front").is_some_and(py_truthy) {
-                    n = -n;
-                }
-                inner.counter += 1;
-                (json!(n), n as f64)
-            }
+        inner.counter += 1;
+        inner.counter - 1
+    });
+    let mut valid = match shared.catalog.validate(&body, shared.dirs.input_files()) {
+        Ok(v) => v,
+        Err(e) if comfyui_crashes_on(&e) => return trouble(),
+        Err(e) => {
+            lock(&shared.stats).prompts_rejected += 1;
+            tracing::info!(error = %e, "invalid prompt");
+            return json_response(StatusCode::BAD_REQUEST, &e.body());
         }
     };
-
-    let Some(prompt) = json_data.get("prompt") else {
-        lock(&shared.stats).prompts_rejected += 1;
-        return json_response(StatusCode::BAD_REQUEST, &validate::no_prompt().body());
-    };
-    let Value::Object(mut prompt) = prompt.clone() else {
+    let number = valid.priority(counter.unwrap_or(0));
+    let prompt_id = valid
+        .prompt_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    valid.stamp_create_time(now_ms());
+    let Value::Object(prompt) = std::mem::take(&mut valid.prompt) else {
+        // Only an object of nodes passes validation.
         return trouble();
     };
-    let prompt_id = prompt_id_of(json_data.get("prompt_id"));
-    let partial: Option<Vec<String>> = json_data
-        .get("partial_execution_targets")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().map(pyjson::py_str).collect());
-    let dirs = shared.dirs.clone();
-    let result =
-        validate::validate_prompt(&shared.catalog, &mut prompt, partial.as_deref(), &|name| {
-            dirs.input_file_exists(name)
+    {
+        let mut inner = lock(&shared.inner);
+        inner.seq += 1;
+        let seq = inner.seq;
+        inner.pending.push(QueueItem {
+            sort_key: number.as_f64().unwrap_or(0.0),
+            number: number.clone(),
+            seq,
+            prompt_id: prompt_id.clone(),
+            prompt,
+            extra_data: std::mem::take(&mut valid.extra_data),
+            outputs: std::mem::take(&mut valid.outputs_to_execute),
         });
-    let mut extra_data = match json_data.get("extra_data") {
-        None => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return trouble(),
-    };
-    if let Some(client_id) = json_data.get("client_id") {
-        extra_data.insert("client_id".into(), client_id.clone());
+        shared.broadcast_status(&inner);
     }
-    match result {
-        Ok(accepted) => {
-            for key in SENSITIVE_EXTRA_DATA_KEYS {
-                extra_data.remove(*key);
-            }
-            extra_data.insert("create_time".into(), json!(now_ms()));
-            {
-                let mut inner = lock(&shared.inner);
-                inner.seq += 1;
-                let seq = inner.seq;
-                inner.pending.push(QueueItem {
-                    number: number.clone(),
-                    sort_key,
-                    seq,
-                    prompt_id: prompt_id.clone(),
-                    prompt,
-                    extra_data,
-                    outputs: accepted.outputs,
-                });
-                shared.broadcast_status(&inner);
-            }
-            lock(&shared.stats).prompts_accepted += 1;
-            shared.work.notify_one();
-            tracing::info!(%prompt_id, "prompt queued");
-            json_response(
-                StatusCode::OK,
-                &json!({"prompt_id": prompt_id, "number": number, "node_errors": accepted.node_errors}),
-            )
-        }
-        Err(rejected) => {
-            lock(&shared.stats).prompts_rejected += 1;
-            tracing::info!(error = %rejected.error, "invalid prompt");
-            json_response(StatusCode::BAD_REQUEST, &rejected.body())
-        }
-    }
+    lock(&shared.stats).prompts_accepted += 1;
+    shared.work.notify_one();
+    tracing::info!(%prompt_id, "prompt queued");
+    json_response(
+        StatusCode::OK,
+        &prompt_accepted(&prompt_id, &number, &valid.node_errors),
+    )
 }
 
 // ---- queue, interrupt, free ------------------------------------------------------------
@@ -284,10 +231,7 @@ async fn get_queue(State(shared): S) -> Response {
     let mut pending: Vec<&QueueItem> = inner.pending.iter().collect();
     pending.sort_by(|a, b| a.sort_key.total_cmp(&b.sort_key).then(a.seq.cmp(&b.seq)));
     let pending: Vec<Value> = pending.into_iter().map(QueueItem::to_json).collect();
-    json_response(
-        StatusCode::OK,
-        &json!({"queue_running": running, "queue_pending": pending}),
-    )
+    json_response(StatusCode::OK, &queue_response(running, pending))
 }
 
 fn parse_body(body: &Bytes) -> Option<Value> {
@@ -299,13 +243,13 @@ async fn post_queue(State(shared): S, body: Bytes) -> Response {
         return trouble();
     };
     let mut inner = lock(&shared.inner);
-    if data.get("clear").is_some_and(py_truthy) {
+    if data.get("clear").is_some_and(truthy) {
         inner.pending.clear();
         shared.broadcast_status(&inner);
     }
     if let Some(ids) = data.get("delete").and_then(Value::as_array) {
         for id in ids {
-            let id = pyjson::py_str(id);
+            let id = py_str(id);
             if let Some(pos) = inner.pending.iter().position(|i| i.prompt_id == id) {
                 inner.pending.remove(pos);
                 shared.broadcast_status(&inner);
@@ -318,10 +262,10 @@ async fn post_queue(State(shared): S, body: Bytes) -> Response {
 async fn post_interrupt(State(shared): S, body: Bytes) -> Response {
     let target = parse_body(&body)
         .and_then(|v| v.get("prompt_id").cloned())
-        .filter(py_truthy);
+        .filter(truthy);
     match target {
         Some(id) => {
-            let id = pyjson::py_str(&id);
+            let id = py_str(&id);
             let running = lock(&shared.inner)
                 .running
                 .as_ref()
@@ -364,23 +308,18 @@ async fn get_history(State(shared): S, Query(q): Query<HashMap<String, String>>)
     let (Ok(max_items), Ok(offset)) = (parse("max_items"), parse("offset")) else {
         return trouble();
     };
+    // A negative max_items yields what 0 does in ComfyUI's loop (nothing, or one item
+    // after an explicit offset).
+    let max_items = max_items.map(|m| usize::try_from(m).unwrap_or(0));
     let inner = lock(&shared.inner);
-    let len = inner.history.len() as i64;
-    let mut offset = offset.unwrap_or(-1);
-    if offset < 0
-        && let Some(m) = max_items
-    {
-        offset = len - m;
-    }
-    let mut out = Map::new();
-    for (i, (k, v)) in inner.history.iter().enumerate() {
-        if i as i64 >= offset {
-            out.insert(k.clone(), v.clone());
-            if max_items.is_some_and(|m| out.len() as i64 >= m) {
-                break;
-            }
-        }
-    }
+    let window = history_window(inner.history.len(), max_items, offset);
+    let out: Map<String, Value> = inner
+        .history
+        .iter()
+        .skip(window.start)
+        .take(window.len())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     json_response(StatusCode::OK, &Value::Object(out))
 }
 
@@ -398,12 +337,12 @@ async fn post_history(State(shared): S, body: Bytes) -> Response {
         return trouble();
     };
     let mut inner = lock(&shared.inner);
-    if data.get("clear").is_some_and(py_truthy) {
+    if data.get("clear").is_some_and(truthy) {
         inner.history.clear();
     }
     if let Some(ids) = data.get("delete").and_then(Value::as_array) {
         for id in ids {
-            inner.history.shift_remove(&pyjson::py_str(id));
+            inner.history.shift_remove(&py_str(id));
         }
     }
     empty(StatusCode::OK)
@@ -764,5 +703,27 @@ mod tests {
         assert!(!is_loopback("example.com"));
         assert_eq!(host_name("127.0.0.1:8188"), "127.0.0.1");
         assert_eq!(host_name("[::1]:8188"), "::1");
+    }
+
+    #[test]
+    fn crashes_where_comfyui_does() {
+        let cat = crate::catalog::Catalog::builtin();
+        let err = |body: Value| cat.validate(&body, vec![]).unwrap_err();
+        let graph = json!({"1": {"class_type": "PreviewAny", "inputs": {"source": "x"}}});
+        for body in [
+            json!({"prompt": graph, "number": "abc"}),
+            json!({"prompt": graph, "extra_data": [1]}),
+            json!({"prompt": 5}),
+            json!({"prompt": null}),
+        ] {
+            assert!(comfyui_crashes_on(&err(body.clone())), "{body}");
+        }
+        for body in [
+            json!({}),
+            json!({"prompt": []}),
+            json!({"prompt": {"1": {"class_type": "Nope", "inputs": {}}}}),
+        ] {
+            assert!(!comfyui_crashes_on(&err(body.clone())), "{body}");
+        }
     }
 }

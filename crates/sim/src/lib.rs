@@ -23,10 +23,8 @@ mod font;
 mod http;
 mod imaging;
 mod nodes;
-mod pyjson;
 mod server;
 mod state;
-mod validate;
 mod ws;
 
 use std::path::PathBuf;

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::imaging::{self, MAX_BATCH_PIXELS};
-use crate::pyjson;
+use comfyume_wire::shapes::to_python_json;
+use comfyume_wire::{float_repr, py_str};
 
 /// Largest side of a rendered still placeholder; larger requests are rendered smaller.
 const MAX_PLACEHOLDER_SIDE: u32 = 2048;
@@ -132,7 +133,7 @@ impl Data {
                 v.frames.len(),
                 v.fps
             ),
-            Data::Primitive(v) => pyjson::py_str(v),
+            Data::Primitive(v) => py_str(v),
             Data::Audio {
                 seconds,
                 sample_rate,
@@ -230,7 +231,7 @@ impl Args {
 
     pub fn string(&self, name: &str) -> Result<String, NodeError> {
         self.lit(name)
-            .map(pyjson::py_str)
+            .map(py_str)
             .ok_or_else(|| Self::missing(name))
     }
 
@@ -281,7 +282,7 @@ impl Args {
                 Arg::Lit(
                     v @ (Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_)),
                 ) => v.clone(),
-                Arg::Lit(v) => Value::String(pyjson::py_str(v)),
+                Arg::Lit(v) => Value::String(py_str(v)),
                 Arg::Data(d) => Value::String(d.describe()),
             };
             m.insert(name.clone(), json!([v]));
@@ -775,8 +776,8 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
                 (model, clip)
             } else {
                 (
-                    format!("{model} + {lora} @ {}", pyjson::float_repr(sm)),
-                    format!("{clip} + {lora} @ {}", pyjson::float_repr(sc)),
+                    format!("{model} + {lora} @ {}", float_repr(sm)),
+                    format!("{clip} + {lora} @ {}", float_repr(sc)),
                 )
             };
             Ok(NodeOut {
@@ -1031,8 +1032,8 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             let text = match args.get("source") {
                 None => "None".to_string(),
                 Some(Arg::Lit(v) | Arg::Data(Data::Primitive(v))) => match v {
-                    Value::Array(_) | Value::Object(_) => pyjson::to_string(v),
-                    scalar => pyjson::py_str(scalar),
+                    Value::Array(_) | Value::Object(_) => to_python_json(v),
+                    scalar => py_str(scalar),
                 },
                 Some(Arg::Data(d)) => d.describe(),
             };

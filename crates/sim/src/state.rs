@@ -1,7 +1,7 @@
 //! Everything the HTTP handlers, the WebSocket tasks and the prompt worker share.
 
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,13 +13,14 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::Catalog;
 use crate::config::{ActiveFaults, Fault};
 use crate::nodes::Data;
-use crate::pyjson;
+use comfyume_wire::shapes::ws::FORMAT_JPEG;
+use comfyume_wire::shapes::{
+    preview_image_frame, preview_image_with_metadata_frame, queue_item, status_message,
+    to_python_json,
+};
 
 /// ComfyUI's `MAXIMUM_HISTORY_SIZE`.
 pub const MAX_HISTORY: usize = 10_000;
-
-/// `extra_data` keys ComfyUI keeps out of `/queue`, `/history` and `/api/jobs`.
-pub const SENSITIVE_EXTRA_DATA_KEYS: &[&str] = &["auth_token_comfy_org", "api_key_comfy_org"];
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -67,13 +68,6 @@ impl Dirs {
         (name, None)
     }
 
-    /// `folder_paths.exists_annotated_filepath` (LoadImage's validation).
-    pub fn input_file_exists(&self, name: &str) -> bool {
-        let (base, dir) = self.annotated(name);
-        let dir = dir.unwrap_or(&self.input);
-        !base.is_empty() && crate::http::safe_join(dir, base).is_some_and(|p| p.exists())
-    }
-
     /// Files in `input/`, sorted, as LoadImage lists them (subfolders as `sub/name`).
     pub fn input_files(&self) -> Vec<String> {
         fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
@@ -105,7 +99,7 @@ impl Dirs {
 #[derive(Debug, Clone)]
 pub struct QueueItem {
     /// `number` exactly as answered (int from the counter, float when the client sent one).
-    pub number: Value,
+    pub number: serde_json::Number,
     pub sort_key: f64,
     /// Insertion order, the tie-breaker.
     pub seq: u64,
@@ -118,13 +112,13 @@ pub struct QueueItem {
 impl QueueItem {
     /// `[number, prompt_id, prompt, extra_data, outputs_to_execute]`.
     pub fn to_json(&self) -> Value {
-        json!([
-            self.number,
-            self.prompt_id,
-            self.prompt,
-            self.extra_data,
-            self.outputs
-        ])
+        queue_item(
+            &self.number,
+            &self.prompt_id,
+            &Value::Object(self.prompt.clone()),
+            &Value::Object(self.extra_data.clone()),
+            &self.outputs,
+        )
     }
 
     /// The socket id execution messages go to.
@@ -221,7 +215,7 @@ pub struct Stats {
 #[derive(Debug, Clone)]
 pub struct CurrentJobInner {
     pub prompt_id: String,
-    pub number: Value,
+    pub number: serde_json::Number,
     pub started: Instant,
     pub node: Option<String>,
 }
@@ -324,13 +318,10 @@ impl Shared {
 
     // ---- WebSocket fan-out -------------------------------------------------------------
 
-    pub fn message(ty: &str, data: Value) -> String {
-        pyjson::to_string(&json!({"type": ty, "data": data}))
-    }
-
-    /// ComfyUI `send_sync(event, data, sid)`: `None` broadcasts, `Some` goes to that socket only.
-    pub fn send(&self, sid: Option<&str>, ty: &str, data: Value) {
-        let text = Self::message(ty, data);
+    /// ComfyUI `send_sync(event, data, sid)` for a built message (`{"type", "data"}`):
+    /// `None` broadcasts, `Some` goes to that socket only.
+    pub fn send(&self, sid: Option<&str>, message: &Value) {
+        let text = to_python_json(message);
         let hub = lock(&self.hub);
         match sid {
             None => {
@@ -356,22 +347,8 @@ impl Shared {
         metadata: &Value,
     ) {
         let frame = match phase {
-            PreviewPhase::WithMetadata => {
-                let meta = pyjson::to_string(metadata);
-                let mut f = Vec::with_capacity(8 + meta.len() + jpeg.len());
-                f.extend_from_slice(&4u32.to_be_bytes());
-                f.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-                f.extend_from_slice(meta.as_bytes());
-                f.extend_from_slice(jpeg);
-                f
-            }
-            PreviewPhase::Legacy => {
-                let mut f = Vec::with_capacity(8 + jpeg.len());
-                f.extend_from_slice(&1u32.to_be_bytes());
-                f.extend_from_slice(&1u32.to_be_bytes()); // 1 = JPEG
-                f.extend_from_slice(jpeg);
-                f
-            }
+            PreviewPhase::WithMetadata => preview_image_with_metadata_frame(metadata, jpeg),
+            PreviewPhase::Legacy => preview_image_frame(FORMAT_JPEG, jpeg),
         };
         let wants = |c: &WsClient| c.preview_metadata == (phase == PreviewPhase::WithMetadata);
         let hub = lock(&self.hub);
@@ -384,14 +361,10 @@ impl Shared {
         }
     }
 
-    pub fn status_data(remaining: usize) -> Value {
-        json!({"status": {"exec_info": {"queue_remaining": remaining}}})
-    }
-
     /// `queue_updated()`: broadcast `status`. Called with the queue lock held so the numbers
     /// reach every socket in the order the queue changed.
     pub fn broadcast_status(&self, inner: &Inner) {
-        self.send(None, "status", Self::status_data(inner.queue_remaining()));
+        self.send(None, &status_message(inner.queue_remaining() as u64, None));
     }
 
     /// Cut every WebSocket without a close frame.
@@ -550,7 +523,7 @@ impl Shared {
             jobs_interrupted: stats.jobs_interrupted,
             current_job: stats.current.as_ref().map(|c| CurrentJob {
                 prompt_id: c.prompt_id.clone(),
-                number: c.number.clone(),
+                number: Value::Number(c.number.clone()),
                 node: c.node.clone(),
                 running_ms: c.started.elapsed().as_millis() as u64,
             }),

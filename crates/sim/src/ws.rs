@@ -11,15 +11,16 @@ use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use comfyume_wire::shapes::{
+    client_feature_flags, feature_flags, status_message, to_python_json, wants_preview_metadata,
+    ws_message,
+};
+
 use crate::state::{Outbound, Shared, WsClient, lock};
 
-/// ComfyUI's `feature_flags.get_server_features()`.
+/// ComfyUI's `feature_flags.get_server_features()` (the `data` of wire's `feature_flags`).
 pub fn server_features(max_upload_size: u64) -> Value {
-    json!({
-        "supports_preview_metadata": true,
-        "max_upload_size": max_upload_size,
-        "extension": {"manager": {"supports_v4": true}},
-    })
+    feature_flags(max_upload_size)["data"].take()
 }
 
 fn frame_of(msg: Outbound) -> Message {
@@ -63,17 +64,14 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
         ) {
             old.kill.cancel();
         }
-        let mut data = Shared::status_data(inner.queue_remaining());
-        data["sid"] = json!(sid);
-        let _ = tx.send(Outbound::Text(Shared::message("status", data)));
+        let status = status_message(inner.queue_remaining() as u64, Some(&sid));
+        let _ = tx.send(Outbound::Text(to_python_json(&status)));
         // On reconnect, the executing client learns which node runs.
         if inner.exec_client.as_deref() == Some(sid.as_str())
             && let Some(node) = &inner.last_node
         {
-            let _ = tx.send(Outbound::Text(Shared::message(
-                "executing",
-                json!({"node": node}),
-            )));
+            let executing = ws_message("executing", json!({"node": node}));
+            let _ = tx.send(Outbound::Text(to_python_json(&executing)));
         }
     }
     tracing::debug!(%sid, conn, "websocket connected");
@@ -128,15 +126,13 @@ async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
                             continue;
                         };
                         if first_message && data.get("type").and_then(Value::as_str) == Some("feature_flags") {
-                            let flags = data.get("data").cloned().unwrap_or_else(|| json!({}));
-                            let supports = flags.get("supports_preview_metadata").and_then(Value::as_bool).unwrap_or(false);
+                            let supports = client_feature_flags(text.as_str())
+                                .is_some_and(|flags| wants_preview_metadata(&flags));
                             if let Some(c) = lock(&shared.hub).get_mut(&sid).filter(|c| c.conn == conn) {
                                 c.preview_metadata = supports;
                             }
-                            let _ = tx.send(Outbound::Text(Shared::message(
-                                "feature_flags",
-                                server_features(shared.max_upload_size),
-                            )));
+                            let reply = feature_flags(shared.max_upload_size);
+                            let _ = tx.send(Outbound::Text(to_python_json(&reply)));
                         }
                         first_message = false;
                     }
