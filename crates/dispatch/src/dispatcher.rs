@@ -660,6 +660,73 @@ fn legacy_preview(frame: &Bytes) -> Option<Bytes> {
 mod tests {
     use super::*;
 
+    /// A backend that is only ever placed, never run.
+    struct Idle(&'static str);
+
+    #[async_trait::async_trait]
+    impl Backend for Idle {
+        fn name(&self) -> &str {
+            self.0
+        }
+        fn slots(&self) -> usize {
+            2
+        }
+        async fn object_info(&self) -> Result<Value, BackendError> {
+            Err(BackendError::Unreachable("placement test".into()))
+        }
+        async fn run(
+            &self,
+            _: JobSpec,
+            _: crate::backend::EventTx,
+            _: tokio::sync::watch::Receiver<bool>,
+        ) -> Result<Outcome, BackendError> {
+            Err(BackendError::Unreachable("placement test".into()))
+        }
+    }
+
+    async fn dispatcher() -> Arc<Dispatcher> {
+        let store = Arc::new(
+            comfyume_store::sqlite::SqliteStore::open_in_memory()
+                .await
+                .unwrap(),
+        );
+        let (queue, _) = Queue::open(store, Default::default(), Arc::new(crate::events::NoEvents))
+            .await
+            .unwrap();
+        let backends: Vec<Arc<dyn Backend>> =
+            vec![Arc::new(Idle("gpu-a")), Arc::new(Idle("gpu-b"))];
+        Dispatcher::new(
+            queue,
+            backends,
+            DispatchConfig::default(),
+            PathBuf::from("unused"),
+        )
+    }
+
+    #[tokio::test]
+    async fn placement_prefers_the_least_busy_then_the_same_models() {
+        let d = dispatcher().await;
+        let flux = vec!["flux-2-klein-9b.safetensors".to_string()];
+        *d.backends[1].last_models.lock().unwrap() = flux.clone();
+        // Both idle: the one that already has the model loaded.
+        assert_eq!(d.choose(&flux).backend.name(), "gpu-b");
+        // A different model: no preference, the first idle one.
+        assert_eq!(
+            d.choose(&["ltx-2.safetensors".to_string()]).backend.name(),
+            "gpu-a"
+        );
+        // Busier with the same model loses to an idle one (a GPU never waits).
+        d.backends[1].active.store(1, Ordering::SeqCst);
+        assert_eq!(d.choose(&flux).backend.name(), "gpu-a");
+        // A backend that just failed a job is avoided while another has room.
+        d.backends[1].active.store(0, Ordering::SeqCst);
+        d.backends[1].failed_at_ms.store(now_ms(), Ordering::SeqCst);
+        assert_eq!(d.choose(&flux).backend.name(), "gpu-a");
+        // Full backends are never chosen while another has a free slot.
+        d.backends[0].active.store(2, Ordering::SeqCst);
+        assert_eq!(d.choose(&flux).backend.name(), "gpu-b");
+    }
+
     #[test]
     fn type4_preview_becomes_type1() {
         let meta = br#"{"node_id":"4","prompt_id":"p","image_type":"image/png"}"#;
