@@ -19,4 +19,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "[test] building tests"
 cargo test --workspace --locked --no-run
 echo "[test] running tests"
-cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked -- --test-threads="${TEST_THREADS:-2}" 2>&1 | tee "$log"
+status="${PIPESTATUS[0]}"
+set -e
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
