@@ -91,6 +91,7 @@ pub fn median(v: &mut [f64]) -> f64 {
 // ---- output ---------------------------------------------------------------------------------
 
 pub fn print_table(title: &str, header: &[&str], rows: &[Vec<String>]) {
+    debug_assert!(rows.iter().all(|r| r.len() == header.len()));
     println!("\n{title}");
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
@@ -104,7 +105,7 @@ pub fn print_table(title: &str, header: &[&str], rows: &[Vec<String>]) {
         let parts: Vec<String> = cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = width[i]))
+            .map(|(i, c)| format!("{c:<w$}", w = width.get(i).copied().unwrap_or(0)))
             .collect();
         println!("| {} |", parts.join(" | "));
     };
@@ -362,6 +363,24 @@ pub fn mem_of(pid: u32) -> Result<Mem> {
     })
 }
 
+/// CPU time (user + system) a process has used, in ms, from /proc/PID/stat
+/// (clock ticks of 10 ms, the USER_HZ of Linux on x86_64).
+pub fn cpu_ms(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after "pid (comm) ": state is the first; utime and stime are the 12th and 13th.
+    let rest = s
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("/proc/{pid}/stat has no field {i}"))
+    };
+    Ok((ticks(11)? + ticks(12)?) * 10.0)
+}
+
 // ---- clients --------------------------------------------------------------------------------
 
 /// One HTTP client per benchmark: keep-alive (as browsers), no redirects followed.
@@ -548,6 +567,17 @@ mod tests {
     fn median_of_even_and_odd() {
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&mut [4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+
+    #[test]
+    fn own_cpu_time_grows() {
+        let before = cpu_ms(std::process::id()).unwrap();
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(cpu_ms(std::process::id()).unwrap() > before);
     }
 
     #[test]

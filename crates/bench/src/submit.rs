@@ -34,10 +34,19 @@ pub struct Args {
     /// MAX_QUEUED_PER_USER of the server.
     #[arg(long, default_value_t = 100)]
     pub max_queued_per_user: u32,
+    /// Reads (GET /api/prompt) in each read phase (default: as many as jobs).
+    #[arg(long)]
+    pub reads: Option<usize>,
+    /// Then this many more submissions and reads one at a time (latency without queueing).
+    #[arg(long, default_value_t = 500)]
+    pub probe: usize,
 }
 
 /// What one phase of requests gave.
 struct Phase {
+    /// CPU time the server and this client used during the phase (ms).
+    server_cpu_ms: f64,
+    client_cpu_ms: f64,
     latencies: Vec<Duration>,
     wall: Duration,
     ok: usize,
@@ -54,7 +63,9 @@ enum Kind {
 }
 
 /// `count` requests of `kind`, `concurrency` in flight, request i as participant i mod N.
+#[allow(clippy::too_many_arguments)]
 async fn phase(
+    server_pid: u32,
     client: &reqwest::Client,
     base: &str,
     cookies: &Arc<Vec<(String, String)>>,
@@ -64,6 +75,10 @@ async fn phase(
     offset: usize,
 ) -> Result<Phase> {
     let next = Arc::new(AtomicUsize::new(0));
+    let (server_cpu0, client_cpu0) = (
+        common::cpu_ms(server_pid)?,
+        common::cpu_ms(std::process::id())?,
+    );
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
     let mut workers = Vec::new();
@@ -139,6 +154,8 @@ async fn phase(
         }));
     }
     let mut out = Phase {
+        server_cpu_ms: 0.0,
+        client_cpu_ms: 0.0,
         latencies: Vec::with_capacity(count),
         wall: Duration::ZERO,
         ok: 0,
@@ -159,6 +176,8 @@ async fn phase(
         }
     }
     out.wall = started.elapsed();
+    out.server_cpu_ms = common::cpu_ms(server_pid)? - server_cpu0;
+    out.client_cpu_ms = common::cpu_ms(std::process::id())? - client_cpu0;
     Ok(out)
 }
 
@@ -202,14 +221,68 @@ pub async fn run(args: Args) -> Result<()> {
     let cookies = Arc::new(cookies);
     let n = args.jobs;
     let c = args.concurrency;
+    // At least one round over every participant (the depth is summed from the last one).
+    let reads = args.reads.unwrap_or(n).max(cookies.len());
 
     // Reads on the empty queue (also provisions each participant's folders,
     // which a page load does before anyone queues).
-    let read_empty = phase(&client, &serve.base, &cookies, Kind::Read, n, c, 0).await?;
+    let read_empty = phase(
+        serve.pid,
+        &client,
+        &serve.base,
+        &cookies,
+        Kind::Read,
+        reads,
+        c,
+        0,
+    )
+    .await?;
     let mem_before = serve.mem()?;
-    let submit = phase(&client, &serve.base, &cookies, Kind::Submit, n, c, 0).await?;
-    let read_full = phase(&client, &serve.base, &cookies, Kind::Read, n, c, 0).await?;
+    let submit = phase(
+        serve.pid,
+        &client,
+        &serve.base,
+        &cookies,
+        Kind::Submit,
+        n,
+        c,
+        0,
+    )
+    .await?;
+    let read_full = phase(
+        serve.pid,
+        &client,
+        &serve.base,
+        &cookies,
+        Kind::Read,
+        reads,
+        c,
+        0,
+    )
+    .await?;
     let depth: u64 = read_full.remaining.iter().sum();
+    let submit_one = phase(
+        serve.pid,
+        &client,
+        &serve.base,
+        &cookies,
+        Kind::Submit,
+        args.probe,
+        1,
+        n,
+    )
+    .await?;
+    let read_one = phase(
+        serve.pid,
+        &client,
+        &serve.base,
+        &cookies,
+        Kind::Read,
+        args.probe,
+        1,
+        0,
+    )
+    .await?;
     let mem_after = serve.mem()?;
     let log = serve.log.clone();
     Serve::stop(serve).await;
@@ -217,6 +290,8 @@ pub async fn run(args: Args) -> Result<()> {
     let s_sub = common::summarize(&submit.latencies);
     let s_empty = common::summarize(&read_empty.latencies);
     let s_full = common::summarize(&read_full.latencies);
+    let s_sub1 = common::summarize(&submit_one.latencies);
+    let s_read1 = common::summarize(&read_one.latencies);
     let rate = submit.ok as f64 / submit.wall.as_secs_f64();
     let read_rate = read_full.ok as f64 / read_full.wall.as_secs_f64();
     common::print_machine();
@@ -235,6 +310,11 @@ pub async fn run(args: Args) -> Result<()> {
             format!("{}", ph.failed),
             s.brief(),
             format!("{:.0}/s", ph.ok as f64 / ph.wall.as_secs_f64()),
+            format!(
+                "{:.0} / {:.0} us",
+                ph.server_cpu_ms * 1000.0 / ph.ok.max(1) as f64,
+                ph.client_cpu_ms * 1000.0 / ph.ok.max(1) as f64
+            ),
             goal.to_string(),
         ]
     };
@@ -252,15 +332,31 @@ pub async fn run(args: Args) -> Result<()> {
             &read_full,
             "",
         ),
+        row(
+            &format!("POST /api/prompt at depth {depth}, one at a time"),
+            &s_sub1,
+            &submit_one,
+            "p99 < 5 ms",
+        ),
+        row(
+            &format!(
+                "GET /api/prompt at depth {}, one at a time",
+                depth + submit_one.ok as u64
+            ),
+            &s_read1,
+            &read_one,
+            "",
+        ),
     ];
     common::print_table(
-        "submit",
+        &format!("submit ({c} in flight unless stated)"),
         &[
             "requests",
             "200",
             "failed",
             "p50 / p90 / p99 / max",
             "rate",
+            "CPU per request: server / client",
             "goal",
         ],
         &rows,
@@ -285,9 +381,13 @@ pub async fn run(args: Args) -> Result<()> {
         "wall_s": (submit.wall.as_secs_f64() * 1000.0).round() / 1000.0,
         "accepted_per_s": rate.round(),
         "submit": s_sub.json_ms(),
+        "submit_server_cpu_us": (submit.server_cpu_ms * 1000.0 / submit.ok.max(1) as f64).round(),
+        "read_full_server_cpu_us": (read_full.server_cpu_ms * 1000.0 / read_full.ok.max(1) as f64).round(),
         "read_empty_queue": s_empty.json_ms(),
         "read_full_queue": s_full.json_ms(),
         "read_full_per_s": read_rate.round(),
+        "submit_one_at_a_time": s_sub1.json_ms(),
+        "read_one_at_a_time": s_read1.json_ms(),
         "queue_depth_end": depth,
         "rss_mib_after": (mem_after.rss_mib() * 10.0).round() / 10.0,
         "goal": {"p99_ms": 5, "accepted_per_s": 2000},

@@ -24,10 +24,19 @@ pub struct Args {
     /// Start-ups measured (each on a fresh copy of the data directory); the last one is loaded.
     #[arg(long, default_value_t = 5)]
     pub starts: usize,
+    /// The Accept-Encoding the participants send (Chromium's by default; "identity" for none).
+    #[arg(long, default_value = "gzip, deflate, br, zstd")]
+    pub accept_encoding: String,
+    /// Extra environment for the server, KEY=VALUE (diagnosis, e.g. MALLOC_MMAP_THRESHOLD_=131072).
+    #[arg(long, value_parser = parse_kv)]
+    pub serve_env: Vec<(String, String)>,
 }
 
-/// What Chromium sends; the server compresses text on the fly.
-const ACCEPT_ENCODING: &str = "gzip, deflate, br, zstd";
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
 
 /// One request of the page load: method, path under `/userNNN/`, body, the
 /// statuses ComfyUI gives (PROTOCOL.md §8).
@@ -131,6 +140,7 @@ struct Participant<'a> {
     user: &'a str,
     pw: &'a str,
     cookie: Option<String>,
+    accept_encoding: &'a str,
 }
 
 impl Participant<'_> {
@@ -142,7 +152,7 @@ impl Participant<'_> {
             _ => self.client.get(url),
         }
         .basic_auth(self.user, Some(self.pw))
-        .header("accept-encoding", ACCEPT_ENCODING);
+        .header("accept-encoding", self.accept_encoding);
         if let Some(cookie) = &self.cookie {
             rb = rb.header("cookie", cookie);
         }
@@ -167,6 +177,7 @@ impl Participant<'_> {
             .get(format!("{}/{}/", self.base, self.user))
             .basic_auth(self.user, Some(self.pw))
             .header("accept", "text/html,application/xhtml+xml")
+            .header("accept-encoding", "identity")
             .send()
             .await?;
         let status = r.status().as_u16();
@@ -317,7 +328,8 @@ pub async fn run(args: Args) -> Result<()> {
     let template = tmp.path().join("template").join("data");
     let users = common::create_workshop(&bin, &template, args.participants).await?;
     let (u1, p1) = users[0].clone();
-    let env = [("INFERENCE_MODE", "simulator".to_string())];
+    let mut env = vec![("INFERENCE_MODE", "simulator".to_string())];
+    env.extend(args.serve_env.iter().map(|(k, v)| (k.as_str(), v.clone())));
 
     // Start-up, several times (fresh copy of the data directory each time).
     let mut listen_ms = Vec::new();
@@ -357,6 +369,7 @@ pub async fn run(args: Args) -> Result<()> {
             let client = client.clone();
             let base = serve.base.clone();
             let extensions = &extensions;
+            let accept_encoding = args.accept_encoding.as_str();
             async move {
                 let mut who = Participant {
                     client: &client,
@@ -364,6 +377,7 @@ pub async fn run(args: Args) -> Result<()> {
                     user: u,
                     pw: p,
                     cookie: None,
+                    accept_encoding,
                 };
                 who.load(extensions)
                     .await
@@ -405,9 +419,14 @@ pub async fn run(args: Args) -> Result<()> {
     let n = args.participants;
     common::print_machine();
     println!(
-        "binary: {} (INFERENCE_MODE=simulator), frontend {}, {n} participants; server log {}",
+        "binary: {} (INFERENCE_MODE=simulator{}), frontend {}, {n} participants, Accept-Encoding: {}; server log {}",
         bin.display(),
+        args.serve_env
+            .iter()
+            .map(|(k, v)| format!(", {k}={v}"))
+            .collect::<String>(),
         frontend.display(),
+        args.accept_encoding,
         log.display()
     );
     let predecessor_gib = n as f64 * 1.04;
@@ -456,7 +475,7 @@ pub async fn run(args: Args) -> Result<()> {
             "requests per page load (+1 WebSocket)".into(),
             format!("{requests}"),
             format!(
-                "{:.1} MiB transferred (compressed) each",
+                "{:.1} MiB transferred each (as sent)",
                 bytes as f64 / 1048576.0
             ),
             String::new(),
@@ -473,6 +492,8 @@ pub async fn run(args: Args) -> Result<()> {
         "bench": "ui-load",
         "machine": common::machine(),
         "participants": n,
+        "accept_encoding": args.accept_encoding,
+        "serve_env": args.serve_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
         "start_listening_ms": round1(listen),
         "start_first_auth_200_ms": round1(ready),
         "start_runs_ms": ready_ms.iter().map(|v| round1(*v)).collect::<Vec<_>>(),

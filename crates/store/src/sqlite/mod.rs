@@ -278,6 +278,12 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
                 // sqlx's ROLLBACK then fails and the connection would stay marked as inside a
                 // transaction, refusing every later BEGIN. The ping runs after any pending
                 // ROLLBACK; a connection still marked is closed and the pool opens a new one.
+                // A connection not marked has nothing pending (its worker clears the mark when
+                // it runs the COMMIT or ROLLBACK): no ping, which would cost a round trip to
+                // the worker thread on every release.
+                if !conn.is_in_transaction() {
+                    return Ok(true);
+                }
                 conn.ping().await?;
                 Ok(!conn.is_in_transaction())
             })
@@ -742,47 +748,22 @@ impl JobStore for SqliteStore {
         let workflow_id = workflow_id_of(&job.extra_data).map(str::to_owned);
         let now = now_ms();
         self.timed("enqueue", async {
+            // BEGIN IMMEDIATE waits for the write lock on its own, so a call that times out
+            // while waiting never commits later. Then the checks and the insert in one
+            // statement: each statement is a round trip to the connection's worker thread
+            // while the only write connection is held. A count is only taken when its limit
+            // is on.
             let mut tx = self.begin().await?;
-            let exists: Option<i64> = sqlx::query_scalar("SELECT seq FROM jobs WHERE id = ?")
-                .bind(&job.id)
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
-            if exists.is_some() {
-                return Err(StoreError::AlreadyExists);
-            }
-            if limits.max_queued_per_user > 0 {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM jobs WHERE user_name = ? \
-                     AND state IN ('queued', 'dispatched')",
-                )
-                .bind(&job.user)
-                .fetch_one(&mut *tx)
-                .await
-                .db()?;
-                if count_u64(n) >= u64::from(limits.max_queued_per_user) {
-                    return Err(StoreError::Limit(LimitKind::UserQueued {
-                        max: limits.max_queued_per_user,
-                    }));
-                }
-            }
-            if limits.max_queue_depth > 0 {
-                let n: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'dispatched')",
-                )
-                .fetch_one(&mut *tx)
-                .await
-                .db()?;
-                if count_u64(n) >= u64::from(limits.max_queue_depth) {
-                    return Err(StoreError::Limit(LimitKind::QueueDepth {
-                        max: limits.max_queue_depth,
-                    }));
-                }
-            }
             let row = sqlx::query(concat!(
                 "INSERT INTO jobs (id, user_name, number, priority, prompt, extra_data, \
                  outputs_to_execute, client_id, workflow_id, state, created_at_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?) RETURNING ",
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', ?10 \
+                 WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE id = ?1) \
+                 AND (?11 = 0 OR (SELECT COUNT(*) FROM jobs WHERE user_name = ?2 \
+                     AND state IN ('queued', 'dispatched')) < ?11) \
+                 AND (?12 = 0 OR (SELECT COUNT(*) FROM jobs \
+                     WHERE state IN ('queued', 'dispatched')) < ?12) \
+                 RETURNING ",
                 job_cols!()
             ))
             .bind(&job.id)
@@ -795,12 +776,46 @@ impl JobStore for SqliteStore {
             .bind(&job.client_id)
             .bind(&workflow_id)
             .bind(now)
+            .bind(i64::from(limits.max_queued_per_user))
+            .bind(i64::from(limits.max_queue_depth))
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+            if let Some(row) = row {
+                let rec = job_from_row(&row)?;
+                tx.commit().await.db()?;
+                return Ok(rec);
+            }
+            // Refused: say why (same transaction, so the same view of the queue).
+            let (exists, mine, all): (Option<i64>, i64, i64) = sqlx::query_as(
+                "SELECT (SELECT seq FROM jobs WHERE id = ?1), \
+                 (SELECT COUNT(*) FROM jobs WHERE user_name = ?2 \
+                     AND state IN ('queued', 'dispatched')), \
+                 (SELECT COUNT(*) FROM jobs WHERE state IN ('queued', 'dispatched'))",
+            )
+            .bind(&job.id)
+            .bind(&job.user)
             .fetch_one(&mut *tx)
             .await
             .db()?;
-            let rec = job_from_row(&row)?;
-            tx.commit().await.db()?;
-            Ok(rec)
+            if exists.is_some() {
+                return Err(StoreError::AlreadyExists);
+            }
+            if limits.max_queued_per_user > 0
+                && count_u64(mine) >= u64::from(limits.max_queued_per_user)
+            {
+                return Err(StoreError::Limit(LimitKind::UserQueued {
+                    max: limits.max_queued_per_user,
+                }));
+            }
+            if limits.max_queue_depth > 0 && count_u64(all) >= u64::from(limits.max_queue_depth) {
+                return Err(StoreError::Limit(LimitKind::QueueDepth {
+                    max: limits.max_queue_depth,
+                }));
+            }
+            Err(StoreError::Other(
+                "the job was refused although no limit applies".into(),
+            ))
         })
         .await
     }
@@ -895,22 +910,15 @@ impl JobStore for SqliteStore {
             .error
             .as_ref()
             .map(|e| (!e.is_null()).then(|| e.to_string()));
+        // The states it may leave, as a JSON array for `json_each`.
+        let from_json = serde_json::to_string(&from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+            .map_err(|e| StoreError::Other(e.to_string()))?;
         self.timed("transition", async {
+            // BEGIN IMMEDIATE waits for the write lock on its own (a call that times out
+            // there never commits later); then compare-and-set in one statement, one round
+            // trip to the connection's worker thread. Only when it matched nothing does a
+            // second read tell an unknown job from one in another state.
             let mut tx = self.begin().await?;
-            let current: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
-            let current: JobState = current
-                .ok_or(StoreError::NotFound)?
-                .parse()
-                .map_err(|_| corrupt("state"))?;
-            if !from.contains(&current) {
-                return Err(StoreError::Conflict(format!(
-                    "job {id} is {current}, not one of {from:?}"
-                )));
-            }
             let row = sqlx::query(concat!(
                 "UPDATE jobs SET state = ?1, attempts = attempts + ?2, \
                  backend = COALESCE(?3, backend), \
@@ -921,7 +929,7 @@ impl JobStore for SqliteStore {
                  messages = COALESCE(?9, messages), \
                  meta = COALESCE(?10, meta), \
                  priority = CASE WHEN ?12 THEN ?13 ELSE priority END \
-                 WHERE id = ?11 RETURNING ",
+                 WHERE id = ?11 AND state IN (SELECT value FROM json_each(?14)) RETURNING ",
                 job_cols!()
             ))
             .bind(to.as_str())
@@ -937,12 +945,26 @@ impl JobStore for SqliteStore {
             .bind(id)
             .bind(patch.priority.is_some())
             .bind(patch.priority.flatten().map(i64::from))
-            .fetch_one(&mut *tx)
+            .bind(&from_json)
+            .fetch_optional(&mut *tx)
             .await
             .db()?;
-            let rec = job_from_row(&row)?;
-            tx.commit().await.db()?;
-            Ok(rec)
+            if let Some(row) = row {
+                let rec = job_from_row(&row)?;
+                tx.commit().await.db()?;
+                return Ok(rec);
+            }
+            let current: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+            match current {
+                None => Err(StoreError::NotFound),
+                Some(current) => Err(StoreError::Conflict(format!(
+                    "job {id} is {current}, not one of {from:?}"
+                ))),
+            }
         })
         .await
     }
