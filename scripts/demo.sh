@@ -20,7 +20,7 @@ if [ ! -s "$CREDS" ]; then
     tmp="$(mktemp)"
     "$BIN" --data-dir "$DATA_DIR" users create-workshop --count 3 --csv "$tmp" > /dev/null
     pw="$("$BIN" --data-dir "$DATA_DIR" users add instructor --admin | awk '/^password:/ {print $2}')"
-    { cat "$tmp"; echo "instructor,$pw,/admin (instructor; may open any /userNNN/)"; } > "$CREDS"
+    { cat "$tmp"; echo "instructor,$pw,/ (instructor: opens any /userNNN/; API under /admin/api/)"; } > "$CREDS"
     chmod 600 "$CREDS"
     rm -f "$tmp"
 fi
