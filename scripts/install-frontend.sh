@@ -40,7 +40,8 @@ fi
 SRC="$("$PYTHON" -c 'import comfyui_frontend_package, os; print(os.path.join(os.path.dirname(comfyui_frontend_package.__file__), "static"))')"
 [ -f "$SRC/index.html" ] || die "no index.html in $SRC"
 
-count_files() { find "$1" -type f ! -name '*.map' | wc -l; }
+# Our own .br/.gz copies and marker files (comfyume frontend precompress) are not the package's.
+count_files() { find "$1" -type f ! -name '*.map' ! -name '*.br' ! -name '*.gz' ! -name '.*' | wc -l; }
 want="$(count_files "$SRC")"
 
 if [ -d "$DEST" ] && [ "$(count_files "$DEST")" -eq "$want" ] && [ -f "$DEST/index.html" ]; then

@@ -18,6 +18,9 @@ echo "[test] cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "[test] building tests"
 cargo test --workspace --locked --no-run
+# Once, before the tests: otherwise the first `serve` they start compresses it in the
+# background while the others run.
+target/debug/comfyume frontend precompress --frontend-dir "$COMFYUME_TEST_FRONTEND_DIR"
 echo "[test] running tests"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -163,14 +163,17 @@ pub fn data_dir(common: &CommonArgs, file: &FileConfig) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
 }
 
+/// The static frontend: flag/env, then the file, then DATA_DIR/frontend/VERSION.
+pub fn frontend_dir(flag: Option<&PathBuf>, file: &FileConfig, data_dir: &Path) -> PathBuf {
+    flag.cloned()
+        .or(file.frontend_dir.clone())
+        .unwrap_or_else(|| data_dir.join("frontend").join(FRONTEND_VERSION))
+}
+
 pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfig> {
     let file = load_file(common.config.as_deref())?;
     let data_dir = data_dir(common, &file);
-    let frontend_dir = args
-        .frontend_dir
-        .clone()
-        .or(file.frontend_dir.clone())
-        .unwrap_or_else(|| data_dir.join("frontend").join(FRONTEND_VERSION));
+    let frontend_dir = frontend_dir(args.frontend_dir.as_ref(), &file, &data_dir);
     let comfyui_urls: Vec<String> = args
         .comfyui_urls
         .clone()

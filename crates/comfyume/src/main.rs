@@ -38,8 +38,22 @@ enum Command {
     /// Manage the node definitions snapshot.
     #[command(subcommand, name = "object-info")]
     ObjectInfo(ObjectInfoCmd),
+    /// Manage the static ComfyUI frontend.
+    #[command(subcommand)]
+    Frontend(FrontendCmd),
     /// Print the example TOML configuration.
     DefaultConfig,
+}
+
+#[derive(Subcommand)]
+enum FrontendCmd {
+    /// Write .br/.gz copies of its text files, served instead of compressing per request
+    /// (`serve` does this on its own at first start when the folder is writable).
+    Precompress {
+        /// Default: DATA_DIR/frontend/<version>.
+        #[arg(long, env = "COMFYUME_FRONTEND_DIR")]
+        frontend_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -112,6 +126,28 @@ async fn run(cli: Cli) -> Result<()> {
     let common = cli.common;
     match cli.command {
         Command::Serve(args) => serve::run(&common, &args).await,
+        Command::Frontend(FrontendCmd::Precompress { frontend_dir }) => {
+            let file = config::load_file(common.config.as_deref())?;
+            let dir = config::frontend_dir(
+                frontend_dir.as_ref(),
+                &file,
+                &config::data_dir(&common, &file),
+            );
+            let started = std::time::Instant::now();
+            let s = comfyume_gateway::precompress::precompress(&dir)
+                .with_context(|| format!("precompressing {}", dir.display()))?;
+            println!(
+                "{}: {} compressed ({} KiB -> br {} KiB, gz {} KiB), {} already up to date, {:.1} s",
+                dir.display(),
+                s.compressed,
+                s.bytes / 1024,
+                s.br_bytes / 1024,
+                s.gz_bytes / 1024,
+                s.up_to_date,
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
         Command::DefaultConfig => {
             print!("{}", config::EXAMPLE_TOML);
             Ok(())

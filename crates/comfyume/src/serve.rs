@@ -1,5 +1,6 @@
 //! `comfyume serve`: wires the store, the gateway and telemetry together.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -151,23 +152,59 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// SIGTERM or SIGINT. The handlers are installed here, before "listening" is printed:
+/// installed lazily, a signal in the first moments after start killed the process
+/// instead of stopping it gracefully.
+#[cfg(unix)]
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::info!("shutting down");
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> Result<impl Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+        tracing::info!("shutting down");
+    })
+}
+
+/// Compresses the frontend's files once, in the background: until it is done they are
+/// served plain (or gzipped on the fly), never blocked. A read-only folder is fine: it
+/// stays plain, and `comfyume frontend precompress` can be run where it is writable.
+fn precompress_frontend(dir: PathBuf) {
+    use comfyume_gateway::precompress::{self, PrecompressError};
+    if precompress::is_done(&dir) {
+        return;
+    }
+    tracing::info!(dir = %dir.display(), "compressing the frontend's files once (brotli, gzip) in the background");
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let d = dir.clone();
+        match tokio::task::spawn_blocking(move || precompress::precompress(&d)).await {
+            Ok(Ok(s)) => tracing::info!(
+                files = s.compressed,
+                kib = s.bytes / 1024,
+                br_kib = s.br_bytes / 1024,
+                gz_kib = s.gz_bytes / 1024,
+                secs = started.elapsed().as_secs_f64(),
+                "frontend precompressed"
+            ),
+            Ok(Err(e @ PrecompressError::Busy { .. })) => {
+                tracing::info!(error = %e, "frontend precompression")
             }
-            Err(_) => std::future::pending::<()>().await,
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "could not precompress the frontend; its files are served without brotli"
+            ),
+            Err(e) => tracing::error!(error = %e, "frontend precompression task failed"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+    });
 }
 
 pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
@@ -185,6 +222,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         );
     }
     let store = crate::open_store(&cfg.data_dir).await?;
+    precompress_frontend(cfg.frontend_dir.clone());
 
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -258,10 +296,10 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let shutdown = shutdown_signal()?;
     tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    comfyume_gateway::launch_with(state, listener, comfyume_admin::routes(), shutdown_signal())
-        .await?;
+    comfyume_gateway::launch_with(state, listener, comfyume_admin::routes(), shutdown).await?;
     Ok(())
 }

@@ -530,3 +530,56 @@ async fn htpasswd_accounts_sign_in_and_are_rehashed_to_argon2id() {
             .is_some()
     );
 }
+
+/// `serve` compresses a writable frontend once in the background; by hand,
+/// `comfyume frontend precompress` does the same (default: under the data directory).
+#[tokio::test]
+async fn the_frontend_is_compressed_once_by_serve_or_by_hand() {
+    let e = env();
+    let (mut child, _addr) = start_serve(&e);
+    let fe = e.root.join("frontend");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fe.join(".comfyume-precompressed").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "serve did not precompress the frontend"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(fe.join("assets/index-abc.js.br").is_file());
+    assert!(fe.join("assets/index-abc.js.gz").is_file());
+    assert!(sigterm_and_wait(&mut child).success());
+
+    let fe_arg = fe.to_str().unwrap();
+    let out = ok(
+        &e,
+        &["frontend", "precompress", "--frontend-dir", fe_arg],
+        None,
+    );
+    assert!(
+        out.contains(": 0 compressed") && out.contains("1 already up to date"),
+        "{out}"
+    );
+
+    helpers::fake_frontend(&e.data.join("frontend/1.37.11"));
+    let out = ok(&e, &["frontend", "precompress"], None);
+    assert!(out.contains(": 1 compressed"), "{out}");
+    assert!(
+        e.data
+            .join("frontend/1.37.11/assets/index-abc.js.br")
+            .is_file()
+    );
+
+    let missing = e.root.join("nowhere");
+    let err = fails(
+        &e,
+        &[
+            "frontend",
+            "precompress",
+            "--frontend-dir",
+            missing.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(err.contains("nowhere"), "{err}");
+}

@@ -1191,6 +1191,59 @@ async fn feature_flags_are_answered_when_they_are_the_first_message() {
     helpers::assert_silent(&mut late, 300).await;
 }
 
+/// After `comfyume frontend precompress` (or serve's first start), the big static files go
+/// out as the stored .br/.gz copies: what Chromium asks for, byte-identical once decoded,
+/// with the same caching; a client that accepts nothing gets the plain file.
+#[tokio::test]
+async fn precompressed_frontend_files_are_sent_as_stored() {
+    use std::io::Read;
+    let app = spawn_app().await;
+    let dir = app.state.settings.frontend_dir.clone();
+    let plain = std::fs::read(dir.join("assets/index-abc.js")).unwrap();
+    comfyume_gateway::precompress::precompress(&dir).unwrap();
+    let chromium = "gzip, deflate, br, zstd";
+    for p in ["/assets/index-abc.js", "/user001/assets/index-abc.js"] {
+        let r = app.get_with(U, p, &[("accept-encoding", chromium)]).await;
+        assert_eq!(r.status, 200, "{p}");
+        assert_eq!(r.header("content-encoding").as_deref(), Some("br"), "{p}");
+        assert_eq!(
+            r.body,
+            std::fs::read(dir.join("assets/index-abc.js.br")).unwrap()
+        );
+        let mut back = Vec::new();
+        brotli::Decompressor::new(&r.body[..], 4096)
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, plain, "{p}");
+        assert!(
+            r.header("content-type")
+                .unwrap()
+                .starts_with("text/javascript"),
+            "{p}: the type of the file, not of the .br"
+        );
+        assert_eq!(
+            r.header("cache-control").as_deref(),
+            Some("public, max-age=31536000, immutable")
+        );
+        assert!(
+            r.header("vary")
+                .is_some_and(|v| v.to_ascii_lowercase().contains("accept-encoding")),
+            "caches must key on the encoding"
+        );
+    }
+    let r = app
+        .get_with(U, "/assets/index-abc.js", &[("accept-encoding", "gzip")])
+        .await;
+    assert_eq!(r.header("content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(
+        r.body,
+        std::fs::read(dir.join("assets/index-abc.js.gz")).unwrap()
+    );
+    let r = app.get(U, "/assets/index-abc.js").await;
+    assert_eq!(r.header("content-encoding"), None);
+    assert_eq!(r.body, plain);
+}
+
 #[tokio::test]
 async fn the_frontend_page_is_never_cached_and_assets_are_cached_for_good() {
     let app = spawn_app().await;

@@ -108,7 +108,11 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
     if path.starts_with("/templates/") {
         return templates(&state, req).await;
     }
-    let svc = ServeDir::new(&state.settings.frontend_dir).append_index_html_on_directories(false);
+    // `x.js.br` / `x.js.gz` beside a file are sent as is to clients that accept them.
+    let svc = ServeDir::new(&state.settings.frontend_dir)
+        .append_index_html_on_directories(false)
+        .precompressed_br()
+        .precompressed_gzip();
     let mut resp = match svc.oneshot(req).await {
         Ok(r) => r.map(Body::new),
         Err(e) => match e {},
@@ -118,6 +122,15 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
     {
         resp.headers_mut()
             .insert(header::CACHE_CONTROL, HeaderValue::from_static(cc));
+    }
+    // The same URL answers br, gzip or plain bytes: shared caches must key on it.
+    let varies = resp.headers().get_all(header::VARY).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("accept-encoding"))
+    });
+    if !varies {
+        resp.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
     resp
 }

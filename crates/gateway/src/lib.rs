@@ -9,6 +9,7 @@ pub mod frontend;
 pub mod hub;
 pub mod login;
 pub mod paths;
+pub mod precompress;
 pub mod provision;
 pub mod scope;
 pub mod state;
@@ -190,7 +191,9 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .route("/logout", get(login::logout).post(login::logout))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(frontend::static_file);
-    // Compress text, never media (Range requests on video must stay byte-exact).
+    // Compress text, never media (Range requests on video must stay byte-exact). Gzip
+    // only: a brotli encoder holds megabytes per response, and the big static files are
+    // served precompressed (see `precompress`), so on the fly is only for API answers.
     let predicate = SizeAbove::new(1024)
         .and(NotForContentType::IMAGES)
         .and(NotForContentType::const_new("video/"))
@@ -203,7 +206,13 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         ))
         .layer(middleware::from_fn(same_origin))
         .layer(middleware::from_fn(track_metrics))
-        .layer(CompressionLayer::new().compress_when(predicate))
+        .layer(
+            CompressionLayer::new()
+                .no_br()
+                .no_deflate()
+                .no_zstd()
+                .compress_when(predicate),
+        )
         .with_state(state)
 }
 
