@@ -40,6 +40,10 @@ pub struct Args {
     /// Then this many more submissions and reads one at a time (latency without queueing).
     #[arg(long, default_value_t = 500)]
     pub probe: usize,
+    /// Each participant keeps the UI's WebSocket open, so every submission also sends them
+    /// a `status` message (`--websockets false`: no sockets, no status work).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub websockets: bool,
 }
 
 /// What one phase of requests gave.
@@ -218,6 +222,28 @@ pub async fn run(args: Args) -> Result<()> {
         cookies.push((u.clone(), common::login(&client, &serve.base, u, p).await?));
     }
     let login_wall = t_login.elapsed();
+    // One socket per participant, as the open UI keeps; drained in the background, counting
+    // the `status` messages the submissions cause.
+    let statuses = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut readers = Vec::new();
+    if args.websockets {
+        let ws_base = serve.base.replacen("http://", "ws://", 1);
+        for (i, (u, cookie)) in cookies.iter().enumerate() {
+            let url = format!("{ws_base}/{u}/ws?clientId=bench{i}");
+            let mut ws = common::ws_connect(&url, &[("cookie", cookie.clone())]).await?;
+            let statuses = statuses.clone();
+            readers.push(tokio::spawn(async move {
+                use futures_util::StreamExt;
+                while let Some(Ok(m)) = ws.next().await {
+                    if let tokio_tungstenite::tungstenite::Message::Text(t) = m
+                        && t.as_str().contains("\"exec_info\"")
+                    {
+                        statuses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
     let cookies = Arc::new(cookies);
     let n = args.jobs;
     let c = args.concurrency;
@@ -286,6 +312,10 @@ pub async fn run(args: Args) -> Result<()> {
     let mem_after = serve.mem()?;
     let log = serve.log.clone();
     Serve::stop(serve).await;
+    for r in readers {
+        r.abort();
+    }
+    let statuses = statuses.load(std::sync::atomic::Ordering::Relaxed);
 
     let s_sub = common::summarize(&submit.latencies);
     let s_empty = common::summarize(&read_empty.latencies);
@@ -367,6 +397,14 @@ pub async fn run(args: Args) -> Result<()> {
         mem_before.rss_mib(),
         mem_after.rss_mib()
     );
+    if args.websockets {
+        println!(
+            "{} WebSockets open (one per participant, as the UI keeps); status messages received: {statuses}",
+            args.participants
+        );
+    } else {
+        println!("no WebSockets open (--websockets false): no status messages to send");
+    }
     if let Some(f) = &submit.first_failure {
         println!("first refused submission: {f}");
     }
@@ -376,6 +414,8 @@ pub async fn run(args: Args) -> Result<()> {
         "jobs": n,
         "participants": args.participants,
         "concurrency": c,
+        "websockets": args.websockets,
+        "status_messages": statuses,
         "accepted": submit.ok,
         "refused": submit.failed,
         "wall_s": (submit.wall.as_secs_f64() * 1000.0).round() / 1000.0,

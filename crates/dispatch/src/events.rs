@@ -4,6 +4,8 @@
 use bytes::Bytes;
 
 pub trait EventSink: Send + Sync {
+    /// Whether `user` has any socket open (so a message for them is worth composing).
+    fn listening(&self, user: &str) -> bool;
     /// To every open tab of `user` (ComfyUI's broadcasts).
     fn to_user(&self, user: &str, text: &str);
     /// To `user`'s socket with `client_id` (execution messages). Whether one was open.
@@ -16,6 +18,9 @@ pub trait EventSink: Send + Sync {
 pub struct NoEvents;
 
 impl EventSink for NoEvents {
+    fn listening(&self, _: &str) -> bool {
+        false
+    }
     fn to_user(&self, _: &str, _: &str) {}
     fn to_client(&self, _: &str, _: &str, _: &str) -> bool {
         false

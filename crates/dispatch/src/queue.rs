@@ -176,7 +176,10 @@ impl Queue {
     /// durability point: only after it may the participant hear 200.
     pub async fn submit(&self, job: NewJob) -> Result<JobRecord, QueueError> {
         let user = job.user.clone();
-        let rec = self.store.enqueue(job, self.enqueue_limits()).await?;
+        let (rec, remaining) = self
+            .store
+            .enqueue_counted(job, self.enqueue_limits())
+            .await?;
         if let Err(e) = self.sched().enqueue(queued_job(&rec)) {
             // The store accepted it, so it must not vanish: this only happens
             // for an id the scheduler already holds, which the store forbids.
@@ -184,7 +187,15 @@ impl Queue {
         }
         metrics::counter!("comfyume_jobs_submitted_total").increment(1);
         self.notify.notify_waiters();
-        self.broadcast_status(&user).await;
+        match remaining {
+            // Counted in the transaction that stored the job: no second read.
+            Some(n) if self.events.listening(&user) => self.events.to_user(
+                &user,
+                &comfyume_wire::shapes::status_message(n, None).to_string(),
+            ),
+            Some(_) => {}
+            None => self.broadcast_status(&user).await,
+        }
         Ok(rec)
     }
 
@@ -394,6 +405,11 @@ impl Queue {
     /// ComfyUI's `status` message with the participant's own `queue_remaining`,
     /// to all of their tabs.
     pub async fn broadcast_status(&self, user: &str) {
+        // Counting costs a database read: not for a participant with no tab open (their
+        // next page load asks for the count itself).
+        if !self.events.listening(user) {
+            return;
+        }
         let remaining = self
             .store
             .count_jobs(Some(user), &JobState::UNFINISHED)

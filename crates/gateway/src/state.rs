@@ -14,6 +14,8 @@ use serde_json::Value;
 pub struct NodeDefs {
     pub info: ObjectInfo,
     pub view: ViewTemplate,
+    /// Classes with an input that names one of the participant's files (LoadImage, ...).
+    pub file_classes: std::collections::HashSet<String>,
 }
 
 impl NodeDefs {
@@ -24,7 +26,12 @@ impl NodeDefs {
             ObjectInfo::from_map(Default::default())
         });
         let view = ViewTemplate::new(&info);
-        NodeDefs { info, view }
+        let file_classes = view.patched_classes().map(str::to_owned).collect();
+        NodeDefs {
+            info,
+            view,
+            file_classes,
+        }
     }
 }
 

@@ -1120,6 +1120,33 @@ pub async fn count_jobs(b: &dyn Backend) {
         1
     );
     assert_eq!(s.count_jobs(Some("zz"), &[]).await.unwrap(), 0);
+
+    // Submitting also answers the owner's unfinished count (queued, dispatched, running),
+    // the number their `status` message shows; finished jobs and others' do not count.
+    s.transition(
+        "c1",
+        &[JobState::Dispatched],
+        JobState::Running,
+        JobPatch::default(),
+    )
+    .await
+    .unwrap();
+    let (rec, n) = s
+        .enqueue_counted(new_job("c6", "a"), NO_LIMITS)
+        .await
+        .unwrap();
+    assert_eq!((rec.id.as_str(), rec.state), ("c6", JobState::Queued));
+    assert_eq!(n, Some(4), "c1 running, c2 and c3 queued, c6");
+    assert_eq!(s.get_job("c6").await.unwrap().as_ref(), Some(&rec));
+    let (_, n) = s
+        .enqueue_counted(new_job("c7", "newcomer"), NO_LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(n, Some(1));
+    assert!(matches!(
+        s.enqueue_counted(new_job("c7", "a"), NO_LIMITS).await,
+        Err(StoreError::AlreadyExists)
+    ));
 }
 
 /// 8 tasks × 100 enqueues at once: no "database is locked", every seq distinct, and each

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod conformance;
 mod password;
+pub mod session_cache;
 pub mod sqlite;
 
 /// Every failure a store reports. Callers map these to HTTP once.
@@ -327,7 +328,9 @@ pub trait UserStore: Send + Sync {
     /// A 256-bit random token, base64url without padding; only its SHA-256 is stored.
     /// `NotFound` for an unknown user, `Conflict` for a disabled one.
     async fn create_session(&self, user: &str, ttl_ms: i64) -> Result<String, StoreError>;
-    /// `None` if expired, unknown, or the user is disabled or removed.
+    /// `None` if expired, unknown, or the user is disabled or removed. Changes made through
+    /// this store apply at once; an implementation may take up to
+    /// [`session_cache::RECHECK`] to see changes made by another process.
     async fn session_user(&self, token: &str) -> Result<Option<User>, StoreError>;
     /// Idempotent.
     async fn delete_session(&self, token: &str) -> Result<(), StoreError>;
@@ -344,6 +347,21 @@ pub trait JobStore: Send + Sync {
     /// Durable when it returns. `AlreadyExists` for a duplicate id (checked first), then
     /// `Limit` per user, then `Limit` for the whole queue (see [`EnqueueLimits`]).
     async fn enqueue(&self, job: NewJob, limits: EnqueueLimits) -> Result<JobRecord, StoreError>;
+    /// [`JobStore::enqueue`], also answering how many unfinished jobs (queued, dispatched,
+    /// running) the job's owner has with it, for their `status` message; `None` when that
+    /// count could not be taken (the job is stored all the same).
+    async fn enqueue_counted(
+        &self,
+        job: NewJob,
+        limits: EnqueueLimits,
+    ) -> Result<(JobRecord, Option<u64>), StoreError> {
+        let rec = self.enqueue(job, limits).await?;
+        let n = self
+            .count_jobs(Some(&rec.user), &JobState::UNFINISHED)
+            .await
+            .ok();
+        Ok((rec, n))
+    }
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
     /// One page and the total number of matching jobs.
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError>;

@@ -51,7 +51,22 @@ pub async fn post_prompt(State(state): State<AppState>, who: Participant, body: 
     // ComfyUI takes a counter value before validating, rejected prompts included.
     let counter = uses_server_counter(&body).then(|| state.queue.next_number());
     let defs = state.object_info();
-    let files = crate::api::files::user_files(&state, &who.name).await;
+    // The participant's input folder is read only when a node can name one of its files.
+    let names_files = body
+        .get("prompt")
+        .and_then(Value::as_object)
+        .is_some_and(|nodes| {
+            nodes.values().any(|n| {
+                n.get("class_type")
+                    .and_then(Value::as_str)
+                    .is_some_and(|c| defs.file_classes.contains(c))
+            })
+        });
+    let files = if names_files {
+        crate::api::files::user_files(&state, &who.name).await
+    } else {
+        comfyume_wire::object_info::UserFiles::default()
+    };
     let mut valid = match validate_prompt_with_files(&body, &defs.info, &files) {
         Ok(v) => v,
         Err(e) => return prompt_error(e),

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::conformance::new_job;
-use crate::{JobQuery, Store};
+use crate::{JobQuery, LimitKind, Store};
 
 fn temp_db() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -325,4 +325,230 @@ async fn write_connection_recovers_from_an_implicit_rollback() {
             .unwrap();
     }
     assert_eq!(s.count_jobs(None, &[]).await.unwrap(), 3);
+}
+
+async fn counters_match_the_table(s: &SqliteStore) {
+    let kept: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, n FROM job_state_counts ORDER BY state")
+            .fetch_all(&s.read)
+            .await
+            .unwrap();
+    for (state, n) in kept {
+        let real: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = ?")
+            .bind(&state)
+            .fetch_one(&s.read)
+            .await
+            .unwrap();
+        assert_eq!(n, real, "job_state_counts for {state}");
+    }
+}
+
+/// The per-state counters the depth limit reads are kept true by every kind of change.
+#[tokio::test]
+async fn state_counters_follow_every_change() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    let store: &dyn Store = &s;
+    for i in 0..30 {
+        let user = format!("u{}", i % 3);
+        store
+            .enqueue(new_job(&format!("j{i}"), &user), EnqueueLimits::default())
+            .await
+            .unwrap();
+    }
+    counters_match_the_table(&s).await;
+    let p = JobPatch::default();
+    for i in 0..10 {
+        let id = format!("j{i}");
+        store
+            .transition(&id, &[JobState::Queued], JobState::Dispatched, p.clone())
+            .await
+            .unwrap();
+        if i < 6 {
+            store
+                .transition(&id, &[JobState::Dispatched], JobState::Running, p.clone())
+                .await
+                .unwrap();
+        }
+        if i < 3 {
+            store
+                .transition(&id, &[JobState::Running], JobState::Succeeded, p.clone())
+                .await
+                .unwrap();
+        }
+    }
+    // A same-state "transition" and a refused one change nothing.
+    let _ = store
+        .transition(
+            "j9",
+            &[JobState::Dispatched],
+            JobState::Dispatched,
+            p.clone(),
+        )
+        .await;
+    let _ = store
+        .transition("j0", &[JobState::Queued], JobState::Running, p.clone())
+        .await;
+    store
+        .delete_queued("u0", &["j12".into(), "j15".into()])
+        .await
+        .unwrap();
+    store.clear_queued("u1").await.unwrap();
+    store.delete_history("u0", &["j0".into()]).await.unwrap();
+    store.clear_history("u1").await.unwrap();
+    counters_match_the_table(&s).await;
+    let waiting = store
+        .count_jobs(None, &[JobState::Queued, JobState::Dispatched])
+        .await
+        .unwrap();
+    let by_scan = store
+        .list_jobs(&JobQuery {
+            states: vec![JobState::Queued, JobState::Dispatched],
+            ..JobQuery::default()
+        })
+        .await
+        .unwrap()
+        .1;
+    assert_eq!(waiting, by_scan);
+    // And after a reopen (nothing is cached in memory).
+    s.close().await;
+    let s = SqliteStore::open(&path).await.unwrap();
+    counters_match_the_table(&s).await;
+}
+
+/// Submissions that share a transaction are judged one by one: a duplicate id or a full
+/// per-participant quota refuses only that job, and every other one is committed.
+#[tokio::test]
+async fn a_shared_commit_refuses_only_the_jobs_that_break_a_rule() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    let limits = EnqueueLimits {
+        max_queued_per_user: 5,
+        max_queue_depth: 0,
+    };
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        // "dup" is submitted four times; user "greedy" asks for 12 slots out of 5.
+        let (id, user) = match i {
+            0..4 => ("dup".to_string(), "a".to_string()),
+            4..16 => (format!("g{i}"), "greedy".to_string()),
+            _ => (format!("o{i}"), format!("p{}", i % 6)),
+        };
+        calls.push(tokio::spawn(async move {
+            (id.clone(), s.enqueue(new_job(&id, &user), limits).await)
+        }));
+    }
+    let (mut ok, mut dup, mut quota) = (0, 0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            (_, Ok(_)) => ok += 1,
+            (id, Err(StoreError::AlreadyExists)) => {
+                assert_eq!(id, "dup");
+                dup += 1
+            }
+            (id, Err(StoreError::Limit(LimitKind::UserQueued { max: 5 }))) => {
+                assert!(id.starts_with('g'), "{id}");
+                quota += 1
+            }
+            (id, other) => panic!("{id}: {other:?}"),
+        }
+    }
+    assert_eq!((dup, quota), (3, 7));
+    assert_eq!(ok, 40 - 3 - 7);
+    assert_eq!(s.count_jobs(None, &[]).await.unwrap(), ok as u64);
+    counters_match_the_table(&s).await;
+}
+
+/// A batch that hits a full disk stores none of its jobs and tells every caller.
+#[tokio::test]
+async fn a_shared_commit_that_fails_stores_none_of_its_jobs() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    s.enqueue(new_job("before", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    cap_pages(&s).await;
+    let mut calls = Vec::new();
+    for i in 0..20 {
+        let s = s.clone();
+        let mut j = new_job(&format!("b{i}"), "u");
+        j.prompt = big(20_000);
+        calls.push(tokio::spawn(async move {
+            s.enqueue(j, EnqueueLimits::default()).await
+        }));
+    }
+    for c in calls {
+        match c.await.unwrap() {
+            Err(StoreError::Unavailable(msg)) => assert!(msg.contains("full"), "{msg}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+    assert_eq!(s.count_jobs(None, &[]).await.unwrap(), 1);
+    counters_match_the_table(&s).await;
+}
+
+/// Commits never run a checkpoint themselves (it stalled the submission that crossed
+/// 1000 pages); the background checkpointer copies the WAL into the database file.
+#[tokio::test]
+async fn the_wal_is_checkpointed_in_the_background() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    let auto: i64 = sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+        .fetch_one(&s.write)
+        .await
+        .unwrap();
+    assert_eq!(auto, 0);
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    for i in 0..50 {
+        let mut j = new_job(&format!("w{i}"), "u");
+        j.prompt = big(8_000);
+        s.enqueue(j, EnqueueLimits::default()).await.unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while size() < before + 300_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file did not grow: nothing was checkpointed ({} -> {})",
+            before,
+            size()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A session looked up once is served from memory; a change through the same store ends
+/// it at once, a change by another process (the CLI) within `RECHECK`.
+#[tokio::test]
+async fn cached_sessions_end_with_their_account() {
+    let (_dir, path) = temp_db();
+    let server = SqliteStore::open(&path).await.unwrap();
+    let cli = SqliteStore::open(&path).await.unwrap();
+    server
+        .create_user("ann", "pw", crate::Role::Participant)
+        .await
+        .unwrap();
+    let token = server.create_session("ann", 3_600_000).await.unwrap();
+    assert!(server.session_user(&token).await.unwrap().is_some());
+
+    // Another process disables the account: seen within RECHECK, not later.
+    cli.set_disabled("ann", true).await.unwrap();
+    let t0 = std::time::Instant::now();
+    while server.session_user(&token).await.unwrap().is_some() {
+        assert!(
+            t0.elapsed() < crate::session_cache::RECHECK + Duration::from_millis(500),
+            "a disabled account kept its session"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Through the same store: at once, both ways.
+    server.set_disabled("ann", false).await.unwrap();
+    assert!(server.session_user(&token).await.unwrap().is_some());
+    server.set_disabled("ann", true).await.unwrap();
+    assert!(server.session_user(&token).await.unwrap().is_none());
+    server.set_disabled("ann", false).await.unwrap();
+    assert!(server.session_user(&token).await.unwrap().is_some());
+    server.delete_session(&token).await.unwrap();
+    assert!(server.session_user(&token).await.unwrap().is_none());
 }
