@@ -29,6 +29,9 @@ const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
 const ABANDONED: u8 = 2;
 
+/// The answer to one submission: the stored job and its owner's unfinished count.
+type Reply = oneshot::Sender<Result<(JobRecord, u64), StoreError>>;
+
 pub(super) struct Request {
     job: NewJob,
     prompt: String,
@@ -38,7 +41,7 @@ pub(super) struct Request {
     created_at_ms: i64,
     limits: EnqueueLimits,
     claim: Arc<AtomicU8>,
-    reply: oneshot::Sender<Result<(JobRecord, u64), StoreError>>,
+    reply: Reply,
 }
 
 impl Request {
@@ -49,13 +52,7 @@ impl Request {
             .is_ok()
     }
 
-    fn record(
-        self,
-        seq: i64,
-    ) -> (
-        oneshot::Sender<Result<(JobRecord, u64), StoreError>>,
-        JobRecord,
-    ) {
+    fn record(self, seq: i64) -> (Reply, JobRecord) {
         let j = self.job;
         let rec = JobRecord {
             seq,
