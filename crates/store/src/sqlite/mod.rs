@@ -295,8 +295,10 @@ impl SqliteStore {
 /// Keeps each `IN (...)` well under SQLite's bound-parameter limit.
 const ID_CHUNK: usize = 500;
 
-/// How often the WAL is copied back into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+/// How often the WAL is copied back into the database file. Each checkpoint fsyncs, and
+/// submissions arriving meanwhile wait longer: every 250 ms gave a p99 of 4.1-5.5 ms at 4 in
+/// flight, every second 3.1-3.4 ms, every 3 s 2.8 ms (a bigger WAL between checkpoints).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(1000);
 
 /// Checkpoints the WAL from a connection of its own, off the write path. SQLite's automatic
 /// checkpoint (turned off on the write connection) runs inside whichever COMMIT takes the
