@@ -184,6 +184,18 @@ impl SqliteStore {
         }
     }
 
+    /// [`Self::timed`] for a change to accounts or sessions: cached session lookups are
+    /// dropped after it, whatever its outcome.
+    async fn account_change<T>(
+        &self,
+        what: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let r = self.timed(what, fut).await;
+        self.sessions.invalidate();
+        r
+    }
+
     async fn begin(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
         self.write.begin_with("BEGIN IMMEDIATE").await.db()
     }
@@ -570,76 +582,67 @@ impl UserStore for SqliteStore {
             return Err(StoreError::NotFound);
         }
         let hash = self.hasher.hash(password).await?;
-        let r = self
-            .timed("set_password", async {
-                let mut tx = self.begin().await?;
-                let n = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
-                    .bind(&hash)
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await
-                    .db()?
-                    .rows_affected();
-                if n == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                // A new password ends every existing login.
-                sqlx::query("DELETE FROM sessions WHERE user_name = ?")
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await
-                    .db()?;
-                tx.commit().await.db()
-            })
-            .await;
-        self.sessions.invalidate();
-        r
+        self.account_change("set_password", async {
+            let mut tx = self.begin().await?;
+            let n = sqlx::query("UPDATE users SET password_hash = ? WHERE name = ?")
+                .bind(&hash)
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?
+                .rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            // A new password ends every existing login.
+            sqlx::query("DELETE FROM sessions WHERE user_name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            tx.commit().await.db()
+        })
+        .await
     }
 
     async fn set_disabled(&self, name: &str, disabled: bool) -> Result<(), StoreError> {
-        let r = self
-            .timed("set_disabled", async {
-                let n = sqlx::query("UPDATE users SET disabled = ? WHERE name = ?")
-                    .bind(i64::from(disabled))
-                    .bind(name)
-                    .execute(&self.write)
-                    .await
-                    .db()?
-                    .rows_affected();
-                if n == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                Ok(())
-            })
-            .await;
-        self.sessions.invalidate();
-        r
+        self.account_change("set_disabled", async {
+            let n = sqlx::query("UPDATE users SET disabled = ? WHERE name = ?")
+                .bind(i64::from(disabled))
+                .bind(name)
+                .execute(&self.write)
+                .await
+                .db()?
+                .rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn remove_user(&self, name: &str) -> Result<(), StoreError> {
-        let r = self
-            .timed("remove_user", async {
-                let mut tx = self.begin().await?;
-                // Explicit, though the foreign key cascades too.
-                sqlx::query("DELETE FROM sessions WHERE user_name = ?")
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await
-                    .db()?;
-                let n = sqlx::query("DELETE FROM users WHERE name = ?")
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await
-                    .db()?
-                    .rows_affected();
-                if n == 0 {
-                    return Err(StoreError::NotFound);
-                }
-                tx.commit().await.db()
-            })
-            .await;
-        self.sessions.invalidate();
-        r
+        self.account_change("remove_user", async {
+            let mut tx = self.begin().await?;
+            // Explicit, though the foreign key cascades too.
+            sqlx::query("DELETE FROM sessions WHERE user_name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+            let n = sqlx::query("DELETE FROM users WHERE name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await
+                .db()?
+                .rows_affected();
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            tx.commit().await.db()
+        })
+        .await
     }
 
     async fn verify_password(
@@ -666,29 +669,26 @@ impl UserStore for SqliteStore {
         }
         let now = now_ms();
         // The sign-in changes the account (last login, maybe the hash): cached copies go.
-        let r = self
-            .timed("verify_password", async {
-                // The rehash only replaces the exact hash that was verified, so a concurrent
-                // set_password is never overwritten.
-                let row = sqlx::query(
-                    "UPDATE users SET last_login_ms = ?1, \
+        self.account_change("verify_password", async {
+            // The rehash only replaces the exact hash that was verified, so a concurrent
+            // set_password is never overwritten.
+            let row = sqlx::query(
+                "UPDATE users SET last_login_ms = ?1, \
                  password_hash = CASE WHEN ?2 IS NOT NULL AND password_hash = ?3 \
                                       THEN ?2 ELSE password_hash END \
                  WHERE name = ?4 AND disabled = 0 \
                  RETURNING name, role, disabled, created_at_ms, last_login_ms",
-                )
-                .bind(now)
-                .bind(rehash.as_deref())
-                .bind(&old)
-                .bind(name)
-                .fetch_optional(&self.write)
-                .await
-                .db()?;
-                row.as_ref().map(user_from_row).transpose()
-            })
-            .await;
-        self.sessions.invalidate();
-        r
+            )
+            .bind(now)
+            .bind(rehash.as_deref())
+            .bind(&old)
+            .bind(name)
+            .fetch_optional(&self.write)
+            .await
+            .db()?;
+            row.as_ref().map(user_from_row).transpose()
+        })
+        .await
     }
 
     async fn password_scheme(&self, name: &str) -> Result<Option<PasswordScheme>, StoreError> {
@@ -776,18 +776,15 @@ impl UserStore for SqliteStore {
 
     async fn delete_session(&self, token: &str) -> Result<(), StoreError> {
         let hash = token_hash(token);
-        let r = self
-            .timed("delete_session", async {
-                sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
-                    .bind(&hash)
-                    .execute(&self.write)
-                    .await
-                    .db()?;
-                Ok(())
-            })
-            .await;
-        self.sessions.invalidate();
-        r
+        self.account_change("delete_session", async {
+            sqlx::query("DELETE FROM sessions WHERE token_hash = ?")
+                .bind(&hash)
+                .execute(&self.write)
+                .await
+                .db()?;
+            Ok(())
+        })
+        .await
     }
 }
 
