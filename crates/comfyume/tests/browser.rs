@@ -76,22 +76,10 @@ fn spawn_server(data: &Path, step_ms: Option<&str>) -> (Server, String) {
         Some(ms) => cmd.env("SIMULATOR_STEP_MS", ms),
         None => cmd.env_remove("SIMULATOR_STEP_MS"),
     };
-    cmd.args([
-        "--data-dir",
-        data.to_str().unwrap(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .args([
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--frontend-dir",
-        frontend_dir().to_str().unwrap(),
-    ])
-    .env("INFERENCE_MODE", "simulator")
-    .env("RUST_LOG", "warn")
-    .stderr(Stdio::inherit());
+    cmd.args(helpers::serve_args(data, &frontend_dir()))
+        .env("INFERENCE_MODE", "simulator")
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit());
     let (child, url) = helpers::spawn_serve(cmd);
     (Server(child), url)
 }

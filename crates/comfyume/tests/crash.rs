@@ -20,27 +20,15 @@ fn bin() -> &'static str {
 /// returns the child and its base URL.
 fn serve(data: &Path, frontend: &Path) -> (Child, String) {
     let mut cmd = Command::new(bin());
-    cmd.args([
-        "--data-dir",
-        data.to_str().unwrap(),
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .args([
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--frontend-dir",
-        frontend.to_str().unwrap(),
-    ])
-    .env("INFERENCE_MODE", "local")
-    // A closed port: jobs wait (and are retried) but none completes during the test.
-    .env("COMFYUI_URLS", "http://127.0.0.1:9")
-    .env("MAX_QUEUED_PER_USER", "10000")
-    .env("MAX_QUEUE_DEPTH", "100000")
-    .env("MAX_RUNNING_PER_USER", "0")
-    .env("RUST_LOG", "error")
-    .stderr(Stdio::null());
+    cmd.args(helpers::serve_args(data, frontend))
+        .env("INFERENCE_MODE", "local")
+        // A closed port: jobs wait (and are retried) but none completes during the test.
+        .env("COMFYUI_URLS", "http://127.0.0.1:9")
+        .env("MAX_QUEUED_PER_USER", "10000")
+        .env("MAX_QUEUE_DEPTH", "100000")
+        .env("MAX_RUNNING_PER_USER", "0")
+        .env("RUST_LOG", "error")
+        .stderr(Stdio::null());
     helpers::spawn_serve(cmd)
 }
 

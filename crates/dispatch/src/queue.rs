@@ -187,15 +187,8 @@ impl Queue {
         }
         metrics::counter!("comfyume_jobs_submitted_total").increment(1);
         self.notify.notify_waiters();
-        match remaining {
-            // Counted in the transaction that stored the job: no second read.
-            Some(n) if self.events.listening(&user) => self.events.to_user(
-                &user,
-                &comfyume_wire::shapes::status_message(n, None).to_string(),
-            ),
-            Some(_) => {}
-            None => self.broadcast_status(&user).await,
-        }
+        // Counted in the transaction that stored the job: no second read.
+        self.send_status(&user, remaining).await;
         Ok(rec)
     }
 
@@ -405,16 +398,24 @@ impl Queue {
     /// ComfyUI's `status` message with the participant's own `queue_remaining`,
     /// to all of their tabs.
     pub async fn broadcast_status(&self, user: &str) {
+        self.send_status(user, None).await;
+    }
+
+    /// [`Self::broadcast_status`] with the count when the caller already has it.
+    async fn send_status(&self, user: &str, known: Option<u64>) {
         // Counting costs a database read: not for a participant with no tab open (their
         // next page load asks for the count itself).
         if !self.events.listening(user) {
             return;
         }
-        let remaining = self
-            .store
-            .count_jobs(Some(user), &JobState::UNFINISHED)
-            .await
-            .unwrap_or(0);
+        let remaining = match known {
+            Some(n) => n,
+            None => self
+                .store
+                .count_jobs(Some(user), &JobState::UNFINISHED)
+                .await
+                .unwrap_or(0),
+        };
         let msg = comfyume_wire::shapes::status_message(remaining, None);
         self.events.to_user(user, &msg.to_string());
     }

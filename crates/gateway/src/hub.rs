@@ -99,15 +99,6 @@ impl Hub {
 
     /// To every open tab of the participant (ComfyUI's broadcasts: `status`,
     /// `progress_state`).
-    /// Whether the participant has any socket open.
-    pub fn has_user(&self, user: &str) -> bool {
-        self.users
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-            .is_some_and(|c| !c.is_empty())
-    }
-
     pub fn send_user(&self, user: &str, text: &str) {
         let msg: Arc<str> = Arc::from(text);
         for c in self.conns(user) {
@@ -171,7 +162,11 @@ impl Hub {
 
 impl comfyume_dispatch::EventSink for Hub {
     fn listening(&self, user: &str) -> bool {
-        self.has_user(user)
+        self.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .is_some_and(|c| !c.is_empty())
     }
     fn to_user(&self, user: &str, text: &str) {
         self.send_user(user, text);

@@ -182,10 +182,10 @@ fn write_compressed(
     result.map_err(io_err(target))
 }
 
-/// Compresses every text file of `dir` worth compressing (brotli 9 and gzip 9: brotli 11 is 7 % smaller and 5x slower), skipping
-/// the ones whose copies are newer than the file, then writes the [`MARKER`]. Safe to run
-/// while the files are served and from several processes (one works, the others answer
-/// [`PrecompressError::Busy`]).
+/// Compresses every text file of `dir` worth compressing (brotli 9 and gzip 9: brotli 11
+/// is 6 % smaller and 5x slower), skipping the ones whose copies are newer than the file,
+/// then writes the [`MARKER`]. Safe to run while the files are served and from several
+/// processes (one works, the others answer [`PrecompressError::Busy`]).
 pub fn precompress(dir: &Path) -> Result<Summary, PrecompressError> {
     let _lock = take_lock(dir)?;
     let mut files = Vec::new();
@@ -194,8 +194,9 @@ pub fn precompress(dir: &Path) -> Result<Summary, PrecompressError> {
     let marker = dir.join(MARKER);
     // A copy is up to date when newer than its file; an absent copy is too when the last
     // complete run came after the file changed (it found compression did not pay).
+    let was_done = is_done(dir);
     let done = |path: &Path, copy: &Path| {
-        fresh(path, copy) || (!copy.exists() && is_done(dir) && fresh(path, &marker))
+        fresh(path, copy) || (was_done && !copy.exists() && fresh(path, &marker))
     };
     let mut sum = Summary::default();
     for path in files {

@@ -786,6 +786,23 @@ pub async fn eventually(ms: u64, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// The arguments of `comfyume --data-dir DATA serve` on free ports with `frontend`.
+pub fn serve_args(data: &std::path::Path, frontend: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec!["--data-dir".into(), data.into()];
+    for a in [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--frontend-dir",
+    ] {
+        args.push(a.into());
+    }
+    args.push(frontend.into());
+    args
+}
+
 /// Starts a prepared `comfyume … serve` command (stdout piped) and waits for
 /// its `listening on http://ADDR` line; returns the child and `http://ADDR`.
 pub fn spawn_serve(mut cmd: std::process::Command) -> (std::process::Child, String) {
