@@ -228,7 +228,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     comfyume_gateway::telemetry::describe();
-    comfyume_dispatch::comfyui::describe_metrics();
+    comfyume_dispatch::comfyui::telemetry::describe_metrics();
 
     let (backends, label, _sim) = build_backends(&cfg).await?;
 

@@ -2,13 +2,14 @@
 //! and (in `dispatcher`) the backends that run jobs.
 
 pub mod backend;
-pub mod comfyui;
 pub mod dispatcher;
 pub mod events;
 pub mod queue;
 
 pub use backend::{Backend, BackendError, BackendEvent, JobSpec, Outcome, OutcomeKind, Timeouts};
 pub use comfyui::ComfyUiBackend;
+/// The ComfyUI client, job state machine and output storage (its own crate, shared with the worker).
+pub use comfyume_comfyui as comfyui;
 pub use dispatcher::{DispatchConfig, Dispatcher};
 pub use events::EventSink;
 pub use queue::{Queue, QueueConfig, QueueError};

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use comfyume_dispatch::ComfyUiBackend;
 use comfyume_dispatch::backend::{
-    Backend, BackendError, BackendEvent, InputFile, JobSpec, Outcome, OutcomeKind, Timeouts,
+    BackendError, BackendEvent, InputFile, JobSpec, Outcome, OutcomeKind, Timeouts,
 };
 use comfyume_dispatch::comfyui::model_files;
 use comfyume_sim::{Fault, SimConfig, SimHandle};

@@ -1,31 +1,25 @@
-//! The `comfyui` (direct) backend: any ComfyUI server reached by URL, driven
-//! through ComfyUI's own API (PROTOCOL.md §2–§4).
-//!
-//! One job: open `/ws?clientId=comfyume-<job id>` first, upload the
-//! participant's inputs into a per-participant subfolder, `POST /prompt` with
-//! `prompt_id` = our job id, relay the job's WebSocket events (outputs already
-//! downloaded and renamed into the participant's folders), and confirm the end
-//! in `/history/{id}`. A dropped socket, a silent backend or a restart of our
-//! server are resolved against `/history` and `/queue`.
+//! One job's state machine on a ComfyUI server: open the job's socket, upload
+//! the participant's inputs into a per-participant subfolder, `POST /prompt`
+//! with `prompt_id` = our job id, relay the job's WebSocket events (outputs
+//! already downloaded and renamed into the participant's folders), and confirm
+//! the end in `/history/{id}`. A dropped socket, a silent backend or a restart
+//! of our server are resolved against `/history` and `/queue`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
-use reqwest::{Method, RequestBuilder, StatusCode, Url};
+use reqwest::StatusCode;
 use serde_json::{Map, Value, json};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite;
 use tracing::Instrument;
 
-use crate::backend::{
-    Backend, BackendError, BackendEvent, EventTx, JobSpec, Outcome, OutcomeKind, Timeouts,
-};
+use crate::client::{ComfyUiBackend, Remote, WsConn, WsEvent, http_error, now_ms};
+use crate::job::{BackendError, BackendEvent, EventTx, JobSpec, Outcome, OutcomeKind};
+use crate::outputs;
+use crate::telemetry::BACKEND_WS_RECONNECTS;
 use comfyume_wire::shapes::ws::{BinaryFrame, ws_message};
 
 /// WebSocket re-connection attempts after a drop, before the backend is
@@ -34,374 +28,9 @@ const RECONNECT_TRIES: u32 = 5;
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// Latency of each call to a ComfyUI backend, by backend and call.
-pub const BACKEND_CALL_DURATION: &str = "comfyume_backend_call_duration_seconds";
-/// Failed calls to a ComfyUI backend, by backend, call and error kind.
-pub const BACKEND_CALL_ERRORS: &str = "comfyume_backend_call_errors_total";
-/// WebSocket re-connections after a drop mid-job, by backend.
-pub const BACKEND_WS_RECONNECTS: &str = "comfyume_backend_websocket_reconnects_total";
-
-/// Registers the descriptions of this module's metrics (once per process).
-pub fn describe_metrics() {
-    metrics::describe_histogram!(
-        BACKEND_CALL_DURATION,
-        metrics::Unit::Seconds,
-        "Latency of calls to ComfyUI backends by backend and call"
-    );
-    metrics::describe_counter!(
-        BACKEND_CALL_ERRORS,
-        "Failed calls to ComfyUI backends by backend, call and error kind"
-    );
-    metrics::describe_counter!(
-        BACKEND_WS_RECONNECTS,
-        "WebSocket re-connections to ComfyUI backends after a drop mid-job"
-    );
-}
-
-/// File endings of model weights, for [`model_files`].
-const MODEL_EXTENSIONS: &[&str] = &[
-    ".safetensors",
-    ".ckpt",
-    ".pt",
-    ".pth",
-    ".bin",
-    ".gguf",
-    ".sft",
-];
-
-/// The model files a prompt loads: string input values that name weights,
-/// sorted and de-duplicated. The dispatcher prefers the backend that last ran
-/// the same set (its models are still in VRAM).
-pub fn model_files(prompt: &Value) -> Vec<String> {
-    let mut out: Vec<String> = prompt
-        .as_object()
-        .into_iter()
-        .flat_map(|nodes| nodes.values())
-        .filter_map(|node| node.get("inputs").and_then(Value::as_object))
-        .flat_map(|inputs| inputs.values())
-        .filter_map(Value::as_str)
-        .filter(|s| {
-            let lower = s.to_ascii_lowercase();
-            MODEL_EXTENSIONS.iter().any(|ext| lower.ends_with(ext))
-        })
-        .map(str::to_owned)
-        .collect();
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// A ComfyUI server used as a backend.
-pub struct ComfyUiBackend {
-    name: String,
-    base: Url,
-    slots: usize,
-    timeouts: Timeouts,
-    http: reqwest::Client,
-    /// Output node classes from the last `/object_info`, to decide whether a
-    /// job runs only part of its outputs.
-    output_classes: Mutex<Option<Arc<HashSet<String>>>>,
-}
-
-impl std::fmt::Debug for ComfyUiBackend {
-    // The URL stays out: it may carry credentials.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ComfyUiBackend")
-            .field("name", &self.name)
-            .field("slots", &self.slots)
-            .finish_non_exhaustive()
-    }
-}
-
 impl ComfyUiBackend {
-    /// `base_url` is the server's root (`http://gpu-1:8188`, or with a path
-    /// prefix). Only the URL's shape is checked here; nothing is contacted.
-    pub fn new(
-        name: impl Into<String>,
-        base_url: impl AsRef<str>,
-        slots: usize,
-        timeouts: Timeouts,
-    ) -> Result<Self, BackendError> {
-        let name = name.into();
-        let mut base = Url::parse(base_url.as_ref().trim()).map_err(|e| {
-            BackendError::Unreachable(format!("backend {name}: invalid server URL ({e})"))
-        })?;
-        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
-            return Err(BackendError::Unreachable(format!(
-                "backend {name}: the server URL must be http:// or https://"
-            )));
-        }
-        base.set_query(None);
-        base.set_fragment(None);
-        // reqwest is built without a default crypto provider; https needs one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeouts.request)
-            // The WebSocket does not go through a proxy either.
-            .no_proxy()
-            .build()
-            .map_err(|e| {
-                BackendError::Unreachable(format!("backend {name}: no HTTP client: {e}"))
-            })?;
-        Ok(ComfyUiBackend {
-            name,
-            base,
-            slots: slots.max(1),
-            timeouts,
-            http,
-            output_classes: Mutex::new(None),
-        })
-    }
-
-    pub fn timeouts(&self) -> Timeouts {
-        self.timeouts
-    }
-
-    /// `base` + path segments (each percent-encoded).
-    fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.pop_if_empty().extend(segments);
-        }
-        url
-    }
-
-    fn ws_url(&self, client_id: &str) -> String {
-        let mut url = self.url(&["ws"]);
-        let scheme = if self.base.scheme() == "https" {
-            "wss"
-        } else {
-            "ws"
-        };
-        // http -> ws is allowed (both are "special" schemes).
-        let _ = url.set_scheme(scheme);
-        url.query_pairs_mut().append_pair("clientId", client_id);
-        url.to_string()
-    }
-
-    /// Sends a request with its time limit, mapping transport failures.
-    async fn send(
-        &self,
-        what: &str,
-        req: RequestBuilder,
-        limit: Duration,
-    ) -> Result<reqwest::Response, BackendError> {
-        let started = std::time::Instant::now();
-        let res = req.timeout(limit).send().await;
-        metrics::histogram!(BACKEND_CALL_DURATION, "backend" => self.name.clone(), "call" => what.to_owned())
-            .record(started.elapsed().as_secs_f64());
-        res.map_err(|e| self.failed(what, http_error(what, limit, e)))
-    }
-
-    /// Counts a failed call.
-    fn failed(&self, what: &str, e: BackendError) -> BackendError {
-        let kind = match &e {
-            BackendError::Unreachable(_) => "unreachable",
-            BackendError::Lost(_) => "lost",
-            BackendError::Timeout(_) => "timeout",
-            BackendError::Protocol(_) => "protocol",
-            BackendError::Rejected(_) => "rejected",
-        };
-        metrics::counter!(BACKEND_CALL_ERRORS, "backend" => self.name.clone(), "call" => what.to_owned(), "kind" => kind)
-            .increment(1);
-        e
-    }
-
-    /// A call that must answer 200 with a JSON body.
-    async fn json_call(
-        &self,
-        what: &str,
-        req: RequestBuilder,
-        limit: Duration,
-    ) -> Result<Value, BackendError> {
-        let resp = self.send(what, req, limit).await?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| http_error(what, limit, e))?;
-        if status != StatusCode::OK {
-            return Err(BackendError::Protocol(format!(
-                "{what} answered HTTP {status}"
-            )));
-        }
-        serde_json::from_slice(&body)
-            .map_err(|e| BackendError::Protocol(format!("{what} answered invalid JSON: {e}")))
-    }
-
-    /// A POST whose answer is ComfyUI's empty 200 (`/interrupt`, `/queue`).
-    async fn post_empty(&self, what: &str, path: &str, body: Value) -> Result<(), BackendError> {
-        let req = self
-            .http
-            .request(Method::POST, self.url(&[path]))
-            .json(&body);
-        let resp = self.send(what, req, self.timeouts.request).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(BackendError::Protocol(format!(
-                "{what} answered HTTP {}",
-                resp.status()
-            )));
-        }
-        Ok(())
-    }
-
-    /// `GET /history/{id}`: the entry, or `None` (ComfyUI answers `{}`).
-    async fn history(&self, id: &str) -> Result<Option<Value>, BackendError> {
-        let req = self.http.get(self.url(&["history", id]));
-        let v = self
-            .json_call("GET /history/{id}", req, self.timeouts.request)
-            .await?;
-        match v {
-            Value::Object(mut m) => Ok(m.remove(id)),
-            _ => Err(BackendError::Protocol(
-                "GET /history/{id} did not answer an object".into(),
-            )),
-        }
-    }
-
-    /// Where `GET /queue` has the prompt.
-    async fn queue_place(&self, id: &str) -> Result<Option<Place>, BackendError> {
-        let req = self.http.get(self.url(&["queue"]));
-        let v = self
-            .json_call("GET /queue", req, self.timeouts.request)
-            .await?;
-        let holds = |key: &str| -> Result<bool, BackendError> {
-            let items = v.get(key).and_then(Value::as_array).ok_or_else(|| {
-                BackendError::Protocol(format!("GET /queue answered without {key}"))
-            })?;
-            Ok(items
-                .iter()
-                .any(|item| item.get(1).and_then(Value::as_str) == Some(id)))
-        };
-        if holds("queue_running")? {
-            Ok(Some(Place::Running))
-        } else if holds("queue_pending")? {
-            Ok(Some(Place::Pending))
-        } else {
-            Ok(None)
-        }
-    }
-
-    /// Where the prompt is on the backend right now.
-    async fn locate(&self, id: &str) -> Result<Remote, BackendError> {
-        if let Some(entry) = self.history(id).await? {
-            return Ok(Remote::Finished(entry));
-        }
-        match self.queue_place(id).await? {
-            Some(Place::Running) => Ok(Remote::Running),
-            Some(Place::Pending) => Ok(Remote::Pending),
-            // It may have finished between the two calls.
-            None => Ok(match self.history(id).await? {
-                Some(entry) => Remote::Finished(entry),
-                None => Remote::Gone,
-            }),
-        }
-    }
-
-    /// The output node classes, from a cached or a fresh `/object_info`;
-    /// `None` if it cannot be had.
-    async fn output_classes(&self) -> Option<Arc<HashSet<String>>> {
-        if let Some(c) = lock(&self.output_classes).clone() {
-            return Some(c);
-        }
-        self.object_info().await.ok()?;
-        lock(&self.output_classes).clone()
-    }
-
-    /// Opens the job's socket and announces `supports_preview_metadata` (only
-    /// a client's first message counts), then reads it in a task.
-    async fn connect_ws(&self, client_id: &str) -> Result<WsConn, BackendError> {
-        let what = "WebSocket /ws";
-        let limit = self.timeouts.request;
-        let url = self.ws_url(client_id);
-        let (mut ws, _) =
-            match tokio::time::timeout(limit, tokio_tungstenite::connect_async(url)).await {
-                Err(_) => {
-                    return Err(self.failed(
-                        what,
-                        BackendError::Timeout(format!(
-                            "{what}: no answer within {} ms",
-                            limit.as_millis()
-                        )),
-                    ));
-                }
-                Ok(Err(e)) => return Err(self.failed(what, ws_error(what, e))),
-                Ok(Ok(pair)) => pair,
-            };
-        let flags = ws_message("feature_flags", json!({"supports_preview_metadata": true}));
-        match tokio::time::timeout(
-            limit,
-            ws.send(tungstenite::Message::text(flags.to_string())),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "{what}: could not send feature flags within {} ms",
-                    limit.as_millis()
-                )));
-            }
-            Ok(Err(e)) => return Err(ws_error(what, e)),
-            Ok(Ok(())) => {}
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        // Read without pause: ComfyUI's publish loop waits on slow sockets,
-        // which would stall every client of that server.
-        let task = tokio::spawn(async move {
-            loop {
-                let ev = match ws.next().await {
-                    Some(Ok(tungstenite::Message::Text(t))) => WsEvent::Text(t.to_string()),
-                    Some(Ok(tungstenite::Message::Binary(b))) => WsEvent::Binary(b),
-                    Some(Ok(tungstenite::Message::Close(_))) => {
-                        let _ = tx.send(WsEvent::Closed("closed by the server".into()));
-                        return;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        let _ = tx.send(WsEvent::Closed(e.to_string()));
-                        return;
-                    }
-                    None => {
-                        let _ = tx.send(WsEvent::Closed("connection ended".into()));
-                        return;
-                    }
-                };
-                if tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(WsConn { rx, task })
-    }
-}
-
-#[async_trait::async_trait]
-impl Backend for ComfyUiBackend {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn slots(&self) -> usize {
-        self.slots
-    }
-
-    async fn object_info(&self) -> Result<Value, BackendError> {
-        let req = self.http.get(self.url(&["object_info"]));
-        let v = self
-            .json_call("GET /object_info", req, self.timeouts.transfer)
-            .await?;
-        let Value::Object(classes) = &v else {
-            return Err(BackendError::Protocol(
-                "GET /object_info did not answer an object".into(),
-            ));
-        };
-        let outputs: HashSet<String> = classes
-            .iter()
-            .filter(|(_, info)| info.get("output_node") == Some(&Value::Bool(true)))
-            .map(|(class, _)| class.clone())
-            .collect();
-        *lock(&self.output_classes) = Some(Arc::new(outputs));
-        Ok(v)
-    }
-
-    async fn run(
+    /// Runs the job to its end. `interrupt` turns true when the owner cancels.
+    pub async fn run(
         &self,
         job: JobSpec,
         events: EventTx,
@@ -446,39 +75,6 @@ fn outcome_label(kind: &OutcomeKind) -> &'static str {
         OutcomeKind::Success => "success",
         OutcomeKind::ExecutionError(_) => "execution_error",
         OutcomeKind::Interrupted(_) => "interrupted",
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Place {
-    Running,
-    Pending,
-}
-
-/// A prompt's state on the backend.
-enum Remote {
-    Finished(Value),
-    Running,
-    Pending,
-    /// Neither in history nor in the queue: the backend forgot it.
-    Gone,
-}
-
-enum WsEvent {
-    Text(String),
-    Binary(Bytes),
-    Closed(String),
-}
-
-/// The job's socket: frames arrive on `rx`; dropping it stops the reader.
-struct WsConn {
-    rx: mpsc::UnboundedReceiver<WsEvent>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WsConn {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -581,7 +177,7 @@ impl JobRun<'_> {
     /// backend and points the prompt at them there.
     async fn upload_inputs(&self) -> Result<Value, BackendError> {
         let mut prompt = self.job.prompt.clone();
-        let user_dir = format!("comfyume/{}", safe_segment(&self.job.user));
+        let user_dir = format!("comfyume/{}", outputs::safe_segment(&self.job.user));
         for input in &self.job.inputs {
             let (dir, file) = match input.name.rsplit_once('/') {
                 Some((d, f)) if !d.split('/').any(|s| s.is_empty() || s == "." || s == "..") => {
@@ -1107,116 +703,12 @@ impl JobRun<'_> {
         let local_err = |e: std::io::Error| {
             BackendError::Protocol(format!("cannot save output {filename}: {e}"))
         };
-        tokio::fs::create_dir_all(dir).await.map_err(local_err)?;
-        let part =
-            PartFile::new(dir.join(format!(".comfyume-{}.part", uuid::Uuid::new_v4().simple())));
-        let mut f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&part.0)
-            .await
-            .map_err(local_err)?;
+        let mut out = outputs::NewOutput::create(dir).await.map_err(local_err)?;
         while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(what, limit, e))? {
-            f.write_all(&chunk).await.map_err(local_err)?;
+            out.write(&chunk).await.map_err(local_err)?;
         }
-        f.flush().await.map_err(local_err)?;
-        f.sync_all().await.map_err(local_err)?;
-        drop(f);
-        let base = local_basename(filename);
-        for candidate in candidates(&base, &self.job.id) {
-            let target = dir.join(&candidate);
-            match publish(&part.0, &target).await {
-                Ok(true) => return Ok(candidate),
-                Ok(false) => continue,
-                Err(e) => return Err(local_err(e)),
-            }
-        }
-        Err(BackendError::Protocol(format!(
-            "cannot save output {filename}: every candidate name is taken"
-        )))
+        out.publish(filename, &self.job.id).await.map_err(local_err)
     }
-}
-
-/// A downloaded file not yet given its name; removed if the job stops first.
-struct PartFile(PathBuf);
-
-impl PartFile {
-    fn new(path: PathBuf) -> Self {
-        PartFile(path)
-    }
-}
-
-impl Drop for PartFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Gives the finished file `target`'s name without ever replacing a file:
-/// `Ok(false)` if the name is taken.
-async fn publish(part: &Path, target: &Path) -> std::io::Result<bool> {
-    // A hard link appears complete and fails if the name exists.
-    match tokio::fs::hard_link(part, target).await {
-        Ok(()) => return Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(_) => {}
-    }
-    // Filesystems without hard links: claim the name, then move the data in.
-    match tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(target)
-        .await
-    {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
-        Err(e) => return Err(e),
-    }
-    tokio::fs::rename(part, target).await?;
-    Ok(true)
-}
-
-/// `name`, then `<stem>_<id8>.<ext>`, then `<stem>_<id8>_<n>.<ext>`.
-fn candidates(name: &str, job_id: &str) -> impl Iterator<Item = String> {
-    let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => (name[..i].to_owned(), name[i..].to_owned()),
-        _ => (name.to_owned(), String::new()),
-    };
-    let tag: String = safe_segment(job_id).chars().take(8).collect();
-    let first = name.to_owned();
-    std::iter::once(first)
-        .chain(std::iter::once(format!("{stem}_{tag}{ext}")))
-        .chain((2..10_000).map(move |n| format!("{stem}_{tag}_{n}{ext}")))
-}
-
-/// The file name part of a backend name, safe as a local file name.
-fn local_basename(filename: &str) -> String {
-    let base = filename
-        .rsplit(['/', '\\'])
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches('.');
-    if base.is_empty() {
-        "output".to_owned()
-    } else {
-        base.to_owned()
-    }
-}
-
-/// A path segment from a user or job name: letters, digits, `-`, `_`, `.`.
-fn safe_segment(s: &str) -> String {
-    let out: String = s
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let out = out.trim_start_matches('.').to_owned();
-    if out.is_empty() { "_".to_owned() } else { out }
 }
 
 /// Points every prompt value naming `name` (also `name [input]`) at `uploaded`.
@@ -1254,97 +746,9 @@ fn mid_job(e: BackendError) -> BackendError {
     }
 }
 
-fn http_error(what: &str, limit: Duration, e: reqwest::Error) -> BackendError {
-    // Without the URL: it may carry credentials.
-    let e = e.without_url();
-    if e.is_timeout() {
-        return BackendError::Timeout(format!("{what}: no answer within {} ms", limit.as_millis()));
-    }
-    let mut detail = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        source = s.source();
-    }
-    if e.is_decode() {
-        BackendError::Protocol(format!("{what}: {detail}"))
-    } else {
-        BackendError::Unreachable(format!("{what}: {detail}"))
-    }
-}
-
-fn ws_error(what: &str, e: tungstenite::Error) -> BackendError {
-    match e {
-        tungstenite::Error::Http(resp) => {
-            BackendError::Protocol(format!("{what} answered HTTP {}", resp.status()))
-        }
-        tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => {
-            BackendError::Timeout(format!("{what}: {io}"))
-        }
-        other => BackendError::Unreachable(format!("{what}: {other}")),
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn model_files_are_sorted_and_unique() {
-        let prompt = json!({
-            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux.safetensors", "weight_dtype": "default"}},
-            "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "b.GGUF", "type": "flux2"}},
-            "3": {"class_type": "VAELoader", "inputs": {"vae_name": "flux.safetensors"}},
-            "4": {"class_type": "LoraLoader", "inputs": {"lora_name": "style.pt", "strength": 1.0, "model": ["1", 0]}},
-            "5": {"class_type": "LoadImage", "inputs": {"image": "cat.png"}},
-            "6": {"class_type": "X", "inputs": {"a": "m.ckpt", "b": "m.pth", "c": "m.bin", "d": "m.sft", "e": "notes.txt"}}
-        });
-        assert_eq!(
-            model_files(&prompt),
-            [
-                "b.GGUF",
-                "flux.safetensors",
-                "m.bin",
-                "m.ckpt",
-                "m.pth",
-                "m.sft",
-                "style.pt"
-            ]
-        );
-        assert!(model_files(&json!([])).is_empty());
-    }
-
-    #[test]
-    fn candidate_names_never_repeat_the_first() {
-        let c: Vec<String> = candidates("nomodel_00001_.png", "0123456789abcdef")
-            .take(3)
-            .collect();
-        assert_eq!(
-            c,
-            [
-                "nomodel_00001_.png",
-                "nomodel_00001__01234567.png",
-                "nomodel_00001__01234567_2.png"
-            ]
-        );
-        let c: Vec<String> = candidates("README", "ab").take(2).collect();
-        assert_eq!(c, ["README", "README_ab"]);
-        assert_eq!(local_basename("video/../x.mp4"), "x.mp4");
-        assert_eq!(local_basename(".."), "output");
-        assert_eq!(safe_segment("../al ice"), "_al_ice");
-    }
 
     #[test]
     fn inputs_are_rewritten_where_named() {
@@ -1357,23 +761,5 @@ mod tests {
         assert_eq!(p["1"]["inputs"]["image"], "comfyume/u1/up.png");
         assert_eq!(p["2"]["inputs"]["image"], "comfyume/u1/up.png [input]");
         assert_eq!(p["3"]["inputs"]["image"], "other.png");
-    }
-
-    #[test]
-    fn urls_keep_a_path_prefix_and_encode_ids() {
-        let b = ComfyUiBackend::new("gpu", "http://h:8188/comfy", 1, Timeouts::default()).unwrap();
-        assert_eq!(
-            b.url(&["history", "a b/c"]).as_str(),
-            "http://h:8188/comfy/history/a%20b%2Fc"
-        );
-        assert_eq!(
-            b.ws_url("comfyume-1"),
-            "ws://h:8188/comfy/ws?clientId=comfyume-1"
-        );
-        let b = ComfyUiBackend::new("gpu", "https://h/", 0, Timeouts::default()).unwrap();
-        assert_eq!(b.ws_url("x"), "wss://h/ws?clientId=x");
-        assert_eq!(b.slots(), 1);
-        assert!(ComfyUiBackend::new("gpu", "ftp://h/", 1, Timeouts::default()).is_err());
-        assert!(ComfyUiBackend::new("gpu", "not a url", 1, Timeouts::default()).is_err());
     }
 }

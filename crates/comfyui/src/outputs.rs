@@ -1,0 +1,162 @@
+//! Output storage: a file fetched from a GPU server is written under a
+//! temporary name, synced, then given a name no other file has (never
+//! overwriting one), so a participant's outputs are never lost or replaced.
+
+use std::path::{Path, PathBuf};
+
+use tokio::io::AsyncWriteExt;
+
+/// An output being written: complete data under a temporary name first, then
+/// [`NewOutput::publish`] gives it its final name. Dropped unpublished (the job
+/// stopped, a write failed), it leaves nothing behind.
+pub struct NewOutput {
+    dir: PathBuf,
+    part: PartFile,
+    file: tokio::fs::File,
+}
+
+impl NewOutput {
+    /// Starts a file in `dir` (created if missing).
+    pub async fn create(dir: &Path) -> std::io::Result<Self> {
+        tokio::fs::create_dir_all(dir).await?;
+        let part =
+            PartFile::new(dir.join(format!(".comfyume-{}.part", uuid::Uuid::new_v4().simple())));
+        let file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part.0)
+            .await?;
+        Ok(NewOutput {
+            dir: dir.to_path_buf(),
+            part,
+            file,
+        })
+    }
+
+    pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(chunk).await
+    }
+
+    /// Syncs the data, then names it after `filename` (its last path segment),
+    /// or, when that name is taken, `<stem>_<job id>[_n].<ext>`. Returns the name.
+    pub async fn publish(mut self, filename: &str, job_id: &str) -> std::io::Result<String> {
+        self.file.flush().await?;
+        self.file.sync_all().await?;
+        let base = local_basename(filename);
+        for candidate in candidates(&base, job_id) {
+            if publish(&self.part.0, &self.dir.join(&candidate)).await? {
+                return Ok(candidate);
+            }
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "every candidate name is taken",
+        ))
+    }
+}
+
+/// A downloaded file not yet given its name; removed if the job stops first.
+struct PartFile(PathBuf);
+
+impl PartFile {
+    fn new(path: PathBuf) -> Self {
+        PartFile(path)
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Gives the finished file `target`'s name without ever replacing a file:
+/// `Ok(false)` if the name is taken.
+async fn publish(part: &Path, target: &Path) -> std::io::Result<bool> {
+    // A hard link appears complete and fails if the name exists.
+    match tokio::fs::hard_link(part, target).await {
+        Ok(()) => return Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(_) => {}
+    }
+    // Filesystems without hard links: claim the name, then move the data in.
+    match tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    }
+    tokio::fs::rename(part, target).await?;
+    Ok(true)
+}
+
+/// `name`, then `<stem>_<id8>.<ext>`, then `<stem>_<id8>_<n>.<ext>`.
+pub(crate) fn candidates(name: &str, job_id: &str) -> impl Iterator<Item = String> {
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => (name[..i].to_owned(), name[i..].to_owned()),
+        _ => (name.to_owned(), String::new()),
+    };
+    let tag: String = safe_segment(job_id).chars().take(8).collect();
+    let first = name.to_owned();
+    std::iter::once(first)
+        .chain(std::iter::once(format!("{stem}_{tag}{ext}")))
+        .chain((2..10_000).map(move |n| format!("{stem}_{tag}_{n}{ext}")))
+}
+
+/// The file name part of a backend name, safe as a local file name.
+pub(crate) fn local_basename(filename: &str) -> String {
+    let base = filename
+        .rsplit(['/', '\\'])
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches('.');
+    if base.is_empty() {
+        "output".to_owned()
+    } else {
+        base.to_owned()
+    }
+}
+
+/// A path segment from a user or job name: letters, digits, `-`, `_`, `.`.
+pub fn safe_segment(s: &str) -> String {
+    let out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let out = out.trim_start_matches('.').to_owned();
+    if out.is_empty() { "_".to_owned() } else { out }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_names_never_repeat_the_first() {
+        let c: Vec<String> = candidates("nomodel_00001_.png", "0123456789abcdef")
+            .take(3)
+            .collect();
+        assert_eq!(
+            c,
+            [
+                "nomodel_00001_.png",
+                "nomodel_00001__01234567.png",
+                "nomodel_00001__01234567_2.png"
+            ]
+        );
+        let c: Vec<String> = candidates("README", "ab").take(2).collect();
+        assert_eq!(c, ["README", "README_ab"]);
+        assert_eq!(local_basename("video/../x.mp4"), "x.mp4");
+        assert_eq!(local_basename(".."), "output");
+        assert_eq!(safe_segment("../al ice"), "_al_ice");
+    }
+}
