@@ -154,7 +154,10 @@ async fn queue_reps(policy: Policy, a: &Args) -> Result<StoreFigures> {
         let (mut take_total, mut submit_total) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..a.store_ops {
             let t = Instant::now();
-            let rec = q.take_next().await?.context("a job is always waiting")?;
+            let (rec, claim) = q
+                .take_next(|_| Some("bench".to_string()))
+                .await?
+                .context("a job is always waiting")?;
             let dt = t.elapsed();
             take_total += dt;
             f.take_samples.push(dt);
@@ -170,7 +173,7 @@ async fn queue_reps(policy: Policy, a: &Args) -> Result<StoreFigures> {
                     },
                 )
                 .await?;
-            q.job_ended(&rec.user);
+            drop(claim);
             next += 1;
             let t = Instant::now();
             q.submit(new_job(next, a)).await?;

@@ -29,6 +29,28 @@ const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
 impl ComfyUiBackend {
+    /// Deletes the job from the server's queue, or interrupts it there if it
+    /// runs, whoever submitted it: for a job we no longer follow. Each call is
+    /// bounded by the request timeout.
+    pub async fn stop(&self, id: &str) -> Result<(), BackendError> {
+        for _ in 0..2 {
+            match self.locate(id).await? {
+                Remote::Finished(_) | Remote::Gone => return Ok(()),
+                Remote::Running => {
+                    return self
+                        .post_empty("POST /interrupt", "interrupt", json!({"prompt_id": id}))
+                        .await;
+                }
+                // Look again after the delete: it may have started just before.
+                Remote::Pending => {
+                    self.post_empty("POST /queue", "queue", json!({"delete": [id]}))
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the job to its end. `interrupt` turns true when the owner cancels.
     pub async fn run(
         &self,

@@ -73,9 +73,13 @@ pub struct ServeArgs {
     /// Jobs a backend holds at once (one running plus those handed over in advance).
     #[arg(long, env = "BACKEND_SLOTS")]
     pub backend_slots: Option<usize>,
-    /// Longest a job may run on a backend, in seconds.
+    /// Longest a job may run on a backend, in seconds, from its start there.
     #[arg(long, env = "JOB_TIMEOUT")]
     pub job_timeout: Option<u64>,
+    /// Longest a job handed to a backend may wait there before it starts, in
+    /// seconds (a hung or unreachable GPU); then it is retried elsewhere.
+    #[arg(long, env = "JOB_START_TIMEOUT")]
+    pub job_start_timeout: Option<u64>,
     /// Attempts per job when GPU servers fail.
     #[arg(long, env = "MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
@@ -121,6 +125,7 @@ pub struct FileConfig {
     pub comfyui_urls: Option<Vec<String>>,
     pub backend_slots: Option<usize>,
     pub job_timeout: Option<u64>,
+    pub job_start_timeout: Option<u64>,
     pub max_attempts: Option<u32>,
 }
 
@@ -251,6 +256,13 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
             job_timeout: std::time::Duration::from_secs(
                 args.job_timeout.or(file.job_timeout).unwrap_or(600).max(1),
             ),
+            start_timeout: std::time::Duration::from_secs(
+                args.job_start_timeout
+                    .or(file.job_start_timeout)
+                    .unwrap_or(600)
+                    .max(1),
+            ),
+            ..Default::default()
         },
         frontend_dir,
         data_dir,

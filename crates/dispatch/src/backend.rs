@@ -25,6 +25,11 @@ pub trait Backend: Send + Sync {
         events: EventTx,
         interrupt: watch::Receiver<bool>,
     ) -> Result<Outcome, BackendError>;
+    /// Makes sure the backend no longer runs or holds the job (it timed out, or
+    /// is about to be retried elsewhere). Best effort; the caller bounds it.
+    async fn stop(&self, _job_id: &str) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -45,5 +50,8 @@ impl Backend for comfyume_comfyui::ComfyUiBackend {
         interrupt: watch::Receiver<bool>,
     ) -> Result<Outcome, BackendError> {
         comfyume_comfyui::ComfyUiBackend::run(self, job, events, interrupt).await
+    }
+    async fn stop(&self, job_id: &str) -> Result<(), BackendError> {
+        comfyume_comfyui::ComfyUiBackend::stop(self, job_id).await
     }
 }

@@ -1,6 +1,16 @@
 //! The dispatcher: keeps every backend slot busy while work is queued, relays
 //! each job's events to its owner, records outcomes, and retries jobs whose
 //! GPU server failed (bounded attempts), telling the participant so.
+//!
+//! Every job runs in a task of its own holding a [`Lease`]: its backend slot
+//! and its [`Claim`] (the owner's running cap, the job's registration). The
+//! lease is released when the task ends, whichever way: outcome, failure,
+//! timeout, or a panic. A job's time on a backend is bounded twice: it must
+//! start (ComfyUI's `execution_start`) within `start_timeout`, then end within
+//! `job_timeout`; past either, the backend is asked to stop it and given
+//! `stop_grace`, after which the attempt is abandoned and the backend told
+//! once more, best effort and bounded, so that no GPU keeps running a job we
+//! no longer follow.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -11,19 +21,31 @@ use bytes::Bytes;
 use comfyume_store::{JobPatch, JobRecord, JobState, StoreError};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 use crate::backend::{
     Backend, BackendError, BackendEvent, InputFile, JobSpec, Outcome, OutcomeKind,
 };
-use crate::queue::{Queue, now_ms};
+use crate::queue::{Claim, Queue, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
     /// `MAX_ATTEMPTS`: tries per job on backends that failed (not on errors of
     /// the workflow itself).
     pub max_attempts: u32,
-    /// `JOB_TIMEOUT`: the longest a job may take on a backend, queue wait excluded.
+    /// `JOB_TIMEOUT`: the longest a job may run on a backend, counted from its
+    /// `execution_start` (its wait in the backend's own queue excluded).
     pub job_timeout: Duration,
+    /// `JOB_START_TIMEOUT`: the longest a job handed to a backend may wait
+    /// there before it starts while no other job of ours runs on that backend
+    /// (a hung or cold GPU); then it is retried elsewhere.
+    pub start_timeout: Duration,
+    /// After a timeout, how long a backend gets to stop the job before the
+    /// attempt is abandoned.
+    pub stop_grace: Duration,
+    /// How often the queue is reconciled with the store (also soon after any
+    /// store error whose outcome is unknown).
+    pub reconcile_every: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -31,13 +53,22 @@ impl Default for DispatchConfig {
         DispatchConfig {
             max_attempts: 3,
             job_timeout: Duration::from_secs(600),
+            start_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(15),
+            reconcile_every: Duration::from_secs(30),
         }
     }
 }
 
+/// Events a backend may have sent that the job's task has not read yet.
+const EVENT_BUFFER: usize = 1024;
+
 struct Slotted {
     backend: Arc<dyn Backend>,
+    /// Jobs handed to it and not yet ended.
     active: AtomicUsize,
+    /// Of those, the ones that have started (the GPU is on them).
+    started: AtomicUsize,
     /// Model files of the last job placed here (loading a model is the
     /// expensive part, so the same models go to the same GPU when possible).
     last_models: Mutex<Vec<String>>,
@@ -56,6 +87,42 @@ pub struct Dispatcher {
     cfg: DispatchConfig,
     data_dir: PathBuf,
     slot_freed: Notify,
+}
+
+/// A job's hold on its backend slot and its claim in the queue; dropped
+/// (released) exactly once, on whatever path the job's task ends.
+struct Lease {
+    dispatcher: Arc<Dispatcher>,
+    slot: Arc<Slotted>,
+    _claim: Claim,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.slot.active.fetch_sub(1, Ordering::SeqCst);
+        self.dispatcher.slot_freed.notify_waiters();
+        // `_claim` drops after this, releasing the owner's cap.
+    }
+}
+
+/// Counts a started job on its slot until dropped.
+struct StartedMark(Arc<Slotted>);
+
+impl Drop for StartedMark {
+    fn drop(&mut self) {
+        self.0.started.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// How an attempt on a backend ended.
+enum Ended {
+    /// The backend's own answer.
+    Finished(Result<Outcome, BackendError>),
+    /// It never started within the start timeout.
+    NeverStarted,
+    /// It started but did not end within the job timeout; the backend's answer
+    /// if it wound down within the grace.
+    TimedOut(Option<Result<Outcome, BackendError>>),
 }
 
 /// What the dashboard and banner can say about a backend.
@@ -81,6 +148,7 @@ impl Dispatcher {
                     Arc::new(Slotted {
                         backend,
                         active: AtomicUsize::new(0),
+                        started: AtomicUsize::new(0),
                         last_models: Mutex::new(Vec::new()),
                         failed_at_ms: AtomicI64::new(0),
                     })
@@ -103,54 +171,87 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Starts the dispatch loop (supervised: restarted if it ever ends) and
-    /// re-attaches the jobs a previous process left on backends.
+    /// Starts the dispatch loop and the reconciler (both supervised: restarted
+    /// if they ever end), after taking over the jobs a previous process left
+    /// dispatched or running.
     pub fn start(self: &Arc<Self>, in_flight: Vec<JobRecord>) -> tokio::task::JoinHandle<()> {
         for rec in in_flight {
-            let me = self.clone();
-            match self
-                .backends
-                .iter()
-                .find(|b| Some(b.backend.name()) == rec.backend.as_deref())
-                .cloned()
-            {
-                Some(slot) => {
-                    slot.active.fetch_add(1, Ordering::SeqCst);
-                    tracing::info!(job = %rec.id, backend = %slot.backend.name(), "re-attaching a job after restart");
-                    me.spawn_job(slot, rec, true);
+            self.adopt(rec, "the server restarted before the job started");
+        }
+        let me = self.clone();
+        supervise("reconciler", move || {
+            let me = me.clone();
+            async move { me.reconcile_loop().await }
+        });
+        let me = self.clone();
+        supervise("dispatch loop", move || {
+            let me = me.clone();
+            async move { me.run_loop().await }
+        })
+    }
+
+    /// Takes over a job the store has as dispatched or running but that no
+    /// task follows (left by a previous process, or found by a reconcile):
+    /// re-attached where it was sent, else queued again.
+    fn adopt(self: &Arc<Self>, rec: JobRecord, why: &str) {
+        let claim = self.queue.claim_existing(&rec);
+        match self
+            .backends
+            .iter()
+            .find(|b| Some(b.backend.name()) == rec.backend.as_deref())
+            .cloned()
+        {
+            Some(slot) => {
+                tracing::info!(job_id = %rec.id, user = %rec.user, backend = %slot.backend.name(), attempt = rec.attempts, "re-attaching a job");
+                slot.active.fetch_add(1, Ordering::SeqCst);
+                let lease = Lease {
+                    dispatcher: self.clone(),
+                    slot,
+                    _claim: claim,
+                };
+                self.spawn_job(lease, rec, true);
+            }
+            None => {
+                let me = self.clone();
+                let why = why.to_string();
+                tokio::spawn(async move {
+                    me.retry_or_fail(rec, why).await;
+                    drop(claim);
+                });
+            }
+        }
+    }
+
+    async fn reconcile_loop(self: &Arc<Self>) {
+        loop {
+            self.queue.reconcile_due(self.cfg.reconcile_every).await;
+            match self.queue.reconcile().await {
+                Ok(r) => {
+                    if !r.added.is_empty() || !r.removed.is_empty() || !r.orphans.is_empty() {
+                        tracing::warn!(
+                            added = ?r.added,
+                            removed = ?r.removed,
+                            orphans = ?r.orphans.iter().map(|o| &o.id).collect::<Vec<_>>(),
+                            "the queue disagreed with the store; brought in line"
+                        );
+                    }
+                    for rec in r.orphans {
+                        self.adopt(rec, "the server lost track of the job");
+                    }
                 }
-                None => {
-                    // It never reached a backend we know: queue it again.
-                    tokio::spawn(async move {
-                        me.retry_or_fail(
-                            rec,
-                            "the server restarted before the job started".into(),
-                            None,
-                        )
-                        .await
-                    });
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not reconcile the queue with the store; retrying soon");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    self.queue.reconcile_soon();
                 }
             }
         }
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let inner = me.clone();
-                match tokio::spawn(async move { inner.run_loop().await }).await {
-                    Ok(()) => return,
-                    Err(e) => {
-                        tracing::error!(error = %e, "dispatch loop crashed; restarting it");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        })
     }
 
     async fn run_loop(self: &Arc<Self>) {
         if self.backends.is_empty() {
             tracing::warn!("no backend configured: jobs stay queued");
-            return;
+            std::future::pending::<()>().await;
         }
         loop {
             // Take a job only when a slot is free, so the scheduler decides at
@@ -168,7 +269,16 @@ impl Dispatcher {
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
             }
-            let rec = match self.queue.wait_next().await {
+            // The backend is chosen before the job is marked dispatched, so one
+            // transaction records both.
+            let chosen: Mutex<Option<(Arc<Slotted>, Vec<String>)>> = Mutex::new(None);
+            let place = |models: &[String]| {
+                let slot = self.choose(models);
+                let name = slot.backend.name().to_string();
+                *lock(&chosen) = Some((slot, models.to_vec()));
+                Some(name)
+            };
+            let (rec, claim) = match self.queue.wait_next(place).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "could not take the next job; retrying shortly");
@@ -176,11 +286,24 @@ impl Dispatcher {
                     continue;
                 }
             };
-            let models = crate::comfyui::model_files(&rec.prompt);
-            let slot = self.choose(&models);
+            let Some((slot, models)) = lock(&chosen).take() else {
+                tracing::error!(job_id = %rec.id, "a job was taken without a backend; queueing it again");
+                let me = self.clone();
+                tokio::spawn(async move {
+                    me.retry_or_fail(rec, "internal error in the dispatcher".into())
+                        .await;
+                    drop(claim);
+                });
+                continue;
+            };
             slot.active.fetch_add(1, Ordering::SeqCst);
-            *slot.last_models.lock().unwrap_or_else(|p| p.into_inner()) = models;
-            self.spawn_job(slot, rec, false);
+            *lock(&slot.last_models) = models;
+            let lease = Lease {
+                dispatcher: self.clone(),
+                slot,
+                _claim: claim,
+            };
+            self.spawn_job(lease, rec, false);
         }
     }
 
@@ -194,8 +317,7 @@ impl Dispatcher {
             .min_by_key(|b| {
                 let failed = b.failed_at_ms.load(Ordering::SeqCst);
                 let suspect = failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS;
-                let same = !models.is_empty()
-                    && *b.last_models.lock().unwrap_or_else(|p| p.into_inner()) == models;
+                let same = !models.is_empty() && *lock(&b.last_models) == models;
                 (suspect, b.active.load(Ordering::SeqCst), !same)
             })
             .or_else(|| self.backends.first())
@@ -203,31 +325,26 @@ impl Dispatcher {
             .expect("at least one backend")
     }
 
-    /// Runs one job in its own task; a panic inside stays contained and the
-    /// job is recorded as failed rather than stuck.
-    fn spawn_job(self: &Arc<Self>, slot: Arc<Slotted>, rec: JobRecord, reattach: bool) {
+    /// Runs one job in its own task. The lease is released however the task
+    /// ends; a panic is contained and the job recorded as failed, not stuck.
+    fn spawn_job(self: &Arc<Self>, lease: Lease, rec: JobRecord, reattach: bool) {
         let me = self.clone();
         tokio::spawn(async move {
-            let (id, user) = (rec.id.clone(), rec.user.clone());
+            let (id, user, client) = (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
             let inner = me.clone();
-            let slot2 = slot.clone();
-            let res = tokio::spawn(async move { inner.run_job(slot2, rec, reattach).await }).await;
+            let res = tokio::spawn(async move { inner.run_job(lease, rec, reattach).await }).await;
             if let Err(e) = res {
-                tracing::error!(job = %id, error = %e, "job task crashed");
-                me.queue.unregister_running(&id);
+                tracing::error!(job_id = %id, user = %user, error = %e, "job task crashed");
                 let _ = me
                     .finish_failed(
                         &id,
                         &user,
-                        None,
+                        client.as_deref(),
                         "internal error in the dispatcher",
                         "ComfyUMe.InternalError",
                     )
                     .await;
-                me.queue.job_ended(&user);
             }
-            slot.active.fetch_sub(1, Ordering::SeqCst);
-            me.slot_freed.notify_waiters();
         });
     }
 
@@ -263,86 +380,52 @@ impl Dispatcher {
         out
     }
 
-    async fn run_job(self: &Arc<Self>, slot: Arc<Slotted>, rec: JobRecord, reattach: bool) {
-        let backend = slot.backend.clone();
+    async fn run_job(self: Arc<Self>, lease: Lease, rec: JobRecord, reattach: bool) {
+        let backend = lease.slot.backend.clone();
         let (id, user, client_id) = (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
-        // Record where it runs before it reaches the backend, so a restart knows.
-        let rec = match self
-            .queue
-            .store()
-            .transition(
-                &id,
-                &[JobState::Dispatched, JobState::Running],
-                if reattach {
-                    rec.state
-                } else {
-                    JobState::Dispatched
-                },
-                JobPatch {
-                    attempts_inc: !reattach,
-                    backend: Some(backend.name().to_string()),
-                    ..Default::default()
-                },
-            )
+        let data_dir = self.data_dir.clone();
+        let me = self.clone();
+        let r = rec.clone();
+        let inputs = tokio::task::spawn_blocking(move || me.input_files(&r))
             .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(job = %id, error = %e, "job changed state before it could run");
-                self.queue.job_ended(&user);
-                return;
-            }
-        };
-        let interrupt = self.queue.register_running(&id, &user);
+            .unwrap_or_default();
         let spec = JobSpec {
             id: id.clone(),
             user: user.clone(),
             prompt: rec.prompt.clone(),
             extra_data: rec.extra_data.clone(),
             outputs_to_execute: rec.outputs_to_execute.clone(),
-            inputs: self.input_files(&rec),
-            output_dir: self.data_dir.join("outputs").join(&user),
-            temp_dir: self.data_dir.join("temp").join(&user),
+            inputs,
+            output_dir: data_dir.join("outputs").join(&user),
+            temp_dir: data_dir.join("temp").join(&user),
             attempt: rec.attempts.max(1),
             reattach,
         };
-        let (tx, rx) = mpsc::channel(1024);
-        let relay = tokio::spawn(relay_events(
-            self.queue.clone(),
-            rx,
-            id.clone(),
-            user.clone(),
-            client_id.clone(),
-            backend.name().to_string(),
-        ));
         let started = now_ms();
-        let run = backend.run(spec, tx, interrupt);
-        tokio::pin!(run);
-        let result = match tokio::time::timeout(self.cfg.job_timeout, &mut run).await {
-            Ok(r) => Ok(r),
-            Err(_) => {
-                // Ask the backend to stop it, and give it a moment to wind down.
-                self.queue.interrupt(&user, Some(&id));
-                let _ = tokio::time::timeout(Duration::from_secs(15), &mut run).await;
-                Err(())
-            }
-        };
-        let relayed_end = relay.await.unwrap_or(false);
-        self.queue.unregister_running(&id);
+        let (ended, relayed_end) = self.attempt(&lease, &rec, spec).await;
         metrics::histogram!("comfyume_job_run_seconds")
             .record((now_ms() - started) as f64 / 1000.0);
-        match result {
-            Ok(Ok(outcome)) => {
-                slot.failed_at_ms.store(0, Ordering::SeqCst);
+        // A job that succeeded within the grace after its timeout keeps its result.
+        let ended = match ended {
+            Ended::TimedOut(Some(Ok(o))) if o.kind == OutcomeKind::Success => {
+                Ended::Finished(Ok(o))
+            }
+            other => other,
+        };
+        match ended {
+            Ended::Finished(Ok(outcome)) => {
+                lease.slot.failed_at_ms.store(0, Ordering::SeqCst);
                 let _ = self.finish(&rec, outcome, relayed_end).await;
-                self.queue.job_ended(&user);
             }
-            Ok(Err(e)) if e.retryable() => {
-                slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
-                tracing::warn!(job = %id, backend = %backend.name(), error = %e, "backend failed the job");
-                self.retry_or_fail(rec, e.to_string(), Some(&e)).await;
+            Ended::Finished(Err(e)) if e.retryable() => {
+                lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
+                tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, error = %e, "backend failed the job");
+                // It may still run there (a lost socket, a /prompt that timed
+                // out after all): stop it before it runs anywhere else.
+                stop_on(&backend, &id, self.cfg.stop_grace).await;
+                self.retry_or_fail(rec, e.to_string()).await;
             }
-            Ok(Err(e)) => {
+            Ended::Finished(Err(e)) => {
                 let detail = match &e {
                     BackendError::Rejected(body) => body["error"]["message"]
                         .as_str()
@@ -359,9 +442,19 @@ impl Dispatcher {
                         "ComfyUMe.BackendRejected",
                     )
                     .await;
-                self.queue.job_ended(&user);
             }
-            Err(()) => {
+            Ended::NeverStarted => {
+                lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
+                tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, "the backend did not start the job in time");
+                let reason = format!(
+                    "{} did not start the job within {} s",
+                    backend.name(),
+                    self.cfg.start_timeout.as_secs()
+                );
+                self.retry_or_fail(rec, reason).await;
+            }
+            Ended::TimedOut(_) => {
+                tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, "the job ran longer than JOB_TIMEOUT");
                 let msg = format!(
                     "The job ran longer than the workshop's limit ({} s) and was stopped.",
                     self.cfg.job_timeout.as_secs()
@@ -375,14 +468,101 @@ impl Dispatcher {
                         "ComfyUMe.JobTimeout",
                     )
                     .await;
-                self.queue.job_ended(&user);
             }
         }
+        drop(lease);
+    }
+
+    /// One attempt on the lease's backend, bounded by the start and job
+    /// timeouts. Returns how it ended and whether ComfyUI's ending message was
+    /// relayed to the owner.
+    async fn attempt(&self, lease: &Lease, rec: &JobRecord, spec: JobSpec) -> (Ended, bool) {
+        let backend = lease.slot.backend.clone();
+        let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
+        let interrupt = self.queue.register_running(&rec.id, &rec.user);
+        let mut run = Box::pin(backend.run(spec, tx, interrupt));
+        let mut relay = Relay::new(&self.queue, rec, backend.name());
+        let mut mark = None;
+        // A job re-attached while running keeps the clock it started with.
+        let mut deadline = match (rec.state, rec.started_at_ms) {
+            (JobState::Running, Some(at)) => {
+                mark = Some(self.mark_started(&lease.slot));
+                let ran = Duration::from_millis((now_ms() - at).max(0) as u64);
+                Instant::now() + self.cfg.job_timeout.saturating_sub(ran)
+            }
+            _ => Instant::now() + self.cfg.start_timeout,
+        };
+        let ended = loop {
+            tokio::select! {
+                res = &mut run => break Ended::Finished(res),
+                Some(ev) = rx.recv() => {
+                    if matches!(ev, BackendEvent::Started) && mark.is_none() {
+                        mark = Some(self.mark_started(&lease.slot));
+                        deadline = Instant::now() + self.cfg.job_timeout;
+                    }
+                    relay.handle(ev).await;
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    if mark.is_some() {
+                        break Ended::TimedOut(None);
+                    }
+                    // Waiting behind another of our jobs on this GPU is not a hang.
+                    if lease.slot.started.load(Ordering::SeqCst) > 0 {
+                        deadline = Instant::now() + self.cfg.start_timeout;
+                        continue;
+                    }
+                    break Ended::NeverStarted;
+                }
+            }
+        };
+        let ended = match ended {
+            Ended::Finished(res) => {
+                // The run is over and its sender gone: what it sent is all here.
+                while let Ok(ev) = rx.try_recv() {
+                    relay.handle(ev).await;
+                }
+                Ended::Finished(res)
+            }
+            timed_out => {
+                // Ask the backend to stop it, and give it a moment to wind down.
+                // A job that never started is retried: nothing of this attempt
+                // reaches the participant any more.
+                let relaying = matches!(timed_out, Ended::TimedOut(_));
+                self.queue.interrupt(&rec.user, Some(&rec.id));
+                let grace = tokio::time::sleep(self.cfg.stop_grace);
+                tokio::pin!(grace);
+                let wound_down = loop {
+                    tokio::select! {
+                        res = &mut run => break Some(res),
+                        Some(ev) = rx.recv() => if relaying { relay.handle(ev).await },
+                        _ = &mut grace => break None,
+                    }
+                };
+                // Abandoned: dropping the run closes its socket and stops its reader.
+                drop(run);
+                if wound_down.is_none() {
+                    // Told once more, in the background: a hung backend must not
+                    // hold the slot or the owner's cap past the grace.
+                    let (id, grace) = (rec.id.clone(), self.cfg.stop_grace);
+                    tokio::spawn(async move { stop_on(&backend, &id, grace).await });
+                }
+                match timed_out {
+                    Ended::TimedOut(_) => Ended::TimedOut(wound_down),
+                    other => other,
+                }
+            }
+        };
+        (ended, relay.ended)
+    }
+
+    fn mark_started(&self, slot: &Arc<Slotted>) -> StartedMark {
+        slot.started.fetch_add(1, Ordering::SeqCst);
+        StartedMark(slot.clone())
     }
 
     /// Another attempt on another slot, or, after the last one, a failure with
     /// a readable reason.
-    async fn retry_or_fail(&self, rec: JobRecord, reason: String, _err: Option<&BackendError>) {
+    async fn retry_or_fail(&self, rec: JobRecord, reason: String) {
         let (id, user) = (rec.id.clone(), rec.user.clone());
         if rec.attempts < self.cfg.max_attempts {
             let next = rec.attempts + 1;
@@ -415,8 +595,8 @@ impl Dispatcher {
                     self.queue.broadcast_status(&user).await;
                 }
                 Err(e) => {
-                    tracing::error!(job = %id, error = %e, "could not requeue a job");
-                    self.queue.job_ended(&user);
+                    tracing::error!(job_id = %id, user = %user, error = %e, "could not requeue a job");
+                    self.queue.reconcile_soon();
                 }
             }
         } else {
@@ -430,7 +610,6 @@ impl Dispatcher {
                     "ComfyUMe.BackendFailed",
                 )
                 .await;
-            self.queue.job_ended(&user);
         }
     }
 
@@ -471,9 +650,7 @@ impl Dispatcher {
                 },
             )
             .await;
-        if let Err(e) = &res {
-            tracing::error!(job = %rec.id, error = %e, "could not record a job's outcome");
-        }
+        self.recorded(&rec.id, &rec.user, &res);
         metrics::counter!("comfyume_jobs_finished_total", "state" => state.as_str()).increment(1);
         if let (Some(msg), Some(c)) = (missed_end, rec.client_id.as_deref()) {
             self.queue
@@ -483,6 +660,20 @@ impl Dispatcher {
         self.end_marker(&rec.user, rec.client_id.as_deref(), &rec.id)
             .await;
         res.map(|_| ())
+    }
+
+    /// After a job's last transition: it leaves the queue for good, or, if the
+    /// store's answer is unknown, the reconciler finds out what it holds.
+    fn recorded(&self, id: &str, user: &str, res: &Result<JobRecord, StoreError>) {
+        match res {
+            Ok(_) | Err(StoreError::Conflict(_)) | Err(StoreError::NotFound) => {
+                self.queue.forget(id)
+            }
+            Err(e) => {
+                tracing::error!(job_id = %id, user = %user, error = %e, "could not record a job's outcome");
+                self.queue.reconcile_soon();
+            }
+        }
     }
 
     async fn finish_failed(
@@ -520,6 +711,7 @@ impl Dispatcher {
                 },
             )
             .await;
+        self.recorded(id, user, &res);
         if let Some(c) = client_id {
             let msg = json!({"type": "execution_error", "data": data});
             self.queue.events().to_client(user, c, &msg.to_string());
@@ -536,6 +728,41 @@ impl Dispatcher {
             self.queue.events().to_client(user, c, &end.to_string());
         }
     }
+}
+
+/// Tells a backend, best effort and bounded, to stop a job we no longer follow.
+async fn stop_on(backend: &Arc<dyn Backend>, id: &str, limit: Duration) {
+    match tokio::time::timeout(limit, backend.stop(id)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(job_id = %id, backend = %backend.name(), error = %e, "could not stop the job on the backend")
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %id, backend = %backend.name(), "the backend did not confirm the job stopped in time")
+        }
+    }
+}
+
+/// Runs a task for the life of the process: restarted (after a pause) if it
+/// ends or panics, and logged each time.
+fn supervise<F, Fut>(what: &'static str, make: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(make()).await {
+                Ok(()) => tracing::error!(task = what, "background task ended; restarting it"),
+                Err(e) => tracing::error!(task = what, error = %e, "background task crashed; restarting it"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// ComfyUI's message for how a job ended (`execution_success`,
@@ -583,32 +810,45 @@ fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
 
 /// Forwards a job's events to its owner's sockets, as ComfyUI routes them:
 /// execution messages to the submitting client only; `progress_state` to all
-/// of the owner's tabs. Returns whether the job's ending message was among them.
-async fn relay_events(
+/// of the owner's tabs. Remembers whether the job's ending message was among them.
+struct Relay {
     queue: Arc<Queue>,
-    mut rx: mpsc::Receiver<BackendEvent>,
     id: String,
     user: String,
     client_id: Option<String>,
     backend: String,
-) -> bool {
-    let events = queue.events().clone();
-    let mut ended = false;
-    while let Some(ev) = rx.recv().await {
+    ended: bool,
+}
+
+impl Relay {
+    fn new(queue: &Arc<Queue>, rec: &JobRecord, backend: &str) -> Self {
+        Relay {
+            queue: queue.clone(),
+            id: rec.id.clone(),
+            user: rec.user.clone(),
+            client_id: rec.client_id.clone(),
+            backend: backend.to_string(),
+            ended: false,
+        }
+    }
+
+    async fn handle(&mut self, ev: BackendEvent) {
+        let (queue, user) = (&self.queue, self.user.as_str());
+        let events = queue.events();
         match ev {
             BackendEvent::Submitted => {}
             BackendEvent::Started => {
-                notice(&queue, &user, &id, &format!("Running on {backend}"));
+                notice(queue, user, &self.id, &format!("Running on {}", self.backend));
             }
             BackendEvent::Message(v) => {
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
                 if kind == "execution_start" {
                     let at = v["data"]["timestamp"].as_i64().unwrap_or_else(now_ms);
-                    let _ = queue
+                    let res = queue
                         .store()
                         .transition(
-                            &id,
+                            &self.id,
                             &[JobState::Dispatched, JobState::Running],
                             JobState::Running,
                             JobPatch {
@@ -617,31 +857,33 @@ async fn relay_events(
                             },
                         )
                         .await;
-                    queue.broadcast_status(&user).await;
+                    if let Err(e) = res {
+                        tracing::warn!(job_id = %self.id, user = %user, error = %e, "could not record that the job started");
+                    }
+                    queue.broadcast_status(user).await;
                 }
-                ended |= is_end_message(kind);
+                self.ended |= is_end_message(kind);
                 // As ComfyUI routes them (ws_observer.txt): to the submitting
                 // client; without one, progress reaches all of the owner's tabs.
-                match &client_id {
+                match &self.client_id {
                     Some(c) => {
-                        events.to_client(&user, c, &text);
+                        events.to_client(user, c, &text);
                     }
                     None if matches!(kind, "progress_state" | "execution_interrupted") => {
-                        events.to_user(&user, &text);
+                        events.to_user(user, &text);
                     }
                     None => {}
                 }
             }
             BackendEvent::Binary(frame) => {
-                if let Some(c) = &client_id {
+                if let Some(c) = &self.client_id {
                     let legacy = legacy_preview(&frame).unwrap_or_else(|| frame.clone());
-                    events.preview(&user, c, legacy, frame);
+                    events.preview(user, c, legacy, frame);
                 }
             }
-            BackendEvent::Notice(text) => notice(&queue, &user, &id, &text),
+            BackendEvent::Notice(text) => notice(queue, user, &self.id, &text),
         }
     }
-    ended
 }
 
 /// A type-4 preview frame (with metadata) as the type-1 frame older clients

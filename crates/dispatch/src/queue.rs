@@ -1,9 +1,17 @@
 //! The workshop queue: every accepted job is committed to the store before
 //! the participant's 200, and mirrored in the in-memory fair scheduler that
 //! decides which job a free backend slot takes next.
+//!
+//! The store is the single truth. The scheduler is a view of its queued jobs,
+//! and every job the store has as dispatched or running is *claimed* by this
+//! process (a [`Claim`], held from the moment it is taken until its last
+//! transition out of those states). [`Queue::reconcile`] brings the view in line
+//! with the store (at start, periodically, and soon after any store error whose
+//! outcome is unknown): queued jobs missing from the scheduler are added, stale
+//! entries removed, and dispatched jobs nobody claims are handed back as orphans.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -44,6 +52,9 @@ pub enum QueueError {
     Store(#[from] StoreError),
     #[error("invalid priority level {0} (0-3)")]
     InvalidLevel(u8),
+    /// A task of the queue itself failed (a bug); the job's state is in the store.
+    #[error("internal error in the queue: {0}")]
+    Internal(String),
 }
 
 pub fn now_ms() -> i64 {
@@ -64,6 +75,79 @@ pub struct Queue {
     events: Arc<dyn EventSink>,
     /// Jobs on a backend now: id -> (owner, interrupt switch).
     running: Mutex<HashMap<String, (String, watch::Sender<bool>)>>,
+    /// Jobs this process has taken (dispatched or running in the store): id ->
+    /// the token of the [`Claim`] that holds it.
+    claimed: Mutex<HashMap<String, u64>>,
+    next_claim: AtomicU64,
+    /// Model files each waiting job loads (placement prefers the GPU that has them).
+    models: Mutex<HashMap<String, Arc<[String]>>>,
+    /// Wakes the reconciler early (after a store error of unknown outcome).
+    reconcile_soon: Notify,
+}
+
+/// A job taken by this process: while it lives, the job counts toward its
+/// owner's running cap and [`Queue::reconcile`] leaves it alone. Dropping it
+/// (on every exit path of the job's task, a panic included) releases both,
+/// exactly once.
+pub struct Claim {
+    queue: Arc<Queue>,
+    id: String,
+    user: String,
+    token: u64,
+}
+
+impl Claim {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+}
+
+impl std::fmt::Debug for Claim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claim")
+            .field("id", &self.id)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let q = &self.queue;
+        {
+            let mut claimed = lock(&q.claimed);
+            if claimed.get(&self.id) == Some(&self.token) {
+                claimed.remove(&self.id);
+                // Only the current claim ends the job's registration: a retry may
+                // already run under a newer one.
+                lock(&q.running).remove(&self.id);
+            }
+        }
+        q.sched().finished(&self.user);
+        q.notify.notify_waiters();
+    }
+}
+
+/// What [`Queue::reconcile`] found and did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Reconciled {
+    /// Queued in the store, missing from the scheduler: added.
+    pub added: Vec<String>,
+    /// In the scheduler, but no longer queued in the store: removed.
+    pub removed: Vec<String>,
+    /// Dispatched or running in the store with nobody in this process on them.
+    pub orphans: Vec<JobRecord>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn model_list(r: &JobRecord) -> Arc<[String]> {
+    Arc::from(comfyume_comfyui::model_files(&r.prompt))
 }
 
 fn queued_job(r: &JobRecord) -> QueuedJob {
@@ -107,18 +191,18 @@ impl Queue {
         );
         let mut in_flight = Vec::new();
         let mut max_seq = 0;
+        let mut models = HashMap::new();
         for r in store.unfinished_jobs().await? {
             max_seq = max_seq.max(r.seq).max(counter_floor(r.number));
             match r.state {
                 JobState::Queued => {
+                    models.insert(r.id.clone(), model_list(&r));
                     if let Err(e) = sched.enqueue(queued_job(&r)) {
                         tracing::error!(job = %r.id, error = %e, "could not restore a queued job");
                     }
                 }
-                _ => {
-                    sched.restore_running(&r.user);
-                    in_flight.push(r);
-                }
+                // Counted toward their owners' caps once the dispatcher claims them.
+                _ => in_flight.push(r),
             }
         }
         let (recent, _) = store
@@ -142,6 +226,10 @@ impl Queue {
             counter: AtomicI64::new(max_seq),
             events,
             running: Mutex::new(HashMap::new()),
+            claimed: Mutex::new(HashMap::new()),
+            next_claim: AtomicU64::new(1),
+            models: Mutex::new(models),
+            reconcile_soon: Notify::new(),
         });
         Ok((q, in_flight))
     }
@@ -173,17 +261,39 @@ impl Queue {
     }
 
     /// Commits the job, then makes it schedulable. The store's answer is the
-    /// durability point: only after it may the participant hear 200.
-    pub async fn submit(&self, job: NewJob) -> Result<JobRecord, QueueError> {
+    /// durability point: only after it may the participant hear 200. Runs in a
+    /// task of its own, so a caller that goes away (a closed tab) after the job
+    /// reached the store cannot leave it committed but unscheduled.
+    pub async fn submit(self: &Arc<Self>, job: NewJob) -> Result<JobRecord, QueueError> {
+        let me = self.clone();
+        tokio::spawn(async move { me.submit_now(job).await })
+            .await
+            .map_err(|e| {
+                self.reconcile_soon.notify_one();
+                QueueError::Internal(e.to_string())
+            })?
+    }
+
+    async fn submit_now(&self, job: NewJob) -> Result<JobRecord, QueueError> {
         let user = job.user.clone();
-        let (rec, remaining) = self
+        let (rec, remaining) = match self
             .store
             .enqueue_counted(job, self.enqueue_limits())
-            .await?;
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                if matches!(e, StoreError::Unavailable(_)) {
+                    // A timeout may still have committed it: look again soon.
+                    self.reconcile_soon.notify_one();
+                }
+                return Err(e.into());
+            }
+        };
+        lock(&self.models).insert(rec.id.clone(), model_list(&rec));
         if let Err(e) = self.sched().enqueue(queued_job(&rec)) {
-            // The store accepted it, so it must not vanish: this only happens
-            // for an id the scheduler already holds, which the store forbids.
-            tracing::error!(job = %rec.id, error = %e, "scheduler refused a stored job");
+            // Only an id the scheduler already holds (a reconcile got there first).
+            tracing::debug!(job = %rec.id, error = %e, "job already scheduled");
         }
         metrics::counter!("comfyume_jobs_submitted_total").increment(1);
         self.notify.notify_waiters();
@@ -226,73 +336,175 @@ impl Queue {
         Ok(removed)
     }
 
-    /// The next job for a free backend slot, marked `dispatched` in the store;
-    /// `None` when nothing may run now.
-    pub async fn take_next(&self) -> Result<Option<JobRecord>, QueueError> {
+    /// The next job for a free backend slot, claimed and marked `dispatched`
+    /// in the store (one transaction: attempt counted, backend recorded);
+    /// `None` when nothing may run now. `place` gets the job's model files and
+    /// names the backend it will run on (`None`: none recorded).
+    pub async fn take_next(
+        self: &Arc<Self>,
+        place: impl Fn(&[String]) -> Option<String>,
+    ) -> Result<Option<(JobRecord, Claim)>, QueueError> {
         loop {
             let Some(job) = self.sched().pick(now_ms()) else {
                 return Ok(None);
             };
+            // Claimed before the store says dispatched, so a reconcile never
+            // mistakes it for an orphan.
+            let claim = self.claim(&job.id, &job.user);
+            let models = lock(&self.models)
+                .get(&job.id)
+                .cloned()
+                .unwrap_or_else(|| Arc::from(Vec::new()));
+            let backend = place(&models);
             match self
                 .store
                 .transition(
                     &job.id,
                     &[JobState::Queued],
                     JobState::Dispatched,
-                    JobPatch::default(),
+                    JobPatch {
+                        attempts_inc: true,
+                        backend,
+                        ..Default::default()
+                    },
                 )
                 .await
             {
-                Ok(rec) => return Ok(Some(rec)),
-                // Cancelled between the pick and now: release the slot, try the next.
+                Ok(rec) => return Ok(Some((rec, claim))),
+                // Cancelled between the pick and now: release it, try the next.
                 Err(StoreError::Conflict(_)) | Err(StoreError::NotFound) => {
-                    self.sched().finished(&job.user);
+                    lock(&self.models).remove(&job.id);
+                    drop(claim);
                 }
                 Err(e) => {
-                    // Put it back so a storage hiccup loses nothing.
-                    let mut s = self.sched();
-                    s.finished(&job.user);
-                    let _ = s.requeue(job);
+                    // It may or may not be dispatched now: the reconciler asks the
+                    // store. Queued there, it comes back; dispatched, it is an
+                    // orphan and is retried. Never both.
+                    drop(claim);
+                    self.reconcile_soon.notify_one();
                     return Err(e.into());
                 }
             }
         }
     }
 
-    /// Waits until a job may run. Event-driven (no polling delay); the timeout
-    /// only guards against a missed wake-up.
-    pub async fn wait_next(&self) -> Result<JobRecord, QueueError> {
+    /// Claims a job the store already has as dispatched or running (found at
+    /// start, or an orphan found by [`Self::reconcile`]): it counts toward its
+    /// owner's cap until the claim is dropped.
+    pub fn claim_existing(self: &Arc<Self>, rec: &JobRecord) -> Claim {
+        self.sched().restore_running(&rec.user);
+        self.claim(&rec.id, &rec.user)
+    }
+
+    fn claim(self: &Arc<Self>, id: &str, user: &str) -> Claim {
+        let token = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        lock(&self.claimed).insert(id.to_string(), token);
+        Claim {
+            queue: self.clone(),
+            id: id.to_string(),
+            user: user.to_string(),
+            token,
+        }
+    }
+
+    /// Whether this process holds a claim on the job.
+    pub fn is_claimed(&self, id: &str) -> bool {
+        lock(&self.claimed).contains_key(id)
+    }
+
+    /// Waits until a job may run (see [`Self::take_next`]). Event-driven (no
+    /// polling delay); the timeout only guards against a missed wake-up.
+    pub async fn wait_next(
+        self: &Arc<Self>,
+        place: impl Fn(&[String]) -> Option<String>,
+    ) -> Result<(JobRecord, Claim), QueueError> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(j) = self.take_next().await? {
+            if let Some(j) = self.take_next(&place).await? {
                 return Ok(j);
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
         }
     }
 
-    /// A dispatched or running job ended (any outcome): frees its cap slot.
-    pub fn job_ended(&self, user: &str) {
-        self.sched().finished(user);
-        self.notify.notify_waiters();
+    /// Waits until the next reconcile is due: after `every`, or sooner after a
+    /// store error whose outcome is unknown.
+    pub async fn reconcile_due(&self, every: Duration) {
+        let _ = tokio::time::timeout(every, self.reconcile_soon.notified()).await;
     }
 
-    /// Puts a job back for another attempt (keeps its place among its owner's jobs).
-    pub fn requeue(&self, rec: &JobRecord) {
+    /// Asks for a reconcile soon (after a store error whose outcome is unknown).
+    pub fn reconcile_soon(&self) {
+        self.reconcile_soon.notify_one();
+    }
+
+    /// Brings the scheduler in line with the store (see the module docs).
+    /// Orphans are returned unclaimed, for the dispatcher to re-attach or retry.
+    pub async fn reconcile(&self) -> Result<Reconciled, QueueError> {
+        let unfinished = self.store.unfinished_jobs().await?;
+        let mut out = Reconciled::default();
+        let mut queued_in_store = HashSet::new();
+        let mut stale = Vec::new();
         {
+            let claimed = lock(&self.claimed);
             let mut s = self.sched();
-            s.finished(&rec.user);
-            if let Err(e) = s.requeue(queued_job(rec)) {
-                tracing::error!(job = %rec.id, error = %e, "could not requeue a job");
+            for r in &unfinished {
+                if r.state == JobState::Queued {
+                    queued_in_store.insert(r.id.as_str());
+                    if !s.contains(&r.id) && !claimed.contains_key(&r.id) {
+                        lock(&self.models).insert(r.id.clone(), model_list(r));
+                        if s.enqueue(queued_job(r)).is_ok() {
+                            out.added.push(r.id.clone());
+                        }
+                    }
+                } else if !claimed.contains_key(&r.id) {
+                    // A claim is taken before the store says dispatched and held
+                    // until the job leaves that state: without one it is nobody's.
+                    out.orphans.push(r.clone());
+                }
             }
+            stale.extend(
+                s.queued_ids()
+                    .filter(|id| !queued_in_store.contains(id))
+                    .map(str::to_owned),
+            );
+        }
+        // Not queued in the snapshot: gone, or submitted after it. Ask once more.
+        for id in stale {
+            let queued = matches!(
+                self.store.get_job(&id).await?,
+                Some(r) if r.state == JobState::Queued
+            );
+            if !queued && self.sched().remove(&id).is_some() {
+                lock(&self.models).remove(&id);
+                out.removed.push(id);
+            }
+        }
+        if !out.added.is_empty() || !out.removed.is_empty() {
+            self.notify.notify_waiters();
+        }
+        Ok(out)
+    }
+
+    /// Puts a job back for another attempt (keeps its place among its owner's
+    /// jobs). Its cap is released by its claim.
+    pub fn requeue(&self, rec: &JobRecord) {
+        lock(&self.models).insert(rec.id.clone(), model_list(rec));
+        if let Err(e) = self.sched().requeue(queued_job(rec)) {
+            tracing::error!(job = %rec.id, error = %e, "could not requeue a job");
         }
         self.notify.notify_waiters();
     }
 
-    /// Marks a job as on a backend; the receiver turns `true` when its owner
-    /// interrupts it.
+    /// A job left the queue for good: forget its placement hint.
+    pub fn forget(&self, id: &str) {
+        lock(&self.models).remove(id);
+    }
+
+    /// Marks a claimed job as on a backend; the receiver turns `true` when its
+    /// owner interrupts it. The registration ends with the claim.
     pub fn register_running(&self, id: &str, user: &str) -> watch::Receiver<bool> {
         let (tx, rx) = watch::channel(false);
         self.running
@@ -300,13 +512,6 @@ impl Queue {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.to_string(), (user.to_string(), tx));
         rx
-    }
-
-    pub fn unregister_running(&self, id: &str) {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
     }
 
     /// Interrupts `user`'s running job `prompt_id`, or all of `user`'s running

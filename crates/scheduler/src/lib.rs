@@ -528,6 +528,11 @@ impl Scheduler {
         self.jobs.contains_key(id)
     }
 
+    /// The ids of every queued job, in no particular order (for reconciling with the store).
+    pub fn queued_ids(&self) -> impl Iterator<Item = &str> {
+        self.jobs.keys().map(String::as_str)
+    }
+
     pub fn get(&self, id: &str) -> Option<&QueuedJob> {
         let l = self.jobs.get(id)?;
         self.users.get(&l.user)?.groups[l.group].get(&l.key)
