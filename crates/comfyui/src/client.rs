@@ -6,16 +6,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
-use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use serde_json::Value;
 use tokio_tungstenite::tungstenite;
 
 use crate::job::{BackendError, Timeouts};
+use crate::socket::SharedSocket;
 use crate::telemetry::{BACKEND_CALL_DURATION, BACKEND_CALL_ERRORS};
-use comfyume_wire::shapes::ws::ws_message;
 
 /// A ComfyUI server used as a backend.
 pub struct ComfyUiBackend {
@@ -27,6 +24,8 @@ pub struct ComfyUiBackend {
     /// Output node classes from the last `/object_info`, to decide whether a
     /// job runs only part of its outputs.
     pub(crate) output_classes: Mutex<Option<Arc<HashSet<String>>>>,
+    /// The one WebSocket all our jobs on this server share.
+    pub(crate) socket: SharedSocket,
 }
 
 impl std::fmt::Debug for ComfyUiBackend {
@@ -76,6 +75,7 @@ impl ComfyUiBackend {
             timeouts,
             http,
             output_classes: Mutex::new(None),
+            socket: SharedSocket::new(),
         })
     }
 
@@ -235,72 +235,6 @@ impl ComfyUiBackend {
         self.object_info().await.ok()?;
         lock(&self.output_classes).clone()
     }
-
-    /// Opens the job's socket and announces `supports_preview_metadata` (only
-    /// a client's first message counts), then reads it in a task.
-    pub(crate) async fn connect_ws(&self, client_id: &str) -> Result<WsConn, BackendError> {
-        let what = "WebSocket /ws";
-        let limit = self.timeouts.request;
-        let url = self.ws_url(client_id);
-        let (mut ws, _) =
-            match tokio::time::timeout(limit, tokio_tungstenite::connect_async(url)).await {
-                Err(_) => {
-                    return Err(self.failed(
-                        what,
-                        BackendError::Timeout(format!(
-                            "{what}: no answer within {} ms",
-                            limit.as_millis()
-                        )),
-                    ));
-                }
-                Ok(Err(e)) => return Err(self.failed(what, ws_error(what, e))),
-                Ok(Ok(pair)) => pair,
-            };
-        let flags = ws_message("feature_flags", json!({"supports_preview_metadata": true}));
-        match tokio::time::timeout(
-            limit,
-            ws.send(tungstenite::Message::text(flags.to_string())),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "{what}: could not send feature flags within {} ms",
-                    limit.as_millis()
-                )));
-            }
-            Ok(Err(e)) => return Err(ws_error(what, e)),
-            Ok(Ok(())) => {}
-        }
-        let (tx, rx) = mpsc::unbounded_channel();
-        // Read without pause: ComfyUI's publish loop waits on slow sockets,
-        // which would stall every client of that server.
-        let task = tokio::spawn(async move {
-            loop {
-                let ev = match ws.next().await {
-                    Some(Ok(tungstenite::Message::Text(t))) => WsEvent::Text(t.to_string()),
-                    Some(Ok(tungstenite::Message::Binary(b))) => WsEvent::Binary(b),
-                    Some(Ok(tungstenite::Message::Close(_))) => {
-                        let _ = tx.send(WsEvent::Closed("closed by the server".into()));
-                        return;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => {
-                        let _ = tx.send(WsEvent::Closed(e.to_string()));
-                        return;
-                    }
-                    None => {
-                        let _ = tx.send(WsEvent::Closed("connection ended".into()));
-                        return;
-                    }
-                };
-                if tx.send(ev).is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(WsConn { rx, task })
-    }
 }
 
 impl ComfyUiBackend {
@@ -348,24 +282,6 @@ pub(crate) enum Remote {
     Pending,
     /// Neither in history nor in the queue: the backend forgot it.
     Gone,
-}
-
-pub(crate) enum WsEvent {
-    Text(String),
-    Binary(Bytes),
-    Closed(String),
-}
-
-/// The job's socket: frames arrive on `rx`; dropping it stops the reader.
-pub(crate) struct WsConn {
-    pub(crate) rx: mpsc::UnboundedReceiver<WsEvent>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for WsConn {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 pub(crate) fn http_error(what: &str, limit: Duration, e: reqwest::Error) -> BackendError {

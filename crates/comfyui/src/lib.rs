@@ -7,6 +7,7 @@ mod client;
 mod job;
 pub mod outputs;
 mod run;
+mod socket;
 pub mod telemetry;
 
 pub use client::ComfyUiBackend;

@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::client::{ComfyUiBackend, Remote, WsConn, WsEvent, http_error, now_ms};
+use crate::client::{ComfyUiBackend, Remote, http_error, now_ms};
 use crate::job::{BackendError, BackendEvent, EventTx, JobSpec, Outcome, OutcomeKind};
 use crate::outputs;
-use crate::telemetry::BACKEND_WS_RECONNECTS;
+use crate::socket::{Subscription, WsEvent};
 use comfyume_wire::shapes::ws::{BinaryFrame, ws_message};
 
 /// WebSocket re-connection attempts after a drop, before the backend is
@@ -61,7 +61,7 @@ impl ComfyUiBackend {
         let span = tracing::info_span!("comfyui_job", backend = %self.name, job = %job.id, attempt = job.attempt);
         let mut run = JobRun {
             b: self,
-            client_id: format!("comfyume-{}", job.id),
+            client_id: self.socket.client_id().to_string(),
             job,
             events,
             fetched: HashMap::new(),
@@ -160,14 +160,15 @@ impl JobRun<'_> {
                 return self.collect(entry).await.map_err(mid_job);
             }
             if self.b.queue_place(&id).await?.is_some() {
-                let ws = self.b.connect_ws(&self.client_id).await?;
+                let ws = self.subscribe().await?;
                 return self.watch(ws, interrupt, true).await.map_err(mid_job);
             }
         }
         if *interrupt.borrow_and_update() {
             return Ok(self.cancelled());
         }
-        let ws = self.b.connect_ws(&self.client_id).await?;
+        // Subscribed before the prompt exists there, so no message is missed.
+        let ws = self.subscribe().await?;
         let prompt = self.upload_inputs().await?;
         if *interrupt.borrow_and_update() {
             return Ok(self.cancelled());
@@ -175,6 +176,13 @@ impl JobRun<'_> {
         self.submit(prompt).await?;
         self.emit(BackendEvent::Submitted).await;
         self.watch(ws, interrupt, false).await.map_err(mid_job)
+    }
+
+    /// The job's share of the server's socket, connected.
+    async fn subscribe(&self) -> Result<Subscription, BackendError> {
+        let sub = self.b.socket.subscribe(&self.job.id);
+        self.b.socket.ensure_connected(self.b).await?;
+        Ok(sub)
     }
 
     /// An interrupt outcome without node details: the job was cancelled
@@ -334,7 +342,7 @@ impl JobRun<'_> {
     /// Follows the job on its socket to the end.
     async fn watch(
         &mut self,
-        mut ws: WsConn,
+        mut ws: Subscription,
         mut interrupt: watch::Receiver<bool>,
         locate_first: bool,
     ) -> Result<Outcome, BackendError> {
@@ -360,7 +368,7 @@ impl JobRun<'_> {
             let wake = stop_deadline.map_or(silence_at, |d| d.min(silence_at));
             tokio::select! {
                 ev = ws.rx.recv() => match ev {
-                    Some(WsEvent::Text(text)) => match self.on_text(&text).await? {
+                    Some(WsEvent::Json(msg)) => match self.on_message(msg).await? {
                         Step::Continue(alive) => {
                             if alive {
                                 last_seen = Instant::now();
@@ -375,8 +383,8 @@ impl JobRun<'_> {
                     }
                     Some(WsEvent::Closed(why)) => {
                         tracing::warn!(job = %self.job.id, backend = %self.b.name, reason = %why, "WebSocket dropped mid-job; reconnecting");
-                        ws = match self.reconnect().await {
-                            Ok(ws) => ws,
+                        match self.reconnect().await {
+                            Ok(()) => {}
                             Err(e) => {
                                 // The socket stays away; the job may still
                                 // have ended there.
@@ -439,18 +447,17 @@ impl JobRun<'_> {
         }
     }
 
-    async fn reconnect(&self) -> Result<WsConn, BackendError> {
+    /// Re-opens the shared socket after a drop (our subscription stays).
+    async fn reconnect(&self) -> Result<(), BackendError> {
         let mut delay = RECONNECT_FIRST_DELAY;
         let mut last = None;
         for attempt in 1..=RECONNECT_TRIES {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(RECONNECT_MAX_DELAY);
-            match self.b.connect_ws(&self.client_id).await {
-                Ok(ws) => {
-                    metrics::counter!(BACKEND_WS_RECONNECTS, "backend" => self.b.name.clone())
-                        .increment(1);
-                    tracing::info!(job = %self.job.id, backend = %self.b.name, attempt, "WebSocket reconnected");
-                    return Ok(ws);
+            match self.b.socket.ensure_connected(self.b).await {
+                Ok(()) => {
+                    tracing::info!(job = %self.job.id, backend = %self.b.name, attempt, "WebSocket open again");
+                    return Ok(());
                 }
                 Err(e) => last = Some(e),
             }
@@ -486,10 +493,7 @@ impl JobRun<'_> {
         }
     }
 
-    async fn on_text(&mut self, text: &str) -> Result<Step, BackendError> {
-        let Ok(mut msg) = serde_json::from_str::<Value>(text) else {
-            return Ok(Step::Continue(false));
-        };
+    async fn on_message(&mut self, mut msg: Value) -> Result<Step, BackendError> {
         let kind = msg
             .get("type")
             .and_then(Value::as_str)

@@ -754,7 +754,9 @@ where
         loop {
             match tokio::spawn(make()).await {
                 Ok(()) => tracing::error!(task = what, "background task ended; restarting it"),
-                Err(e) => tracing::error!(task = what, error = %e, "background task crashed; restarting it"),
+                Err(e) => {
+                    tracing::error!(task = what, error = %e, "background task crashed; restarting it")
+                }
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -838,7 +840,12 @@ impl Relay {
         match ev {
             BackendEvent::Submitted => {}
             BackendEvent::Started => {
-                notice(queue, user, &self.id, &format!("Running on {}", self.backend));
+                notice(
+                    queue,
+                    user,
+                    &self.id,
+                    &format!("Running on {}", self.backend),
+                );
             }
             BackendEvent::Message(v) => {
                 let text = v.to_string();

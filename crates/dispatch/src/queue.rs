@@ -276,11 +276,7 @@ impl Queue {
 
     async fn submit_now(&self, job: NewJob) -> Result<JobRecord, QueueError> {
         let user = job.user.clone();
-        let (rec, remaining) = match self
-            .store
-            .enqueue_counted(job, self.enqueue_limits())
-            .await
-        {
+        let (rec, remaining) = match self.store.enqueue_counted(job, self.enqueue_limits()).await {
             Ok(r) => r,
             Err(e) => {
                 if matches!(e, StoreError::Unavailable(_)) {

@@ -368,10 +368,18 @@ async fn uploaded_inputs_land_in_per_participant_subfolders() {
         history["load-b"]["prompt"][2]["1"]["inputs"]["image"],
         "comfyume/user002/up.png"
     );
-    assert_eq!(
-        history["load-b"]["prompt"][3]["client_id"],
-        "comfyume-load-b"
-    );
+    // Every job goes out under the backend's one shared socket's client id.
+    let first: Value = reqwest::get(format!("{}/history/load-a", sim.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let client = history["load-b"]["prompt"][3]["client_id"]
+        .as_str()
+        .unwrap();
+    assert!(client.starts_with("comfyume-"), "{client}");
+    assert_eq!(first["load-a"]["prompt"][3]["client_id"], client);
     sim.shutdown().await;
 }
 
@@ -636,6 +644,14 @@ async fn a_dropped_websocket_is_reconnected_and_the_job_succeeds() {
     sim.shutdown().await;
 }
 
+/// The future ends by itself: a liveness guard far above the test's own short
+/// limits, so load on the machine cannot make it flake.
+async fn ends<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("the job never ended")
+}
+
 #[tokio::test]
 async fn a_hung_backend_times_out_within_the_limits() {
     let sim = sim(20).await;
@@ -644,10 +660,9 @@ async fn a_hung_backend_times_out_within_the_limits() {
     let mut job_run = start(&b, job("job-hang", "user001", slow_blur(), &["4"], &f));
     job_run.until(is_started).await;
     sim.set_fault(Fault::Hang { for_ms: None });
-    let t0 = Instant::now();
-    let err = job_run.finish().await.0.unwrap_err();
-    // silence (1 s) + one request limit (1 s), with slack.
-    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    // Ends by itself (silence 1 s + one request limit 1 s here); the bound at
+    // production values is tested in virtual time (tests/failure_paths.rs).
+    let err = ends(job_run.finish()).await.0.unwrap_err();
     assert!(
         matches!(err, BackendError::Timeout(_) | BackendError::Lost(_)),
         "{err:?}"
@@ -676,13 +691,11 @@ async fn a_backend_that_forgot_the_job_lost_it() {
     );
     queued.until(|e| matches!(e, BackendEvent::Submitted)).await;
     sim.set_fault(Fault::ForgetHistory);
-    let t0 = Instant::now();
-    let err = queued.finish().await.0.unwrap_err();
+    let err = ends(queued.finish()).await.0.unwrap_err();
     assert!(
         matches!(&err, BackendError::Lost(m) if m.contains("forgot")),
         "{err:?}"
     );
-    assert!(t0.elapsed() < Duration::from_secs(4));
     // The running job survives a fresh replica's empty history (it lands there).
     assert_eq!(busy.finish().await.0.unwrap().kind, OutcomeKind::Success);
     sim.shutdown().await;
@@ -720,15 +733,13 @@ async fn a_backend_that_dies_mid_job_lost_it() {
     let b = arc(backend(&sim));
     let f = folders();
     sim.set_fault(Fault::DieMidJob);
-    let t0 = Instant::now();
-    let err = run(&b, job("job-die", "user001", slow_blur(), &["4"], &f))
+    let err = ends(run(&b, job("job-die", "user001", slow_blur(), &["4"], &f)))
         .await
         .0
         .unwrap_err();
     assert!(sim.is_dead());
     assert!(matches!(err, BackendError::Lost(_)), "{err:?}");
     assert!(err.retryable());
-    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
     let leftovers = std::fs::read_dir(&f.outputs)
         .map(|d| d.count())
         .unwrap_or(0);
@@ -870,9 +881,7 @@ async fn a_cancel_on_a_hung_backend_still_ends_as_interrupted() {
     job_run.until(is_started).await;
     sim.set_fault(Fault::Hang { for_ms: None });
     job_run.interrupt.send(true).unwrap();
-    let t0 = Instant::now();
-    let outcome = job_run.finish().await.0.unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    let outcome = ends(job_run.finish()).await.0.unwrap();
     let OutcomeKind::Interrupted(data) = outcome.kind else {
         panic!("{:?}", outcome.kind)
     };

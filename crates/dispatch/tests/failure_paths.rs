@@ -52,11 +52,18 @@ fn error_type(rec: &comfyume_store::JobRecord) -> String {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_hanging_backend_whose_stop_never_answers_frees_slot_and_cap_within_timeout_plus_grace()
-{
+async fn a_hanging_backend_whose_stop_never_answers_frees_slot_and_cap_within_timeout_plus_grace() {
     let journal = Arc::new(Journal::default());
-    let mut b = Scripted::new("gpu", 2, Script::Run { wait: SECS(0), run: SECS(1) }, &journal)
-        .script("hang", Script::HangAfterStart);
+    let mut b = Scripted::new(
+        "gpu",
+        2,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    )
+    .script("hang", Script::HangAfterStart);
     b.stop_answers = false;
     let r = one_backend(b, journal.clone()).await;
     // The same participant's second job waits for their running cap (1).
@@ -65,7 +72,11 @@ async fn a_hanging_backend_whose_stop_never_answers_frees_slot_and_cap_within_ti
 
     r.at(SECS(1)).await;
     assert_eq!(r.state("hang").await, JobState::Running);
-    assert_eq!(r.state("next").await, JobState::Queued, "capped behind the running job");
+    assert_eq!(
+        r.state("next").await,
+        JobState::Queued,
+        "capped behind the running job"
+    );
     assert_eq!(r.active("gpu"), 1);
 
     // Still within JOB_TIMEOUT + grace: nothing is given up yet.
@@ -101,14 +112,38 @@ async fn job_timeout_counts_from_the_start_not_from_the_hand_over() {
     let journal = Arc::new(Journal::default());
     // Two slots: the second job is handed over in advance and waits 595 s in
     // the GPU's own queue behind the first, then runs 100 s.
-    let b = Scripted::new("gpu", 2, Script::Run { wait: SECS(0), run: SECS(1) }, &journal)
-        .script("first", Script::Run { wait: SECS(0), run: SECS(595) })
-        .script("second", Script::Run { wait: SECS(595), run: SECS(100) });
+    let b = Scripted::new(
+        "gpu",
+        2,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    )
+    .script(
+        "first",
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(595),
+        },
+    )
+    .script(
+        "second",
+        Script::Run {
+            wait: SECS(595),
+            run: SECS(100),
+        },
+    );
     let r = one_backend(b, journal).await;
     r.queue.submit(new_job("first", "u1")).await.unwrap();
     r.queue.submit(new_job("second", "u2")).await.unwrap();
     r.at(SECS(1)).await;
-    assert_eq!(r.state("second").await, JobState::Dispatched, "handed over in advance");
+    assert_eq!(
+        r.state("second").await,
+        JobState::Dispatched,
+        "handed over in advance"
+    );
     r.at(SECS(700)).await;
     assert_eq!(r.state("first").await, JobState::Succeeded);
     let second = r.job("second").await;
@@ -122,7 +157,15 @@ async fn a_job_a_backend_never_starts_is_retried_elsewhere_after_the_start_timeo
     let journal = Arc::new(Journal::default());
     let mut stuck = Scripted::new("gpu-a", 1, Script::NeverStart, &journal);
     stuck.stop_answers = false;
-    let good = Scripted::new("gpu-b", 1, Script::Run { wait: SECS(0), run: SECS(5) }, &journal);
+    let good = Scripted::new(
+        "gpu-b",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(5),
+        },
+        &journal,
+    );
     let r = rig(
         vec![Arc::new(stuck), Arc::new(good)],
         production(),
@@ -146,11 +189,13 @@ async fn a_job_a_backend_never_starts_is_retried_elsewhere_after_the_start_timeo
     assert_eq!((r.active("gpu-a"), r.active("gpu-b")), (0, 0));
     // The participant was told, and never saw the abandoned attempt end.
     let msgs = r.events.texts("u1");
-    assert!(msgs.iter().any(|m| m["type"] == "comfyume"
-        && m["data"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("did not start the job within 600 s")));
+    assert!(msgs.iter().any(|m| {
+        m["type"] == "comfyume"
+            && m["data"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("did not start the job within 600 s")
+    }));
     assert!(!msgs.iter().any(|m| m["type"] == "execution_interrupted"));
 }
 
@@ -158,7 +203,15 @@ async fn a_job_a_backend_never_starts_is_retried_elsewhere_after_the_start_timeo
 async fn a_lost_backend_is_told_to_stop_the_job_before_it_runs_elsewhere() {
     let journal = Arc::new(Journal::default());
     let flaky = Scripted::new("gpu-a", 1, Script::LoseAfter(SECS(3)), &journal);
-    let good = Scripted::new("gpu-b", 1, Script::Run { wait: SECS(0), run: SECS(5) }, &journal);
+    let good = Scripted::new(
+        "gpu-b",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(5),
+        },
+        &journal,
+    );
     let r = rig(
         vec![Arc::new(flaky), Arc::new(good)],
         production(),
@@ -178,9 +231,21 @@ async fn a_lost_backend_is_told_to_stop_the_job_before_it_runs_elsewhere() {
     assert_eq!(
         calls,
         [
-            ("gpu-a".into(), Call::Run { job: "job".into(), attempt: 1 }),
+            (
+                "gpu-a".into(),
+                Call::Run {
+                    job: "job".into(),
+                    attempt: 1
+                }
+            ),
             ("gpu-a".into(), Call::Stop { job: "job".into() }),
-            ("gpu-b".into(), Call::Run { job: "job".into(), attempt: 2 }),
+            (
+                "gpu-b".into(),
+                Call::Run {
+                    job: "job".into(),
+                    attempt: 2
+                }
+            ),
         ]
     );
 }
@@ -188,8 +253,16 @@ async fn a_lost_backend_is_told_to_stop_the_job_before_it_runs_elsewhere() {
 #[tokio::test(start_paused = true)]
 async fn a_panic_in_a_job_fails_it_and_frees_slot_and_cap() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new("gpu", 1, Script::Run { wait: SECS(0), run: SECS(1) }, &journal)
-        .script("boom", Script::Panic);
+    let b = Scripted::new(
+        "gpu",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    )
+    .script("boom", Script::Panic);
     let r = one_backend(b, journal).await;
     r.queue.submit(new_job("boom", "u1")).await.unwrap();
     r.queue.submit(new_job("after", "u1")).await.unwrap();
@@ -204,7 +277,15 @@ async fn a_panic_in_a_job_fails_it_and_frees_slot_and_cap() {
 #[tokio::test(start_paused = true)]
 async fn a_submission_whose_caller_went_away_after_the_commit_still_runs() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new("gpu", 1, Script::Run { wait: SECS(0), run: SECS(1) }, &journal);
+    let b = Scripted::new(
+        "gpu",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    );
     let r = one_backend(b, journal.clone()).await;
     r.store.faults.lock().unwrap().enqueue_answer_delay = Some(SECS(2));
     // The tab closes while the store's answer is on its way: the job is committed.
@@ -220,9 +301,21 @@ async fn a_submission_whose_caller_went_away_after_the_commit_still_runs() {
 #[tokio::test(start_paused = true)]
 async fn a_dispatch_whose_commit_answer_was_lost_runs_exactly_once() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new("gpu", 1, Script::Run { wait: SECS(0), run: SECS(1) }, &journal);
+    let b = Scripted::new(
+        "gpu",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    );
     let r = one_backend(b, journal.clone()).await;
-    r.store.faults.lock().unwrap().dispatch_commits_then_times_out = true;
+    r.store
+        .faults
+        .lock()
+        .unwrap()
+        .dispatch_commits_then_times_out = true;
     r.queue.submit(new_job("job", "u1")).await.unwrap();
     // The store says dispatched; nobody runs it until the reconciler (due at
     // once after such an error) adopts it.
@@ -237,7 +330,15 @@ async fn a_dispatch_whose_commit_answer_was_lost_runs_exactly_once() {
 #[tokio::test(start_paused = true)]
 async fn a_queued_job_the_scheduler_never_heard_of_is_picked_up_by_the_periodic_reconcile() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new("gpu", 1, Script::Run { wait: SECS(0), run: SECS(1) }, &journal);
+    let b = Scripted::new(
+        "gpu",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    );
     let r = one_backend(b, journal.clone()).await;
     // Committed behind the queue's back (as a lost hand-over would leave it).
     use comfyume_store::JobStore;

@@ -17,8 +17,8 @@ use comfyume_dispatch::backend::{
 use comfyume_dispatch::{DispatchConfig, Dispatcher, EventSink, Queue, QueueConfig};
 use comfyume_store::sqlite::SqliteStore;
 use comfyume_store::{
-    EnqueueLimits, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry, MetaStore,
-    NewJob, PasswordScheme, Role, Store, StoreError, User, UserStore,
+    EnqueueLimits, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry, MetaStore, NewJob,
+    PasswordScheme, Role, Store, StoreError, User, UserStore,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
@@ -97,7 +97,12 @@ macro_rules! blocking {
 
 #[async_trait]
 impl UserStore for BlockingStore {
-    async fn create_user(&self, name: &str, password: &str, role: Role) -> Result<User, StoreError> {
+    async fn create_user(
+        &self,
+        name: &str,
+        password: &str,
+        role: Role,
+    ) -> Result<User, StoreError> {
         let (n, p) = (name.to_string(), password.to_string());
         blocking!(self, |s| s.create_user(&n, &p, role).await)
     }
@@ -124,7 +129,11 @@ impl UserStore for BlockingStore {
         let n = name.to_string();
         blocking!(self, |s| s.remove_user(&n).await)
     }
-    async fn verify_password(&self, name: &str, password: &str) -> Result<Option<User>, StoreError> {
+    async fn verify_password(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<Option<User>, StoreError> {
         let (n, p) = (name.to_string(), password.to_string());
         blocking!(self, |s| s.verify_password(&n, &p).await)
     }
@@ -362,7 +371,10 @@ impl Backend for Scripted {
         let start = |events: EventTx, id: String| async move {
             let _ = events.send(BackendEvent::Started).await;
             let _ = events
-                .send(msg("execution_start", json!({"prompt_id": id, "timestamp": 0})))
+                .send(msg(
+                    "execution_start",
+                    json!({"prompt_id": id, "timestamp": 0}),
+                ))
                 .await;
         };
         let res = match script {
@@ -389,7 +401,9 @@ impl Backend for Scripted {
             Script::LoseAfter(after) => {
                 start(events.clone(), id.clone()).await;
                 tokio::time::sleep(after).await;
-                Err(BackendError::Lost("the GPU server went away mid-job".into()))
+                Err(BackendError::Lost(
+                    "the GPU server went away mid-job".into(),
+                ))
             }
             Script::Panic => panic!("scripted backend panics"),
         };
@@ -467,9 +481,10 @@ pub async fn rig(
 ) -> Rig {
     let store = BlockingStore::open();
     let events = Arc::new(Recorder::default());
-    let (queue, in_flight) = Queue::open(store.clone() as Arc<dyn Store>, queue_cfg, events.clone())
-        .await
-        .unwrap();
+    let (queue, in_flight) =
+        Queue::open(store.clone() as Arc<dyn Store>, queue_cfg, events.clone())
+            .await
+            .unwrap();
     let dispatcher = Dispatcher::new(
         queue.clone(),
         backends,
