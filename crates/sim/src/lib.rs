@@ -1,7 +1,7 @@
 //! `comfyume-sim`: a ComfyUI v0.11.0 server double for a machine without a GPU.
 //!
 //! It speaks ComfyUI's HTTP and WebSocket protocol with the quirks of the captures in
-//! `shared/comfyui/` (status codes, empty bodies, message order, routing of execution
+//! `tests/fixtures/comfyui/` (status codes, empty bodies, message order, routing of execution
 //! messages, binary preview frames), runs one prompt at a time, and writes real files:
 //! real pixels for image nodes and placeholders stamped "SIMULATED" where a model would
 //! have generated something. Faults can be switched on at start or at run time.
