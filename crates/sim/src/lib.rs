@@ -20,6 +20,7 @@ mod catalog;
 mod config;
 mod exec;
 mod font;
+mod frontend;
 mod graph;
 mod h264;
 mod http;
@@ -32,7 +33,9 @@ mod ws;
 
 use std::path::PathBuf;
 
-pub use config::{ActiveFaults, DEFAULT_MAX_UPLOAD, DEFAULT_STEP_MS, Fault, SimConfig};
+pub use config::{
+    ActiveFaults, DEFAULT_MAX_UPLOAD, DEFAULT_STEP_MS, Fault, SimConfig, normalize_base_path,
+};
 pub use server::{SimHandle, spawn, try_spawn};
 pub use state::{CurrentJob, SimState};
 
@@ -47,6 +50,8 @@ pub enum SimError {
     FaultSpec(String),
     #[error("cannot use object_info file {path}: {reason}")]
     ObjectInfo { path: PathBuf, reason: String },
+    #[error("cannot serve the frontend from {path}: {reason}")]
+    FrontEndRoot { path: PathBuf, reason: String },
     #[error("cannot create data directory {path}: {reason}")]
     DataDir { path: PathBuf, reason: String },
     #[error(transparent)]
