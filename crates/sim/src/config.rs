@@ -38,6 +38,12 @@ pub struct SimConfig {
     pub base_path: Option<String>,
 }
 
+/// A fresh `/<32 hex digits>` prefix (122 random bits): give it to [`SimConfig::base_path`] so
+/// that only whoever started the simulator can reach it.
+pub fn random_base_path() -> String {
+    format!("/{}", uuid::Uuid::new_v4().simple())
+}
+
 /// `/a/b/` -> `Some("/a/b")`, `""` or `/` -> `None`. Segments are letters, digits, `-`, `_`,
 /// `.` and `~` (no `.` or `..` segment).
 pub fn normalize_base_path(raw: &str) -> Result<Option<String>, SimError> {
@@ -262,13 +268,19 @@ mod tests {
 
     #[test]
     fn base_paths() {
+        let a = random_base_path();
+        assert_eq!(normalize_base_path(&a).unwrap().as_deref(), Some(a.as_str()));
+        assert_eq!(a.len(), 33);
+        assert_ne!(a, random_base_path());
         assert_eq!(normalize_base_path("").unwrap(), None);
         assert_eq!(normalize_base_path("/").unwrap(), None);
         assert_eq!(
             normalize_base_path("/a1_b-c.d~/e/").unwrap().as_deref(),
             Some("/a1_b-c.d~/e")
         );
-        for bad in ["abc", "/a//b", "/../x", "/a/./b", "/a b", "/a?b", "/a%2Fb", "/ä"] {
+        for bad in [
+            "abc", "/a//b", "/../x", "/a/./b", "/a b", "/a?b", "/a%2Fb", "/ä",
+        ] {
             assert!(normalize_base_path(bad).is_err(), "{bad}");
         }
     }

@@ -59,10 +59,15 @@ pub fn api_routes() -> Router<Arc<Shared>> {
         .route("/userdata", get(list_userdata))
         .route(
             "/userdata/{file}",
-            get(get_userdata).post(post_userdata).delete(delete_userdata),
+            get(get_userdata)
+                .post(post_userdata)
+                .delete(delete_userdata),
         )
         .route("/userdata/{file}/move/{dest}", post(move_userdata))
-        .route("/i18n", get(|| async { json_response(StatusCode::OK, &json!({})) }))
+        .route(
+            "/i18n",
+            get(|| async { json_response(StatusCode::OK, &json!({})) }),
+        )
         .route("/extensions", get(extensions))
         .route(
             "/global_subgraphs",
@@ -72,7 +77,10 @@ pub fn api_routes() -> Router<Arc<Shared>> {
             "/workflow_templates",
             get(|| async { json_response(StatusCode::OK, &json!({})) }),
         )
-        .route("/models", get(|| async { json_response(StatusCode::OK, &json!(MODEL_FOLDERS)) }))
+        .route(
+            "/models",
+            get(|| async { json_response(StatusCode::OK, &json!(MODEL_FOLDERS)) }),
+        )
         .route("/models/{folder}", get(model_files))
         .route("/experiment/models", get(experiment_models))
         .route("/experiment/models/{folder}", get(experiment_model_files))
@@ -132,7 +140,12 @@ fn user_dir(shared: &Shared) -> PathBuf {
 }
 
 fn text(status: StatusCode, msg: &str) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], msg.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        msg.to_string(),
+    )
+        .into_response()
 }
 
 fn flag(q: &HashMap<String, String>, k: &str) -> bool {
@@ -142,7 +155,10 @@ fn flag(q: &HashMap<String, String>, k: &str) -> bool {
 
 async fn users(State(shared): S) -> Response {
     let migrated = tokio::fs::metadata(user_dir(&shared)).await.is_ok();
-    json_response(StatusCode::OK, &json!({"storage": "server", "migrated": migrated}))
+    json_response(
+        StatusCode::OK,
+        &json!({"storage": "server", "migrated": migrated}),
+    )
 }
 
 async fn read_settings(shared: &Shared) -> Map<String, Value> {
@@ -248,7 +264,11 @@ async fn list_userdata(State(shared): S, Query(q): Q) -> Response {
     let Some(base) = safe_join(&user_dir(&shared), dir) else {
         return text(StatusCode::FORBIDDEN, "Invalid directory");
     };
-    let (recurse, full, split) = (flag(&q, "recurse"), flag(&q, "full_info"), flag(&q, "split"));
+    let (recurse, full, split) = (
+        flag(&q, "recurse"),
+        flag(&q, "full_info"),
+        flag(&q, "split"),
+    );
     let listed = tokio::task::spawn_blocking(move || {
         if !base.is_dir() {
             return None;
@@ -424,7 +444,9 @@ async fn experiment_models() -> Response {
 }
 
 async fn experiment_model_files(State(shared): S, UrlPath(folder): UrlPath<String>) -> Response {
-    if !MODEL_FOLDERS.contains(&folder.as_str()) || matches!(folder.as_str(), "configs" | "custom_nodes") {
+    if !MODEL_FOLDERS.contains(&folder.as_str())
+        || matches!(folder.as_str(), "configs" | "custom_nodes")
+    {
         return StatusCode::NOT_FOUND.into_response();
     }
     let files: Vec<Value> = shared

@@ -68,7 +68,11 @@ async fn strip_base_path(
     let rest = match path.strip_prefix(&*base) {
         // `/token` alone: a browser needs the slash for the frontend's relative URLs.
         Some("") => {
-            let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
             return (
                 StatusCode::PERMANENT_REDIRECT,
                 [(header::LOCATION, format!("{base}/{query}"))],

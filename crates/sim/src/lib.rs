@@ -35,6 +35,7 @@ use std::path::PathBuf;
 
 pub use config::{
     ActiveFaults, DEFAULT_MAX_UPLOAD, DEFAULT_STEP_MS, Fault, SimConfig, normalize_base_path,
+    random_base_path,
 };
 pub use server::{SimHandle, spawn, try_spawn};
 pub use state::{CurrentJob, SimState};
