@@ -105,7 +105,11 @@ async fn builtin_simulator_answers_only_under_serves_secret_path() {
         "/view?filename=x.png",
         "/sim/state",
     ] {
-        let r = http.get(format!("http://{sim}{path}")).send().await.unwrap();
+        let r = http
+            .get(format!("http://{sim}{path}"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 404, "GET {path}");
     }
     for path in ["/prompt", "/api/prompt", "/interrupt", "/queue"] {

@@ -269,7 +269,10 @@ mod tests {
     #[test]
     fn base_paths() {
         let a = random_base_path();
-        assert_eq!(normalize_base_path(&a).unwrap().as_deref(), Some(a.as_str()));
+        assert_eq!(
+            normalize_base_path(&a).unwrap().as_deref(),
+            Some(a.as_str())
+        );
         assert_eq!(a.len(), 33);
         assert_ne!(a, random_base_path());
         assert_eq!(normalize_base_path("").unwrap(), None);
