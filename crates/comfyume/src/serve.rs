@@ -52,17 +52,24 @@ async fn build_backends(
             if sim_cfg.data_dir.is_none() {
                 sim_cfg.data_dir = Some(cfg.data_dir.join("simulator"));
             }
+            // The simulator has no login, like ComfyUI itself: it listens on loopback under a
+            // random path only this process knows, so other local users cannot reach it.
+            sim_cfg.base_path = Some(comfyume_sim::random_base_path());
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let sim = comfyume_sim::try_spawn(sim_cfg, listener)
                 .await
                 .context("starting the simulator")?;
             let b = ComfyUiBackend::new("simulator", sim.url(), cfg.backend_slots, timeouts)?;
+            // The address only: the URL holds the secret path.
             tracing::warn!(
-                url = %sim.url(),
+                addr = %sim.addr(),
                 "no GPU backend configured: jobs run on the built-in SIMULATOR (outputs are placeholders stamped SIMULATED). \
                  Set INFERENCE_MODE=local with COMFYUI_URLS to use real ComfyUI servers."
             );
-            println!("backend: simulator (no GPU; set COMFYUI_URLS for real ComfyUI servers)");
+            println!(
+                "backend: simulator at {} under a secret path (no GPU; set COMFYUI_URLS for real ComfyUI servers)",
+                sim.addr()
+            );
             Ok((
                 vec![Arc::new(b) as Arc<dyn Backend>],
                 "simulator (no GPU)".into(),

@@ -73,7 +73,7 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
     // The object_info snapshot: the real ComfyUI capture, so EmptyImage validates.
     let info = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/comfyui/api/object_info.json"
+        "/../../tests/fixtures/comfyui/api/object_info.json"
     );
     assert!(
         Command::new(bin())

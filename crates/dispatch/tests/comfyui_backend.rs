@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/comfyui/");
+const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/comfyui/");
 
 fn workflow(name: &str) -> Value {
     let path = format!("{SHARED}workflows/{name}");

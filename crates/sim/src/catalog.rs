@@ -126,6 +126,22 @@ impl Catalog {
         })
     }
 
+    /// The model files the simulated server has in a model folder (`/models/{folder}`); a served
+    /// node set has none that the simulator knows of.
+    pub fn model_files(&self, folder: &str) -> Vec<&'static str> {
+        if !self.builtin {
+            return Vec::new();
+        }
+        match folder {
+            "diffusion_models" => UNET_FILES.to_vec(),
+            "text_encoders" => CLIP_FILES.to_vec(),
+            "vae" => VAE_FILES.to_vec(),
+            "checkpoints" => CKPT_FILES.to_vec(),
+            "loras" => LORA_FILES.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
     pub fn load(path: Option<&PathBuf>) -> Result<Self, SimError> {
         match path {
             Some(p) => Self::from_file(p),

@@ -29,6 +29,42 @@ pub struct SimConfig {
     pub cache: bool,
     /// Request body limit (ComfyUI `--max-upload-size`), reported by `/features`.
     pub max_upload_size: u64,
+    /// Serve the ComfyUI frontend from this folder, like ComfyUI's `--front-end-root`:
+    /// `index.html` at `/` and its static files, so the simulator alone opens in a browser.
+    pub front_end_root: Option<PathBuf>,
+    /// A path prefix (`/token`) every route lives under; anything else answers 404. With a
+    /// random token, only whoever started the simulator can reach it (it has no login, like
+    /// ComfyUI itself). See [`normalize_base_path`].
+    pub base_path: Option<String>,
+}
+
+/// A fresh `/<32 hex digits>` prefix (122 random bits): give it to [`SimConfig::base_path`] so
+/// that only whoever started the simulator can reach it.
+pub fn random_base_path() -> String {
+    format!("/{}", uuid::Uuid::new_v4().simple())
+}
+
+/// `/a/b/` -> `Some("/a/b")`, `""` or `/` -> `None`. Segments are letters, digits, `-`, `_`,
+/// `.` and `~` (no `.` or `..` segment).
+pub fn normalize_base_path(raw: &str) -> Result<Option<String>, SimError> {
+    let bad = || SimError::Config {
+        key: "base path",
+        value: raw.to_string(),
+    };
+    let trimmed = raw.trim().trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    let rest = trimmed.strip_prefix('/').ok_or_else(bad)?;
+    for seg in rest.split('/') {
+        let ok_chars = seg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'));
+        if seg.is_empty() || seg == "." || seg == ".." || !ok_chars {
+            return Err(bad());
+        }
+    }
+    Ok(Some(trimmed.to_string()))
 }
 
 impl Default for SimConfig {
@@ -40,14 +76,17 @@ impl Default for SimConfig {
             faults: Vec::new(),
             cache: true,
             max_upload_size: DEFAULT_MAX_UPLOAD,
+            front_end_root: None,
+            base_path: None,
         }
     }
 }
 
 impl SimConfig {
     /// Defaults overridden by `SIMULATOR_OBJECT_INFO`, `SIMULATOR_STEP_MS`, `SIMULATOR_DATA_DIR`,
-    /// `SIMULATOR_FAULTS` (comma-separated fault specs, see [`Fault::from_str`]) and
-    /// `SIMULATOR_CACHE` (`classic` or `none`).
+    /// `SIMULATOR_FAULTS` (comma-separated fault specs, see [`Fault::from_str`]),
+    /// `SIMULATOR_CACHE` (`classic` or `none`), `SIMULATOR_FRONT_END_ROOT` and
+    /// `SIMULATOR_BASE_PATH`.
     pub fn from_env() -> Result<Self, SimError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
@@ -70,6 +109,12 @@ impl SimConfig {
             for spec in v.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 cfg.faults.push(spec.parse()?);
             }
+        }
+        if let Some(p) = get("SIMULATOR_FRONT_END_ROOT").filter(|s| !s.is_empty()) {
+            cfg.front_end_root = Some(PathBuf::from(p));
+        }
+        if let Some(v) = get("SIMULATOR_BASE_PATH") {
+            cfg.base_path = normalize_base_path(&v)?;
         }
         if let Some(v) = get("SIMULATOR_CACHE").filter(|s| !s.is_empty()) {
             cfg.cache = match v.trim() {
@@ -216,5 +261,30 @@ mod tests {
         assert!(
             SimConfig::from_lookup(|k| (k == "SIMULATOR_STEP_MS").then(|| "x".into())).is_err()
         );
+        let cfg = SimConfig::from_lookup(|k| (k == "SIMULATOR_BASE_PATH").then(|| "/abc/".into()))
+            .unwrap();
+        assert_eq!(cfg.base_path.as_deref(), Some("/abc"));
+    }
+
+    #[test]
+    fn base_paths() {
+        let a = random_base_path();
+        assert_eq!(
+            normalize_base_path(&a).unwrap().as_deref(),
+            Some(a.as_str())
+        );
+        assert_eq!(a.len(), 33);
+        assert_ne!(a, random_base_path());
+        assert_eq!(normalize_base_path("").unwrap(), None);
+        assert_eq!(normalize_base_path("/").unwrap(), None);
+        assert_eq!(
+            normalize_base_path("/a1_b-c.d~/e/").unwrap().as_deref(),
+            Some("/a1_b-c.d~/e")
+        );
+        for bad in [
+            "abc", "/a//b", "/../x", "/a/./b", "/a b", "/a?b", "/a%2Fb", "/ä",
+        ] {
+            assert!(normalize_base_path(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -451,6 +451,7 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
         list.add_node(o);
     }
     let text = png_text(&item);
+    let whole_prompt = Arc::new(item.prompt.clone());
     let mut executed: Vec<String> = Vec::new();
     let mut ui_outputs: Vec<(String, Value)> = Vec::new();
 
@@ -496,6 +497,7 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
             temp_dir: shared.dirs.temp.clone(),
             input_dir: shared.dirs.input.clone(),
             png_text: text.clone(),
+            prompt: whole_prompt.clone(),
         };
         match execute_node(&mut job, &ctx, &args).await {
             Ok(out) => {

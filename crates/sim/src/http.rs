@@ -27,15 +27,79 @@ type S = State<Arc<Shared>>;
 /// aiohttp's answer to an unhandled exception.
 const SERVER_TROUBLE: &str = "500 Internal Server Error\n\nServer got itself in trouble";
 
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(shared: Arc<Shared>, base_path: Option<String>) -> Router {
     let limit = usize::try_from(shared.max_upload_size).unwrap_or(usize::MAX);
-    Router::new()
+    let routes = Router::new()
         .merge(api_routes())
         .nest("/api", api_routes())
-        .merge(sim_routes())
+        .merge(sim_routes());
+    let front_end_root = shared.front_end_root.clone();
+    let app = crate::frontend::static_routes(routes, front_end_root.clone())
         .layer(middleware::from_fn_with_state(shared.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(shared)
+        .with_state(shared);
+    match base_path {
+        Some(base) => under_base_path(app, base.into(), front_end_root),
+        None => app,
+    }
+}
+
+/// Every route under a path prefix: the prefix is stripped before routing, and a request
+/// outside it gets a bare 404, as for a route that does not exist. Only the frontend's own
+/// static files (public package files) are also served outside it: the frontend asks for a
+/// few by absolute path (`/assets/images/favicon_progress_16x16/...`).
+fn under_base_path(app: Router, base: Arc<str>, front_end_root: Option<PathBuf>) -> Router {
+    // The outer router has no routes: its fallback (the real router) runs after the
+    // middleware, so the stripped URI is what gets routed.
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            strip_base_path(base.clone(), front_end_root.clone(), req, next)
+        }))
+}
+
+async fn strip_base_path(
+    base: Arc<str>,
+    front_end_root: Option<PathBuf>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let path = req.uri().path();
+    let rest = match path.strip_prefix(&*base) {
+        // `/token` alone: a browser needs the slash for the frontend's relative URLs.
+        Some("") => {
+            let query = req
+                .uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default();
+            return (
+                StatusCode::PERMANENT_REDIRECT,
+                [(header::LOCATION, format!("{base}/{query}"))],
+            )
+                .into_response();
+        }
+        Some(rest) if rest.starts_with('/') => rest.to_string(),
+        _ => {
+            return match front_end_root {
+                Some(root) if req.method() == Method::GET && path != "/" => {
+                    crate::frontend::static_file(root, req).await
+                }
+                _ => empty(StatusCode::NOT_FOUND),
+            };
+        }
+    };
+    let mut parts = req.uri().clone().into_parts();
+    let pq = match req.uri().query() {
+        Some(q) => format!("{rest}?{q}"),
+        None => rest,
+    };
+    parts.path_and_query = pq.parse().ok();
+    match axum::http::Uri::from_parts(parts) {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(_) => return empty(StatusCode::BAD_REQUEST),
+    }
+    next.run(req).await
 }
 
 /// Only the `/sim/*` control routes (for a separate control listener).
@@ -51,6 +115,7 @@ fn sim_routes() -> Router<Arc<Shared>> {
 
 fn api_routes() -> Router<Arc<Shared>> {
     Router::new()
+        .merge(crate::frontend::api_routes())
         .route("/ws", get(crate::ws::handler))
         .route("/prompt", get(get_prompt).post(post_prompt))
         .route("/queue", get(get_queue).post(post_queue))

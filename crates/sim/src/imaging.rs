@@ -1,5 +1,5 @@
 //! Pixels and files: placeholder rendering, real image operations, PNG (with ComfyUI's text
-//! chunks), animated PNG, and the preview encodings.
+//! chunks), placeholder video frames, and the preview encodings.
 
 use image::codecs::jpeg::JpegEncoder;
 use image::codecs::png::{CompressionType, FilterType as PngFilter, PngEncoder};
@@ -122,68 +122,6 @@ pub fn png_with_text(img: &RgbImage, texts: &[(String, String)]) -> Vec<u8> {
     out
 }
 
-/// Animated PNG (APNG): every frame its own zlib stream, looping forever.
-pub fn apng(frames: &[RgbImage], fps: f64, texts: &[(String, String)]) -> Vec<u8> {
-    let Some(first) = frames.first() else {
-        return Vec::new();
-    };
-    let (w, h) = first.dimensions();
-    let delay_ms = if fps > 0.0 {
-        (1000.0 / fps).round().clamp(1.0, 65535.0) as u16
-    } else {
-        100
-    };
-    let mut out = Vec::new();
-    out.extend_from_slice(PNG_SIGNATURE);
-    let mut seq: u32 = 0;
-    for (i, frame) in frames.iter().enumerate() {
-        let frame = if frame.dimensions() == (w, h) {
-            std::borrow::Cow::Borrowed(frame)
-        } else {
-            std::borrow::Cow::Owned(image::imageops::resize(frame, w, h, FilterType::Triangle))
-        };
-        let png = plain_png(&frame, true);
-        let parts = chunks(&png);
-        if i == 0 {
-            if let Some((_, ihdr)) = parts.iter().find(|(k, _)| k == b"IHDR") {
-                push_chunk(&mut out, b"IHDR", ihdr);
-            }
-            for (k, v) in texts {
-                push_chunk(&mut out, b"tEXt", &text_chunk(k, v));
-            }
-            let mut actl = Vec::with_capacity(8);
-            actl.extend_from_slice(&(frames.len() as u32).to_be_bytes());
-            actl.extend_from_slice(&0u32.to_be_bytes());
-            push_chunk(&mut out, b"acTL", &actl);
-        }
-        let mut fctl = Vec::with_capacity(26);
-        fctl.extend_from_slice(&seq.to_be_bytes());
-        seq += 1;
-        fctl.extend_from_slice(&w.to_be_bytes());
-        fctl.extend_from_slice(&h.to_be_bytes());
-        fctl.extend_from_slice(&0u32.to_be_bytes());
-        fctl.extend_from_slice(&0u32.to_be_bytes());
-        fctl.extend_from_slice(&delay_ms.to_be_bytes());
-        fctl.extend_from_slice(&1000u16.to_be_bytes());
-        fctl.push(0); // dispose: none
-        fctl.push(0); // blend: source
-        push_chunk(&mut out, b"fcTL", &fctl);
-        for (kind, data) in parts.iter().filter(|(k, _)| k == b"IDAT") {
-            if i == 0 {
-                push_chunk(&mut out, kind, data);
-            } else {
-                let mut fdat = Vec::with_capacity(data.len() + 4);
-                fdat.extend_from_slice(&seq.to_be_bytes());
-                seq += 1;
-                fdat.extend_from_slice(data);
-                push_chunk(&mut out, b"fdAT", &fdat);
-            }
-        }
-    }
-    push_chunk(&mut out, b"IEND", &[]);
-    out
-}
-
 pub fn jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
     let mut buf = Vec::new();
     JpegEncoder::new_with_quality(&mut buf, quality.clamp(1, 100))
@@ -288,7 +226,8 @@ impl StampLayout {
         }
     }
 
-    fn draw_text(&self, img: &mut RgbImage, title: &str, lines: &[String]) {
+    /// Title and lines centred in `img`; lines longer than `max_width` pixels are shortened.
+    fn draw_text(&self, img: &mut RgbImage, title: &str, lines: &[String], max_width: u32) {
         let w = img.width();
         let centered = |text: &str, scale: u32| -> i64 {
             (i64::from(w) - i64::from(font::text_width(text, scale))) / 2
@@ -301,7 +240,7 @@ impl StampLayout {
             self.big,
             Rgb([255, 255, 255]),
         );
-        let max_chars = ((w / (font::ADVANCE * self.small)).max(1)) as usize;
+        let max_chars = ((max_width / (font::ADVANCE * self.small)).max(1)) as usize;
         let mut y = self.top + i64::from(GLYPH_H * self.big + self.small * 4);
         for line in lines {
             let text: String = if line.chars().count() > max_chars {
@@ -369,12 +308,13 @@ pub fn placeholder(width: u32, height: u32, seed: u64, lines: &[String]) -> RgbI
     let (w, h) = (width.max(1), height.max(1));
     let layout = StampLayout::new("SIMULATED", w, h, lines.len());
     let mut img = gradient(w, h, seed, 2 * w, &layout.band);
-    layout.draw_text(&mut img, "SIMULATED", lines);
+    layout.draw_text(&mut img, "SIMULATED", lines, w);
     img
 }
 
-/// `count` placeholder frames whose gradient scrolls through one full cycle (a seamless loop);
-/// `label(i)` adds a last info line per frame.
+/// `count` placeholder video frames: the stamped picture sways left and right by whole pixels
+/// (two per frame, so an H.264 encoder can copy most of each frame from the one before), with
+/// `label(i)` in a fixed box in the bottom-right corner.
 pub fn placeholder_frames(
     width: u32,
     height: u32,
@@ -384,24 +324,37 @@ pub fn placeholder_frames(
     label: impl Fn(u32) -> String,
 ) -> Vec<RgbImage> {
     let (w, h) = (width.max(1), height.max(1));
-    let layout = StampLayout::new("SIMULATED", w, h, lines.len() + 1);
-    let period = 2 * w;
-    // Rendered once, three frames wide; each frame is a window scrolled along it.
-    let wide = gradient(w + period, h, seed, period, &layout.band);
-    let row_len = w as usize * 3;
-    let wide_row = (w + period) as usize * 3;
+    // The sway's amplitude: the title (at most 80% of the width) stays wholly in view.
+    let amp = ((w / 10) & !1).clamp(2, 64);
+    let layout = StampLayout::new("SIMULATED", w, h, lines.len());
+    // Rendered once, 2 * amp wider than a frame; each frame is a window into it.
+    let mut wide = gradient(w + 2 * amp, h, seed, 2 * w, &layout.band);
+    layout.draw_text(
+        &mut wide,
+        "SIMULATED",
+        lines,
+        w.saturating_sub(2 * amp).max(1),
+    );
+    let small = layout.small;
     (0..count.max(1))
         .map(|i| {
-            let off = (u64::from(i) * u64::from(period) / u64::from(count.max(1))) as usize * 3;
-            let mut buf = Vec::with_capacity(row_len * h as usize);
-            for y in 0..h as usize {
-                let start = y * wide_row + off;
-                buf.extend_from_slice(&wide.as_raw()[start..start + row_len]);
+            // A triangle wave over 0..=2*amp, two pixels a frame.
+            let pos = (2 * i) % (4 * amp);
+            let off = if pos <= 2 * amp { pos } else { 4 * amp - pos };
+            let mut img = image::imageops::crop_imm(&wide, off, 0, w, h).to_image();
+            let text = label(i);
+            let tw = font::text_width(&text, small);
+            let th = GLYPH_H * small;
+            let (x, y) = (
+                i64::from(w) - i64::from(tw) - i64::from(3 * small),
+                i64::from(h) - i64::from(th) - i64::from(3 * small),
+            );
+            for py in (y - i64::from(small)).max(0)..i64::from(h) {
+                for px in (x - i64::from(small)).max(0)..i64::from(w) {
+                    img.put_pixel(px as u32, py as u32, Rgb([16, 16, 16]));
+                }
             }
-            let mut img = RgbImage::from_raw(w, h, buf).expect("buffer matches size");
-            let mut frame_lines = lines.to_vec();
-            frame_lines.push(label(i));
-            layout.draw_text(&mut img, "SIMULATED", &frame_lines);
+            font::draw_text(&mut img, x, y, &text, small, Rgb([255, 230, 120]));
             img
         })
         .collect()
@@ -559,7 +512,6 @@ pub fn upscale(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use image::AnimationDecoder;
 
     #[test]
     fn crc_matches_known_value() {
@@ -575,18 +527,6 @@ mod tests {
         assert_eq!(decoded, img);
         let text_at = png.windows(4).position(|w| w == b"tEXt").unwrap();
         assert!(text_at < png.windows(4).position(|w| w == b"IDAT").unwrap());
-    }
-
-    #[test]
-    fn apng_has_all_frames() {
-        let frames: Vec<RgbImage> = (0..3).map(|i| fill(8, 6, i * 0x404040)).collect();
-        let data = apng(&frames, 10.0, &[]);
-        let dec = image::codecs::png::PngDecoder::new(std::io::Cursor::new(&data)).unwrap();
-        assert!(dec.is_apng().unwrap());
-        let decoded: Vec<_> = dec.apng().unwrap().into_frames().collect_frames().unwrap();
-        assert_eq!(decoded.len(), 3);
-        let last = image::DynamicImage::ImageRgba8(decoded[2].buffer().clone()).to_rgb8();
-        assert_eq!(last, frames[2]);
     }
 
     #[test]

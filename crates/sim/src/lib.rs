@@ -1,7 +1,7 @@
 //! `comfyume-sim`: a ComfyUI v0.11.0 server double for a machine without a GPU.
 //!
 //! It speaks ComfyUI's HTTP and WebSocket protocol with the quirks of the captures in
-//! `shared/comfyui/` (status codes, empty bodies, message order, routing of execution
+//! `tests/fixtures/comfyui/` (status codes, empty bodies, message order, routing of execution
 //! messages, binary preview frames), runs one prompt at a time, and writes real files:
 //! real pixels for image nodes and placeholders stamped "SIMULATED" where a model would
 //! have generated something. Faults can be switched on at start or at run time.
@@ -20,8 +20,12 @@ mod catalog;
 mod config;
 mod exec;
 mod font;
+mod frontend;
+mod graph;
+mod h264;
 mod http;
 mod imaging;
+mod mp4;
 mod nodes;
 mod server;
 mod state;
@@ -29,7 +33,10 @@ mod ws;
 
 use std::path::PathBuf;
 
-pub use config::{ActiveFaults, DEFAULT_MAX_UPLOAD, DEFAULT_STEP_MS, Fault, SimConfig};
+pub use config::{
+    ActiveFaults, DEFAULT_MAX_UPLOAD, DEFAULT_STEP_MS, Fault, SimConfig, normalize_base_path,
+    random_base_path,
+};
 pub use server::{SimHandle, spawn, try_spawn};
 pub use state::{CurrentJob, SimState};
 
@@ -44,6 +51,8 @@ pub enum SimError {
     FaultSpec(String),
     #[error("cannot use object_info file {path}: {reason}")]
     ObjectInfo { path: PathBuf, reason: String },
+    #[error("cannot serve the frontend from {path}: {reason}")]
+    FrontEndRoot { path: PathBuf, reason: String },
     #[error("cannot create data directory {path}: {reason}")]
     DataDir { path: PathBuf, reason: String },
     #[error(transparent)]

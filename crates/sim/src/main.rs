@@ -36,6 +36,15 @@ struct Args {
     /// Also serve the /sim/* control routes here (reachable while the main port refuses or hangs).
     #[arg(long)]
     control_listen: Option<SocketAddr>,
+    /// Serve the ComfyUI frontend from this folder (index.html at /), like ComfyUI's own flag
+    /// [env: SIMULATOR_FRONT_END_ROOT].
+    #[arg(long, value_name = "DIR")]
+    front_end_root: Option<PathBuf>,
+    /// Serve every route under this path prefix (e.g. /<random token>); other paths answer 404.
+    /// The simulator has no login (like ComfyUI): a secret prefix keeps other local users out
+    /// [env: SIMULATOR_BASE_PATH].
+    #[arg(long, value_name = "PATH")]
+    base_path: Option<String>,
 }
 
 #[tokio::main]
@@ -62,6 +71,13 @@ async fn main() -> anyhow::Result<()> {
     if args.cache_none {
         config.cache = false;
     }
+    if let Some(dir) = args.front_end_root {
+        config.front_end_root = Some(dir);
+    }
+    if let Some(base) = args.base_path {
+        config.base_path = comfyume_sim::normalize_base_path(&base)?;
+    }
+    let config_has_frontend = config.front_end_root.is_some();
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let sim = comfyume_sim::try_spawn(config, listener).await?;
     if let Some(addr) = args.control_listen {
@@ -70,6 +86,9 @@ async fn main() -> anyhow::Result<()> {
         sim.serve_control(control);
     }
     eprintln!("comfyume-sim: simulated ComfyUI (no GPU) at {}", sim.url());
+    if config_has_frontend {
+        eprintln!("comfyume-sim: open {}/ in a browser", sim.url());
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

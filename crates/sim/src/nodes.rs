@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::imaging::{self, MAX_BATCH_PIXELS};
+use crate::{graph, h264, mp4};
 use comfyume_wire::shapes::to_python_json;
 use comfyume_wire::{float_repr, py_str};
 
@@ -308,6 +309,24 @@ pub struct NodeCtx {
     pub input_dir: PathBuf,
     /// PNG text chunks (`prompt`, `workflow`, ...), already serialised.
     pub png_text: Vec<(String, String)>,
+    /// The whole prompt, for what a node of a served node set cannot see on its links.
+    pub prompt: Arc<serde_json::Map<String, Value>>,
+}
+
+/// The key of the PNG text chunk that says who made the file.
+pub const NOTE_KEY: &str = "comfyume-sim";
+
+/// What the PNG note of an output of `ctx`'s node says: that it is simulated, and the sampler
+/// settings the workflow asked for.
+fn note(ctx: &NodeCtx) -> (String, String) {
+    let mut text = "SIMULATED by comfyume-sim (no GPU, nothing was generated)".to_string();
+    if let Some(line) = graph::sampler_of(&ctx.prompt, &ctx.node_id)
+        .and_then(|s| graph::asked(&ctx.prompt, &s).line())
+    {
+        text.push_str(": ");
+        text.push_str(&line);
+    }
+    (NOTE_KEY.to_string(), text)
 }
 
 fn check_budget(w: u32, h: u32, n: u32) -> Result<(), NodeError> {
@@ -644,18 +663,47 @@ fn save_images(
     };
     let (w, h) = images.first().map(RgbImage::dimensions).unwrap_or((0, 0));
     let (folder, filename, mut counter, subfolder) = save_path(base, prefix, w, h)?;
+    let mut text = ctx.png_text.clone();
+    text.push(note(ctx));
     let mut results = Vec::with_capacity(images.len());
     for (batch, img) in images.iter().enumerate() {
         let name = filename.replace("%batch_num%", &batch.to_string());
         let file = format!("{name}_{counter:05}_.png");
-        write_file(
-            &folder.join(&file),
-            &imaging::png_with_text(img, &ctx.png_text),
-        )?;
+        write_file(&folder.join(&file), &imaging::png_with_text(img, &text))?;
         results.push(json!({"filename": file, "subfolder": subfolder, "type": folder_type}));
         counter += 1;
     }
     Ok(results)
+}
+
+/// SaveVideo: an H.264 MP4 (`format` and `codec` "auto" are mp4 and h264 in ComfyUI too),
+/// announced the way ComfyUI's `PreviewVideo` does, under `images` with `animated: [true]`.
+fn save_video(
+    ctx: &NodeCtx,
+    frames: &[RgbImage],
+    fps: f64,
+    prefix: &str,
+) -> Result<NodeOut, NodeError> {
+    let (w, h) = frames.first().map(RgbImage::dimensions).unwrap_or((0, 0));
+    let (folder, filename, counter, subfolder) = save_path(&ctx.output_dir, prefix, w, h)?;
+    let file = format!("{filename}_{counter:05}_.mp4");
+    let (stream, stats) = h264::encode(frames, fps);
+    let bytes = mp4::mux(&stream, fps);
+    tracing::debug!(
+        node = %ctx.node_id,
+        frames = frames.len(),
+        bytes = bytes.len(),
+        pcm = stats.pcm,
+        copied = stats.inter + stats.skip,
+        "video written"
+    );
+    write_file(&folder.join(&file), &bytes)?;
+    Ok(NodeOut {
+        values: vec![],
+        ui: Some(
+            json!({"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": [true]}),
+        ),
+    })
 }
 
 fn random_letters(n: usize) -> String {
@@ -1062,31 +1110,13 @@ pub fn run_builtin(ctx: &NodeCtx, class: &str, args: &Args) -> Result<NodeOut, N
             let prefix = args
                 .string("filename_prefix")
                 .unwrap_or_else(|_| "video/ComfyUI".into());
-            let (w, h) = video
-                .frames
-                .first()
-                .map(RgbImage::dimensions)
-                .unwrap_or((0, 0));
-            let (folder, filename, counter, subfolder) = save_path(&ctx.output_dir, &prefix, w, h)?;
-            // No video encoder here: the "video" is an animated PNG the browser plays in <img>.
-            let file = format!("{filename}_{counter:05}_.png");
-            let mut text = ctx.png_text.clone();
             if let Some(seconds) = video.audio_seconds {
-                text.push((
-                    "comfyume-sim".into(),
-                    format!("simulated video; its {seconds:.2} s of audio are not written"),
-                ));
+                tracing::info!(
+                    node = %ctx.node_id,
+                    "simulated video: its {seconds:.2} s of simulated audio are not written"
+                );
             }
-            write_file(
-                &folder.join(&file),
-                &imaging::apng(&video.frames, video.fps, &text),
-            )?;
-            Ok(NodeOut {
-                values: vec![],
-                ui: Some(
-                    json!({"images": [{"filename": file, "subfolder": subfolder, "type": "output"}], "animated": [true]}),
-                ),
-            })
+            save_video(ctx, &video.frames, video.fps, &prefix)
         }
         "LoadImage" => load_image(ctx, &args.string("image")?),
         "EmptyImage" => {
@@ -1239,17 +1269,25 @@ pub fn run_generic(
     if !is_output {
         return Ok(NodeOut { values, ui: None });
     }
-    let lines = vec![
+    // The stamp tells what the workflow asked for, read from the prompt's graph.
+    let asked = graph::sampler_of(&ctx.prompt, &ctx.node_id)
+        .map(|s| graph::asked(&ctx.prompt, &s))
+        .unwrap_or_default();
+    let mut lines = vec![
         format!("{} #{}", ctx.class_type, ctx.node_id),
         "COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string(),
     ];
-    let seed = ctx
-        .node_id
-        .bytes()
-        .fold(ctx.class_type.len() as u64, |a, b| {
-            a.wrapping_mul(31).wrapping_add(u64::from(b))
-        });
-    let img = imaging::placeholder(512, 512, seed, &lines);
+    lines.extend(asked.line());
+    if let Some(text) = asked.text.as_deref().filter(|t| !t.trim().is_empty()) {
+        lines.push(text.split_whitespace().collect::<Vec<_>>().join(" "));
+    }
+    let seed = asked.seed.unwrap_or_else(|| {
+        ctx.node_id
+            .bytes()
+            .fold(ctx.class_type.len() as u64, |a, b| {
+                a.wrapping_mul(31).wrapping_add(u64::from(b))
+            })
+    });
     let prefix = args
         .get("filename_prefix")
         .and_then(|a| match a {
@@ -1257,7 +1295,24 @@ pub fn run_generic(
             _ => None,
         })
         .unwrap_or_else(|| "ComfyUI".into());
-    let results = save_images(ctx, &[img], &prefix, "output")?;
+    let shape = graph::video_shape(&ctx.prompt, &ctx.node_id);
+    if ctx.class_type == "SaveVideo" {
+        let (w, h) = fit(shape.width, shape.height, MAX_VIDEO_SIDE);
+        let frames = shape.frames.clamp(1, MAX_VIDEO_FRAMES);
+        let images = imaging::placeholder_frames(w, h, seed, &lines, frames, |f| {
+            format!("FRAME {}/{frames}", f + 1)
+        });
+        let out = save_video(ctx, &images, shape.fps, &prefix)?;
+        return Ok(NodeOut { values, ..out });
+    }
+    // One picture per batch entry, as ComfyUI saves them.
+    let (w, h) = fit(shape.width, shape.height, MAX_PLACEHOLDER_SIDE);
+    let batch = graph::batch_size(&ctx.prompt, &ctx.node_id);
+    check_budget(w, h, batch)?;
+    let images: Vec<RgbImage> = (0..batch)
+        .map(|b| imaging::placeholder(w, h, seed.wrapping_add(u64::from(b)), &lines))
+        .collect();
+    let results = save_images(ctx, &images, &prefix, "output")?;
     Ok(NodeOut {
         values,
         ui: Some(json!({"images": results})),
@@ -1276,6 +1331,7 @@ mod tests {
             temp_dir: dir.join("temp"),
             input_dir: dir.join("input"),
             png_text: vec![],
+            prompt: Arc::default(),
         }
     }
 
@@ -1377,6 +1433,81 @@ mod tests {
         assert_eq!(adv(20, 10000), 0);
         assert_eq!(adv(10, 4), 0);
         assert_eq!(steps("SamplerCustomAdvanced", vec![]).steps, 20);
+    }
+
+    #[test]
+    fn stamp_shows_the_workflows_seed_steps_and_sampler() {
+        // Flux.2 Klein's sampler: RandomNoise, KSamplerSelect and Flux2Scheduler on links.
+        let c = ctx(Path::new("/nonexistent"));
+        let one = |class: &str, args: Vec<(String, Arg)>| {
+            run_builtin(&c, class, &Args(args))
+                .unwrap()
+                .values
+                .remove(0)
+        };
+        let plan = sampler_plan(
+            "SamplerCustomAdvanced",
+            &Args(vec![
+                data(
+                    "noise",
+                    one(
+                        "RandomNoise",
+                        vec![lit("noise_seed", json!(701112851139362u64))],
+                    ),
+                ),
+                data(
+                    "sampler",
+                    one("KSamplerSelect", vec![lit("sampler_name", json!("euler"))]),
+                ),
+                data(
+                    "sigmas",
+                    one(
+                        "Flux2Scheduler",
+                        vec![
+                            lit("steps", json!(4)),
+                            lit("width", json!(64)),
+                            lit("height", json!(64)),
+                        ],
+                    ),
+                ),
+                data(
+                    "guider",
+                    Data::Guider {
+                        text: "a  lighthouse".into(),
+                        cfg: 1.0,
+                    },
+                ),
+                data(
+                    "latent_image",
+                    one(
+                        "EmptyFlux2LatentImage",
+                        vec![
+                            lit("width", json!(64)),
+                            lit("height", json!(48)),
+                            lit("batch_size", json!(2)),
+                        ],
+                    ),
+                ),
+            ]),
+            20,
+        )
+        .unwrap();
+        assert_eq!(plan.steps, 4);
+        let images = decode_latent(&plan.latent).unwrap();
+        assert_eq!(images.len(), 2, "one picture per batch entry");
+        let lines = [
+            "COMFYUME-SIM  -  NO GPU, NOT GENERATED".to_string(),
+            "SEED 701112851139362  STEPS 4  euler".to_string(),
+            "a lighthouse".to_string(),
+        ];
+        assert_eq!(
+            images[0],
+            imaging::placeholder(64, 48, 701112851139362, &lines)
+        );
+        assert_eq!(
+            images[1],
+            imaging::placeholder(64, 48, 701112851139363, &lines)
+        );
     }
 
     #[test]

@@ -161,6 +161,8 @@ impl Listener for SimListener {
 pub struct SimHandle {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    /// The path prefix every route lives under (`""` for none).
+    base: String,
     server: Option<tokio::task::JoinHandle<()>>,
     worker: Option<tokio::task::JoinHandle<()>>,
 }
@@ -201,7 +203,9 @@ fn make_dirs(config: &SimConfig) -> Result<Dirs, SimError> {
     };
     // ComfyUI empties temp/ at start.
     let _ = std::fs::remove_dir_all(&dirs.temp);
-    for d in [&dirs.input, &dirs.output, &dirs.temp] {
+    // The default user's folder, with the workflows folder the frontend lists at start.
+    let workflows = dirs.root.join("user").join("default").join("workflows");
+    for d in [&dirs.input, &dirs.output, &dirs.temp, &workflows] {
         std::fs::create_dir_all(d).map_err(|e| SimError::DataDir {
             path: d.clone(),
             reason: e.to_string(),
@@ -225,6 +229,18 @@ pub async fn spawn(config: SimConfig, listener: TcpListener) -> SimHandle {
 /// Start a simulator on `listener`, reporting configuration problems.
 pub async fn try_spawn(config: SimConfig, listener: TcpListener) -> Result<SimHandle, SimError> {
     let catalog = Catalog::load(config.object_info.as_ref())?;
+    let base_path = match &config.base_path {
+        Some(b) => crate::config::normalize_base_path(b)?,
+        None => None,
+    };
+    if let Some(root) = &config.front_end_root
+        && !root.is_dir()
+    {
+        return Err(SimError::FrontEndRoot {
+            path: root.clone(),
+            reason: "not a directory".into(),
+        });
+    }
     let dirs = make_dirs(&config)?;
     let addr = listener.local_addr().map_err(SimError::Io)?;
     let shared = Arc::new(Shared::new(
@@ -233,6 +249,7 @@ pub async fn try_spawn(config: SimConfig, listener: TcpListener) -> Result<SimHa
         config.step_ms,
         config.cache,
         config.max_upload_size,
+        config.front_end_root.clone(),
     ));
     for fault in config.faults {
         shared.apply_fault(fault);
@@ -243,7 +260,7 @@ pub async fn try_spawn(config: SimConfig, listener: TcpListener) -> Result<SimHa
         faults: shared.faults.subscribe(),
         shared: shared.clone(),
     };
-    let app = http::router(shared.clone());
+    let app = http::router(shared.clone(), base_path.clone());
     let shutdown = shared.shutdown.clone();
     let server = tokio::spawn(async move {
         let _ = axum::serve(sim_listener, app)
@@ -254,6 +271,8 @@ pub async fn try_spawn(config: SimConfig, listener: TcpListener) -> Result<SimHa
     lock(&shared.tasks).extend([server.abort_handle(), worker.abort_handle()]);
     tracing::info!(
         %addr,
+        base_path = if base_path.is_some() { "(set)" } else { "" },
+        frontend = ?shared.front_end_root,
         node_set = %shared.catalog.source,
         nodes = shared.catalog.len(),
         step_ms = shared.step_ms,
@@ -262,6 +281,7 @@ pub async fn try_spawn(config: SimConfig, listener: TcpListener) -> Result<SimHa
     Ok(SimHandle {
         shared,
         addr,
+        base: base_path.unwrap_or_default(),
         server: Some(server),
         worker: Some(worker),
     })
@@ -272,14 +292,15 @@ impl SimHandle {
         self.addr
     }
 
-    /// `http://<addr>`
+    /// `http://<addr>` plus the base path, if any (keep it secret when it is the token that
+    /// guards the simulator).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}{}", self.addr, self.base)
     }
 
-    /// `ws://<addr>/ws`
+    /// `ws://<addr>/ws`, under the base path if any.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.addr)
+        format!("ws://{}{}/ws", self.addr, self.base)
     }
 
     /// Switch a fault on (or everything off with [`Fault::Clear`]).

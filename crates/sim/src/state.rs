@@ -282,6 +282,10 @@ pub struct Shared {
     /// Server and worker tasks, aborted when the server dies.
     pub tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     pub died: AtomicBool,
+    /// The frontend folder served at `/` (`--front-end-root`).
+    pub front_end_root: Option<PathBuf>,
+    /// Serialises writes to the user's settings and user data.
+    pub user_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -291,6 +295,7 @@ impl Shared {
         step_ms: u64,
         cache_enabled: bool,
         max_upload_size: u64,
+        front_end_root: Option<PathBuf>,
     ) -> Self {
         let root = CancellationToken::new();
         Self {
@@ -313,6 +318,8 @@ impl Shared {
             started: Instant::now(),
             tasks: Mutex::new(Vec::new()),
             died: AtomicBool::new(false),
+            front_end_root,
+            user_lock: tokio::sync::Mutex::new(()),
         }
     }
 

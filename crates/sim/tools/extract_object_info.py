@@ -2,10 +2,11 @@
 """Dev-time helper: copy the simulator's node specs out of a captured ComfyUI object_info.json.
 
 Usage: extract_object_info.py [CAPTURE] > ../src/data/builtin_object_info.json
-The capture defaults to /work/shared/comfyui/api/object_info.json (ComfyUI v0.11.0, no model files).
+The capture defaults to tests/fixtures/comfyui/api/object_info.json (ComfyUI v0.11.0, no model files).
 Model-file choice lists are empty in the capture; the simulator fills them in code.
 """
 import json
+import os
 import sys
 
 NODES = [
@@ -23,7 +24,7 @@ NODES = [
     "CLIPSetLastLayer",
 ]
 
-src = sys.argv[1] if len(sys.argv) > 1 else "/work/shared/comfyui/api/object_info.json"
+src = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../../tests/fixtures/comfyui/api/object_info.json")
 with open(src) as f:
     info = json.load(f)
 missing = [n for n in NODES if n not in info]

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 const OBJECT_INFO: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/comfyui/api/object_info.json"
+    "/../../tests/fixtures/comfyui/api/object_info.json"
 );
 
 /// Inputs that list files of a model folder. The captured `object_info` comes from a CPU server

@@ -14,10 +14,11 @@ use serde_json::Value;
 pub const PASSWORD: &str = "correct horse battery";
 pub const ADMIN: &str = "teacher";
 
+/// A file of the captured ComfyUI v0.11.0 data in the repository (`tests/fixtures/comfyui/`).
 pub fn shared(rel: &str) -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/comfyui"
+        "/../../tests/fixtures/comfyui"
     ))
     .join(rel)
 }
@@ -598,7 +599,7 @@ impl TestApp {
 
 // ---- queue and dispatch stories (tests/queue.rs, tests/dispatch.rs) ----
 
-/// A workflow of `shared/comfyui/workflows/` (API format).
+/// A workflow of `tests/fixtures/comfyui/workflows/` (API format).
 pub fn workflow(name: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(shared(&format!("workflows/{name}"))).unwrap())
         .unwrap()

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/comfyui");
+pub const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/comfyui");
 
 /// Upper bound for anything a test waits for.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -384,4 +384,96 @@ pub fn default_graph(seed: u64) -> Value {
         "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
         "9": {"class_type": "SaveImage", "inputs": {"filename_prefix": "ComfyUI", "images": ["8", 0]}}
     })
+}
+
+/// What a test needs to know of an MP4 file, read from its boxes.
+#[derive(Debug, Default)]
+pub struct Mp4 {
+    /// The sample entry's type (`avc1` for H.264).
+    pub codec: String,
+    /// `AVCProfileIndication` of the `avcC` box (66: Baseline).
+    pub profile: u8,
+    pub width: u32,
+    pub height: u32,
+    /// Samples (frames) in `stsz`.
+    pub samples: u32,
+    pub duration_ms: u32,
+    pub handler: String,
+}
+
+impl Mp4 {
+    pub fn parse(data: &[u8]) -> Mp4 {
+        let mut out = Mp4::default();
+        assert_eq!(&data[4..8], b"ftyp", "not an MP4 file");
+        Self::walk(data, &mut out);
+        assert!(out.samples > 0, "no samples: {out:?}");
+        out
+    }
+
+    fn be32(b: &[u8]) -> u32 {
+        u32::from_be_bytes(b[..4].try_into().unwrap())
+    }
+
+    fn walk(data: &[u8], out: &mut Mp4) {
+        let mut pos = 0;
+        while pos + 8 <= data.len() {
+            let size = Self::be32(&data[pos..]) as usize;
+            assert!(
+                size >= 8 && pos + size <= data.len(),
+                "box overruns at {pos}"
+            );
+            let kind = &data[pos + 4..pos + 8];
+            let body = &data[pos + 8..pos + size];
+            match kind {
+                b"moov" | b"trak" | b"mdia" | b"minf" | b"stbl" => Self::walk(body, out),
+                b"mvhd" => out.duration_ms = Self::be32(&body[16..]),
+                b"hdlr" => {
+                    out.handler = String::from_utf8_lossy(&body[24..])
+                        .trim_end_matches('\0')
+                        .to_string()
+                }
+                b"stsz" => out.samples = Self::be32(&body[8..]),
+                b"stsd" => {
+                    let entry = &body[8..];
+                    out.codec = String::from_utf8_lossy(&entry[4..8]).to_string();
+                    out.width = u32::from(u16::from_be_bytes([entry[32], entry[33]]));
+                    out.height = u32::from(u16::from_be_bytes([entry[34], entry[35]]));
+                    // avcC follows the 78-byte visual sample entry.
+                    let avcc = &entry[8 + 78..];
+                    assert_eq!(&avcc[4..8], b"avcC");
+                    out.profile = avcc[9];
+                }
+                _ => {}
+            }
+            pos += size;
+        }
+    }
+}
+
+/// The `tEXt` chunks of a PNG file, in order.
+pub fn png_text(png: &[u8]) -> Vec<(String, String)> {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG file");
+    let mut out = Vec::new();
+    let mut pos = 8;
+    while pos + 8 <= png.len() {
+        let len = u32::from_be_bytes(png[pos..pos + 4].try_into().unwrap()) as usize;
+        let body = &png[pos + 8..pos + 8 + len];
+        if &png[pos + 4..pos + 8] == b"tEXt"
+            && let Some(nul) = body.iter().position(|b| *b == 0)
+        {
+            let latin1 = |b: &[u8]| b.iter().map(|c| char::from(*c)).collect::<String>();
+            out.push((latin1(&body[..nul]), latin1(&body[nul + 1..])));
+        }
+        pos += len + 12;
+    }
+    out
+}
+
+/// The `comfyume-sim` note of a PNG the simulator wrote.
+pub fn sim_note(png: &[u8]) -> String {
+    png_text(png)
+        .into_iter()
+        .find(|(k, _)| k == "comfyume-sim")
+        .map(|(_, v)| v)
+        .expect("the PNG has a comfyume-sim note")
 }

@@ -2,6 +2,7 @@
 
 mod faults;
 mod files;
+mod frontend;
 mod helpers;
 mod protocol;
 mod templates;

@@ -1,4 +1,4 @@
-//! Message sequences and HTTP quirks, checked against the captures in shared/comfyui/traces.
+//! Message sequences and HTTP quirks, checked against the captures in tests/fixtures/comfyui/traces.
 
 use crate::helpers::*;
 use reqwest::StatusCode;

@@ -127,9 +127,16 @@ async fn workshop_templates_validate_and_run() {
         let r = t.get(&url).await;
         assert_eq!(r.status(), reqwest::StatusCode::OK, "{name}");
         let bytes = r.bytes().await.unwrap();
-        assert!(image::load_from_memory(&bytes).is_ok(), "{name}");
         if name.starts_with("LTX") {
+            // SaveVideo: an H.264 MP4 in the prefix's subfolder ("video/ltx2...").
             assert_eq!(ui["animated"], json!([true]), "{name}");
+            assert_eq!(file["subfolder"], "video", "{name}");
+            let mp4 = Mp4::parse(&bytes);
+            assert_eq!(mp4.codec, "avc1", "{name}");
+            assert_eq!(mp4.samples, 97, "{name}: the template's 97 frames");
+            assert_eq!(mp4.duration_ms, 3880, "{name}: 97 frames at 25 fps");
+        } else {
+            assert!(image::load_from_memory(&bytes).is_ok(), "{name}");
         }
         ran += 1;
     }

@@ -2,7 +2,6 @@
 
 use crate::helpers::*;
 use comfyume_sim::SimConfig;
-use image::AnimationDecoder;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -195,29 +194,37 @@ async fn taught_sd_nodes_validate_and_run() {
 }
 
 #[tokio::test]
-async fn ltx_text_to_video_writes_an_animated_png() {
+async fn ltx_text_to_video_writes_an_h264_mp4_in_the_prefix_subfolder() {
     let t = quick_sim().await;
     let id = t.queue_ok(&ltx_workflow(2, 9), None).await;
     let h = t.wait_history(&id).await;
     assert_eq!(h["status"]["status_str"], "success", "{h}");
-    let ui = &h["outputs"]["14"];
-    assert_eq!(ui["animated"], json!([true]));
-    assert_eq!(ui["images"][0]["subfolder"], "video");
-    let file = ui["images"][0]["filename"].as_str().unwrap();
-    assert_eq!(file, "ltx_00001_.png");
+    // ComfyUI's PreviewVideo: the file under "images", flagged animated.
+    assert_eq!(
+        h["outputs"]["14"],
+        json!({"images": [{"filename": "ltx_00001_.mp4", "subfolder": "video", "type": "output"}], "animated": [true]})
+    );
+    assert!(t.sim.output_dir().join("video/ltx_00001_.mp4").is_file());
     let r = t
-        .get(&format!(
-            "/view?filename={file}&subfolder=video&type=output"
-        ))
+        .get("/view?filename=ltx_00001_.mp4&subfolder=video&type=output")
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let bytes = r.bytes().await.unwrap();
-    let dec = image::codecs::png::PngDecoder::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
-    assert!(dec.is_apng().unwrap());
-    let frames = dec.apng().unwrap().into_frames().collect_frames().unwrap();
-    assert_eq!(frames.len(), 9);
-    assert_eq!(frames[0].buffer().dimensions(), (128, 96));
-    assert_ne!(frames[0].buffer(), frames[8].buffer());
+    assert_eq!(r.headers()["content-type"], "video/mp4");
+    let mp4 = Mp4::parse(&r.bytes().await.unwrap());
+    // Constrained Baseline H.264, one sample per frame, 25 fps, the latent's 128x96.
+    assert_eq!(mp4.codec, "avc1");
+    assert_eq!(mp4.profile, 66);
+    assert_eq!(mp4.samples, 9);
+    assert_eq!((mp4.width, mp4.height), (128, 96));
+    assert_eq!(mp4.duration_ms, 360);
+    assert!(mp4.handler.contains("SIMULATED"), "{}", mp4.handler);
+    // A second run counts on, in the same subfolder.
+    let again = t.queue_ok(&ltx_workflow(3, 9), None).await;
+    let h = t.wait_history(&again).await;
+    assert_eq!(
+        h["outputs"]["14"]["images"][0]["filename"],
+        "ltx_00002_.mp4"
+    );
     t.sim.shutdown().await;
 }
 
@@ -253,6 +260,132 @@ async fn shared_workflows_validate_and_run() {
     .to_rgb8();
     // color 255 = blue; blurred stays blue; inverted is yellow.
     assert_eq!(img.get_pixel(64, 64).0, [255, 255, 0]);
+    // A batch of two saves two files, as ComfyUI does.
+    assert_eq!(
+        h["outputs"]["4"]["images"],
+        json!([
+            {"filename": "slow_00001_.png", "subfolder": "", "type": "output"},
+            {"filename": "slow_00002_.png", "subfolder": "", "type": "output"}
+        ])
+    );
+    assert!(t.sim.output_dir().join("slow_00002_.png").is_file());
+    t.sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn stamp_and_png_note_name_the_workflows_own_seed() {
+    let t = quick_sim().await;
+    let id = t
+        .queue_ok(&flux_workflow(4, 701112851139362, 64), None)
+        .await;
+    let h = t.wait_history(&id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    let png = t
+        .get("/view?filename=flux2_00001_.png")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let keys: Vec<String> = png_text(&png).into_iter().map(|(k, _)| k).collect();
+    assert_eq!(keys, ["prompt", "comfyume-sim"]);
+    assert_eq!(
+        sim_note(&png),
+        "SIMULATED by comfyume-sim (no GPU, nothing was generated): SEED 701112851139362  STEPS 4  euler"
+    );
+    // The frontend's default graph: KSampler's own widgets.
+    let id = t.queue_ok(&default_graph(156680208700286), None).await;
+    let h = t.wait_history(&id).await;
+    let file = h["outputs"]["9"]["images"][0]["filename"].as_str().unwrap();
+    let png = t
+        .get(&format!("/view?filename={file}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        sim_note(&png).ends_with(": SEED 156680208700286  STEPS 20  euler"),
+        "{}",
+        sim_note(&png)
+    );
+    t.sim.shutdown().await;
+}
+
+/// With a served node set (here the whole captured ComfyUI v0.11.0 one) nodes pass opaque
+/// values, so output nodes read the batch, seed, steps and sampler from the prompt's graph.
+#[tokio::test]
+async fn served_node_set_saves_batches_stamps_seeds_and_writes_videos() {
+    let t = spawn_sim(SimConfig {
+        object_info: Some(shared_file("api/object_info.json").into()),
+        step_ms: 1,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut blur = workflow("slow_blur.json");
+    blur["1"]["inputs"]["width"] = json!(96);
+    blur["1"]["inputs"]["height"] = json!(64);
+    let id = t.queue_ok(&blur, None).await;
+    let h = t.wait_history(&id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    assert_eq!(
+        h["outputs"]["4"]["images"],
+        json!([
+            {"filename": "slow_00001_.png", "subfolder": "", "type": "output"},
+            {"filename": "slow_00002_.png", "subfolder": "", "type": "output"}
+        ])
+    );
+    let png = t
+        .get("/view?filename=slow_00002_.png")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        image::load_from_memory(&png)
+            .unwrap()
+            .to_rgb8()
+            .dimensions(),
+        (96, 64)
+    );
+    assert_eq!(
+        sim_note(&png),
+        "SIMULATED by comfyume-sim (no GPU, nothing was generated)"
+    );
+
+    let id = t
+        .queue_ok(&flux_workflow(4, 701112851139362, 64), None)
+        .await;
+    let h = t.wait_history(&id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    let file = h["outputs"]["13"]["images"][0]["filename"]
+        .as_str()
+        .unwrap();
+    let png = t
+        .get(&format!("/view?filename={file}"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert!(
+        sim_note(&png).ends_with(": SEED 701112851139362  STEPS 4  euler"),
+        "{}",
+        sim_note(&png)
+    );
+
+    let id = t.queue_ok(&ltx_workflow(2, 9), None).await;
+    let h = t.wait_history(&id).await;
+    assert_eq!(h["status"]["status_str"], "success", "{h}");
+    assert_eq!(
+        h["outputs"]["14"],
+        json!({"images": [{"filename": "ltx_00001_.mp4", "subfolder": "video", "type": "output"}], "animated": [true]})
+    );
+    let mp4 = Mp4::parse(
+        &t.get("/view?filename=ltx_00001_.mp4&subfolder=video&type=output")
+            .await
+            .bytes()
+            .await
+            .unwrap(),
+    );
+    assert_eq!((mp4.samples, mp4.width, mp4.height), (9, 128, 96));
     t.sim.shutdown().await;
 }
 

@@ -514,7 +514,7 @@ mod tests {
 
     fn fixture(name: &str) -> Value {
         let path = format!(
-            "{}/../../../shared/comfyui/api/{name}",
+            "{}/../../tests/fixtures/comfyui/api/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()

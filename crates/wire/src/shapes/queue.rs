@@ -150,7 +150,7 @@ pub(crate) mod tests {
 
     const FIXTURE: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/comfyui/api/history_entry.json"
+        "/../../tests/fixtures/comfyui/api/history_entry.json"
     ));
 
     pub(crate) fn fixture_record() -> HistoryRecord {

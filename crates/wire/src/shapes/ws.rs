@@ -479,7 +479,7 @@ mod tests {
     /// Each trace line: "<ms> <json>".
     fn trace(name: &str) -> Vec<Value> {
         let path = format!(
-            "{}/../../../shared/comfyui/traces/{name}",
+            "{}/../../tests/fixtures/comfyui/traces/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read_to_string(path)
@@ -540,7 +540,7 @@ mod tests {
     #[test]
     fn python_json_text_matches_comfyui_bytes() {
         let line = std::fs::read_to_string(format!(
-            "{}/../../../shared/comfyui/traces/ws_owner.txt",
+            "{}/../../tests/fixtures/comfyui/traces/ws_owner.txt",
             env!("CARGO_MANIFEST_DIR")
         ))
         .unwrap();

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use comfyume_wire::ObjectInfo;
 use serde_json::Value;
 
-pub const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/comfyui");
+pub const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/comfyui");
 
 pub fn read(rel: &str) -> String {
     std::fs::read_to_string(format!("{SHARED}/{rel}")).unwrap_or_else(|e| panic!("{rel}: {e}"))
