@@ -20,7 +20,16 @@ pub enum Kind {
 }
 
 pub async fn kind(path: &Path) -> Kind {
-    match tokio::fs::metadata(path).await {
+    of(tokio::fs::metadata(path).await)
+}
+
+/// [`kind`] of the path itself: a link is `Other`, never what it points to.
+pub async fn kind_no_follow(path: &Path) -> Kind {
+    of(tokio::fs::symlink_metadata(path).await)
+}
+
+fn of(md: io::Result<std::fs::Metadata>) -> Kind {
+    match md {
         Ok(md) if md.is_file() => Kind::File,
         Ok(md) if md.is_dir() => Kind::Dir,
         Ok(_) => Kind::Other,
@@ -334,18 +343,20 @@ mod tests {
                 (name, dup, bytes)
             }));
         }
-        let mut names = std::collections::HashSet::new();
+        let mut names = std::collections::HashMap::new();
         for t in tasks {
             let (name, dup, bytes) = t.await.unwrap();
             assert!(!dup);
             assert_eq!(std::fs::read(dir.path().join(&name)).unwrap(), bytes);
-            assert!(names.insert(name));
+            assert!(names.insert(name, bytes).is_none());
         }
-        // Identical bytes again: the existing name, nothing new written.
+        assert!(names.contains_key("a.png") && names.contains_key("a (15).png"));
+        // Identical bytes again: the name they already have, nothing new written.
         let (name, dup) = publish_upload(dir.path(), "a.png", &[0u8; 1000], false)
             .await
             .unwrap();
-        assert_eq!((name.as_str(), dup), ("a.png", true));
+        assert!(dup);
+        assert_eq!(names[&name], vec![0u8; 1000]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 16);
     }
 

@@ -208,13 +208,11 @@ pub async fn delete_file(
 ) -> ApiResult<StatusCode> {
     let root = user_root(&state, &who);
     let path = resolve(&root, &file).await?;
-    match tokio::fs::symlink_metadata(&path).await {
-        Ok(md) if md.is_file() => {
-            tokio::fs::remove_file(&path).await?;
-            Ok(StatusCode::NO_CONTENT)
-        }
-        _ => Err(ApiError::not_found()),
+    if fsx::kind_no_follow(&path).await != Kind::File {
+        return Err(ApiError::not_found());
     }
+    tokio::fs::remove_file(&path).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn move_file(
