@@ -35,7 +35,8 @@ pub fn strip_server_paths(text: &str) -> String {
             let token = &text[pos..end];
             let sep = if windows_drive { '\\' } else { '/' };
             let parts: Vec<&str> = token.split(sep).filter(|p| !p.is_empty()).collect();
-            if parts.len() >= 2 || (windows_drive && parts.len() >= 2) {
+            // At least two components: `/x` alone is more often a route than a path.
+            if parts.len() >= 2 {
                 out.push_str(parts.last().copied().unwrap_or_default());
                 i = j;
                 continue;
@@ -50,10 +51,8 @@ pub fn strip_server_paths(text: &str) -> String {
 /// [`strip_server_paths`] over every string inside `v`.
 pub fn strip_server_paths_in(v: &mut Value) {
     match v {
-        Value::String(s) => {
-            if s.contains('/') || s.contains(":\\") {
-                *s = strip_server_paths(s);
-            }
+        Value::String(s) if s.contains('/') || s.contains(":\\") => {
+            *s = strip_server_paths(s);
         }
         Value::Array(a) => a.iter_mut().for_each(strip_server_paths_in),
         Value::Object(m) => m.values_mut().for_each(strip_server_paths_in),

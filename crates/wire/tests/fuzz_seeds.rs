@@ -64,7 +64,11 @@ fn mutated() -> impl Strategy<Value = (usize, usize, Vec<u8>)> {
             let corpus = seeds(name);
             let mut data = corpus[pick.index(corpus.len())].clone();
             for (at, byte, op) in edits {
-                let i = if data.is_empty() { 0 } else { at.index(data.len()) };
+                let i = if data.is_empty() {
+                    0
+                } else {
+                    at.index(data.len())
+                };
                 match op {
                     0 if !data.is_empty() => data[i] = byte,
                     1 => data.insert(i, byte),
