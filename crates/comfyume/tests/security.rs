@@ -443,6 +443,7 @@ async fn client_chosen_prompt_ids_are_uuids() {
         json!("../../x"),
         json!("a b"),
         json!("my-own-id-123"),
+        json!(null),
         json!(7),
         json!(""),
     ] {

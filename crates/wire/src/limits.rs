@@ -68,7 +68,8 @@ fn mb(bytes: usize) -> String {
 /// Checks `body` (a `POST /prompt` body) against `limits`; a body without a
 /// `prompt` passes here and gets ComfyUI's own `no_prompt` from validation.
 pub fn check_prompt_request(body: &Value, limits: &PromptLimits) -> Result<(), PromptError> {
-    if let Some(id) = body.get("prompt_id").filter(|v| !v.is_null()) {
+    // Present means a UUID string: ComfyUI str()s whatever it gets (null became "None").
+    if let Some(id) = body.get("prompt_id") {
         let ok = id.as_str().is_some_and(is_uuid);
         if !ok {
             return Err(PromptError::rejected(
@@ -154,12 +155,11 @@ mod tests {
             check_prompt_request(&big, &l).unwrap_err().error_type(),
             "extra_data_too_large"
         );
-        for id in [json!("../../x"), json!(5), json!("a b")] {
+        for id in [json!("../../x"), json!(5), json!("a b"), json!(null)] {
             let e = check_prompt_request(&json!({"prompt": {}, "prompt_id": id}), &l).unwrap_err();
             assert_eq!(e.message(), "Invalid prompt_id");
         }
         let ok = json!({"prompt": {}, "prompt_id": "0f8fad5b-d9cb-469f-a165-70867728950e"});
         assert!(check_prompt_request(&ok, &l).is_ok());
-        assert!(check_prompt_request(&json!({"prompt": {}, "prompt_id": null}), &l).is_ok());
     }
 }
