@@ -3,6 +3,7 @@
 #   - Debian: redis-server, chromium (+ fonts so screenshots have readable text), nodejs/npm if absent
 #   - PyPI:   comfyui-frontend-package (the frontend we serve) and moto[server] (local S3 server)
 #   - npm:    tests/browser/node_modules from package-lock.json (playwright-core, no browser download)
+#   - crates.io: cargo-fuzz (the bounded fuzz run; `--sanitizer none` works on stable Rust)
 # Idempotent: every step checks first, so a rerun on a prepared machine takes a few seconds.
 # Only Debian's, PyPI's and npm's registries are used.
 set -euo pipefail
@@ -107,6 +108,15 @@ if [ "$have_pw" = "$want_pw" ]; then
 else
     log "npm ci in tests/browser (playwright-core $want_pw)"
     (cd "$BROWSER_DIR" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# --- cargo-fuzz for the bounded fuzz run (scripts/fuzz.sh) ----------------------
+CARGO_FUZZ_VERSION="${CARGO_FUZZ_VERSION:-0.13.2}"
+if cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+    log "cargo-fuzz $CARGO_FUZZ_VERSION already installed"
+else
+    log "cargo install cargo-fuzz@$CARGO_FUZZ_VERSION"
+    cargo install --locked --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
 log "ok: redis-server $(redis-server --version | awk '{print $3}'), $(chromium --version 2>/dev/null | head -1), node $(node --version), frontend $FRONTEND_VERSION, moto $MOTO_VERSION, playwright-core $want_pw"

@@ -18,6 +18,8 @@ echo "[test] cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "[test] building tests"
 cargo test --workspace --locked --no-run
+echo "[test] fuzzing (bounded, FUZZ_SECONDS=${FUZZ_SECONDS:-20} per target)"
+scripts/fuzz.sh
 # Once, before the tests: otherwise the first `serve` they start compresses it in the
 # background while the others run.
 target/debug/comfyume frontend precompress --frontend-dir "$COMFYUME_TEST_FRONTEND_DIR"

@@ -42,6 +42,15 @@ pub struct ServeArgs {
     /// Largest upload in MB (ComfyUI's --max-upload-size).
     #[arg(long, env = "MAX_UPLOAD_SIZE")]
     pub max_upload_size: Option<u64>,
+    /// Largest JSON request body in MB (settings, saved workflows, a prompt).
+    #[arg(long, env = "MAX_JSON_BODY_MB")]
+    pub max_json_body_mb: Option<u64>,
+    /// Most nodes in one prompt.
+    #[arg(long, env = "MAX_PROMPT_NODES")]
+    pub max_prompt_nodes: Option<usize>,
+    /// Largest extra_data (the UI workflow) kept with a job, in MB.
+    #[arg(long, env = "MAX_EXTRA_DATA_MB")]
+    pub max_extra_data_mb: Option<u64>,
     /// Public domain name; cookies are marked Secure when set.
     #[arg(long, env = "DOMAIN")]
     pub domain: Option<String>,
@@ -113,6 +122,9 @@ pub struct FileConfig {
     pub frontend_dir: Option<PathBuf>,
     pub templates_dir: Option<PathBuf>,
     pub max_upload_size: Option<u64>,
+    pub max_json_body_mb: Option<u64>,
+    pub max_prompt_nodes: Option<usize>,
+    pub max_extra_data_mb: Option<u64>,
     pub domain: Option<String>,
     pub log_format: Option<String>,
     pub session_ttl_hours: Option<u64>,
@@ -147,6 +159,8 @@ pub struct ServeConfig {
     pub frontend_dir: PathBuf,
     pub templates_dir: Option<PathBuf>,
     pub max_upload_bytes: u64,
+    /// JSON body, prompt node and extra_data caps.
+    pub limits: comfyume_gateway::limits::Limits,
     pub domain: Option<String>,
     pub log_format: String,
     pub session_ttl_hours: u64,
@@ -213,6 +227,25 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         max_upload_bytes: args.max_upload_size.or(file.max_upload_size).unwrap_or(100)
             * 1024
             * 1024,
+        limits: {
+            let mb = |v: u64| {
+                usize::try_from(v.max(1).saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+            };
+            comfyume_gateway::limits::Limits {
+                max_json_body: mb(args.max_json_body_mb.or(file.max_json_body_mb).unwrap_or(8)),
+                prompt: comfyume_wire::PromptLimits {
+                    max_nodes: args
+                        .max_prompt_nodes
+                        .or(file.max_prompt_nodes)
+                        .unwrap_or(2000)
+                        .max(1),
+                    max_extra_data_bytes: mb(args
+                        .max_extra_data_mb
+                        .or(file.max_extra_data_mb)
+                        .unwrap_or(4)),
+                },
+            }
+        },
         domain: args
             .domain
             .clone()
@@ -346,6 +379,30 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), ".env.example lacks {missing:?}");
+    }
+
+    #[test]
+    fn request_limits_come_from_env_file_and_defaults() {
+        let defaults = resolve_serve(&CommonArgs::default(), &ServeArgs::default()).unwrap();
+        assert_eq!(defaults.limits, comfyume_gateway::limits::Limits::default());
+        assert_eq!(defaults.limits.max_json_body, 8 * 1024 * 1024);
+        assert_eq!(defaults.limits.prompt.max_nodes, 2000);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "max_json_body_mb = 2\nmax_prompt_nodes = 50\n").unwrap();
+        let common = CommonArgs {
+            data_dir: None,
+            config: Some(f),
+        };
+        let flags = ServeArgs {
+            max_prompt_nodes: Some(7),
+            max_extra_data_mb: Some(1),
+            ..Default::default()
+        };
+        let r = resolve_serve(&common, &flags).unwrap();
+        assert_eq!(r.limits.max_json_body, 2 * 1024 * 1024);
+        assert_eq!(r.limits.prompt.max_nodes, 7);
+        assert_eq!(r.limits.prompt.max_extra_data_bytes, 1024 * 1024);
     }
 
     #[test]

@@ -307,6 +307,13 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    comfyume_gateway::launch_with(state, listener, comfyume_admin::routes(), shutdown).await?;
+    comfyume_gateway::launch_with_limits(
+        state,
+        listener,
+        comfyume_admin::routes(),
+        cfg.limits,
+        shutdown,
+    )
+    .await?;
     Ok(())
 }

@@ -31,7 +31,8 @@ pub fn read_password_stdin() -> Result<String> {
 }
 
 pub fn check_name(name: &str) -> Result<()> {
-    if comfyume_gateway::scope::is_reserved_name(name) {
+    // Without regard to case: `ADMIN` or `Api` would read as the route to a person.
+    if comfyume_gateway::scope::is_reserved_name(&name.to_ascii_lowercase()) {
         bail!(
             "'{name}' cannot be an account name: it is a route of the server (or contains a dot)"
         );
@@ -69,7 +70,9 @@ pub async fn add(
             }
             Ok(())
         }
-        Err(StoreError::AlreadyExists) => bail!("account '{name}' already exists"),
+        Err(StoreError::AlreadyExists) => {
+            bail!("account '{name}' already exists (names are compared without regard to case)")
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -260,6 +263,9 @@ mod tests {
     fn names_must_not_shadow_routes() {
         assert!(check_name("user001").is_ok());
         assert!(check_name("api").is_err());
+        for shouty in ["ADMIN", "Api", "Login", "METRICS", "Assets"] {
+            assert!(check_name(shouty).is_err(), "{shouty}");
+        }
         assert!(check_name("assets").is_err());
         assert!(check_name("a/b").is_err());
         assert!(check_name("").is_err());

@@ -225,12 +225,12 @@ async fn submission_answers_like_comfyui() {
     assert_eq!(r.json()["number"], first + 3);
 
     // A client-chosen id and number are echoed as given.
-    let body = json!({"prompt": small(4), "prompt_id": "my-own-id-123", "number": 7.5, "client_id": "tab"});
+    let body = json!({"prompt": small(4), "prompt_id": "0f8fad5b-d9cb-469f-a165-70867728950e", "number": 7.5, "client_id": "tab"});
     let r = app.post_json(U1, "/api/prompt", &body).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.json(),
-        json!({"prompt_id": "my-own-id-123", "number": 7.5, "node_errors": {}})
+        json!({"prompt_id": "0f8fad5b-d9cb-469f-a165-70867728950e", "number": 7.5, "node_errors": {}})
     );
     // The same id again is refused (ours are unique; ComfyUI would run it twice).
     for user in [U1, U2] {

@@ -36,6 +36,17 @@ impl ApiError {
     pub fn forbidden() -> Self {
         ApiError::Empty(StatusCode::FORBIDDEN)
     }
+
+    /// A participant path that could not be resolved: the size limits answer 400
+    /// with their reason; traversal and malformed paths answer `otherwise` (each
+    /// route keeps ComfyUI's own status for those).
+    pub fn path(e: crate::paths::PathError, otherwise: ApiError) -> Self {
+        if e.is_limit() {
+            ApiError::Text(StatusCode::BAD_REQUEST, format!("Invalid path: {e}."))
+        } else {
+            otherwise
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -82,6 +93,18 @@ fn io_error_response(e: &std::io::Error) -> Response {
     match e.kind() {
         ErrorKind::NotFound => StatusCode::NOT_FOUND.into_response(),
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN.into_response(),
+        // The paths are checked before use; these are a participant's names
+        // meeting the file system's own limits, never the server's fault.
+        ErrorKind::InvalidFilename => (
+            StatusCode::BAD_REQUEST,
+            "Invalid path: a name is too long or not allowed.",
+        )
+            .into_response(),
+        ErrorKind::NotADirectory | ErrorKind::IsADirectory | ErrorKind::DirectoryNotEmpty => (
+            StatusCode::CONFLICT,
+            "A file or folder of that name is in the way.",
+        )
+            .into_response(),
         ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
             tracing::error!(error = %e, "disk full");
             (

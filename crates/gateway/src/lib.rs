@@ -6,12 +6,16 @@ pub mod auth;
 pub mod error;
 pub mod extension;
 pub mod frontend;
+pub mod fsx;
+pub mod headers;
 pub mod hub;
+pub mod limits;
 pub mod login;
 pub mod paths;
 pub mod precompress;
 pub mod provision;
 pub mod scope;
+pub mod sniff;
 pub mod state;
 pub mod telemetry;
 pub mod ws;
@@ -56,8 +60,13 @@ pub async fn build_state(
             serde_json::json!({})
         }
     };
-    let reserved = scope::reserved_names(&settings.frontend_dir);
-    let extensions = frontend::extension_list(&settings.frontend_dir);
+    // Both read the frontend's folder: off the runtime's threads.
+    let dir = settings.frontend_dir.clone();
+    let (reserved, extensions) = tokio::task::spawn_blocking(move || {
+        (scope::reserved_names(&dir), frontend::extension_list(&dir))
+    })
+    .await
+    .map_err(|e| QueueError::Store(comfyume_store::StoreError::Other(e.to_string())))?;
     let auth = auth::AuthState::new(settings.login_max_failures, settings.login_window);
     let state = AppState {
         settings: Arc::new(settings),
@@ -173,6 +182,15 @@ async fn banner_status(
 /// The whole router (before the participant-prefix rewrite). `extra` routes
 /// (the instructor's API) sit behind the same authentication.
 pub fn router(state: AppState, extra: Router<AppState>) -> Router {
+    router_with_limits(state, extra, limits::Limits::default())
+}
+
+/// [`router`] with the request-size limits of this server.
+pub fn router_with_limits(
+    state: AppState,
+    extra: Router<AppState>,
+    limits: limits::Limits,
+) -> Router {
     let api = api::routes().route("/comfyume/status", get(banner_status));
     let authed = Router::new()
         .merge(api.clone())
@@ -204,7 +222,9 @@ pub fn router(state: AppState, extra: Router<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(
             state.settings.max_upload_bytes as usize,
         ))
+        .layer(axum::Extension(limits))
         .layer(middleware::from_fn(same_origin))
+        .layer(middleware::from_fn(headers::security_headers))
         .layer(middleware::from_fn(track_metrics))
         .layer(
             CompressionLayer::new()
@@ -232,8 +252,19 @@ pub async fn launch_with(
     extra: Router<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    launch_with_limits(state, listener, extra, limits::Limits::default(), shutdown).await
+}
+
+/// [`launch_with`] and the request-size limits (`MAX_JSON_BODY_MB`, ...).
+pub async fn launch_with_limits(
+    state: AppState,
+    listener: TcpListener,
+    extra: Router<AppState>,
+    limits: limits::Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let reserved = state.reserved.clone();
-    let app = router(state, extra);
+    let app = router_with_limits(state, extra, limits);
     let svc = tower::util::MapRequestLayer::new(move |req: Request| scope::rewrite(req, &reserved))
         .layer(app);
     let make = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(svc);

@@ -170,6 +170,22 @@ pub async fn users_crud(b: &dyn Backend) {
         s.create_user("bob", "other", Role::Admin).await,
         Err(StoreError::AlreadyExists)
     ));
+    // Names are unique without regard to case (two workspaces nobody can tell apart),
+    // for imported accounts too.
+    for same in ["BOB", "Bob", "ALICE"] {
+        assert!(
+            matches!(
+                s.create_user(same, "other", Role::Participant).await,
+                Err(StoreError::AlreadyExists)
+            ),
+            "{same} beside an existing account"
+        );
+    }
+    assert!(matches!(
+        s.import_bcrypt("bOb", &bcrypt::hash("pw", 4).unwrap(), Role::Participant)
+            .await,
+        Err(StoreError::AlreadyExists)
+    ));
     for bad in ["", "../etc", "a b", ".hidden", &"x".repeat(65)] {
         assert!(
             matches!(

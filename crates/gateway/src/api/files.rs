@@ -9,18 +9,17 @@ use std::time::SystemTime;
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Multipart, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
-use crate::api::write_atomic;
 use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
-use crate::paths::{PathError, is_plain_file_name, resolve_within};
+use crate::paths::{MAX_NAME_BYTES, PathError, is_plain_file_name, resolve_within};
 use crate::state::{AppState, UserDirs};
+use crate::{fsx, headers, sniff};
 
 /// The folder for ComfyUI's `type` parameter.
 fn type_dir(dirs: &UserDirs, kind: &str) -> Option<PathBuf> {
@@ -34,42 +33,7 @@ fn type_dir(dirs: &UserDirs, kind: &str) -> Option<PathBuf> {
 
 /// (name relative to `dir`, modified time) of every file below `dir`.
 pub async fn list_files(dir: &FsPath) -> Vec<(String, SystemTime)> {
-    let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        fn visit(root: &FsPath, d: &FsPath, out: &mut Vec<(String, SystemTime)>) {
-            let Ok(rd) = std::fs::read_dir(d) else { return };
-            for e in rd.flatten() {
-                let Ok(md) = e.path().symlink_metadata() else {
-                    continue;
-                };
-                if md.is_dir() {
-                    visit(root, &e.path(), out);
-                } else if md.is_file() {
-                    let rel = e
-                        .path()
-                        .strip_prefix(root)
-                        .map(|p| p.to_string_lossy().into_owned());
-                    if let Ok(rel) = rel {
-                        if rel.starts_with('.') || rel.contains("/.") {
-                            continue; // in-progress uploads and other hidden files
-                        }
-                        out.push((rel, md.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
-                    }
-                }
-            }
-        }
-        visit(&dir, &dir, &mut out);
-        out.sort();
-        out
-    })
-    .await
-    .unwrap_or_default()
-}
-
-fn sha256_file(path: &FsPath) -> Option<[u8; 32]> {
-    let bytes = std::fs::read(path).ok()?;
-    Some(Sha256::digest(&bytes).into())
+    crate::fsx::list_files(dir).await
 }
 
 struct Upload {
@@ -129,36 +93,6 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
-/// Where an upload lands, with ComfyUI's rules: identical bytes keep the name,
-/// different bytes become `name (1).ext`, unless `overwrite` is set.
-fn choose_target(
-    folder: &FsPath,
-    name: &str,
-    bytes: &[u8],
-    overwrite: bool,
-) -> (PathBuf, String, bool) {
-    let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => (&name[..i], &name[i..]),
-        _ => (name, ""),
-    };
-    let digest: [u8; 32] = Sha256::digest(bytes).into();
-    let mut candidate = name.to_string();
-    let mut i = 1;
-    loop {
-        let path = folder.join(&candidate);
-        if overwrite || !path.exists() {
-            return (path, candidate, false);
-        }
-        // Compare only a regular file's bytes: never read through a link.
-        if path.symlink_metadata().is_ok_and(|m| m.is_file()) && sha256_file(&path) == Some(digest)
-        {
-            return (path, candidate, true);
-        }
-        candidate = format!("{stem} ({i}){ext}");
-        i += 1;
-    }
-}
-
 async fn save_upload(
     state: &AppState,
     who: &Participant,
@@ -167,27 +101,31 @@ async fn save_upload(
 ) -> ApiResult<Value> {
     let dirs = state.user_dirs(&who.name);
     let base = type_dir(&dirs, &up.kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
+    if up.name.len() > MAX_NAME_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "Invalid file name: longer than {MAX_NAME_BYTES} bytes."
+        )));
+    }
     if !is_plain_file_name(&up.name) || up.name.starts_with('.') {
         return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
     }
+    // Every check before the first folder is made.
     let folder = resolve_within(&base, &up.subfolder)
-        .map_err(|_| ApiError::Empty(StatusCode::BAD_REQUEST))?;
-    tokio::fs::create_dir_all(&folder).await?;
-    let (folder2, name, overwrite, data) = (
-        folder.clone(),
-        up.name.clone(),
-        up.overwrite,
-        bytes.to_vec(),
-    );
-    let (path, final_name, duplicate) =
-        tokio::task::spawn_blocking(move || choose_target(&folder2, &name, &data, overwrite))
-            .await
-            .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
-    if !duplicate {
-        write_atomic(&path, bytes).await?;
-        metrics::counter!(crate::telemetry::UPLOAD_BYTES).increment(bytes.len() as u64);
+        .await
+        .map_err(|e| ApiError::path(e, ApiError::Empty(StatusCode::BAD_REQUEST)))?;
+    let created = fsx::create_dirs(&folder).await?;
+    match fsx::publish_upload(&folder, &up.name, bytes, up.overwrite).await {
+        Ok((final_name, duplicate)) => {
+            if !duplicate {
+                metrics::counter!(crate::telemetry::UPLOAD_BYTES).increment(bytes.len() as u64);
+            }
+            Ok(json!({"name": final_name, "subfolder": up.subfolder, "type": up.kind}))
+        }
+        Err(e) => {
+            fsx::remove_created(created).await;
+            Err(e.into())
+        }
     }
-    Ok(json!({"name": final_name, "subfolder": up.subfolder, "type": up.kind}))
 }
 
 pub async fn upload_image(
@@ -227,12 +165,16 @@ pub async fn upload_mask(
     let dirs = state.user_dirs(&who.name);
     let base = type_dir(&dirs, orig.kind.as_deref().unwrap_or("output"))
         .ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
-    let folder = resolve_within(&base, &orig.subfolder).map_err(|_| ApiError::forbidden())?;
+    let folder = resolve_within(&base, &orig.subfolder)
+        .await
+        .map_err(|e| ApiError::path(e, ApiError::forbidden()))?;
     if !is_plain_file_name(&orig.filename) {
         return Err(ApiError::Empty(StatusCode::BAD_REQUEST));
     }
     // resolve_within: a link named like the original must not lead outside.
-    let orig_path = resolve_within(&folder, &orig.filename).map_err(|_| ApiError::forbidden())?;
+    let orig_path = resolve_within(&folder, &orig.filename)
+        .await
+        .map_err(|e| ApiError::path(e, ApiError::forbidden()))?;
     let mask_bytes = up.bytes.clone();
     let merged = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
         let original = image::open(&orig_path).map_err(|e| e.to_string())?;
@@ -297,23 +239,24 @@ pub async fn view(
     let dirs = state.user_dirs(&who.name);
     let base = type_dir(&dirs, &kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
     let folder = resolve_within(&base, q.subfolder.as_deref().unwrap_or(""))
-        .map_err(|_| ApiError::forbidden())?;
-    let path = resolve_within(&folder, &filename).map_err(|e| match e {
-        // A backslash or NUL in the name: a malformed request.
-        PathError::Invalid => ApiError::Empty(StatusCode::BAD_REQUEST),
-        // Through a link out of the participant's folder.
-        PathError::Traversal => ApiError::forbidden(),
-    })?;
-    if !path.is_file() {
+        .await
+        .map_err(|e| ApiError::path(e, ApiError::forbidden()))?;
+    let path = resolve_within(&folder, &filename)
+        .await
+        .map_err(|e| match e {
+            // A backslash or NUL in the name: a malformed request.
+            PathError::Invalid => ApiError::Empty(StatusCode::BAD_REQUEST),
+            // Through a link out of the participant's folder.
+            PathError::Traversal => ApiError::forbidden(),
+            limit => ApiError::path(limit, ApiError::Empty(StatusCode::BAD_REQUEST)),
+        })?;
+    if fsx::kind(&path).await != fsx::Kind::File {
         return Err(ApiError::not_found());
     }
     let base_name = FsPath::new(&filename)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let disposition =
-        HeaderValue::from_str(&format!("filename=\"{}\"", base_name.replace('"', "")))
-            .unwrap_or_else(|_| HeaderValue::from_static("inline"));
 
     if let Some(preview) = q.preview.as_deref() {
         let (fmt, quality) = preview.split_once(';').unwrap_or((preview, "90"));
@@ -321,7 +264,7 @@ pub async fn view(
         if let Some((ct, bytes)) =
             convert(&path, Conversion::Preview(fmt.to_string(), quality)).await
         {
-            return Ok(image_response(ct, bytes, disposition));
+            return Ok(image_response(ct, bytes, &base_name));
         }
     }
     if let Some(channel) = q.channel.as_deref().filter(|c| *c == "rgb" || *c == "a") {
@@ -331,35 +274,19 @@ pub async fn view(
             Conversion::Alpha
         };
         if let Some((ct, bytes)) = convert(&path, conv).await {
-            return Ok(image_response(ct, bytes, disposition));
+            return Ok(image_response(ct, bytes, &base_name));
         }
     }
+    // Inline only as the media type its bytes are, whatever it is called.
+    let head = fsx::read_head(&path, sniff::HEAD_LEN).await?;
+    let media = sniff::media_type(&head, &base_name);
     // The plain file, with Range support (video scrubbing) from tower-http.
-    let mime = mime_guess::from_path(&path).first_or_octet_stream();
     let mut resp = tower_http::services::ServeFile::new(&path)
         .oneshot(req)
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
         .map(Body::new);
-    // ComfyUI serves markup and scripts as opaque bytes so a participant's
-    // upload can never run as a page on this origin.
-    let ct = match mime.essence_str() {
-        "text/html"
-        | "application/javascript"
-        | "text/javascript"
-        | "text/css"
-        | "image/svg+xml" => "application/octet-stream".to_string(),
-        other => other.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&ct) {
-        resp.headers_mut().insert(header::CONTENT_TYPE, v);
-    }
-    resp.headers_mut()
-        .insert(header::CONTENT_DISPOSITION, disposition);
-    resp.headers_mut().insert(
-        header::HeaderName::from_static("x-content-type-options"),
-        HeaderValue::from_static("nosniff"),
-    );
+    headers::participant_file(resp.headers_mut(), media, &base_name);
     Ok(resp)
 }
 
@@ -411,15 +338,10 @@ async fn convert(path: &FsPath, conv: Conversion) -> Option<(&'static str, Vec<u
     .flatten()
 }
 
-fn image_response(ct: &'static str, bytes: Vec<u8>, disposition: HeaderValue) -> Response {
-    (
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(ct)),
-            (header::CONTENT_DISPOSITION, disposition),
-        ],
-        bytes,
-    )
-        .into_response()
+fn image_response(ct: &'static str, bytes: Vec<u8>, name: &str) -> Response {
+    let mut resp = bytes.into_response();
+    headers::participant_file(resp.headers_mut(), Some(ct), name);
+    resp
 }
 
 /// The participant's input files by kind, for their view of `object_info`.

@@ -8,38 +8,12 @@ pub mod settings;
 pub mod system;
 pub mod userdata;
 
-use std::path::Path;
-
 use axum::Router;
 use axum::routing::{get, post};
-use tokio::io::AsyncWriteExt;
 
 use crate::state::AppState;
 
-/// Writes `bytes` to `path` through a temp file and a rename, so a reader (or
-/// a crash, or a full disk) never sees a half-written file.
-pub async fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| std::io::Error::other("no parent folder"))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
-    let result = async {
-        let mut f = tokio::fs::File::create(&tmp).await?;
-        f.write_all(bytes).await?;
-        f.sync_all().await?;
-        drop(f);
-        tokio::fs::rename(&tmp, path).await
-    }
-    .await;
-    if result.is_err() {
-        let _ = tokio::fs::remove_file(&tmp).await;
-    }
-    result
-}
+pub use crate::fsx::write_atomic;
 
 /// Routes that exist both at the root and under `/api`.
 pub fn routes() -> Router<AppState> {

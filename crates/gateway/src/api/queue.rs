@@ -4,14 +4,17 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, RawQuery, State};
+use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use comfyume_store::{JobOrder, JobQuery, JobRecord, JobState, LimitKind, NewJob, StoreError};
 use comfyume_wire::shapes::jobs::{JobSort, JobSource, JobStatus, JobsQuery, QueuedJob};
 use comfyume_wire::shapes::queue::{ExecStatus, HistoryRecord, StatusStr};
 use comfyume_wire::shapes::{self};
-use comfyume_wire::{PromptError, uses_server_counter, validate_prompt_with_files};
+use comfyume_wire::{
+    PromptError, check_prompt_request, strip_server_paths_in, uses_server_counter,
+    validate_prompt_with_files,
+};
 use serde::Deserialize;
 use serde_json::{Number, Value, json};
 
@@ -36,7 +39,19 @@ fn now_ms() -> u64 {
     comfyume_dispatch::queue::now_ms() as u64
 }
 
-pub async fn post_prompt(State(state): State<AppState>, who: Participant, body: Bytes) -> Response {
+pub async fn post_prompt(
+    State(state): State<AppState>,
+    who: Participant,
+    req: Request,
+) -> Response {
+    let limits = crate::limits::of(&req);
+    let body = match crate::limits::read_body(req).await {
+        Ok(b) => b,
+        Err(e) => {
+            let body = PromptError::rejected("request_too_large", &e.message(), "").body();
+            return (e.status(), Json(body)).into_response();
+        }
+    };
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         // ComfyUI answers 500 here; a clear 400 in its error shape is kinder.
@@ -50,6 +65,10 @@ pub async fn post_prompt(State(state): State<AppState>, who: Participant, body: 
     };
     // ComfyUI takes a counter value before validating, rejected prompts included.
     let counter = uses_server_counter(&body).then(|| state.queue.next_number());
+    // The caps first: a 10,000-node prompt is refused before it costs a validation.
+    if let Err(e) = check_prompt_request(&body, &limits.prompt) {
+        return prompt_error(e);
+    }
     let defs = state.object_info();
     // The participant's input folder is read only when a node can name one of its files.
     let names_files = body
@@ -74,17 +93,11 @@ pub async fn post_prompt(State(state): State<AppState>, who: Participant, body: 
     drop(defs);
     valid.stamp_create_time(now_ms());
     let num = valid.priority(counter.unwrap_or(0));
+    // A client-chosen id is a UUID (checked above), as ComfyUI's clients send.
     let prompt_id = valid
         .prompt_id
         .clone()
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    if prompt_id.is_empty() || prompt_id.len() > 200 {
-        return prompt_error(PromptError::rejected(
-            "invalid_prompt",
-            "Invalid prompt_id",
-            "prompt_id must be 1-200 characters",
-        ));
-    }
     let job = NewJob {
         id: prompt_id.clone(),
         user: who.name.clone(),
@@ -257,10 +270,11 @@ pub fn history_record(r: &JobRecord) -> HistoryRecord {
             list.iter()
                 .filter_map(|m| {
                     let a = m.as_array()?;
-                    Some((
-                        a.first()?.as_str()?.to_string(),
-                        a.get(1).cloned().unwrap_or(Value::Null),
-                    ))
+                    let mut data = a.get(1).cloned().unwrap_or(Value::Null);
+                    // Errors come from the GPU servers (tracebacks, file names):
+                    // participants see file names, never the servers' paths.
+                    strip_server_paths_in(&mut data);
+                    Some((a.first()?.as_str()?.to_string(), data))
                 })
                 .collect()
         })

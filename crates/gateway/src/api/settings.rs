@@ -2,8 +2,8 @@
 //! per-participant lock and written atomically (no lost or half-written update
 //! when the frontend posts several settings at once).
 
+use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde_json::{Map, Value};
@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use crate::api::write_atomic;
 use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
+use crate::limits::{JsonBody, Limits};
 use crate::state::AppState;
 
 const FILE: &str = "comfy.settings.json";
@@ -31,9 +32,24 @@ async fn read_settings(state: &AppState, user: &str) -> ApiResult<Map<String, Va
     }
 }
 
-async fn write_settings(state: &AppState, user: &str, m: &Map<String, Value>) -> ApiResult<()> {
+async fn write_settings(
+    state: &AppState,
+    user: &str,
+    m: &Map<String, Value>,
+    limits: &Limits,
+) -> ApiResult<()> {
     let path = state.user_dirs(user).user_data.join(FILE);
     let bytes = serde_json::to_vec_pretty(m).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // Each request is bounded; so is what they add up to (read whole on every page load).
+    if bytes.len() > limits.max_json_body {
+        return Err(ApiError::Text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "Your settings would exceed this server's limit ({} MB); nothing was changed.",
+                limits.max_json_body / (1024 * 1024)
+            ),
+        ));
+    }
     write_atomic(&path, &bytes).await?;
     Ok(())
 }
@@ -59,7 +75,8 @@ pub async fn get_one(
 pub async fn post_all(
     State(state): State<AppState>,
     who: Participant,
-    body: Bytes,
+    Extension(limits): Extension<Limits>,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<StatusCode> {
     let Value::Object(new) = parse_json(&body)? else {
         return Err(ApiError::bad_request("Settings must be a JSON object"));
@@ -68,21 +85,22 @@ pub async fn post_all(
     let _g = lock.lock().await;
     let mut m = read_settings(&state, &who.name).await?;
     m.extend(new);
-    write_settings(&state, &who.name, &m).await?;
+    write_settings(&state, &who.name, &m, &limits).await?;
     Ok(StatusCode::OK)
 }
 
 pub async fn post_one(
     State(state): State<AppState>,
     who: Participant,
+    Extension(limits): Extension<Limits>,
     Path(id): Path<String>,
-    body: Bytes,
+    JsonBody(body): JsonBody,
 ) -> ApiResult<StatusCode> {
     let v = parse_json(&body)?;
     let lock = state.settings_lock(&who.name);
     let _g = lock.lock().await;
     let mut m = read_settings(&state, &who.name).await?;
     m.insert(id, v);
-    write_settings(&state, &who.name, &m).await?;
+    write_settings(&state, &who.name, &m, &limits).await?;
     Ok(StatusCode::OK)
 }

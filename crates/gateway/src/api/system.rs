@@ -38,9 +38,9 @@ pub const MODEL_FOLDERS: &[&str] = &[
     "audio_encoders",
 ];
 
-fn meminfo() -> (u64, u64) {
+async fn meminfo() -> (u64, u64) {
     // /proc/meminfo is Linux-only; elsewhere report zeros rather than fail.
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let text = crate::fsx::meminfo().await;
     let field = |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
@@ -53,7 +53,7 @@ fn meminfo() -> (u64, u64) {
 }
 
 pub async fn system_stats(State(state): State<AppState>) -> Json<Value> {
-    let (total, free) = meminfo();
+    let (total, free) = meminfo().await;
     Json(json!({
         "system": {
             "os": std::env::consts::OS,

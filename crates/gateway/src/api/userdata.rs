@@ -2,21 +2,25 @@
 //! frontend files, with ComfyUI's status codes and bodies.
 
 use std::path::{Path as FsPath, PathBuf};
-use std::time::UNIX_EPOCH;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::write_atomic;
 use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
+use crate::fsx::{self, Kind};
+use crate::limits::JsonBody;
 use crate::paths::resolve_within;
 use crate::state::AppState;
+use crate::{headers, sniff};
+
+/// The frontend's stylesheet hook (`index.html` loads `api/userdata/user.css`).
+const USER_CSS: &str = "user.css";
 
 fn flag(v: &Option<String>) -> bool {
     v.as_deref()
@@ -27,8 +31,12 @@ fn user_root(state: &AppState, who: &Participant) -> PathBuf {
     state.user_dirs(&who.name).user_data
 }
 
-fn resolve(root: &FsPath, rel: &str) -> ApiResult<PathBuf> {
-    resolve_within(root, rel).map_err(|_| ApiError::forbidden())
+/// A file path named by the participant: traversal is 403 (ComfyUI), a name
+/// beyond the size limits 400 with its reason.
+async fn resolve(root: &FsPath, rel: &str) -> ApiResult<PathBuf> {
+    resolve_within(root, rel)
+        .await
+        .map_err(|e| ApiError::path(e, ApiError::forbidden()))
 }
 
 fn rel_string(root: &FsPath, p: &FsPath) -> String {
@@ -40,43 +48,14 @@ fn rel_string(root: &FsPath, p: &FsPath) -> String {
         .join("/")
 }
 
-fn secs(t: std::io::Result<std::time::SystemTime>) -> f64 {
-    t.ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
 fn file_info(path_rel: &str, md: &std::fs::Metadata) -> Value {
-    let modified = secs(md.modified());
-    let created = md.created().ok().map(|t| secs(Ok(t))).unwrap_or(modified);
+    let modified = fsx::secs(md.modified());
+    let created = md
+        .created()
+        .ok()
+        .map(|t| fsx::secs(Ok(t)))
+        .unwrap_or(modified);
     json!({"path": path_rel, "size": md.len(), "modified": modified, "created": created})
-}
-
-/// Files (not folders) below `dir`, as (absolute path, metadata), sorted.
-fn walk(dir: &FsPath, recurse: bool, out: &mut Vec<(PathBuf, std::fs::Metadata)>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<_> = rd.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        // ComfyUI's glob('*') skips dot files; so do we (and our in-progress `.tmp` writes).
-        if e.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        // symlink_metadata: never follow a link out of the participant's folder.
-        let Ok(md) = e.path().symlink_metadata() else {
-            continue;
-        };
-        if md.is_dir() {
-            if recurse {
-                walk(&e.path(), true, out);
-            }
-        } else if md.is_file() {
-            out.push((e.path(), md));
-        }
-    }
 }
 
 #[derive(Deserialize)]
@@ -96,35 +75,35 @@ pub async fn list(
         return Err(ApiError::bad_request("Directory not provided"));
     };
     let root = user_root(&state, &who);
-    let base = resolve_within(&root, dir)
-        .map_err(|_| ApiError::Text(StatusCode::FORBIDDEN, "Invalid directory".into()))?;
-    if !base.is_dir() {
+    let base = resolve_within(&root, dir).await.map_err(|e| {
+        ApiError::path(
+            e,
+            ApiError::Text(StatusCode::FORBIDDEN, "Invalid directory".into()),
+        )
+    })?;
+    if fsx::kind(&base).await != Kind::Dir {
         return Err(ApiError::Text(
             StatusCode::NOT_FOUND,
             "Directory not found".into(),
         ));
     }
     let (recurse, full, split) = (flag(&q.recurse), flag(&q.full_info), flag(&q.split));
-    let files = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        walk(&base, recurse, &mut out);
-        out.into_iter()
-            .map(|(p, md)| {
-                let rel = rel_string(&base, &p);
-                if full {
-                    file_info(&rel, &md)
-                } else if split {
-                    let mut parts = vec![Value::String(rel.clone())];
-                    parts.extend(rel.split('/').map(|s| Value::String(s.to_string())));
-                    Value::Array(parts)
-                } else {
-                    Value::String(rel)
-                }
-            })
-            .collect::<Vec<_>>()
-    })
-    .await
-    .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
+    let files = fsx::walk(&base, &base, recurse)
+        .await
+        .into_iter()
+        .filter(|e| !e.is_dir)
+        .map(|e| {
+            if full {
+                json!({"path": e.rel, "size": e.size, "modified": e.modified, "created": e.created})
+            } else if split {
+                let mut parts = vec![Value::String(e.rel.clone())];
+                parts.extend(e.rel.split('/').map(|s| Value::String(s.to_string())));
+                Value::Array(parts)
+            } else {
+                Value::String(e.rel)
+            }
+        })
+        .collect::<Vec<_>>();
     Ok(Json(Value::Array(files)).into_response())
 }
 
@@ -134,42 +113,38 @@ pub async fn get_file(
     Path(file): Path<String>,
 ) -> ApiResult<Response> {
     let root = user_root(&state, &who);
-    let path = resolve(&root, &file)?;
-    let md = match tokio::fs::metadata(&path).await {
-        Ok(md) if md.is_file() => md,
-        _ => return Err(ApiError::not_found()),
-    };
-    let _ = md;
+    let path = resolve(&root, &file).await?;
+    if fsx::kind(&path).await != Kind::File {
+        return Err(ApiError::not_found());
+    }
+    let rel = rel_string(&root, &path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if rel == USER_CSS {
+        // A participant's stylesheet styles their own UI only: the instructor
+        // opening /user001/ gets the stock look, as if there were none.
+        if who.caller.name != who.name {
+            return Err(ApiError::not_found());
+        }
+        let bytes = tokio::fs::read(&path).await?;
+        return Ok((
+            [
+                (axum::http::header::CONTENT_TYPE, "text/css; charset=utf-8"),
+                (axum::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            ],
+            Body::from(bytes),
+        )
+            .into_response());
+    }
     let bytes = tokio::fs::read(&path).await?;
     // Participant files are arbitrary content and never render inline on this
-    // origin (the instructor opening /user001/ would run user001's script), as
-    // in later ComfyUI. `user.css` is the frontend's own stylesheet hook.
-    let (ct, disposition) = if rel_string(&root, &path) == "user.css" {
-        ("text/css".to_string(), "inline")
-    } else {
-        let mime = mime_guess::from_path(&path).first_or_octet_stream();
-        let ct = match mime.essence_str() {
-            "text/html"
-            | "application/xhtml+xml"
-            | "application/javascript"
-            | "text/javascript"
-            | "text/css"
-            | "image/svg+xml"
-            | "text/xml"
-            | "application/xml" => "application/octet-stream".to_string(),
-            other => other.to_string(),
-        };
-        (ct, "attachment")
-    };
-    Ok((
-        [
-            (header::CONTENT_TYPE, ct),
-            (header::CONTENT_DISPOSITION, disposition.to_string()),
-            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
-        ],
-        Body::from(bytes),
-    )
-        .into_response())
+    // origin (the instructor opening /user001/ would run user001's script).
+    let media = sniff::media_type(&bytes[..bytes.len().min(sniff::HEAD_LEN)], &name);
+    let mut resp = Body::from(bytes).into_response();
+    headers::participant_file(resp.headers_mut(), media, &name);
+    Ok(resp)
 }
 
 #[derive(Deserialize)]
@@ -183,37 +158,41 @@ fn overwrite_allowed(q: &WriteQuery) -> bool {
     q.overwrite.as_deref() != Some("false")
 }
 
+fn exists_conflict() -> ApiError {
+    ApiError::Text(StatusCode::CONFLICT, "File already exists".into())
+}
+
+fn folder_conflict() -> ApiError {
+    ApiError::Text(StatusCode::CONFLICT, "A folder has that name".into())
+}
+
 pub async fn post_file(
     State(state): State<AppState>,
     who: Participant,
     Path(file): Path<String>,
     Query(q): Query<WriteQuery>,
-    body: Bytes,
+    body: JsonBody,
 ) -> ApiResult<Response> {
     let root = user_root(&state, &who);
     if file.is_empty() || file.ends_with('/') {
         return Err(ApiError::bad_request("Invalid file path"));
     }
-    let path = resolve(&root, &file)?;
+    let path = resolve(&root, &file).await?;
     if path == root {
         return Err(ApiError::bad_request("Invalid file path"));
     }
-    if path.exists() && !overwrite_allowed(&q) {
-        return Err(ApiError::Text(
-            StatusCode::CONFLICT,
-            "File already exists".into(),
-        ));
+    match fsx::kind(&path).await {
+        Kind::Dir => return Err(folder_conflict()),
+        Kind::Missing => {}
+        _ if !overwrite_allowed(&q) => return Err(exists_conflict()),
+        _ => {}
     }
-    if path.is_dir() {
-        return Err(ApiError::Text(
-            StatusCode::CONFLICT,
-            "A folder has that name".into(),
-        ));
+    let parent = path.parent().unwrap_or(&root).to_path_buf();
+    let created = fsx::create_dirs(&parent).await?;
+    if let Err(e) = fsx::write_atomic(&path, &body.0).await {
+        fsx::remove_created(created).await;
+        return Err(e.into());
     }
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent).await?;
-    }
-    write_atomic(&path, &body).await?;
     let rel = rel_string(&root, &path);
     if flag(&q.full_info) {
         let md = tokio::fs::metadata(&path).await?;
@@ -228,14 +207,12 @@ pub async fn delete_file(
     Path(file): Path<String>,
 ) -> ApiResult<StatusCode> {
     let root = user_root(&state, &who);
-    let path = resolve(&root, &file)?;
-    match tokio::fs::symlink_metadata(&path).await {
-        Ok(md) if md.is_file() => {
-            tokio::fs::remove_file(&path).await?;
-            Ok(StatusCode::NO_CONTENT)
-        }
-        _ => Err(ApiError::not_found()),
+    let path = resolve(&root, &file).await?;
+    if fsx::kind_no_follow(&path).await != Kind::File {
+        return Err(ApiError::not_found());
     }
+    tokio::fs::remove_file(&path).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn move_file(
@@ -245,27 +222,26 @@ pub async fn move_file(
     Query(q): Query<WriteQuery>,
 ) -> ApiResult<Response> {
     let root = user_root(&state, &who);
-    let src = resolve(&root, &file)?;
-    let dst = resolve(&root, &dest)?;
-    if !src.is_file() {
+    let src = resolve(&root, &file).await?;
+    let dst = resolve(&root, &dest).await?;
+    if fsx::kind(&src).await != Kind::File {
         return Err(ApiError::not_found());
     }
-    if dst.exists() && !overwrite_allowed(&q) {
-        return Err(ApiError::Text(
-            StatusCode::CONFLICT,
-            "File already exists".into(),
-        ));
+    if dst == root {
+        return Err(folder_conflict());
     }
-    if dst == root || dst.is_dir() {
-        return Err(ApiError::Text(
-            StatusCode::CONFLICT,
-            "A folder has that name".into(),
-        ));
+    match fsx::kind(&dst).await {
+        Kind::Dir => return Err(folder_conflict()),
+        Kind::Missing => {}
+        _ if !overwrite_allowed(&q) => return Err(exists_conflict()),
+        _ => {}
     }
-    if let Some(parent) = dst.parent() {
-        tokio::fs::create_dir_all(parent).await?;
+    let parent = dst.parent().unwrap_or(&root).to_path_buf();
+    let created = fsx::create_dirs(&parent).await?;
+    if let Err(e) = tokio::fs::rename(&src, &dst).await {
+        fsx::remove_created(created).await;
+        return Err(e.into());
     }
-    tokio::fs::rename(&src, &dst).await?;
     let rel = rel_string(&root, &dst);
     if flag(&q.full_info) {
         let md = tokio::fs::metadata(&dst).await?;
@@ -289,42 +265,35 @@ pub async fn list_v2(
     let rel = q.path.unwrap_or_default();
     // ComfyUI: 400 "Invalid path requested" for a path outside the user's folder
     // (a leading `/` included: it names the filesystem root there).
-    let base = resolve_within(&root, &rel)
-        .map_err(|_| ApiError::Text(StatusCode::BAD_REQUEST, "Invalid path requested".into()))?;
-    if !base.is_dir() {
+    let base = resolve_within(&root, &rel).await.map_err(|e| {
+        ApiError::path(
+            e,
+            ApiError::Text(StatusCode::BAD_REQUEST, "Invalid path requested".into()),
+        )
+    })?;
+    if fsx::kind(&base).await != Kind::Dir {
         return Err(ApiError::Text(
             StatusCode::NOT_FOUND,
             "Requested path not found".into(),
         ));
     }
-    let out = tokio::task::spawn_blocking(move || {
-        let mut dirs = Vec::new();
-        let mut files = Vec::new();
-        fn visit(root: &FsPath, dir: &FsPath, dirs: &mut Vec<Value>, files: &mut Vec<Value>) {
-            let Ok(rd) = std::fs::read_dir(dir) else { return };
-            let mut entries: Vec<_> = rd.flatten().collect();
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let Ok(md) = e.path().symlink_metadata() else { continue };
-                let name = e.file_name().to_string_lossy().into_owned();
-                let rel = rel_string(root, &e.path());
-                if md.is_dir() {
-                    dirs.push(json!({"name": name, "path": rel, "type": "directory"}));
-                    visit(root, &e.path(), dirs, files);
-                } else if md.is_file() {
-                    files.push(json!({"name": name, "path": rel, "type": "file", "size": md.len(), "modified": secs(md.modified())}));
-                }
+    let mut out: Vec<Value> = fsx::walk(&root, &base, true)
+        .await
+        .into_iter()
+        .map(|e| {
+            if e.is_dir {
+                json!({"name": e.name, "path": e.rel, "type": "directory"})
+            } else {
+                json!({"name": e.name, "path": e.rel, "type": "file", "size": e.size, "modified": e.modified})
             }
-        }
-        visit(&root, &base, &mut dirs, &mut files);
-        dirs.extend(files);
-        // ComfyUI sorts directories first, then each group by name, case-insensitively.
-        dirs.sort_by_cached_key(|e| {
-            (e["type"] != "directory", e["name"].as_str().unwrap_or("").to_lowercase())
-        });
-        dirs
-    })
-    .await
-    .map_err(|e| ApiError::Io(std::io::Error::other(e)))?;
+        })
+        .collect();
+    // ComfyUI sorts directories first, then each group by name, case-insensitively.
+    out.sort_by_cached_key(|e| {
+        (
+            e["type"] != "directory",
+            e["name"].as_str().unwrap_or("").to_lowercase(),
+        )
+    });
     Ok(Json(Value::Array(out)).into_response())
 }

@@ -222,9 +222,12 @@ impl SqliteStore {
     ) -> Result<User, StoreError> {
         let now = now_ms();
         self.timed(what, async {
-            sqlx::query(
+            // One statement, so the case-insensitive check and the insert are atomic:
+            // `USER001` beside `user001` would be two workspaces a person cannot tell apart.
+            let n = sqlx::query(
                 "INSERT INTO users (name, role, password_hash, disabled, created_at_ms) \
-                 VALUES (?, ?, ?, 0, ?)",
+                 SELECT ?1, ?2, ?3, 0, ?4 \
+                 WHERE NOT EXISTS (SELECT 1 FROM users WHERE name = ?1 COLLATE NOCASE)",
             )
             .bind(name)
             .bind(role.as_str())
@@ -232,7 +235,11 @@ impl SqliteStore {
             .bind(now)
             .execute(&self.write)
             .await
-            .db()?;
+            .db()?
+            .rows_affected();
+            if n == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
             Ok(())
         })
         .await?;
@@ -245,8 +252,18 @@ impl SqliteStore {
         })
     }
 
+    /// No account of that name in any letter case.
     async fn ensure_user_absent(&self, name: &str) -> Result<(), StoreError> {
-        if self.get_user(name).await?.is_some() {
+        let taken: Option<i64> = self
+            .timed("user_exists", async {
+                sqlx::query_scalar("SELECT 1 FROM users WHERE name = ? COLLATE NOCASE LIMIT 1")
+                    .bind(name)
+                    .fetch_optional(&self.read)
+                    .await
+                    .db()
+            })
+            .await?;
+        if taken.is_some() {
             return Err(StoreError::AlreadyExists);
         }
         Ok(())
