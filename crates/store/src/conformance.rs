@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use crate::{
-    AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, LimitKind, NewJob,
-    PasswordScheme, Role, Store, StoreError,
+    AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, LimitKind,
+    NewJob, PasswordScheme, Role, Store, StoreError,
 };
 
 /// How the suite gets stores from a backend.
@@ -1315,7 +1315,10 @@ pub async fn account_changes(b: &dyn Backend) {
         all[2..].to_vec(),
         "only those after the given number"
     );
-    assert_eq!(s.account_changes(start, 1).await.unwrap(), all[..1].to_vec());
+    assert_eq!(
+        s.account_changes(start, 1).await.unwrap(),
+        all[..1].to_vec()
+    );
 
     // Another handle on the same storage (the CLI while the server runs).
     let token = s.create_session("a", 60_000).await.unwrap();

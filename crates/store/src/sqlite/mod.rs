@@ -26,8 +26,9 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use crate::password::{self, Hasher, Verified};
 use crate::session_cache::SessionCache;
 use crate::{
-    AccountChange, AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry,
-    MetaStore, NewJob, PasswordScheme, Role, StoreError, User, UserStore, now_ms, valid_user_name,
+    AccountChange, AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord,
+    JobState, JobStore, MetaEntry, MetaStore, NewJob, PasswordScheme, Role, StoreError, User,
+    UserStore, now_ms, valid_user_name,
 };
 
 mod enqueue;
