@@ -311,3 +311,29 @@ async fn disabling_from_the_cli_stops_the_participants_jobs_and_closes_their_soc
         .await;
     assert!(refused.is_err());
 }
+
+#[tokio::test]
+async fn jobs_of_an_account_disabled_while_the_server_was_down_do_not_run_after_it_starts() {
+    let app = spawn_app().await;
+    let id = app.submit(U, "tab", &slow_blur(1)).await;
+    let kept = app.submit(U2, "tab", &slow_blur(1)).await;
+    let data = app.stop();
+    {
+        let store = comfyume_store::sqlite::SqliteStore::open(
+            &data.path().join("data").join("comfyume.db"),
+        )
+        .await
+        .unwrap();
+        comfyume_store::UserStore::set_disabled(&store, U, true)
+            .await
+            .unwrap();
+        store.close().await;
+    }
+    let app = spawn_full(AppOptions {
+        reuse: Some(data),
+        ..Default::default()
+    })
+    .await;
+    wait_state(&app, &id, JobState::Cancelled, 5).await;
+    assert_eq!(state_of(&app, &kept).await, JobState::Queued);
+}

@@ -72,6 +72,7 @@ impl Watcher {
             None => match self.state.store.last_account_change().await {
                 Ok(c) => {
                     self.cursor = Some(c);
+                    self.settle_at_start().await;
                     c
                 }
                 Err(e) => {
@@ -110,6 +111,37 @@ impl Watcher {
                     self.sweeps.remove(&user);
                 }
             }
+        }
+    }
+
+    /// Jobs waiting from before this server started whose owner was disabled or removed
+    /// meanwhile (the CLI works while the server is down too) are stopped as if the change
+    /// had happened now.
+    async fn settle_at_start(&mut self) {
+        let users: HashMap<String, bool> = match self.state.store.list_users().await {
+            Ok(list) => list.into_iter().map(|u| (u.name, u.disabled)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the accounts at start");
+                return;
+            }
+        };
+        let mut owners: Vec<String> = self
+            .state
+            .queue
+            .projected_order()
+            .into_iter()
+            .map(|(_, user)| user)
+            .collect();
+        owners.sort();
+        owners.dedup();
+        for user in owners {
+            let kind = match users.get(&user) {
+                Some(false) => continue,
+                Some(true) => AccountChangeKind::Disabled,
+                None => AccountChangeKind::Removed,
+            };
+            self.stop_jobs(&user, kind).await;
+            self.sweeps.insert(user, (SWEEPS, kind));
         }
     }
 

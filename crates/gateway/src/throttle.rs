@@ -52,6 +52,18 @@ impl ThrottleConfig {
     }
 }
 
+/// The address a client is known by: an IPv6 host usually has a whole /64 to pick
+/// addresses from, so that is one client.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let net = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(net.into())
+        }
+        v4 => v4,
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Key {
     Client(IpAddr),
@@ -97,6 +109,7 @@ impl Throttle {
     }
 
     fn keys(client: IpAddr, account: &str) -> [(Key, bool); 2] {
+        let client = client_key(client);
         [
             (Key::Account(client, account.to_lowercase()), true),
             (Key::Client(client), false),
@@ -137,7 +150,7 @@ impl Throttle {
             e.last = e.last.max(now);
         }
         Ok(Attempt {
-            client,
+            client: client_key(client),
             account: account.to_lowercase(),
         })
     }
@@ -294,6 +307,23 @@ mod tests {
         }
         assert!(t.begin(A, "user999", now).is_err(), "a fresh account name");
         assert!(t.begin(B, "user999", now).is_ok(), "another address");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_bit_prefix() {
+        let t = Throttle::new(cfg());
+        let now = Instant::now();
+        for i in 0..3u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i]);
+            fail(&t, ip, "u", now).unwrap();
+        }
+        let same_net = IpAddr::from([0x2001, 0xdb8, 0, 1, 0xffff, 1, 2, 3]);
+        assert!(
+            t.begin(same_net, "u", now).is_err(),
+            "a new address in the same /64"
+        );
+        let other_net = IpAddr::from([0x2001, 0xdb8, 0, 2, 0, 0, 0, 1]);
+        assert!(t.begin(other_net, "u", now).is_ok());
     }
 
     #[test]
