@@ -131,14 +131,10 @@ async fn serve_socket(state: AppState, reg: Registration, permit: SocketPermit, 
     'socket: {
         send!('socket, Message::Text(hello.into()));
         loop {
+            // The client's frames (pongs, a close) before ours: a busy job never starves them.
             tokio::select! {
                 biased;
                 reason = conn.closing() => { end = End::Close(reason); break 'socket; }
-                out = rx.recv() => match out {
-                    Some(Outbound::Text(t)) => send!('socket, Message::Text(t.as_ref().into())),
-                    Some(Outbound::Binary(b)) => send!('socket, Message::Binary(b)),
-                    None => break 'socket,
-                },
                 incoming = stream.next() => {
                     heard = Instant::now();
                     match incoming {
@@ -158,6 +154,11 @@ async fn serve_socket(state: AppState, reg: Registration, permit: SocketPermit, 
                         Some(Ok(_)) => {}
                     }
                 }
+                out = rx.recv() => match out {
+                    Some(Outbound::Text(t)) => send!('socket, Message::Text(t.as_ref().into())),
+                    Some(Outbound::Binary(b)) => send!('socket, Message::Binary(b)),
+                    None => break 'socket,
+                },
                 _ = ping.tick() => {
                     if heard.elapsed() >= idle {
                         end = End::Close(CloseReason::Idle);
