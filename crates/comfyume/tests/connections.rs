@@ -123,7 +123,7 @@ async fn a_participant_can_open_only_so_many_websockets() {
 
 #[tokio::test]
 async fn a_websocket_that_answers_no_ping_is_closed_and_a_live_one_is_not() {
-    let app = spawn_app_with(|s| s.idle_timeout = Duration::from_secs(1)).await;
+    let app = spawn_app_with(|s| s.idle_timeout = Duration::from_secs(2)).await;
     // A client that upgrades and then never reads or answers (a dead laptop).
     let mut dead = TcpStream::connect(app.addr).await.unwrap();
     let upgrade = format!(
@@ -135,19 +135,25 @@ async fn a_websocket_that_answers_no_ping_is_closed_and_a_live_one_is_not() {
     let mut head = [0u8; 12];
     dead.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 101");
-    // A live tab: tungstenite answers the server's pings while it reads.
+    // A live tab: tungstenite answers the server's pings while it reads, which it does
+    // all along, for two idle timeouts.
     let mut live = app.ws("user001", "/ws?clientId=live").await;
     next_json(&mut live).await;
-    let started = Instant::now();
-    closed_within(&mut dead, 10).await;
-    // Keep reading the live one for three idle timeouts: it stays open.
-    while started.elapsed() < Duration::from_secs(3) {
-        match tokio::time::timeout(Duration::from_millis(200), live.next()).await {
-            Err(_) => {}
-            Ok(Some(Ok(tungstenite::Message::Close(f)))) => panic!("live socket closed: {f:?}"),
-            Ok(Some(Ok(_))) => {}
-            Ok(other) => panic!("live socket ended: {other:?}"),
+    let reader = tokio::spawn(async move {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(4) {
+            match tokio::time::timeout(Duration::from_millis(100), live.next()).await {
+                Err(_) => {}
+                Ok(Some(Ok(tungstenite::Message::Close(f)))) => {
+                    panic!("live socket closed: {f:?}")
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("live socket ended: {other:?}"),
+            }
         }
-    }
+        live
+    });
+    closed_within(&mut dead, 10).await;
+    let _live = reader.await.expect("the live tab stayed open");
     assert_eq!(app.state.hub.open_sockets(), 1, "only the live tab is left");
 }
