@@ -19,9 +19,10 @@ use crate::state::AppState;
 /// How often the store is asked for account changes: a change by another process takes
 /// effect within this (plus the round's own work), well inside the 2 s promised.
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
-/// A disabled or removed participant's jobs are swept again on this many later rounds: the
-/// dispatcher may have been handing one of them to a GPU at the moment of the change.
-const SWEEPS: u32 = 3;
+/// A disabled or removed participant's jobs are swept again on this many later rounds (2 s):
+/// the dispatcher may have been handing one of them to a GPU at the moment of the change, or
+/// re-attaching one after a restart.
+const SWEEPS: u32 = 4;
 /// Changes read per store call.
 const PAGE: u32 = 500;
 
@@ -114,9 +115,9 @@ impl Watcher {
         }
     }
 
-    /// Jobs waiting from before this server started whose owner was disabled or removed
-    /// meanwhile (the CLI works while the server is down too) are stopped as if the change
-    /// had happened now.
+    /// Jobs from before this server started (waiting, or on a GPU) whose owner was disabled
+    /// or removed meanwhile (the CLI works while the server is down too) are stopped as if
+    /// the change had happened now.
     async fn settle_at_start(&mut self) {
         let users: HashMap<String, bool> = match self.state.store.list_users().await {
             Ok(list) => list.into_iter().map(|u| (u.name, u.disabled)).collect(),
@@ -125,13 +126,13 @@ impl Watcher {
                 return;
             }
         };
-        let mut owners: Vec<String> = self
-            .state
-            .queue
-            .projected_order()
-            .into_iter()
-            .map(|(_, user)| user)
-            .collect();
+        let mut owners: Vec<String> = match self.state.store.unfinished_jobs().await {
+            Ok(jobs) => jobs.into_iter().map(|j| j.user).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the unfinished jobs at start");
+                return;
+            }
+        };
         owners.sort();
         owners.dedup();
         for user in owners {
