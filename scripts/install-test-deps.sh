@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration and browser tests need on Debian bookworm, as root:
-#   - Debian: redis-server, chromium (+ fonts so screenshots have readable text), nodejs/npm if absent
+#   - Debian: redis-server, chromium (+ fonts so screenshots have readable text), nginx (the
+#             reverse-proxy test starts its own on a free port), nodejs/npm if absent
 #   - PyPI:   comfyui-frontend-package (the frontend we serve) and moto[server] (local S3 server)
 #   - npm:    tests/browser/node_modules from package-lock.json (playwright-core, no browser download)
 #   - crates.io: cargo-fuzz (the bounded fuzz run; `--sanitizer none` works on stable Rust)
@@ -35,7 +36,7 @@ want_apt() {
         fi
     done
 }
-want_apt redis-server chromium fonts-dejavu-core ca-certificates
+want_apt redis-server chromium fonts-dejavu-core ca-certificates nginx
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     want_apt nodejs npm
 fi
@@ -61,7 +62,7 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"
 else
-    log "Debian packages already installed (redis-server, chromium, fonts, node, pip)"
+    log "Debian packages already installed (redis-server, chromium, fonts, nginx, node, pip)"
 fi
 
 # --- Python packages ---------------------------------------------------------
@@ -119,4 +120,4 @@ else
     cargo install --locked --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
-log "ok: redis-server $(redis-server --version | awk '{print $3}'), $(chromium --version 2>/dev/null | head -1), node $(node --version), frontend $FRONTEND_VERSION, moto $MOTO_VERSION, playwright-core $want_pw"
+log "ok: redis-server $(redis-server --version | awk '{print $3}'), $(chromium --version 2>/dev/null | head -1), $(/usr/sbin/nginx -v 2>&1), node $(node --version), frontend $FRONTEND_VERSION, moto $MOTO_VERSION, playwright-core $want_pw"

@@ -92,6 +92,24 @@ pub struct ServeArgs {
     /// Attempts per job when GPU servers fail.
     #[arg(long, env = "MAX_ATTEMPTS")]
     pub max_attempts: Option<u32>,
+    /// Reverse proxies (CIDRs, comma-separated) whose X-Forwarded-For / Forwarded /
+    /// X-Forwarded-Host / X-Forwarded-Proto headers are believed.
+    #[arg(long, env = "TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Seconds a client has to send a request's headers (and the next request on a
+    /// kept-alive connection).
+    #[arg(long, env = "HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<u64>,
+    /// Seconds without a byte moving before a connection is closed (a WebSocket: without
+    /// an answer to the server's pings).
+    #[arg(long, env = "IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// WebSockets open at once on one participant's workspace.
+    #[arg(long, env = "MAX_SOCKETS_PER_USER")]
+    pub max_sockets_per_user: Option<u32>,
+    /// Open connections of the whole server (WebSockets included).
+    #[arg(long, env = "MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
 }
 
 /// `INFERENCE_MODE`.
@@ -139,6 +157,11 @@ pub struct FileConfig {
     pub job_timeout: Option<u64>,
     pub job_start_timeout: Option<u64>,
     pub max_attempts: Option<u32>,
+    pub trusted_proxies: Option<Vec<String>>,
+    pub header_read_timeout_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub max_sockets_per_user: Option<u32>,
+    pub max_connections: Option<u32>,
 }
 
 pub fn load_file(path: Option<&Path>) -> Result<FileConfig> {
@@ -169,6 +192,54 @@ pub struct ServeConfig {
     pub comfyui_urls: Vec<String>,
     pub backend_slots: usize,
     pub dispatch: DispatchConfig,
+    pub net: NetConfig,
+}
+
+/// Who is believed behind a proxy, and how long and how many connections may stay open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub trusted_proxies: Vec<comfyume_gateway::proxy::Cidr>,
+    pub header_read_timeout: std::time::Duration,
+    pub idle_timeout: std::time::Duration,
+    pub max_sockets_per_user: usize,
+    pub max_connections: usize,
+}
+
+fn resolve_net(args: &ServeArgs, file: &FileConfig) -> Result<NetConfig> {
+    use comfyume_gateway::state as d;
+    let proxies = args
+        .trusted_proxies
+        .clone()
+        .or(file.trusted_proxies.clone())
+        .unwrap_or_default();
+    let trusted_proxies =
+        comfyume_gateway::proxy::parse_list(&proxies.join(",")).context("TRUSTED_PROXIES")?;
+    let secs = |v: Option<u64>, default: std::time::Duration| {
+        v.map(|s| std::time::Duration::from_secs(s.max(1)))
+            .unwrap_or(default)
+    };
+    Ok(NetConfig {
+        trusted_proxies,
+        header_read_timeout: secs(
+            args.header_read_timeout_secs
+                .or(file.header_read_timeout_secs),
+            d::DEFAULT_HEADER_READ_TIMEOUT,
+        ),
+        idle_timeout: secs(
+            args.idle_timeout_secs.or(file.idle_timeout_secs),
+            d::DEFAULT_IDLE_TIMEOUT,
+        ),
+        max_sockets_per_user: args
+            .max_sockets_per_user
+            .or(file.max_sockets_per_user)
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(d::DEFAULT_MAX_SOCKETS_PER_USER),
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .map(|n| n.max(1) as usize)
+            .unwrap_or(d::DEFAULT_MAX_CONNECTIONS),
+    })
 }
 
 pub const DEFAULT_DATA_DIR: &str = "data";
@@ -214,7 +285,9 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
     if inference_mode == InferenceMode::Local && comfyui_urls.is_empty() {
         anyhow::bail!("INFERENCE_MODE=local needs COMFYUI_URLS (e.g. http://127.0.0.1:8188)");
     }
+    let net = resolve_net(args, &file)?;
     Ok(ServeConfig {
+        net,
         listen: args
             .listen
             .or(file.listen)
@@ -403,6 +476,51 @@ mod tests {
         assert_eq!(r.limits.max_json_body, 2 * 1024 * 1024);
         assert_eq!(r.limits.prompt.max_nodes, 7);
         assert_eq!(r.limits.prompt.max_extra_data_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn connection_settings_have_generous_defaults_and_can_be_set() {
+        use std::time::Duration;
+        let d = resolve_serve(&CommonArgs::default(), &ServeArgs::default()).unwrap();
+        assert!(
+            d.net.trusted_proxies.is_empty(),
+            "no proxy is trusted unless named"
+        );
+        assert_eq!(d.net.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(d.net.idle_timeout, Duration::from_secs(120));
+        assert_eq!(d.net.max_sockets_per_user, 20);
+        assert_eq!(d.net.max_connections, 2048);
+
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "trusted_proxies = [\"10.0.0.0/8\"]\nidle_timeout_secs = 60\nmax_connections = 500\n",
+        )
+        .unwrap();
+        let common = CommonArgs {
+            data_dir: None,
+            config: Some(f),
+        };
+        let flags = ServeArgs {
+            trusted_proxies: Some(vec!["127.0.0.1".into(), "::1/128".into()]),
+            header_read_timeout_secs: Some(10),
+            max_sockets_per_user: Some(5),
+            ..Default::default()
+        };
+        let r = resolve_serve(&common, &flags).unwrap();
+        assert_eq!(r.net.trusted_proxies.len(), 2, "flags win over the file");
+        assert_eq!(r.net.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(r.net.idle_timeout, Duration::from_secs(60));
+        assert_eq!(r.net.max_sockets_per_user, 5);
+        assert_eq!(r.net.max_connections, 500);
+
+        let bad = ServeArgs {
+            trusted_proxies: Some(vec!["10.0.0.0/99".into()]),
+            ..Default::default()
+        };
+        let e = resolve_serve(&CommonArgs::default(), &bad).unwrap_err();
+        assert!(format!("{e:#}").contains("TRUSTED_PROXIES"), "{e:#}");
     }
 
     #[test]

@@ -244,6 +244,20 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     settings.templates_dir = cfg.templates_dir.clone();
     settings.max_upload_bytes = cfg.max_upload_bytes;
     settings.secure_cookies = cfg.domain.is_some();
+    settings.domain = cfg.domain.clone();
+    settings.trusted_proxies = cfg.net.trusted_proxies.clone();
+    settings.header_read_timeout = cfg.net.header_read_timeout;
+    settings.idle_timeout = cfg.net.idle_timeout;
+    settings.max_sockets_per_user = cfg.net.max_sockets_per_user;
+    settings.max_connections = cfg.net.max_connections;
+    if !settings.trusted_proxies.is_empty() {
+        let list: Vec<String> = settings
+            .trusted_proxies
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        tracing::info!(proxies = %list.join(","), "forwarding headers are believed from these peers only");
+    }
     settings.session_ttl = Duration::from_secs(cfg.session_ttl_hours * 3600);
     let (state, in_flight) = comfyume_gateway::build_state(settings, store, cfg.queue.clone())
         .await

@@ -272,7 +272,12 @@ fn retry_after(r: &helpers::Resp) -> u64 {
 
 #[tokio::test]
 async fn repeated_failed_sign_ins_are_slowed_down_with_429() {
-    let app = spawn_app_with(|s| s.login_max_failures = 3).await;
+    let app = spawn_app_with(|s| {
+        s.login_max_failures = 3;
+        // Long enough that the next attempt surely falls inside the first delay.
+        s.login_delay = std::time::Duration::from_secs(60);
+    })
+    .await;
     let signed_in = app.login(U, PASSWORD).await.unwrap();
     for _ in 0..3 {
         assert_eq!(app.login_form(U, "guess", "").await.status, 401);
@@ -302,7 +307,12 @@ async fn repeated_failed_sign_ins_are_slowed_down_with_429() {
 
 #[tokio::test]
 async fn repeated_failed_basic_auth_is_slowed_down_with_429() {
-    let app = spawn_app_with(|s| s.login_max_failures = 2).await;
+    let app = spawn_app_with(|s| {
+        s.login_max_failures = 2;
+        // Long enough that the next attempt surely falls inside the first delay.
+        s.login_delay = std::time::Duration::from_secs(60);
+    })
+    .await;
     for _ in 0..2 {
         let r = TestApp::send(
             app.request(Method::GET, "/api/settings")

@@ -1,29 +1,27 @@
-//! Authentication: HTTP Basic on every request (the predecessor's scheme) and a
-//! session cookie set by the login page or by any page load with Basic Auth, so
-//! that assets, the WebSocket and the API never re-prompt. Also the per-address
-//! and per-account rate limit on failed logins, and the participant scope check.
+//! Authentication as an extractor: [`Participant`] says who is asking (a session cookie, or
+//! HTTP Basic on any request, the predecessor's scheme) and whose workspace the request
+//! addresses. A page loaded with Basic Auth also gets a session cookie, so that assets, the
+//! WebSocket and the API never re-prompt.
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use comfyume_store::{Role, User};
 use sha2::{Digest, Sha256};
 
+use crate::basic_cache::credential_key;
+use crate::error::ApiError;
+use crate::hub::SessionKey;
+use crate::proxy::Client;
 use crate::scope::Scope;
+use crate::signin::{SignInError, sign_in};
 use crate::state::AppState;
 
 pub const SESSION_COOKIE: &str = "comfyume_session";
-/// How long a verified Basic credential is trusted without re-hashing. Argon2id
-/// costs tens of milliseconds by design; a page load makes ~60 requests.
-const BASIC_CACHE_TTL: Duration = Duration::from_secs(60);
 
 /// The authenticated account making the request.
 #[derive(Debug, Clone)]
@@ -35,117 +33,185 @@ pub struct Caller(pub User);
 pub struct Participant {
     pub name: String,
     pub caller: User,
+    /// The session the request came with (a cookie), so `/logout` can close its sockets.
+    pub session: Option<SessionKey>,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Participant {
-    type Rejection = StatusCode;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<Participant>()
-            .cloned()
-            .ok_or(StatusCode::UNAUTHORIZED)
-    }
-}
+/// A session made for a page loaded with Basic Auth: its cookie goes on the response.
+#[derive(Debug, Clone)]
+pub struct NewSession(pub HeaderValue);
 
-pub struct AuthState {
-    basic_cache: Mutex<HashMap<[u8; 32], (User, Instant)>>,
-    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
-    max_failures: u32,
-    window: Duration,
-}
+impl FromRequestParts<AppState> for Participant {
+    type Rejection = Response;
 
-impl AuthState {
-    pub fn new(max_failures: u32, window: Duration) -> Self {
-        AuthState {
-            basic_cache: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
-            max_failures,
-            window,
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        // Already authenticated for this request (by the router's layer).
+        if let Some(p) = parts.extensions.get::<Participant>() {
+            return Ok(p.clone());
         }
-    }
-
-    /// Seconds to wait if any of `keys` is over its failure budget.
-    pub fn blocked_for(&self, keys: &[String]) -> Option<u64> {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wait = None;
-        for k in keys {
-            if let Some(q) = map.get_mut(k) {
-                while q
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) > self.window)
-                {
-                    q.pop_front();
-                }
-                // A room behind one NAT shares an address: the per-address
-                // budget is ten accounts' worth, the per-account one is tight.
-                let budget = if k.starts_with("ip:") {
-                    self.max_failures.saturating_mul(10)
-                } else {
-                    self.max_failures
-                };
-                if q.len() as u32 >= budget
-                    && let Some(first) = q.front()
-                {
-                    let left = self.window.saturating_sub(now.duration_since(*first));
-                    wait = Some(left.as_secs().max(1));
-                }
+        let (user, session) = authenticate(parts, state).await?;
+        let scope = parts.extensions.get::<Scope>().cloned().unwrap_or_default();
+        let name = match scope.user {
+            None => user.name.clone(),
+            Some(target) if target == user.name => target,
+            Some(target) if user.role == Role::Admin => match state.store.get_user(&target).await {
+                Ok(Some(_)) => target,
+                Ok(None) => return Err(StatusCode::NOT_FOUND.into_response()),
+                Err(e) => return Err(ApiError::Store(e).into_response()),
+            },
+            Some(_) => {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    "This workspace belongs to another participant.",
+                )
+                    .into_response());
             }
-        }
-        wait
-    }
-
-    pub fn record_failure(&self, keys: &[String]) {
-        let now = Instant::now();
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 100_000 {
-            // Bounded memory under a spray of addresses: forget old windows.
-            map.retain(|_, q| {
-                q.back()
-                    .is_some_and(|t| now.duration_since(*t) < self.window)
-            });
-        }
-        for k in keys {
-            map.entry(k.clone()).or_default().push_back(now);
-        }
-    }
-
-    pub fn clear(&self, key: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-    }
-
-    fn cached_basic(&self, key: &[u8; 32]) -> Option<User> {
-        let map = self.basic_cache.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(key)
-            .filter(|(_, t)| t.elapsed() < BASIC_CACHE_TTL)
-            .map(|(u, _)| u.clone())
-    }
-
-    fn forget_basic(&self, key: &[u8; 32]) {
-        self.basic_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
-    }
-
-    fn remember_basic(&self, key: [u8; 32], user: User) {
-        let mut map = self.basic_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() > 10_000 {
-            map.retain(|_, (_, t)| t.elapsed() < BASIC_CACHE_TTL);
-        }
-        map.insert(key, (user, Instant::now()));
+        };
+        let who = Participant {
+            name,
+            caller: user.clone(),
+            session,
+        };
+        parts.extensions.insert(Caller(user));
+        parts.extensions.insert(who.clone());
+        Ok(who)
     }
 }
 
-pub fn limiter_keys(ip: IpAddr, user: &str) -> Vec<String> {
-    vec![
-        format!("ip:{ip}"),
-        format!("user:{}", user.to_ascii_lowercase()),
-    ]
+/// SHA-256 of a session token: how sockets remember their session.
+pub fn session_key(token: &str) -> SessionKey {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The request's client (see [`crate::proxy`]); the router's layer puts it in every
+/// request's extensions.
+pub fn client_of(parts: &Parts, state: &AppState) -> Client {
+    if let Some(c) = parts.extensions.get::<Client>() {
+        return c.clone();
+    }
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    Client::from_parts(peer, &parts.headers, &state.settings.trusted_proxies)
+}
+
+async fn authenticate(
+    parts: &mut Parts,
+    state: &AppState,
+) -> Result<(User, Option<SessionKey>), Response> {
+    if let Some(token) = cookie_value(&parts.headers, SESSION_COOKIE) {
+        match state.store.session_user(token).await {
+            Ok(Some(u)) => return Ok((u, Some(session_key(token)))),
+            Ok(None) => {}
+            Err(e) => return Err(ApiError::Store(e).into_response()),
+        }
+    }
+    let Some((name, pass)) = basic_credentials(&parts.headers) else {
+        return Err(unauthorized(parts));
+    };
+    let client = client_of(parts, state);
+    let user = basic_user(state, client.addr, &name, &pass)
+        .await
+        .map_err(|e| match e {
+            SignInError::Rejected => unauthorized(parts),
+            other => sign_in_error(other),
+        })?;
+    // A page loaded with Basic Auth also gets the cookie, so the WebSocket upgrade
+    // authenticates where a browser does not resend Basic credentials.
+    if wants_html(parts) {
+        match state
+            .store
+            .create_session(&user.name, state.settings.session_ttl.as_millis() as i64)
+            .await
+        {
+            Ok(token) => {
+                parts
+                    .extensions
+                    .insert(NewSession(session_cookie(state, &token)));
+            }
+            Err(e) => tracing::warn!(error = %e, "could not create a session"),
+        }
+    }
+    Ok((user, None))
+}
+
+/// A Basic credential: from the cache while the account's credential revision is unchanged,
+/// else checked (once, however many requests bring it at the same moment).
+async fn basic_user(
+    state: &AppState,
+    client: IpAddr,
+    name: &str,
+    pass: &str,
+) -> Result<User, SignInError> {
+    let key = credential_key(name, pass);
+    if let Some(u) = cached_basic(state, &key).await? {
+        return Ok(u);
+    }
+    let _checking = state.basic_cache.check(key).await;
+    if let Some(u) = cached_basic(state, &key).await? {
+        return Ok(u);
+    }
+    // Read before the password is checked: a change that lands during the check moves the
+    // revision past this one, so the credential is checked again next time.
+    let revision = state
+        .store
+        .user_revision(name)
+        .await?
+        .map(|(_, r)| r)
+        .unwrap_or(0);
+    let user = sign_in(state, client, name, pass).await?;
+    state.basic_cache.put(key, &user.name, revision);
+    Ok(user)
+}
+
+async fn cached_basic(
+    state: &AppState,
+    key: &crate::basic_cache::CredentialKey,
+) -> Result<Option<User>, SignInError> {
+    let Some((name, revision)) = state.basic_cache.get(key) else {
+        return Ok(None);
+    };
+    // The cache spares the hash, not the account check: a new password, a disable or a
+    // removal (by this server or by the CLI) moves the revision and ends it at once.
+    match state.store.user_revision(&name).await? {
+        Some((user, now)) if now == revision && !user.disabled => Ok(Some(user)),
+        _ => {
+            state.basic_cache.forget(key);
+            Ok(None)
+        }
+    }
+}
+
+/// The answer to a sign-in that did not happen (other than a wrong password).
+pub fn sign_in_error(e: SignInError) -> Response {
+    match e {
+        SignInError::Throttled(wait) => {
+            let secs = SignInError::retry_after_secs(wait);
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [
+                    (header::RETRY_AFTER, secs.to_string()),
+                    (
+                        header::CONTENT_TYPE,
+                        "text/plain; charset=utf-8".to_string(),
+                    ),
+                ],
+                format!("Too many failed sign-ins. Try again in {secs} seconds."),
+            )
+                .into_response()
+        }
+        SignInError::Rejected => StatusCode::UNAUTHORIZED.into_response(),
+        SignInError::Store(e) => ApiError::Store(e).into_response(),
+        SignInError::Workspace(e) => {
+            let mut r = ApiError::Io(e).into_response();
+            if r.status() == StatusCode::NOT_FOUND || r.status() == StatusCode::FORBIDDEN {
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            r
+        }
+    }
 }
 
 pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -190,29 +256,22 @@ fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
     Some((u.to_string(), p.to_string()))
 }
 
-fn wants_html(req: &Request) -> bool {
-    req.method() == Method::GET
-        && req
-            .headers()
+fn wants_html(parts: &Parts) -> bool {
+    parts.method == Method::GET
+        && parts
+            .headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/html"))
 }
 
-fn client_ip(req: &Request) -> IpAddr {
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]))
-}
-
-fn unauthorized(req: &Request) -> Response {
-    if wants_html(req) {
-        let next = req
-            .extensions()
+fn unauthorized(parts: &Parts) -> Response {
+    if wants_html(parts) {
+        let next = parts
+            .extensions
             .get::<Scope>()
             .map(|s| s.original_path.clone())
-            .unwrap_or_else(|| req.uri().path().to_string());
+            .unwrap_or_else(|| parts.uri.path().to_string());
         let target = format!(
             "/login?next={}",
             percent_encoding::utf8_percent_encode(&next, percent_encoding::NON_ALPHANUMERIC)
@@ -231,107 +290,4 @@ fn unauthorized(req: &Request) -> Response {
         "401: Unauthorized",
     )
         .into_response()
-}
-
-fn too_many(secs: u64) -> Response {
-    (
-        StatusCode::TOO_MANY_REQUESTS,
-        [(header::RETRY_AFTER, secs.to_string())],
-        format!("Too many failed logins. Try again in {secs} seconds."),
-    )
-        .into_response()
-}
-
-/// Middleware: authenticates the request, checks the participant scope, and
-/// puts [`Caller`] and [`Participant`] into its extensions.
-pub async fn require_auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let mut new_cookie = None;
-    let mut user = None;
-    if let Some(token) = cookie_value(req.headers(), SESSION_COOKIE) {
-        match state.store.session_user(token).await {
-            Ok(u) => user = u,
-            Err(e) => return crate::error::ApiError::Store(e).into_response(),
-        }
-    }
-    if user.is_none()
-        && let Some((name, pass)) = basic_credentials(req.headers())
-    {
-        let key: [u8; 32] = Sha256::digest(format!("{name}\0{pass}").as_bytes()).into();
-        if let Some(u) = state.auth.cached_basic(&key) {
-            // The cache spares the hash, not the account check: a disabled or
-            // removed account is refused at once (and a role change applies).
-            match state.store.get_user(&u.name).await {
-                Ok(Some(fresh)) if !fresh.disabled => user = Some(fresh),
-                Ok(_) => state.auth.forget_basic(&key),
-                Err(e) => return crate::error::ApiError::Store(e).into_response(),
-            }
-        } else {
-            let keys = limiter_keys(client_ip(&req), &name);
-            if let Some(secs) = state.auth.blocked_for(&keys) {
-                return too_many(secs);
-            }
-            match state.store.verify_password(&name, &pass).await {
-                Ok(Some(u)) => {
-                    state.auth.clear(&keys[1]);
-                    state.auth.remember_basic(key, u.clone());
-                    user = Some(u);
-                }
-                Ok(None) => {
-                    state.auth.record_failure(&keys);
-                    metrics::counter!(crate::telemetry::LOGIN_FAILURES).increment(1);
-                }
-                Err(e) => return crate::error::ApiError::Store(e).into_response(),
-            }
-        }
-        // A page loaded with Basic Auth also gets the cookie, so the WebSocket
-        // upgrade authenticates where a browser does not resend Basic credentials.
-        if let Some(u) = &user
-            && wants_html(&req)
-        {
-            match state
-                .store
-                .create_session(&u.name, state.settings.session_ttl.as_millis() as i64)
-                .await
-            {
-                Ok(token) => new_cookie = Some(session_cookie(&state, &token)),
-                Err(e) => tracing::warn!(error = %e, "could not create a session"),
-            }
-        }
-    }
-    let Some(user) = user else {
-        return unauthorized(&req);
-    };
-    let scope = req.extensions().get::<Scope>().cloned().unwrap_or_default();
-    let name = match scope.user {
-        None => user.name.clone(),
-        Some(ref target) if *target == user.name => user.name.clone(),
-        Some(ref target) if user.role == Role::Admin => match state.store.get_user(target).await {
-            Ok(Some(_)) => target.clone(),
-            Ok(None) => return StatusCode::NOT_FOUND.into_response(),
-            Err(e) => return crate::error::ApiError::Store(e).into_response(),
-        },
-        Some(_) => {
-            return (
-                StatusCode::FORBIDDEN,
-                "This workspace belongs to another participant.",
-            )
-                .into_response();
-        }
-    };
-    if let Err(e) = crate::provision::ensure_user(&state, &name).await {
-        tracing::error!(user = %name, error = %e, "could not prepare the participant's folders");
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "could not prepare your workspace",
-        )
-            .into_response();
-    }
-    req.extensions_mut().insert(Caller(user.clone()));
-    req.extensions_mut()
-        .insert(Participant { name, caller: user });
-    let mut resp = next.run(req).await;
-    if let Some(c) = new_cookie {
-        resp.headers_mut().append(header::SET_COOKIE, c);
-    }
-    resp
 }

@@ -1,8 +1,10 @@
 //! The participant-facing HTTP gateway: accounts and login, the per-participant
 //! ComfyUI API (`/api/*`, `/ws`), the static frontend, `/view` and `/upload`.
 
+pub mod accounts;
 pub mod api;
 pub mod auth;
+pub mod basic_cache;
 pub mod error;
 pub mod extension;
 pub mod frontend;
@@ -14,19 +16,23 @@ pub mod login;
 pub mod paths;
 pub mod precompress;
 pub mod provision;
+pub mod proxy;
 pub mod scope;
+pub mod server;
+pub mod signin;
 pub mod sniff;
 pub mod state;
 pub mod telemetry;
+pub mod throttle;
 pub mod ws;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -67,13 +73,18 @@ pub async fn build_state(
     })
     .await
     .map_err(|e| QueueError::Store(comfyume_store::StoreError::Other(e.to_string())))?;
-    let auth = auth::AuthState::new(settings.login_max_failures, settings.login_window);
+    let throttle = throttle::Throttle::new(throttle::ThrottleConfig::new(
+        settings.login_max_failures,
+        settings.login_delay,
+        settings.login_window,
+    ));
     let state = AppState {
         settings: Arc::new(settings),
         store,
         hub,
         queue,
-        auth: Arc::new(auth),
+        throttle: Arc::new(throttle),
+        basic_cache: Arc::new(basic_cache::BasicCache::new()),
         object_info: Arc::new(RwLock::new(Arc::new(state::NodeDefs::new(object_info)))),
         extensions: Arc::new(extensions),
         reserved: Arc::new(reserved),
@@ -100,31 +111,70 @@ pub async fn replace_object_info(
     Ok(())
 }
 
+/// Who the client is (see [`proxy`]): from the socket, or from a trusted proxy's headers.
+async fn client_info(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let client = proxy::Client::from_parts(peer, req.headers(), &state.settings.trusted_proxies);
+    req.extensions_mut().insert(client);
+    next.run(req).await
+}
+
 /// Cross-site request guard. Browsers resend cached Basic credentials on
 /// cross-site requests, so a state-changing request (or a WebSocket upgrade)
 /// whose `Origin` is not this server is refused, as ComfyUI refuses them
-/// (403, empty body). Requests without an `Origin` (scripts) pass.
-async fn same_origin(req: Request, next: Next) -> Response {
+/// (403, empty body). Requests without an `Origin` (scripts) pass. Behind a
+/// reverse proxy "this server" is also the public origin: `DOMAIN`, or the host
+/// a trusted proxy forwarded.
+async fn same_origin(State(state): State<AppState>, req: Request, next: Next) -> Response {
     use axum::http::{Method, StatusCode, header};
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) && !upgrade;
-    if !safe
-        && let Some(origin) = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-    {
+    if !safe && let Some(origin) = req.headers().get(header::ORIGIN) {
         let host = req
             .headers()
             .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        let origin_host = origin.split_once("://").map(|(_, h)| h).unwrap_or(origin);
-        if origin == "null" || !origin_host.eq_ignore_ascii_case(host) {
+            .and_then(|v| v.to_str().ok());
+        let client = req.extensions().get::<proxy::Client>();
+        let allowed = match (origin.to_str(), client) {
+            (Ok(origin), Some(client)) => {
+                proxy::origin_allowed(origin, host, state.settings.domain.as_deref(), client)
+            }
+            _ => false,
+        };
+        if !allowed {
             return StatusCode::FORBIDDEN.into_response();
         }
     }
     next.run(req).await
+}
+
+/// Authenticates every route behind it (the [`auth::Participant`] extractor, run once per
+/// request), makes an instructor-opened workspace ready, and puts the cookie of a session
+/// made for a Basic Auth page load on the answer.
+async fn authenticated(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let who = match auth::Participant::from_request_parts(&mut parts, &state).await {
+        Ok(w) => w,
+        Err(rejection) => return rejection,
+    };
+    // A participant's folders are made when they sign in; the instructor may open a
+    // workspace before its owner ever did.
+    if who.name != who.caller.name
+        && let Err(e) = provision::ensure_user(&state, &who.name).await
+    {
+        tracing::error!(user = %who.name, error = %e, "could not prepare the participant's folders");
+        return auth::sign_in_error(signin::SignInError::Workspace(e));
+    }
+    let cookie = parts.extensions.remove::<auth::NewSession>();
+    let mut resp = next.run(Request::from_parts(parts, body)).await;
+    if let Some(auth::NewSession(c)) = cookie {
+        resp.headers_mut().append(axum::http::header::SET_COOKIE, c);
+    }
+    resp
 }
 
 async fn track_metrics(req: Request, next: Next) -> Response {
@@ -200,10 +250,7 @@ pub fn router_with_limits(
         .route("/index.html", get(frontend::index))
         .route("/__comfyume_add_slash", get(frontend::add_slash))
         .merge(extra)
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            auth::require_auth,
-        ));
+        .layer(middleware::from_fn_with_state(state.clone(), authenticated));
     let public = Router::new()
         .route("/login", get(login::login_page).post(login::login_submit))
         .route("/logout", get(login::logout).post(login::logout))
@@ -223,7 +270,8 @@ pub fn router_with_limits(
             state.settings.max_upload_bytes as usize,
         ))
         .layer(axum::Extension(limits))
-        .layer(middleware::from_fn(same_origin))
+        .layer(middleware::from_fn_with_state(state.clone(), same_origin))
+        .layer(middleware::from_fn_with_state(state.clone(), client_info))
         .layer(middleware::from_fn(headers::security_headers))
         .layer(middleware::from_fn(track_metrics))
         .layer(
@@ -245,7 +293,8 @@ pub async fn launch(
     launch_with(state, listener, Router::new(), shutdown).await
 }
 
-/// [`launch`] with extra authenticated routes (the instructor's API).
+/// [`launch`] with extra authenticated routes (the instructor's API). Also watches the
+/// store for account changes (see [`accounts`]) while it serves.
 pub async fn launch_with(
     state: AppState,
     listener: TcpListener,
@@ -264,11 +313,16 @@ pub async fn launch_with_limits(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let reserved = state.reserved.clone();
+    let conn_limits = server::ConnLimits {
+        header_read_timeout: state.settings.header_read_timeout,
+        idle_timeout: state.settings.idle_timeout,
+        max_connections: state.settings.max_connections,
+    };
+    let watcher = accounts::spawn(state.clone());
     let app = router_with_limits(state, extra, limits);
     let svc = tower::util::MapRequestLayer::new(move |req: Request| scope::rewrite(req, &reserved))
         .layer(app);
-    let make = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<SocketAddr>(svc);
-    axum::serve(listener, make)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let served = server::serve(listener, svc, conn_limits, shutdown).await;
+    watcher.abort();
+    served
 }

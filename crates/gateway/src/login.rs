@@ -1,14 +1,17 @@
 //! The login page, login form handler and logout.
 
-use std::net::SocketAddr;
-
 use axum::Form;
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 
-use crate::auth::{SESSION_COOKIE, clear_cookie, cookie_value, limiter_keys, session_cookie};
+use crate::auth::{
+    SESSION_COOKIE, clear_cookie, client_of, cookie_value, session_cookie, session_key,
+};
+use crate::hub::CloseReason;
+use crate::signin::{SignInError, sign_in};
 use crate::state::AppState;
 
 #[derive(Deserialize)]
@@ -74,42 +77,36 @@ pub async fn login_page(Query(q): Query<NextQuery>) -> Response {
 
 pub async fn login_submit(
     State(state): State<AppState>,
-    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    parts: Parts,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(form.next.as_deref());
-    let keys = limiter_keys(addr.ip(), &form.username);
-    if let Some(secs) = state.auth.blocked_for(&keys) {
-        let msg = format!("Too many failed sign-ins. Try again in {secs} seconds.");
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, secs.to_string())],
-            Html(page(next.as_deref().unwrap_or(""), Some(&msg))),
-        )
-            .into_response();
-    }
-    let user = match state
-        .store
-        .verify_password(&form.username, &form.password)
-        .await
-    {
+    let client = client_of(&parts, &state);
+    let user = match sign_in(&state, client.addr, &form.username, &form.password).await {
         Ok(u) => u,
-        Err(e) => return crate::error::ApiError::Store(e).into_response(),
+        Err(SignInError::Throttled(wait)) => {
+            let secs = SignInError::retry_after_secs(wait);
+            let msg = format!("Too many failed sign-ins. Try again in {secs} seconds.");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.to_string())],
+                Html(page(next.as_deref().unwrap_or(""), Some(&msg))),
+            )
+                .into_response();
+        }
+        // One message for unknown users, wrong passwords and disabled accounts alike.
+        Err(SignInError::Rejected) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                Html(page(
+                    next.as_deref().unwrap_or(""),
+                    Some("Wrong username or password."),
+                )),
+            )
+                .into_response();
+        }
+        Err(e) => return crate::auth::sign_in_error(e),
     };
-    let Some(user) = user else {
-        state.auth.record_failure(&keys);
-        metrics::counter!(crate::telemetry::LOGIN_FAILURES).increment(1);
-        // One message for unknown users and wrong passwords alike.
-        return (
-            StatusCode::UNAUTHORIZED,
-            Html(page(
-                next.as_deref().unwrap_or(""),
-                Some("Wrong username or password."),
-            )),
-        )
-            .into_response();
-    };
-    state.auth.clear(&keys[1]);
     let token = match state
         .store
         .create_session(&user.name, state.settings.session_ttl.as_millis() as i64)
@@ -118,7 +115,7 @@ pub async fn login_submit(
         Ok(t) => t,
         Err(e) => return crate::error::ApiError::Store(e).into_response(),
     };
-    tracing::info!(user = %user.name, "signed in");
+    tracing::info!(user = %user.name, client = %client.addr, "signed in");
     let target = next.unwrap_or_else(|| format!("/{}/", user.name));
     let mut resp = Redirect::to(&target).into_response();
     resp.headers_mut()
@@ -126,11 +123,19 @@ pub async fn login_submit(
     resp
 }
 
-pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(token) = cookie_value(&headers, SESSION_COOKIE)
-        && let Err(e) = state.store.delete_session(token).await
-    {
-        tracing::warn!(error = %e, "could not delete a session");
+/// Ends the session: on the server, its cookie, and its open WebSockets, at once.
+pub async fn logout(State(state): State<AppState>, parts: Parts) -> Response {
+    if let Some(token) = cookie_value(&parts.headers, SESSION_COOKIE) {
+        if let Err(e) = state.store.delete_session(token).await {
+            tracing::warn!(error = %e, "could not delete a session");
+        }
+        // Whatever the store said: the person asked to leave.
+        let closed = state
+            .hub
+            .close_session(&session_key(token), CloseReason::SignedOut);
+        if closed > 0 {
+            tracing::info!(sockets = closed, "signed out; closed the session's sockets");
+        }
     }
     let mut resp = Redirect::to("/login").into_response();
     resp.headers_mut()

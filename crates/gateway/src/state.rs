@@ -35,8 +35,10 @@ impl NodeDefs {
     }
 }
 
-use crate::auth::AuthState;
+use crate::basic_cache::BasicCache;
 use crate::hub::Hub;
+use crate::proxy::Cidr;
+use crate::throttle::Throttle;
 
 /// Resolved settings (the binary merges flags, environment, `.env` and TOML).
 #[derive(Debug, Clone)]
@@ -50,12 +52,35 @@ pub struct Settings {
     pub session_ttl: Duration,
     /// Mark cookies `Secure` (behind HTTPS).
     pub secure_cookies: bool,
-    /// Failed logins allowed per client address and per account within `login_window`.
+    /// Failed sign-ins from one client address for one account before delays start (ten
+    /// times as many over all accounts); failures are forgotten `login_window` after the last.
     pub login_max_failures: u32,
     pub login_window: Duration,
+    /// The first delay past the free failures; each further failure doubles it (up to 60 s).
+    pub login_delay: Duration,
     /// Shown on the console and in the participant banner, e.g. "simulator".
     pub backend_label: String,
+    /// `DOMAIN`: the public host (or origin) the pages are served at, accepted as `Origin`.
+    pub domain: Option<String>,
+    /// `TRUSTED_PROXIES`: peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// `HEADER_READ_TIMEOUT_SECS`: a request's headers (and, on a kept-alive connection, the
+    /// next request) must arrive within this.
+    pub header_read_timeout: Duration,
+    /// `IDLE_TIMEOUT_SECS`: a connection on which nothing moves for this long is closed; a
+    /// WebSocket whose client answers no ping for this long too.
+    pub idle_timeout: Duration,
+    /// `MAX_SOCKETS_PER_USER`: WebSockets open at once on one participant's workspace.
+    pub max_sockets_per_user: usize,
+    /// `MAX_CONNECTIONS`: open connections (WebSockets included) of the whole server.
+    pub max_connections: usize,
 }
+
+/// The connection defaults (`serve` and tests share them).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_MAX_SOCKETS_PER_USER: usize = 20;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
 
 impl Settings {
     pub fn with_data_dir(data_dir: impl Into<PathBuf>, frontend_dir: impl Into<PathBuf>) -> Self {
@@ -68,7 +93,14 @@ impl Settings {
             secure_cookies: false,
             login_max_failures: 10,
             login_window: Duration::from_secs(300),
+            login_delay: Duration::from_secs(1),
             backend_label: "none".into(),
+            domain: None,
+            trusted_proxies: Vec::new(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -98,7 +130,10 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn Store>,
     pub hub: Arc<Hub>,
-    pub auth: Arc<AuthState>,
+    /// Slows down repeated failed sign-ins.
+    pub throttle: Arc<Throttle>,
+    /// Verified Basic Auth credentials.
+    pub basic_cache: Arc<BasicCache>,
     /// The node definitions snapshot (ComfyUI's `/object_info` document).
     pub object_info: Arc<RwLock<Arc<NodeDefs>>>,
     /// The workshop queue (shared with dispatch).

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use crate::{
-    EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, LimitKind, NewJob,
-    PasswordScheme, Role, Store, StoreError,
+    AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, LimitKind,
+    NewJob, PasswordScheme, Role, Store, StoreError,
 };
 
 /// How the suite gets stores from a backend.
@@ -23,6 +23,9 @@ pub trait Backend: Send + Sync {
     /// Closes every handle this backend opened on `key`, as a restart would, and opens the
     /// same storage again.
     async fn reopen(&self, key: &str) -> Arc<dyn Store>;
+    /// Another handle on `key`'s storage while the others stay open, as a second process
+    /// (the CLI while the server runs) would open it.
+    async fn open_another(&self, key: &str) -> Arc<dyn Store>;
 }
 
 /// Expands to one `#[tokio::test]` per story, each calling `$backend` (an expression giving a
@@ -34,7 +37,7 @@ macro_rules! conformance_tests {
             users_crud, passwords_and_logins, bcrypt_import_and_rehash, disabled_users,
             sessions, meta, enqueue_roundtrip, durability_across_reopen, duplicate_ids,
             enqueue_limits, transitions_cas, listing, delete_and_clear_isolation, count_jobs,
-            concurrent_enqueues, concurrent_transitions, job_priority_patch);
+            concurrent_enqueues, concurrent_transitions, job_priority_patch, account_changes);
     };
     (@each $backend:expr; $($story:ident),* $(,)?) => {
         $(
@@ -65,6 +68,7 @@ pub async fn run_all(b: &dyn Backend) {
     concurrent_enqueues(b).await;
     concurrent_transitions(b).await;
     job_priority_patch(b).await;
+    account_changes(b).await;
 }
 
 /// The instructor sets, changes and clears a waiting job's own priority
@@ -1273,4 +1277,82 @@ pub async fn concurrent_transitions(b: &dyn Backend) {
         let j = s.get_job(&id).await.unwrap().unwrap();
         assert_eq!((j.attempts, j.backend), (1, Some(backend)));
     }
+}
+
+/// Password changes, disables, enables and removals are numbered in order, whichever
+/// handle on the storage made them, so a running server notices what the CLI did; the
+/// credential revision moves with each; and a store that sees another handle's change drops
+/// the sessions it cached.
+pub async fn account_changes(b: &dyn Backend) {
+    let (s, key) = b.create().await;
+    s.create_user("a", "pw", Role::Participant).await.unwrap();
+    s.create_user("b", "pw", Role::Participant).await.unwrap();
+    let start = s.last_account_change().await.unwrap();
+    assert!(
+        s.account_changes(start, 100).await.unwrap().is_empty(),
+        "creating accounts is not a change to tell"
+    );
+    let (_, rev0) = s.user_revision("a").await.unwrap().unwrap();
+    assert_eq!(s.user_revision("nobody").await.unwrap(), None);
+
+    s.set_password("a", "pw2").await.unwrap();
+    let (_, rev1) = s.user_revision("a").await.unwrap().unwrap();
+    assert!(rev1 > rev0, "a new password moves the revision");
+    let (_, b_rev) = s.user_revision("b").await.unwrap().unwrap();
+    assert!(b_rev < rev1, "another account's revision stays");
+    s.set_disabled("a", true).await.unwrap();
+    s.set_disabled("a", true).await.unwrap(); // no change: nothing recorded
+    let (ua, rev2) = s.user_revision("a").await.unwrap().unwrap();
+    assert!(ua.disabled && rev2 > rev1);
+    s.set_disabled("a", false).await.unwrap();
+    s.remove_user("b").await.unwrap();
+    assert!(matches!(
+        s.set_disabled("nobody", true).await,
+        Err(StoreError::NotFound)
+    ));
+
+    let all = s.account_changes(start, 100).await.unwrap();
+    let seen: Vec<(&str, AccountChangeKind)> =
+        all.iter().map(|c| (c.user.as_str(), c.kind)).collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("a", AccountChangeKind::Password),
+            ("a", AccountChangeKind::Disabled),
+            ("a", AccountChangeKind::Enabled),
+            ("b", AccountChangeKind::Removed),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert!(all.iter().all(|c| c.at_ms > 0));
+    assert_eq!(s.last_account_change().await.unwrap(), all[3].seq);
+    assert_eq!(
+        s.account_changes(all[1].seq, 100).await.unwrap(),
+        all[2..].to_vec(),
+        "only those after the given number"
+    );
+    assert_eq!(
+        s.account_changes(start, 1).await.unwrap(),
+        all[..1].to_vec()
+    );
+
+    // Another handle on the same storage (the CLI while the server runs).
+    let token = s.create_session("a", 60_000).await.unwrap();
+    assert!(s.session_user(&token).await.unwrap().is_some());
+    let other = b.open_another(&key).await;
+    let cursor = s.last_account_change().await.unwrap();
+    other.set_disabled("a", true).await.unwrap();
+    let (_, rev3) = s.user_revision("a").await.unwrap().unwrap();
+    assert!(rev3 > rev2, "the revision is read from storage, not cached");
+    let seen = s.account_changes(cursor, 100).await.unwrap();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].user.as_str(), seen[0].kind),
+        ("a", AccountChangeKind::Disabled)
+    );
+    assert_eq!(
+        s.session_user(&token).await.unwrap(),
+        None,
+        "after seeing the change, the cached session is gone at once"
+    );
 }

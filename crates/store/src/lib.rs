@@ -115,6 +115,56 @@ pub enum PasswordScheme {
     Bcrypt,
 }
 
+/// What changed about an account (see [`UserStore::account_changes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountChangeKind {
+    /// A new password (every session of the account ended with it).
+    Password,
+    Disabled,
+    Enabled,
+    Removed,
+}
+
+impl AccountChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountChangeKind::Password => "password",
+            AccountChangeKind::Disabled => "disabled",
+            AccountChangeKind::Enabled => "enabled",
+            AccountChangeKind::Removed => "removed",
+        }
+    }
+}
+
+impl FromStr for AccountChangeKind {
+    type Err = ParseEnumError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            AccountChangeKind::Password,
+            AccountChangeKind::Disabled,
+            AccountChangeKind::Enabled,
+            AccountChangeKind::Removed,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| ParseEnumError {
+            kind: "account change",
+            value: s.to_owned(),
+        })
+    }
+}
+
+/// One change to who may sign in, numbered in the order of the changes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccountChange {
+    /// Strictly increasing, never reused.
+    pub seq: i64,
+    pub user: String,
+    pub kind: AccountChangeKind,
+    pub at_ms: i64,
+}
+
 /// A metadata snapshot (e.g. the backend's `object_info`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetaEntry {
@@ -315,11 +365,12 @@ pub trait UserStore: Send + Sync {
     async fn get_user(&self, name: &str) -> Result<Option<User>, StoreError>;
     /// Sorted by name.
     async fn list_users(&self) -> Result<Vec<User>, StoreError>;
-    /// Also ends every session of that user.
+    /// Also ends every session of that user. Recorded as an [`AccountChange`].
     async fn set_password(&self, name: &str, password: &str) -> Result<(), StoreError>;
     /// A disabled user cannot log in and their sessions stop resolving (until re-enabled).
+    /// A real change (not disabling a disabled user) is recorded as an [`AccountChange`].
     async fn set_disabled(&self, name: &str, disabled: bool) -> Result<(), StoreError>;
-    /// Also drops their sessions. Their jobs stay.
+    /// Also drops their sessions. Their jobs stay. Recorded as an [`AccountChange`].
     async fn remove_user(&self, name: &str) -> Result<(), StoreError>;
     /// `None` for unknown, wrong password or disabled. Updates `last_login_ms` on success.
     async fn verify_password(&self, name: &str, password: &str)
@@ -334,6 +385,21 @@ pub trait UserStore: Send + Sync {
     async fn session_user(&self, token: &str) -> Result<Option<User>, StoreError>;
     /// Idempotent.
     async fn delete_session(&self, token: &str) -> Result<(), StoreError>;
+    /// The account and its credential revision: the number of its latest
+    /// [`AccountChange`] (0 when none). A cache of verified passwords stays valid exactly as
+    /// long as this number is unchanged, whichever process changed the account.
+    async fn user_revision(&self, name: &str) -> Result<Option<(User, i64)>, StoreError>;
+    /// Password changes, disables, enables and removals numbered after `after`, oldest first,
+    /// at most `limit`; made by any process sharing this storage. A caller that polls this
+    /// sees another process's changes: seeing any also drops sessions this store cached, so
+    /// [`UserStore::session_user`] reflects them at once. Entries older than 30 days may be gone.
+    async fn account_changes(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AccountChange>, StoreError>;
+    /// The number of the newest account change (0 when none), where a poller starts.
+    async fn last_account_change(&self) -> Result<i64, StoreError>;
 }
 
 #[async_trait]

@@ -3,7 +3,9 @@
 //!
 //! Changes made through the same store (logout, disabling or removing an account, a new
 //! password, a sign-in) clear it at once. Changes made by another process on the same
-//! database (`comfyume users disable` while the server runs) are seen within [`RECHECK`].
+//! database (`comfyume users disable` while the server runs) clear it as soon as the server's
+//! poll of the account changes sees them (every second), and are seen within [`RECHECK`]
+//! in any case.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -34,6 +34,10 @@ impl Backend for SqliteFiles {
         }
         self.open(key).await
     }
+
+    async fn open_another(&self, key: &str) -> Arc<dyn Store> {
+        self.open(key).await
+    }
 }
 
 impl SqliteFiles {

@@ -17,8 +17,8 @@ use comfyume_dispatch::backend::{
 use comfyume_dispatch::{DispatchConfig, Dispatcher, EventSink, Queue, QueueConfig};
 use comfyume_store::sqlite::SqliteStore;
 use comfyume_store::{
-    EnqueueLimits, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry, MetaStore, NewJob,
-    PasswordScheme, Role, Store, StoreError, User, UserStore,
+    AccountChange, EnqueueLimits, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry,
+    MetaStore, NewJob, PasswordScheme, Role, Store, StoreError, User, UserStore,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
@@ -152,6 +152,20 @@ impl UserStore for BlockingStore {
     async fn delete_session(&self, token: &str) -> Result<(), StoreError> {
         let t = token.to_string();
         blocking!(self, |s| s.delete_session(&t).await)
+    }
+    async fn user_revision(&self, name: &str) -> Result<Option<(User, i64)>, StoreError> {
+        let n = name.to_string();
+        blocking!(self, |s| s.user_revision(&n).await)
+    }
+    async fn account_changes(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AccountChange>, StoreError> {
+        blocking!(self, |s| s.account_changes(after, limit).await)
+    }
+    async fn last_account_change(&self) -> Result<i64, StoreError> {
+        blocking!(self, |s| s.last_account_change().await)
     }
 }
 

@@ -26,8 +26,9 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use crate::password::{self, Hasher, Verified};
 use crate::session_cache::SessionCache;
 use crate::{
-    EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry,
-    MetaStore, NewJob, PasswordScheme, Role, StoreError, User, UserStore, now_ms, valid_user_name,
+    AccountChange, AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord,
+    JobState, JobStore, MetaEntry, MetaStore, NewJob, PasswordScheme, Role, StoreError, User,
+    UserStore, now_ms, valid_user_name,
 };
 
 mod enqueue;
@@ -200,6 +201,29 @@ impl SqliteStore {
         self.write.begin_with("BEGIN IMMEDIATE").await.db()
     }
 
+    /// Numbers a change to who may sign in, in the transaction that makes it (see
+    /// [`UserStore::account_changes`]); forgets entries nobody polls any more.
+    async fn record_change(
+        tx: &mut sqlx::Transaction<'static, Sqlite>,
+        user: &str,
+        kind: AccountChangeKind,
+    ) -> Result<(), StoreError> {
+        let now = now_ms();
+        sqlx::query("INSERT INTO account_changes (user_name, kind, at_ms) VALUES (?, ?, ?)")
+            .bind(user)
+            .bind(kind.as_str())
+            .bind(now)
+            .execute(&mut **tx)
+            .await
+            .db()?;
+        sqlx::query("DELETE FROM account_changes WHERE at_ms < ?")
+            .bind(now.saturating_sub(ACCOUNT_CHANGES_KEPT_MS))
+            .execute(&mut **tx)
+            .await
+            .db()?;
+        Ok(())
+    }
+
     async fn user_row(&self, name: &str) -> Result<Option<(User, String)>, StoreError> {
         let row = sqlx::query(
             "SELECT name, role, disabled, created_at_ms, last_login_ms, password_hash \
@@ -323,6 +347,9 @@ impl SqliteStore {
 
 /// Keeps each `IN (...)` well under SQLite's bound-parameter limit.
 const ID_CHUNK: usize = 500;
+
+/// How long account changes are kept for pollers (a server notices them within seconds).
+const ACCOUNT_CHANGES_KEPT_MS: i64 = 30 * 24 * 3600 * 1000;
 
 /// How often the WAL is copied back into the database file. Each checkpoint fsyncs, and
 /// submissions arriving meanwhile wait longer: every 250 ms gave a p99 of 4.1-5.5 ms at 4 in
@@ -617,6 +644,7 @@ impl UserStore for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .db()?;
+            Self::record_change(&mut tx, name, AccountChangeKind::Password).await?;
             tx.commit().await.db()
         })
         .await
@@ -624,17 +652,32 @@ impl UserStore for SqliteStore {
 
     async fn set_disabled(&self, name: &str, disabled: bool) -> Result<(), StoreError> {
         self.account_change("set_disabled", async {
-            let n = sqlx::query("UPDATE users SET disabled = ? WHERE name = ?")
+            let mut tx = self.begin().await?;
+            let current: Option<i64> =
+                sqlx::query_scalar("SELECT disabled FROM users WHERE name = ?")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .db()?;
+            match current {
+                None => return Err(StoreError::NotFound),
+                // Already so: nothing changes, nothing to tell.
+                Some(d) if (d != 0) == disabled => return Ok(()),
+                Some(_) => {}
+            }
+            sqlx::query("UPDATE users SET disabled = ? WHERE name = ?")
                 .bind(i64::from(disabled))
                 .bind(name)
-                .execute(&self.write)
+                .execute(&mut *tx)
                 .await
-                .db()?
-                .rows_affected();
-            if n == 0 {
-                return Err(StoreError::NotFound);
-            }
-            Ok(())
+                .db()?;
+            let kind = if disabled {
+                AccountChangeKind::Disabled
+            } else {
+                AccountChangeKind::Enabled
+            };
+            Self::record_change(&mut tx, name, kind).await?;
+            tx.commit().await.db()
         })
         .await
     }
@@ -657,6 +700,7 @@ impl UserStore for SqliteStore {
             if n == 0 {
                 return Err(StoreError::NotFound);
             }
+            Self::record_change(&mut tx, name, AccountChangeKind::Removed).await?;
             tx.commit().await.db()
         })
         .await
@@ -800,6 +844,70 @@ impl UserStore for SqliteStore {
                 .await
                 .db()?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn user_revision(&self, name: &str) -> Result<Option<(User, i64)>, StoreError> {
+        self.timed("user_revision", async {
+            let row = sqlx::query(
+                "SELECT name, role, disabled, created_at_ms, last_login_ms, \
+                 (SELECT COALESCE(MAX(seq), 0) FROM account_changes c \
+                  WHERE c.user_name = u.name) AS revision \
+                 FROM users u WHERE name = ?",
+            )
+            .bind(name)
+            .fetch_optional(&self.read)
+            .await
+            .db()?;
+            row.map(|r| Ok((user_from_row(&r)?, r.try_get("revision").db()?)))
+                .transpose()
+        })
+        .await
+    }
+
+    async fn account_changes(
+        &self,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<AccountChange>, StoreError> {
+        let changes = self
+            .timed("account_changes", async {
+                sqlx::query(
+                    "SELECT seq, user_name, kind, at_ms FROM account_changes \
+                     WHERE seq > ? ORDER BY seq LIMIT ?",
+                )
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.read)
+                .await
+                .db()?
+                .iter()
+                .map(|r| {
+                    let kind: String = r.try_get("kind").db()?;
+                    Ok(AccountChange {
+                        seq: r.try_get("seq").db()?,
+                        user: r.try_get("user_name").db()?,
+                        kind: kind.parse().map_err(|_| corrupt("account change kind"))?,
+                        at_ms: r.try_get("at_ms").db()?,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .await?;
+        if !changes.is_empty() {
+            // Possibly made by another process: sessions cached before it go.
+            self.sessions.invalidate();
+        }
+        Ok(changes)
+    }
+
+    async fn last_account_change(&self) -> Result<i64, StoreError> {
+        self.timed("last_account_change", async {
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM account_changes")
+                .fetch_one(&self.read)
+                .await
+                .db()
         })
         .await
     }
