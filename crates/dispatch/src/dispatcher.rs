@@ -479,7 +479,7 @@ impl Dispatcher {
     async fn attempt(&self, lease: &Lease, rec: &JobRecord, spec: JobSpec) -> (Ended, bool) {
         let backend = lease.slot.backend.clone();
         let (tx, mut rx) = mpsc::channel(EVENT_BUFFER);
-        let interrupt = self.queue.register_running(&rec.id, &rec.user);
+        let interrupt = lease._claim.interrupt();
         let mut run = Box::pin(backend.run(spec, tx, interrupt));
         let mut relay = Relay::new(&self.queue, rec, backend.name());
         let mut mark = None;
@@ -847,7 +847,13 @@ impl Relay {
                     &format!("Running on {}", self.backend),
                 );
             }
-            BackendEvent::Message(v) => {
+            BackendEvent::Message(mut v) => {
+                if v.get("type").and_then(Value::as_str) == Some("execution_error")
+                    && let Some(data) = v.get_mut("data")
+                {
+                    // Tracebacks name the GPU server's files: the participant gets names only.
+                    comfyume_wire::strip_server_paths_in(data);
+                }
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
                 if kind == "execution_start" {

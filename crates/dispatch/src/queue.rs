@@ -73,7 +73,8 @@ pub struct Queue {
     /// ComfyUI's prompt counter (`number` when the client gives none).
     counter: AtomicI64,
     events: Arc<dyn EventSink>,
-    /// Jobs on a backend now: id -> (owner, interrupt switch).
+    /// Claimed jobs' interrupt switches: id -> (owner, switch). Registered with
+    /// the claim, so an interrupt reaches a job from the moment it is taken.
     running: Mutex<HashMap<String, (String, watch::Sender<bool>)>>,
     /// Jobs this process has taken (dispatched or running in the store): id ->
     /// the token of the [`Claim`] that holds it.
@@ -94,6 +95,7 @@ pub struct Claim {
     id: String,
     user: String,
     token: u64,
+    interrupt: watch::Receiver<bool>,
 }
 
 impl Claim {
@@ -102,6 +104,10 @@ impl Claim {
     }
     pub fn user(&self) -> &str {
         &self.user
+    }
+    /// Turns true when the job's owner (or the server) interrupts it.
+    pub fn interrupt(&self) -> watch::Receiver<bool> {
+        self.interrupt.clone()
     }
 }
 
@@ -394,12 +400,15 @@ impl Queue {
 
     fn claim(self: &Arc<Self>, id: &str, user: &str) -> Claim {
         let token = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        let (tx, interrupt) = watch::channel(false);
         lock(&self.claimed).insert(id.to_string(), token);
+        lock(&self.running).insert(id.to_string(), (user.to_string(), tx));
         Claim {
             queue: self.clone(),
             id: id.to_string(),
             user: user.to_string(),
             token,
+            interrupt,
         }
     }
 
@@ -499,19 +508,9 @@ impl Queue {
         lock(&self.models).remove(id);
     }
 
-    /// Marks a claimed job as on a backend; the receiver turns `true` when its
-    /// owner interrupts it. The registration ends with the claim.
-    pub fn register_running(&self, id: &str, user: &str) -> watch::Receiver<bool> {
-        let (tx, rx) = watch::channel(false);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), (user.to_string(), tx));
-        rx
-    }
-
     /// Interrupts `user`'s running job `prompt_id`, or all of `user`'s running
-    /// jobs when none is named. Never another participant's. Returns how many.
+    /// jobs when none is named (a job taken from the queue counts as running
+    /// from that moment). Never another participant's. Returns how many.
     pub fn interrupt(&self, user: &str, prompt_id: Option<&str>) -> usize {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
