@@ -2,6 +2,7 @@
 //! subcommand prints a small table and, last, a one-line JSON summary. Every
 //! loop is bounded; everything runs on loopback.
 
+mod browser_overhead;
 mod common;
 mod dispatch_latency;
 mod gpu_gap;
@@ -37,6 +38,8 @@ enum Command {
     GpuGap(gpu_gap::Args),
     /// The same jobs straight at the simulator and through `comfyume serve`.
     Overhead(overhead::Args),
+    /// Run -> result in the stock frontend (Chromium), straight and through `comfyume serve`.
+    BrowserOverhead(browser_overhead::Args),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
             Command::DispatchLatency(a) => dispatch_latency::run(a).await,
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
+            Command::BrowserOverhead(a) => browser_overhead::run(a).await,
         }
     })
 }

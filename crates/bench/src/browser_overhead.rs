@@ -1,0 +1,135 @@
+//! `browser-overhead`: Run -> result in the stock frontend in headless Chromium,
+//! straight at a ComfyUI (the simulator serving the frontend itself, as
+//! ComfyUI's `--front-end-root` does) against the same workflow through the real
+//! `comfyume serve` in front of that same simulator; alternating pairs, in the
+//! same run (tests/browser/overhead.mjs does the clicking and the timing).
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::common::{self, Serve};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Alternating pairs per run (each pair: one run straight, one through serve).
+    #[arg(long, default_value_t = 5)]
+    pub pairs: usize,
+    /// Independent runs (a fresh browser, simulator and serve each).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Simulated time per sampler step (the Flux.2 Klein 4B template has 4 steps).
+    #[arg(long, default_value_t = 50)]
+    pub step_ms: u64,
+    #[arg(long, default_value = "Flux.2 Klein 4B - text to image")]
+    pub template: String,
+    #[arg(long, default_value = "target/release/comfyume")]
+    pub bin: PathBuf,
+    #[arg(long, default_value = "target/test-data/frontend/1.37.11")]
+    pub frontend: PathBuf,
+    #[arg(long, default_value = "tests/browser/overhead.mjs")]
+    pub script: PathBuf,
+}
+
+pub async fn run(a: Args) -> Result<()> {
+    let bin = common::absolute(&a.bin)?;
+    let frontend = common::absolute(&a.frontend)?;
+    let script = common::absolute(&a.script)?;
+    common::print_machine();
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    for r in 0..a.runs {
+        let out = one_run(&a, &bin, &frontend, &script).await?;
+        let ratio = out["median_ratio"].as_f64().context("no median_ratio")?;
+        let direct = out["median_direct_ms"].as_f64().unwrap_or(0.0);
+        let through = out["median_comfyume_ms"].as_f64().unwrap_or(0.0);
+        let pairs: Vec<String> = out["pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| format!("{:.3}", p["ratio"].as_f64().unwrap_or(0.0)))
+            .collect();
+        rows.push(vec![
+            format!("{}", r + 1),
+            format!("{direct:.1} ms"),
+            format!("{through:.1} ms"),
+            format!("{ratio:.3}x"),
+            format!("{:+.1} ms", through - direct),
+            pairs.join(" "),
+        ]);
+        runs.push(json!({"median_ratio": ratio, "median_direct_ms": direct, "median_comfyume_ms": through, "pairs": out["pairs"]}));
+    }
+    common::print_table(
+        &format!(
+            "Run -> result on Save Image, {} ({} pairs a run, {} ms a step)",
+            a.template, a.pairs, a.step_ms
+        ),
+        &[
+            "run",
+            "straight (median)",
+            "through serve (median)",
+            "ratio (median of pairs)",
+            "added",
+            "pair ratios",
+        ],
+        &rows,
+    );
+    println!(
+        "{}",
+        json!({"bench": "browser-overhead", "template": a.template, "step_ms": a.step_ms, "runs": runs, "machine": common::machine()})
+    );
+    Ok(())
+}
+
+async fn one_run(a: &Args, bin: &PathBuf, frontend: &PathBuf, script: &PathBuf) -> Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim = comfyume_sim::try_spawn(
+        comfyume_sim::SimConfig {
+            step_ms: a.step_ms,
+            front_end_root: Some(frontend.clone()),
+            ..Default::default()
+        },
+        listener,
+    )
+    .await?;
+    let data = dir.path().join("data");
+    let users = common::create_workshop(bin, &data, 1).await?;
+    let (user, pass) = users[0].clone();
+    let serve = Serve::start(
+        bin,
+        &data,
+        frontend,
+        &[
+            ("INFERENCE_MODE", "local".into()),
+            ("COMFYUI_URLS", sim.url()),
+        ],
+    )
+    .await?;
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .env("DIRECT_URL", sim.url())
+        .env("BASE_URL", &serve.base)
+        .env("USER1", &user)
+        .env("PASS1", &pass)
+        .env("PAIRS", a.pairs.to_string())
+        .env("TEMPLATE", &a.template)
+        .env("OUT_DIR", dir.path().join("shots"))
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context(
+            "running node (tests/browser must have its npm packages: scripts/install-test-deps.sh)",
+        )?;
+    serve.stop().await;
+    sim.shutdown().await;
+    if !out.status.success() {
+        bail!(
+            "the browser run failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("the browser run printed no JSON summary")
+}
