@@ -4,7 +4,7 @@
 //! `comfyume serve` in front of that same simulator; alternating pairs, in the
 //! same run (tests/browser/overhead.mjs does the clicking and the timing).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
@@ -82,13 +82,13 @@ pub async fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-async fn one_run(a: &Args, bin: &PathBuf, frontend: &PathBuf, script: &PathBuf) -> Result<Value> {
+async fn one_run(a: &Args, bin: &Path, frontend: &Path, script: &Path) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sim = comfyume_sim::try_spawn(
         comfyume_sim::SimConfig {
             step_ms: a.step_ms,
-            front_end_root: Some(frontend.clone()),
+            front_end_root: Some(frontend.to_path_buf()),
             ..Default::default()
         },
         listener,
