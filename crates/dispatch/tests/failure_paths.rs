@@ -352,3 +352,24 @@ async fn a_queued_job_the_scheduler_never_heard_of_is_picked_up_by_the_periodic_
     assert_eq!(r.state("stray").await, JobState::Succeeded);
     assert_eq!(runs_of(&journal, "stray"), ["gpu"]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_relayed_execution_error_names_no_server_paths() {
+    let journal = Arc::new(Journal::default());
+    let b = Scripted::new("gpu", 1, Script::RaiseWithTraceback, &journal);
+    let r = one_backend(b, journal).await;
+    r.queue.submit(new_job("err", "u1")).await.unwrap();
+    r.at(SECS(5)).await;
+    assert_eq!(r.state("err").await, JobState::Failed);
+    let msgs = r.events.texts("u1");
+    let err = msgs
+        .iter()
+        .find(|m| m["type"] == "execution_error")
+        .expect("the error reached the participant");
+    let text = err.to_string();
+    assert!(!text.contains("/home/comfy"), "{text}");
+    assert!(
+        text.contains("execution.py") && text.contains("node.py"),
+        "{text}"
+    );
+}

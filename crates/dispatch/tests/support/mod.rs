@@ -265,6 +265,9 @@ pub enum Script {
     LoseAfter(Duration),
     /// Panics inside `run`.
     Panic,
+    /// Started, then a node raises: ComfyUI's `execution_error` with a traceback
+    /// naming the server's files.
+    RaiseWithTraceback,
 }
 
 /// A call the backend saw, in order, with the virtual time it came at.
@@ -420,6 +423,17 @@ impl Backend for Scripted {
                 ))
             }
             Script::Panic => panic!("scripted backend panics"),
+            Script::RaiseWithTraceback => {
+                start(events.clone(), id.clone()).await;
+                let data = json!({
+                    "prompt_id": id,
+                    "node_id": "2",
+                    "exception_message": "bad value in /home/comfy/ComfyUI/custom_nodes/x/node.py",
+                    "traceback": ["  File \"/home/comfy/ComfyUI/execution.py\", line 496, in execute\n"],
+                });
+                let _ = events.send(msg("execution_error", data.clone())).await;
+                Ok(outcome(OutcomeKind::ExecutionError(data)))
+            }
         };
         self.journal
             .log(&self.name, self.t0, Call::Ended { job: id.clone() });
