@@ -66,7 +66,6 @@ impl OutputStore {
             .with_region(&s.region)
             .with_access_key_id(s.access_key_id.expose())
             .with_secret_access_key(s.secret_access_key.expose())
-            .with_allow_http(s.endpoint.starts_with("http://"))
             // Path-style works with every S3-compatible server (R2, MinIO, moto).
             .with_virtual_hosted_style_request(false)
             .with_client_options(
@@ -74,6 +73,8 @@ impl OutputStore {
                     .with_timeout(s.timeout)
                     .with_connect_timeout(std::time::Duration::from_secs(10)),
             )
+            // After the client options, which would reset it.
+            .with_allow_http(s.endpoint.starts_with("http://"))
             .build()?;
         Ok(Self::with_store(
             Arc::new(store),

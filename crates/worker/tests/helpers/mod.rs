@@ -344,13 +344,18 @@ pub fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-/// Builds (if needed) and returns a binary of another workspace package. Cargo only
-/// builds a package's own binaries for its tests; this one needs the simulator's.
+/// A binary of another workspace package: `$<NAME>_BIN` if set, else the one cargo
+/// built beside this test (`cargo test --workspace` builds every package's binaries),
+/// else it is built now. Cargo only builds a package's own binaries for its tests.
 pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let var = format!("{}_BIN", bin.to_uppercase().replace('-', "_"));
+    if let Some(p) = std::env::var_os(&var) {
+        return PathBuf::from(p);
+    }
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _once = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let path = target_dir().join(bin);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == bin) {
+    if !path.exists() {
         let mut cmd = std::process::Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", package, "--bin", bin]);
         if !cfg!(debug_assertions) {
@@ -361,7 +366,6 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
             .status()
             .expect("cargo runs");
         assert!(status.success(), "cargo build -p {package} failed");
-        built.push(bin.to_owned());
     }
     assert!(path.exists(), "{} missing", path.display());
     path
