@@ -290,7 +290,21 @@ pub async fn run(
         args,
     });
 
-    let controller = tokio::spawn(controller(emu.clone(), released_rx));
+    // The control loop, started again (and logged) should it ever fail.
+    let controller = {
+        let emu = emu.clone();
+        let released = Arc::new(tokio::sync::Mutex::new(released_rx));
+        tokio::spawn(async move {
+            loop {
+                let run = tokio::spawn(controller(emu.clone(), released.clone()));
+                match run.await {
+                    Ok(()) => return,
+                    Err(e) => tracing::error!(error = %e, "controller failed; restarting it"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let app = gateway::router(emu.clone());
     let stop = emu.shutdown.clone();
     tokio::spawn(async move {
@@ -325,7 +339,11 @@ pub async fn run(
 
 /// The control loop: hands queued requests to ready replicas, applies releases, and runs
 /// the autoscaler of each deployment.
-async fn controller(emu: Arc<Emu>, mut released: mpsc::UnboundedReceiver<(String, String)>) {
+async fn controller(
+    emu: Arc<Emu>,
+    released: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, String)>>>,
+) {
+    let mut released = released.lock().await;
     loop {
         while let Ok((dep, replica)) = released.try_recv() {
             release(&emu, &dep, &replica);
@@ -392,7 +410,7 @@ async fn controller(emu: Arc<Emu>, mut released: mpsc::UnboundedReceiver<(String
                 "provisioning",
                 format!("cold start {} ms", s.cold_start.as_millis()),
             );
-            tokio::spawn(replica::run(emu.clone(), s, id, cmd_rx, probe_now));
+            tokio::spawn(supervise_replica(emu.clone(), s, id, cmd_rx, probe_now));
         }
         for (dep, id, cmd) in to_stop {
             emu.log(&dep, &id, "scale_down", String::new());
@@ -404,6 +422,26 @@ async fn controller(emu: Arc<Emu>, mut released: mpsc::UnboundedReceiver<(String
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = emu.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// A replica's task, supervised: should it fail, that is logged and the replica is
+/// forgotten (its worker was killed when the task's process handle was dropped).
+async fn supervise_replica(
+    emu: Arc<Emu>,
+    s: DeploymentSettings,
+    id: String,
+    cmd: watch::Receiver<Cmd>,
+    probe_now: Arc<Notify>,
+) {
+    let dep = s.name.clone();
+    let task = tokio::spawn(replica::run(emu.clone(), s, id.clone(), cmd, probe_now));
+    if let Err(e) = task.await {
+        emu.log(&dep, &id, "exited", format!("replica task failed: {e}"));
+        if let Some(d) = emu.world().deps.get_mut(&dep) {
+            d.replicas.retain(|r| r.id != id);
+        }
+        emu.wake.notify_one();
     }
 }
 

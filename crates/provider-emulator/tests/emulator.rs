@@ -489,6 +489,8 @@ async fn the_request_ttl_cuts_a_long_stream_and_expires_a_queued_request() {
         "h200-spot:spot=true,max_replicas=1,cold_start_ms=0,ttl_ms=3000",
         "--deployment",
         "h200-on-demand:max_replicas=1,cold_start_ms=60000,ttl_ms=500,ttl_expiry=status:504",
+        "--deployment",
+        "b300-spot:spot=true,max_replicas=1,cold_start_ms=60000,ttl_ms=500",
         "--step-ms",
         "100",
     ])
@@ -496,6 +498,16 @@ async fn the_request_ttl_cuts_a_long_stream_and_expires_a_queued_request() {
     // Queued through a long cold start: the configured status.
     let r = run(&p, "h200-on-demand", &job("q-1", 2)).await;
     assert_eq!(r.status(), 504);
+    // The same with the default: the caller gets no complete answer at all.
+    let cut = client()
+        .post(format!("{}/b300-spot/run", p.url))
+        .json(&job("q-2", 2))
+        .send()
+        .await;
+    match cut {
+        Err(_) => {}
+        Ok(r) => assert!(r.bytes().await.is_err(), "a cut answer"),
+    }
 
     // Running past the TTL: the stream is cut, no final event.
     let mut s = Reframed::new(run(&p, "h200-spot", &job("t-1", 500)).await);

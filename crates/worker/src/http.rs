@@ -202,8 +202,15 @@ async fn run(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
         Err(refusal) => return refused(&shared, &req.job_id, refusal),
     };
     let accepted_at = Instant::now();
-    let dir = shared.jobs_dir.join(&req.job_id);
-    let _ = tokio::fs::remove_dir_all(&dir).await;
+    // Each run its own directory: a kept or winding-down earlier run of the same id
+    // keeps its own.
+    let dir = shared.jobs_dir.join(format!(
+        "{}.{}",
+        req.job_id,
+        shared
+            .run_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let (inputs, stored_inputs) = match write_inputs(&shared, &req, &dir).await {
         Ok(v) => v,
         Err(r) => {

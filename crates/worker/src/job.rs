@@ -164,6 +164,9 @@ struct Job {
     ended_at: Option<Instant>,
     /// The finished job went into the results cache (which now owns its directory).
     kept: bool,
+    /// Released as soon as ComfyUI is free again: before a `result` or `error` goes out
+    /// (so the worker reports ready when the reader sees the end), else when the task ends.
+    slot: Option<Slot>,
 }
 
 async fn execute(run: JobRun) {
@@ -198,6 +201,7 @@ async fn execute(run: JobRun) {
         started_at: None,
         ended_at: None,
         kept: false,
+        slot: Some(slot),
     };
     tracing::info!(job = %id, attempt = req.attempt.unwrap_or(1), "job accepted");
     let accepted = Event::Accepted {
@@ -222,7 +226,7 @@ async fn execute(run: JobRun) {
     if !job.kept {
         let _ = tokio::fs::remove_dir_all(&dir).await;
     }
-    drop(slot);
+    drop(job);
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -569,6 +573,8 @@ impl Job {
             _ => "other",
         };
         tracing::info!(job = %self.id, outcome, files = self.delivered.len(), "job finished");
+        // ComfyUI is done with it and its directory is the cache's (each run has its own).
+        self.slot.take();
         self.finish(ev).await;
     }
 
@@ -838,7 +844,8 @@ pub(crate) fn spawn_replay(
     tx: mpsc::Sender<Event>,
     chunk: usize,
 ) {
-    tokio::spawn(async move {
+    let job_id = done.job_id.clone();
+    let task = tokio::spawn(async move {
         let id = done.job_id.clone();
         tracing::info!(job = %id, "replaying a finished job");
         let send = |ev: Event| {
@@ -875,6 +882,13 @@ pub(crate) fn spawn_replay(
             }
         }
         let _ = tx.send(done.final_event.clone()).await;
+    });
+    // Supervised: a failure is logged; the stream then ends without a final event and
+    // the reader retries.
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            tracing::error!(job = %job_id, error = %e, "replay task failed");
+        }
     });
 }
 

@@ -73,6 +73,8 @@ pub(crate) struct Shared {
     /// Job ids sent to this ComfyUI already (a rerun gets a fresh ComfyUI prompt id).
     pub submitted: Mutex<std::collections::HashSet<String>>,
     pub reruns: AtomicU64,
+    /// Numbers each run's directory.
+    pub run_seq: AtomicU64,
     pub probe: reqwest::Client,
 }
 
@@ -190,15 +192,38 @@ pub async fn serve(
         warmup,
         submitted: Mutex::new(Default::default()),
         reruns: AtomicU64::new(0),
+        run_seq: AtomicU64::new(1),
         probe,
     });
 
     let supervisor_stop = CancellationToken::new();
-    let supervisor = tokio::spawn(comfy::supervise(
-        shared.clone(),
-        comfy_cmd,
-        supervisor_stop.clone(),
-    ));
+    // If the supervisor itself fails (a bug), it is logged and started again.
+    let supervisor = {
+        let shared = shared.clone();
+        let stop = supervisor_stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let run = tokio::spawn(comfy::supervise(
+                    shared.clone(),
+                    comfy_cmd.clone(),
+                    stop.clone(),
+                ));
+                match run.await {
+                    Ok(()) if stop.is_cancelled() => return,
+                    Ok(()) => {
+                        tracing::error!("ComfyUI supervisor ended unexpectedly; restarting it")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "ComfyUI supervisor failed; restarting it")
+                    }
+                }
+                shared.set_comfy(health::Comfy::Down(
+                    "the worker restarts its ComfyUI supervisor".into(),
+                ));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
 
     {
         let shared = shared.clone();
