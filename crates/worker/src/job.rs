@@ -229,9 +229,10 @@ async fn execute(run: JobRun) {
     drop(job);
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task that ends with its owner.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -354,9 +355,12 @@ impl Job {
         };
         let (btx, mut brx) = mpsc::channel(256);
         let (itx, irx) = watch::channel(false);
+        // Its own task: ComfyUI's side goes on while outputs are being sent.
         let shared = self.shared.clone();
-        let run = shared.comfy.run(spec, btx, irx);
-        tokio::pin!(run);
+        let mut run = AbortOnDrop(tokio::spawn(async move {
+            let res = shared.comfy.run(spec, btx, irx).await;
+            (Instant::now(), res)
+        }));
         let mut outcome: Option<Result<Outcome, BackendError>> = None;
         let stopped = loop {
             let abort = wait_abort(self.aborted.clone());
@@ -364,22 +368,27 @@ impl Job {
             tokio::select! {
                 biased;
                 s = abort => break Some(s),
+                done = &mut run.0, if outcome.is_none() => {
+                    let (at, res) = done.unwrap_or_else(|e| {
+                        (Instant::now(), Err(BackendError::Protocol(format!("the ComfyUI task failed: {e}"))))
+                    });
+                    self.ended_at = Some(at);
+                    outcome = Some(res);
+                }
                 // Gone before ComfyUI finished: stop the job. After: keep its result.
                 _ = client_gone, if outcome.is_none() => break Some(Stop::ClientGone),
                 ev = brx.recv() => match ev {
                     Some(ev) => match self.on_event(ev).await {
                         Ok(()) => {}
-                        Err(Stop::ClientGone) if outcome.is_some() => self.out = None,
+                        Err(Stop::ClientGone) if outcome.is_some() || run.0.is_finished() => {
+                            self.out = None;
+                        }
                         Err(s) => break Some(s),
                     },
                     // The run is over and every event of it was handled.
                     None if outcome.is_some() => break None,
                     None => {}
                 },
-                res = &mut run, if outcome.is_none() => {
-                    self.ended_at = Some(Instant::now());
-                    outcome = Some(res);
-                }
             }
         };
         if let Some(stop) = stopped {
@@ -389,7 +398,7 @@ impl Job {
             if outcome.is_none() {
                 let wind_down = async {
                     let drain = async { while brx.recv().await.is_some() {} };
-                    tokio::join!(&mut run, drain)
+                    tokio::join!(&mut run.0, drain)
                 };
                 let _ = tokio::time::timeout(WIND_DOWN, wind_down).await;
             }

@@ -29,7 +29,9 @@ async fn moto() -> Moto {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = Command::new("python3")
+    // The Python that scripts/install-test-deps.sh installed moto into.
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let child = Command::new(python)
         .args([
             "-m",
             "moto.server",

@@ -512,3 +512,32 @@ async fn a_dropped_comfyui_websocket_does_not_lose_the_job() {
     assert_eq!(all.last().unwrap()["type"], "result", "{:?}", all.last());
     assert_eq!(inline_files(&all).len(), 1);
 }
+
+#[tokio::test]
+async fn a_client_leaving_after_comfyui_finished_still_gets_the_result_on_retry() {
+    let sim = sim(5).await;
+    // 2600x2600 noise: about 20 MB inline, far more than the socket buffers hold.
+    std::fs::write(sim.input_dir().join("n.png"), noise_png(2600, 2600)).unwrap();
+    let w = start_worker(args(&sim.url())).await;
+    wait_health(&w.url, "ready", Duration::from_secs(30)).await;
+    let body = run_body("late-1", resave("n.png", "late"));
+    let mut events = Events::new(post_run(&w.url, &body).await);
+    events.until("output_chunk").await;
+    // ComfyUI is done with it (the output exists); the reader goes away mid-delivery.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sim.state().jobs_succeeded == 0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(events);
+    wait_health(&w.url, "ready", Duration::from_secs(30)).await;
+
+    // The retry is answered from what the worker kept; ComfyUI did not run it again.
+    let again = Events::new(post_run(&w.url, &body).await).rest().await;
+    assert_eq!(again[0]["replay"], true, "{:?}", again[0]);
+    assert_eq!(again.last().unwrap()["type"], "result");
+    let files = inline_files(&again);
+    assert!(files.values().next().unwrap().len() > 15_000_000);
+    assert_eq!(sim.state().prompts_received, 1);
+}
