@@ -716,3 +716,60 @@ async fn the_management_api_token_status_replicas_and_prices() {
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test]
+async fn a_replica_that_outlives_its_grace_is_killed_with_its_comfyui() {
+    // The worker would wait 20 s before aborting; the grace here is 0.5 s.
+    let p = provider(&[
+        "--deployment",
+        "h200-on-demand:max_replicas=1,cold_start_ms=0,scale_down_delay_ms=300,grace_ms=500",
+        "--step-ms",
+        "100",
+    ])
+    .await;
+    let mut s = Reframed::new(run(&p, "h200-on-demand", &job("k-1", 300)).await);
+    let seen = s.until("started").await;
+    let replica = seen[0]["worker"].as_str().unwrap().to_owned();
+    let state: Value = client()
+        .get(format!("{}/_emulator/state", p.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let worker_pid = state["deployments"][0]["replicas"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    let children = std::fs::read_dir(format!("/proc/{worker_pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .map(|p| p.parse::<u64>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(children.len(), 1, "the worker runs its ComfyUI");
+
+    let rest = s.rest().await;
+    assert!(final_of(&rest).is_none(), "SIGKILL leaves no final event");
+    wait_event(&p, &replica, "exited").await;
+    let log: Vec<String> = lifecycle(&p)
+        .await
+        .into_iter()
+        .filter(|(r, _)| *r == replica)
+        .map(|(_, e)| e)
+        .collect();
+    let pos = |e: &str| log.iter().position(|x| x == e).unwrap();
+    assert!(
+        pos("sigterm") < pos("sigkill") && pos("sigkill") < pos("exited"),
+        "{log:?}"
+    );
+    // Nothing of the replica is left running.
+    for pid in [worker_pid, children[0]] {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(stat.is_empty() || stat.contains(") Z "), "{pid} still runs");
+    }
+}

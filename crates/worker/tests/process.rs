@@ -192,3 +192,81 @@ async fn sigterm_mid_job_gives_aborted_within_the_configured_grace_then_exit() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn logs_are_json_lines_without_secrets() {
+    let sim = sim(5).await;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_comfyume-worker"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env_clear()
+        .env("COMFYUI_URL", sim.url())
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "debug")
+        .env("WORKER_TOKEN", "tok-SECRET-1")
+        .env("OUTPUT_STORE_ENDPOINT", "http://127.0.0.1:9")
+        .env("OUTPUT_STORE_BUCKET", "b")
+        .env("OUTPUT_STORE_ACCESS_KEY_ID", "ID-SECRET-2")
+        .env("OUTPUT_STORE_SECRET_ACCESS_KEY", "KEY-SECRET-3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = out
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .strip_prefix("comfyume-worker listening on ")
+        .unwrap()
+        .to_owned();
+    let stderr = child.stderr.take().unwrap();
+    let logs = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut all = Vec::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            all.push(l);
+        }
+        all
+    });
+    wait_health(&url, "ready", Duration::from_secs(30)).await;
+    let c = client();
+    let mut body = run_body("log-1", nomodel("l"));
+    body["extra_data"]["api_key_comfy_org"] = "COMFY-SECRET-4".into();
+    let r = c
+        .post(format!("{url}/run"))
+        .bearer_auth("wrong-SECRET-5")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = c
+        .post(format!("{url}/run"))
+        .header("x-worker-token", "tok-SECRET-1")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        Events::new(r).rest().await.last().unwrap()["type"],
+        "result"
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id().unwrap() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().await.unwrap().success());
+    let lines = logs.await.unwrap();
+    assert!(lines.len() > 5, "{lines:?}");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
+        assert!(
+            v.get("level").is_some() && v.get("message").is_some(),
+            "{l}"
+        );
+        assert!(!l.contains("SECRET"), "a secret in the logs: {l}");
+    }
+}
