@@ -90,6 +90,9 @@ pub struct Args {
     /// Inline input bytes (decoded) one request may carry.
     #[arg(long, env = "WORKER_MAX_INPUT_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_input_bytes: u64,
+    /// Largest input taken from the object store by key.
+    #[arg(long, env = "WORKER_MAX_STORED_INPUT_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_stored_input_bytes: u64,
     /// At most one image preview per this many ms; 0 sends none.
     #[arg(long, env = "WORKER_PREVIEW_INTERVAL_MS", default_value_t = 500)]
     pub preview_interval_ms: u64,

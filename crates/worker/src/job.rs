@@ -311,7 +311,7 @@ impl Job {
                 "inputs by store_key need an output store".into(),
             ));
         };
-        let limit = self.shared.args.max_input_bytes.max(1) * 16;
+        let limit = self.shared.args.max_stored_input_bytes;
         for (i, (name, key)) in stored.iter().enumerate() {
             let local = dir.join("input").join(format!("s{i}"));
             if let Some(parent) = local.parent() {
