@@ -24,6 +24,12 @@ impl Drop for Moto {
     }
 }
 
+impl Moto {
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
 async fn moto() -> Moto {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -174,5 +180,7 @@ async fn a_50_mb_output_goes_through_the_store_in_constant_memory() {
     assert_eq!(replayed["store"]["key"], key);
     assert_eq!(again.last(), all.last());
     assert_eq!(sim.state().prompts_received, 2);
-    let _ = child.start_kill();
+    // Killed and reaped here: nothing is left behind when the test process ends.
+    child.kill().await.unwrap();
+    s3.stop().await;
 }
