@@ -7,6 +7,7 @@
 //! * [`limits`]: bounds on one `POST /prompt` (nodes, `extra_data`, `prompt_id`).
 //! * [`redact`]: server paths cut out of job errors shown to participants.
 //! * [`backend`]: parsing what a ComfyUI server sends on its WebSocket.
+//! * [`worker`]: the worker protocol (`docs/worker-protocol.md`) and SSE framing.
 
 mod py;
 
@@ -17,6 +18,7 @@ pub mod redact;
 pub mod sensitive;
 pub mod shapes;
 pub mod validate;
+pub mod worker;
 
 pub use backend::{BackendMessage, BackendMessageError, parse_backend_message};
 pub use limits::{PromptLimits, check_prompt_request, is_uuid};
