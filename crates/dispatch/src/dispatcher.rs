@@ -857,23 +857,30 @@ impl Relay {
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
                 if kind == "execution_start" {
+                    // Recorded beside the relay, not before it: the participant's
+                    // progress never waits for a disk write. (The outcome's own
+                    // `execution_start` sets the start time again if this is lost.)
                     let at = v["data"]["timestamp"].as_i64().unwrap_or_else(now_ms);
-                    let res = queue
-                        .store()
-                        .transition(
-                            &self.id,
-                            &[JobState::Dispatched, JobState::Running],
-                            JobState::Running,
-                            JobPatch {
-                                started_at_ms: Some(at),
-                                ..Default::default()
-                            },
-                        )
-                        .await;
-                    if let Err(e) = res {
-                        tracing::warn!(job_id = %self.id, user = %user, error = %e, "could not record that the job started");
-                    }
-                    queue.broadcast_status(user).await;
+                    let (queue, id, user) = (queue.clone(), self.id.clone(), user.to_string());
+                    tokio::spawn(async move {
+                        let res = queue
+                            .store()
+                            .transition(
+                                &id,
+                                &[JobState::Dispatched, JobState::Running],
+                                JobState::Running,
+                                JobPatch {
+                                    started_at_ms: Some(at),
+                                    ..Default::default()
+                                },
+                            )
+                            .await;
+                        if let Err(e) = res {
+                            tracing::warn!(job_id = %id, user = %user, error = %e, "could not record that the job started");
+                        }
+                    });
+                    // ComfyUI's order: its queue's `status` before `execution_start`.
+                    self.queue.broadcast_status(&self.user).await;
                 }
                 self.ended |= is_end_message(kind);
                 // As ComfyUI routes them (ws_observer.txt): to the submitting
