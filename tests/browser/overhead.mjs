@@ -31,6 +31,9 @@ const TEMPLATES_DIR = env.TEMPLATES_DIR
 const workflow = JSON.parse(readFileSync(path.join(TEMPLATES_DIR, `${TEMPLATE}.json`), 'utf8'));
 const DIRECT = env.DIRECT_URL.replace(/\/+$/, '');
 
+/** Every run's phases, by path. */
+const phases = { direct: [], comfyume: [] };
+
 let nextSeed = Number(env.SEED_BASE || Date.now() % 1_000_000_000);
 
 /** The template with a seed no run used before (on every seed widget it has). */
@@ -49,11 +52,15 @@ function freshGraph() {
 
 async function prepare(page) {
   await page.evaluate(() => {
-    window.__bench = { clickedAt: null, shownAt: null, file: null };
+    window.__bench = { clickedAt: null, shownAt: null, file: null, startAt: null, executedAt: null };
     document.addEventListener('pointerdown', () => (window.__bench.clickedAt ??= performance.now()), { capture: true });
+    window.comfyAPI.api.api.addEventListener('execution_start', () => (window.__bench.startAt ??= performance.now()));
     window.comfyAPI.api.api.addEventListener('executed', (e) => {
       const img = e.detail?.output?.images?.[0];
-      if (img) window.__bench.file = img.filename;
+      if (img) {
+        window.__bench.file = img.filename;
+        window.__bench.executedAt ??= performance.now();
+      }
     });
   });
 }
@@ -65,8 +72,7 @@ async function once(page, label) {
   if (!save) fail(`${TEMPLATE} has no SaveImage node`);
   await page.evaluate(async (g) => {
     await window.app.loadGraphData(g);
-    window.__bench.clickedAt = null;
-    window.__bench.file = null;
+    Object.assign(window.__bench, { clickedAt: null, file: null, startAt: null, executedAt: null });
   }, graph);
   await page.getByRole('button', { name: 'Run', exact: true }).click();
   try {
@@ -90,12 +96,19 @@ async function once(page, label) {
   }
   const r = await page.evaluate(() => {
     const b = window.__bench;
-    const ms = b.shownAt - b.clickedAt;
+    const out = {
+      total: b.shownAt - b.clickedAt,
+      // Phases, each from the previous mark: Run -> execution_start -> executed -> image shown.
+      to_start: b.startAt - b.clickedAt,
+      to_executed: b.executedAt - b.startAt,
+      to_shown: b.shownAt - b.executedAt,
+    };
     b.shownAt = null;
-    return ms;
+    return out;
   });
-  if (!(r > 0)) fail(`${label}: no pointer press was seen before the result`);
-  return r;
+  if (!(r.total > 0)) fail(`${label}: no pointer press was seen before the result`);
+  phases[label].push(r);
+  return r.total;
 }
 
 const median = (xs) => {
@@ -135,4 +148,11 @@ runStory(async (browser, summary) => {
   summary.median_ratio = median(pairs.map((p) => p.ratio));
   summary.median_direct_ms = median(pairs.map((p) => p.direct));
   summary.median_comfyume_ms = median(pairs.map((p) => p.comfyume));
+  // Warm-up runs excluded: the last PAIRS runs of each path.
+  summary.phases = Object.fromEntries(
+    Object.entries(phases).map(([k, runs]) => [
+      k,
+      Object.fromEntries(['to_start', 'to_executed', 'to_shown'].map((f) => [f, median(runs.slice(-PAIRS).map((r) => r[f]))])),
+    ]),
+  );
 });

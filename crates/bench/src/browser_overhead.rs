@@ -38,6 +38,7 @@ pub async fn run(a: Args) -> Result<()> {
     let script = common::absolute(&a.script)?;
     common::print_machine();
     let mut rows = Vec::new();
+    let mut phase_rows = Vec::new();
     let mut runs = Vec::new();
     for r in 0..a.runs {
         let out = one_run(&a, &bin, &frontend, &script).await?;
@@ -58,7 +59,22 @@ pub async fn run(a: Args) -> Result<()> {
             format!("{:+.1} ms", through - direct),
             pairs.join(" "),
         ]);
-        runs.push(json!({"median_ratio": ratio, "median_direct_ms": direct, "median_comfyume_ms": through, "pairs": out["pairs"]}));
+        let phase = |path: &str| {
+            let p = &out["phases"][path];
+            let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                f("to_start"),
+                f("to_executed"),
+                f("to_shown")
+            )
+        };
+        phase_rows.push(vec![
+            format!("{}", r + 1),
+            phase("direct"),
+            phase("comfyume"),
+        ]);
+        runs.push(json!({"median_ratio": ratio, "median_direct_ms": direct, "median_comfyume_ms": through, "pairs": out["pairs"], "phases": out["phases"]}));
     }
     common::print_table(
         &format!(
@@ -74,6 +90,11 @@ pub async fn run(a: Args) -> Result<()> {
             "pair ratios",
         ],
         &rows,
+    );
+    common::print_table(
+        "Where the time goes (medians, ms): Run -> execution_start / -> executed / -> image shown",
+        &["run", "straight", "through serve"],
+        &phase_rows,
     );
     println!(
         "{}",
