@@ -4,6 +4,7 @@
 //! * [`validate`]: `POST /prompt` validation with ComfyUI's exact error bodies.
 //! * [`sensitive`]: the `extra_data` keys kept out of queue/history views.
 //! * [`shapes`]: queue, history, jobs and WebSocket message builders.
+//! * [`worker`]: the worker protocol (`docs/worker-protocol.md`) and SSE framing.
 
 mod py;
 
@@ -11,6 +12,7 @@ pub mod object_info;
 pub mod sensitive;
 pub mod shapes;
 pub mod validate;
+pub mod worker;
 
 pub use object_info::{
     FileKind, InputCategory, InputKind, InputSpec, NumberSpec, ObjectInfo, ObjectInfoError,
