@@ -54,6 +54,21 @@ pub const PER_ENDPOINT: &[&str] = &[
     "SERVERLESS_DEPLOYMENT_",
 ];
 
+/// Every variable `.env.example` must list: [`ENV_VARS`], and each per-endpoint
+/// family for the four seeded endpoints.
+pub fn documented_vars() -> Vec<String> {
+    let mut out: Vec<String> = ENV_VARS.iter().map(|s| s.to_string()).collect();
+    for family in PER_ENDPOINT {
+        for (name, _) in DEFAULT_PRICES {
+            let v = format!("{family}{}", env_suffix(name));
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+    }
+    out
+}
+
 /// Default prices, EUR per replica-hour (what a third party paid in Feb 2026).
 pub const DEFAULT_PRICES: &[(&str, f64)] = &[
     ("h200-spot", 0.97),
