@@ -50,8 +50,6 @@ pub enum InputSource<'a> {
 pub enum RequestError {
     #[error("job_id must be 1 to {MAX_JOB_ID_LEN} characters of A-Z a-z 0-9 - _ . :")]
     BadJobId,
-    #[error("X-Inference-Id ({header}) differs from job_id ({job_id})")]
-    InferenceIdMismatch { header: String, job_id: String },
     #[error("prompt must be an object of nodes")]
     BadPrompt,
     #[error("extra_data must be an object")]
@@ -71,18 +69,11 @@ pub enum RequestError {
 }
 
 impl RunRequest {
-    /// Checks everything that needs no I/O. `inference_id` is the `X-Inference-Id` header.
-    pub fn validate(&self, inference_id: Option<&str>) -> Result<(), RequestError> {
+    /// Checks everything that needs no I/O. The body's `job_id` is the job's identity;
+    /// an `X-Inference-Id` header is not checked against it (a gateway may set its own).
+    pub fn validate(&self) -> Result<(), RequestError> {
         if !valid_job_id(&self.job_id) {
             return Err(RequestError::BadJobId);
-        }
-        if let Some(h) = inference_id.map(str::trim).filter(|h| !h.is_empty())
-            && h != self.job_id
-        {
-            return Err(RequestError::InferenceIdMismatch {
-                header: h.chars().take(MAX_JOB_ID_LEN).collect(),
-                job_id: self.job_id.clone(),
-            });
         }
         match &self.prompt {
             Value::Object(nodes) if !nodes.is_empty() => {}
@@ -461,13 +452,7 @@ mod tests {
     #[test]
     fn a_minimal_request_is_valid() {
         let r = request(json!({"job_id": "j-1", "prompt": {"1": {}}}));
-        assert_eq!(r.validate(None), Ok(()));
-        assert_eq!(r.validate(Some("j-1")), Ok(()));
-        assert_eq!(r.validate(Some("")), Ok(()));
-        assert!(matches!(
-            r.validate(Some("other")),
-            Err(RequestError::InferenceIdMismatch { .. })
-        ));
+        assert_eq!(r.validate(), Ok(()));
     }
 
     #[test]
@@ -476,7 +461,7 @@ mod tests {
         let with = |k: &str, v: Value| {
             let mut b = base.clone();
             b[k] = v;
-            request(b).validate(None)
+            request(b).validate()
         };
         assert_eq!(with("job_id", json!("")), Err(RequestError::BadJobId));
         assert_eq!(with("job_id", json!("../x")), Err(RequestError::BadJobId));

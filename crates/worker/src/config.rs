@@ -52,7 +52,8 @@ pub struct Args {
     /// `{port}` in it is replaced by a free local port.
     #[arg(long, env = "COMFYUI_CMD")]
     pub comfyui_cmd: Option<String>,
-    /// Token required on /run and /object_info (X-Worker-Token or Authorization: Bearer).
+    /// Token required on /run and /object_info (X-Worker-Token or Authorization: Bearer);
+    /// also from WORKER_TOKEN_FILE.
     #[arg(long, env = "WORKER_TOKEN", hide_env_values = true)]
     pub token: Option<Secret>,
     /// An API-format workflow run once before the worker reports ready (again after a
@@ -113,12 +114,16 @@ pub struct Args {
     /// S3-compatible store for large outputs and stored inputs: endpoint URL.
     #[arg(long, env = "OUTPUT_STORE_ENDPOINT")]
     pub store_endpoint: Option<String>,
+    /// The store's bucket.
     #[arg(long, env = "OUTPUT_STORE_BUCKET")]
     pub store_bucket: Option<String>,
+    /// The store's region (`auto` for Cloudflare R2).
     #[arg(long, env = "OUTPUT_STORE_REGION", default_value = "auto")]
     pub store_region: String,
+    /// Access key id (also from OUTPUT_STORE_ACCESS_KEY_ID_FILE).
     #[arg(long, env = "OUTPUT_STORE_ACCESS_KEY_ID", hide_env_values = true)]
     pub store_access_key_id: Option<Secret>,
+    /// Secret access key (also from OUTPUT_STORE_SECRET_ACCESS_KEY_FILE).
     #[arg(long, env = "OUTPUT_STORE_SECRET_ACCESS_KEY", hide_env_values = true)]
     pub store_secret_access_key: Option<Secret>,
     /// Key prefix of uploaded outputs (`<prefix><job id>/<file>`).

@@ -174,8 +174,15 @@ async fn run(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Body) 
         }
     };
     drop(bytes);
-    let inference_id = headers.get("x-inference-id").and_then(|v| v.to_str().ok());
-    if let Err(e) = req.validate(inference_id) {
+    if let Some(other) = headers
+        .get("x-inference-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| *h != req.job_id)
+    {
+        // A gateway may set its own request id; the body's job_id is what counts.
+        tracing::debug!(job = %req.job_id, inference_id = other, "X-Inference-Id differs from job_id");
+    }
+    if let Err(e) = req.validate() {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_request",

@@ -360,13 +360,14 @@ impl Job {
             tokio::select! {
                 biased;
                 s = abort => break Some(s),
-                _ = client_gone => break Some(Stop::ClientGone),
+                // Gone before ComfyUI finished: stop the job. After: keep its result.
+                _ = client_gone, if outcome.is_none() => break Some(Stop::ClientGone),
                 ev = brx.recv() => match ev {
-                    Some(ev) => {
-                        if let Err(s) = self.on_event(ev).await {
-                            break Some(s);
-                        }
-                    }
+                    Some(ev) => match self.on_event(ev).await {
+                        Ok(()) => {}
+                        Err(Stop::ClientGone) if outcome.is_some() => self.out = None,
+                        Err(s) => break Some(s),
+                    },
                     // The run is over and every event of it was handled.
                     None if outcome.is_some() => break None,
                     None => {}
@@ -686,7 +687,21 @@ impl Job {
         let kept = if self.inline_bytes.saturating_add(size) <= args.inline_max_bytes {
             self.inline_bytes += size;
             let chunk = usize::try_from(args.chunk_bytes).unwrap_or(196_608);
-            let sha256 = send_inline(self, file, &path, size, chunk).await?;
+            let sha256 = match send_inline(self, file, &path, size, chunk).await {
+                Ok(sha) => sha,
+                // Nobody listens any more: the file is still recorded, so a finished job
+                // is kept for a retry all the same.
+                Err(Stop::ClientGone) => {
+                    self.out = None;
+                    hash_file(&path).await.map_err(|e| {
+                        Stop::Abort(
+                            AbortReason::Internal,
+                            format!("output {} could not be read: {e}", file.filename),
+                        )
+                    })?
+                }
+                Err(e) => return Err(e),
+            };
             KeptFile {
                 file: file.clone(),
                 size,
@@ -720,7 +735,11 @@ impl Job {
                 sha256: sha256.clone(),
                 store: store_ref.clone(),
             };
-            self.send(ev).await?;
+            match self.send(ev).await {
+                Ok(()) => {}
+                Err(Stop::ClientGone) => self.out = None,
+                Err(e) => return Err(e),
+            }
             // Stored: the local copy is not needed for a replay.
             let _ = tokio::fs::remove_file(&path).await;
             KeptFile {
@@ -743,6 +762,20 @@ impl Job {
         self.by_ref.insert(file.clone(), self.delivered.len());
         self.delivered.push(kept);
         Ok(())
+    }
+}
+
+/// SHA-256 (hex) of a file, read piece by piece.
+async fn hash_file(path: &Path) -> std::io::Result<String> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(hex::encode(hash.finalize()));
+        }
+        hash.update(&buf[..n]);
     }
 }
 

@@ -210,6 +210,16 @@ pub async fn serve(
         });
     }
 
+    // Kept results leave the disk when they are too old, requests or not.
+    let sweeper = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                shared.lock().results.sweep(tokio::time::Instant::now());
+            }
+        })
+    };
     let drained = {
         let shared = shared.clone();
         async move {
@@ -233,6 +243,7 @@ pub async fn serve(
         _ = hard_limit => tracing::warn!("streams still open after the grace; exiting anyway"),
     }
 
+    sweeper.abort();
     supervisor_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(10), supervisor).await {
         Ok(Ok(())) => {}

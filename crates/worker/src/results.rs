@@ -79,6 +79,12 @@ impl Results {
         self.expire(now);
     }
 
+    /// Drops what is too old (run periodically, so kept outputs leave the disk even
+    /// when no request comes).
+    pub fn sweep(&mut self, now: Instant) {
+        self.expire(now);
+    }
+
     fn expire(&mut self, now: Instant) {
         while let Some((at, f)) = self.entries.front() {
             let too_old = now.saturating_duration_since(*at) > self.max_age;
@@ -133,6 +139,9 @@ mod tests {
         // Age: b is older than 10 s at t0+16.
         assert!(r.get("b", t0 + Duration::from_secs(16)).is_none());
         assert!(r.get("c", t0 + Duration::from_secs(16)).is_some());
+        r.sweep(t0 + Duration::from_secs(17));
+        assert_eq!(r.len(), 0, "c is older than 10 s now");
+        r.insert(finished("c", 40, None), t0 + Duration::from_secs(6));
         // Larger than the whole budget: not kept.
         r.insert(finished("huge", 101, None), t0 + Duration::from_secs(16));
         assert!(r.get("huge", t0 + Duration::from_secs(16)).is_none());

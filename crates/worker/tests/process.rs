@@ -83,7 +83,7 @@ async fn spawn_worker(envs: &[(&str, String)]) -> WorkerProcess {
 }
 
 fn sim_cmd(step_ms: u64) -> String {
-    let sim = workspace_bin("comfyume-sim", "comfyume-sim");
+    let sim = workspace_bin("comfyume-sim", "comfyume-sim", &["sim", "wire"]);
     format!(
         "{} --listen 127.0.0.1:{{port}} --step-ms {step_ms}",
         sim.display()
