@@ -11,7 +11,8 @@ use comfyume_wire::worker::{FileRef, StoreRef};
 use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use tokio::io::AsyncReadExt;
 use sha2::{Digest, Sha256};
 
 use crate::config::StoreConfig;
@@ -164,6 +165,79 @@ impl ObjectFetcher {
         }
     }
 
+    /// Where a job's input goes when it is too large to send inline.
+    pub fn input_key(&self, job_id: &str, name: &str) -> String {
+        format!("{}inputs/{job_id}/{name}", self.prefix)
+    }
+
+    /// Uploads a local file as `key`, read from disk piece by piece (multipart above
+    /// S3's smallest part): never whole in memory.
+    pub async fn put_file(&self, key: &str, path: &std::path::Path) -> Result<u64, FileError> {
+        let secs = self.timeout.as_secs();
+        tokio::time::timeout(self.timeout, self.put_inner(key, path))
+            .await
+            .map_err(|_| FileError::Local(format!("output store: no answer within {secs} s")))?
+    }
+
+    async fn put_inner(&self, key: &str, path: &std::path::Path) -> Result<u64, FileError> {
+        const PART: usize = 8 * 1024 * 1024;
+        let local = |e: String| FileError::Local(format!("input {key}: {e}"));
+        let location = ObjectPath::from(key);
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| local(e.to_string()))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| local(e.to_string()))?
+            .len();
+        if len < PART as u64 {
+            let mut data = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut data)
+                .await
+                .map_err(|e| local(e.to_string()))?;
+            self.inner
+                .put(&location, PutPayload::from(data))
+                .await
+                .map_err(|e| local(e.to_string()))?;
+            return Ok(len);
+        }
+        let upload = self
+            .inner
+            .put_multipart(&location)
+            .await
+            .map_err(|e| local(e.to_string()))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut size = 0u64;
+        let res: Result<(), FileError> = async {
+            loop {
+                let n = file.read(&mut buf).await.map_err(|e| local(e.to_string()))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                size += n as u64;
+                writer
+                    .wait_for_capacity(2)
+                    .await
+                    .map_err(|e| local(e.to_string()))?;
+                writer.write(&buf[..n]);
+            }
+        }
+        .await;
+        match res {
+            Ok(()) => {
+                writer.finish().await.map_err(|e| local(e.to_string()))?;
+                Ok(size)
+            }
+            Err(e) => {
+                // Parts left behind are billed.
+                let _ = writer.abort().await;
+                Err(e)
+            }
+        }
+    }
+
     /// Only keys the worker may have written for this job: our bucket, under
     /// `<prefix><job id>/` (a worker cannot make us fetch another job's file).
     pub fn check(&self, store: &StoreRef, job_id: &str) -> Result<(), FileError> {
@@ -269,7 +343,6 @@ impl ObjectFetcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use object_store::PutPayload;
     use object_store::memory::InMemory;
 
     fn fref(name: &str) -> FileRef {
@@ -323,6 +396,23 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names, ["a.png"]);
+    }
+
+    #[tokio::test]
+    async fn inputs_go_up_in_pieces() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = Arc::new(InMemory::new());
+        let f = ObjectFetcher::with_store(mem.clone(), "bucket", "outputs/");
+        for len in [10usize, 8 * 1024 * 1024 + 77] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let src = dir.path().join("in.bin");
+            std::fs::write(&src, &data).unwrap();
+            let key = f.input_key("job1", "clips/in.bin");
+            assert_eq!(key, "outputs/inputs/job1/clips/in.bin");
+            assert_eq!(f.put_file(&key, &src).await.unwrap(), len as u64);
+            let back = mem.get(&ObjectPath::from(key.as_str())).await.unwrap();
+            assert_eq!(back.bytes().await.unwrap().as_ref(), &data[..]);
+        }
     }
 
     #[tokio::test]

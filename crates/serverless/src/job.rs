@@ -81,27 +81,48 @@ impl<'a> Attempt<'a> {
         let _ = self.events.send(ev).await;
     }
 
-    /// The job's `POST /run` body, inputs inline.
+    /// The job's `POST /run` body: inputs inline, or, past the inline limit, through
+    /// the object store when one is configured.
     pub async fn request_body(&self) -> Result<Vec<u8>, BackendError> {
         let mut inputs = Vec::new();
         let mut total = 0u64;
+        let limit = self.b.cfg.max_inline_input_bytes;
         for f in &self.job.inputs {
-            let data = tokio::fs::read(&f.local).await.map_err(|e| {
+            let unreadable = |e: std::io::Error| {
                 BackendError::Rejected(error_body(
                     "input_unavailable",
                     &format!("cannot read input {}: {e}", f.name),
                 ))
-            })?;
-            total += data.len() as u64;
-            if total > self.b.cfg.max_inline_input_bytes {
-                return Err(BackendError::Rejected(error_body(
-                    "input_too_large",
-                    &format!(
-                        "the job's input files exceed {} MB (SERVERLESS_MAX_INLINE_INPUT_MB)",
-                        self.b.cfg.max_inline_input_bytes / (1024 * 1024)
-                    ),
-                )));
+            };
+            let len = tokio::fs::metadata(&f.local)
+                .await
+                .map_err(unreadable)?
+                .len();
+            if total + len > limit {
+                let Some(store) = &self.b.objects else {
+                    return Err(BackendError::Rejected(error_body(
+                        "input_too_large",
+                        &format!(
+                            "the job's input files exceed {} MB (SERVERLESS_MAX_INLINE_INPUT_MB) and no \
+                             OUTPUT_STORE_* is configured to send them through",
+                            limit / (1024 * 1024)
+                        ),
+                    )));
+                };
+                let key = store.input_key(&self.job.id, &f.name);
+                store
+                    .put_file(&key, &f.local)
+                    .await
+                    .map_err(|e| BackendError::Unreachable(e.to_string()))?;
+                inputs.push(RunInput {
+                    name: f.name.clone(),
+                    data_base64: None,
+                    store_key: Some(key),
+                });
+                continue;
             }
+            let data = tokio::fs::read(&f.local).await.map_err(unreadable)?;
+            total += data.len() as u64;
             inputs.push(RunInput {
                 name: f.name.clone(),
                 data_base64: Some(base64::engine::general_purpose::STANDARD.encode(&data)),
