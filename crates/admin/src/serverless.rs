@@ -21,10 +21,7 @@ type Handle = Option<Arc<ServerlessBackend>>;
 
 pub fn routes(serverless: Handle) -> Router<AppState> {
     Router::new()
-        .route(
-            "/admin/api/serverless",
-            get(overview).put(set_routing),
-        )
+        .route("/admin/api/serverless", get(overview).put(set_routing))
         .route("/admin/api/serverless/warmup", post(warmup))
         .route("/admin/api/costs", get(costs))
         .route("/api/comfyume/gpu", get(banner))
@@ -63,7 +60,9 @@ async fn set_routing(
         return not_serverless();
     };
     let Ok(b) = serde_json::from_slice::<RoutingBody>(&body) else {
-        return bad("expected {\"active\": \"h200-spot\", \"failover\": [\"h200-on-demand\", ...]}");
+        return bad(
+            "expected {\"active\": \"h200-spot\", \"failover\": [\"h200-on-demand\", ...]}",
+        );
     };
     match sl
         .set_routing(Routing {
@@ -110,11 +109,7 @@ async fn warmup(
     match sl.warmup(b.endpoint.as_deref()) {
         Ok(name) => {
             tracing::info!(instructor = %who.0, endpoint = %name, "warm-up asked for");
-            (
-                StatusCode::ACCEPTED,
-                Json(json!({"warming": name})),
-            )
-                .into_response()
+            (StatusCode::ACCEPTED, Json(json!({"warming": name}))).into_response()
         }
         Err(e) => bad(e.to_string()),
     }

@@ -29,8 +29,9 @@ impl comfyume_serverless::Host for ServerlessHost {
         };
         let mut to: std::collections::BTreeSet<String> = users.iter().cloned().collect();
         to.extend(state.queue.projected_order().into_iter().map(|(_, u)| u));
-        let msg = serde_json::json!({"type": "comfyume", "data": {"message": message, "gpu": true}})
-            .to_string();
+        let msg =
+            serde_json::json!({"type": "comfyume", "data": {"message": message, "gpu": true}})
+                .to_string();
         for u in to {
             state.queue.events().to_user(&u, &msg);
         }
@@ -130,9 +131,10 @@ async fn build_backends(
                 .clone()
                 .context("INFERENCE_MODE=serverless settings missing")?;
             let host = Arc::new(ServerlessHost::default());
-            let b = comfyume_serverless::ServerlessBackend::new(sl_cfg, store.clone(), host.clone())
-                .await
-                .context("the serverless backend")?;
+            let b =
+                comfyume_serverless::ServerlessBackend::new(sl_cfg, store.clone(), host.clone())
+                    .await
+                    .context("the serverless backend")?;
             let r = b.routing();
             tracing::info!(active = %r.active, failover = ?r.failover, "jobs run on serverless GPUs (INFERENCE_MODE=serverless)");
             println!("backend: serverless (active endpoint {})", r.active);

@@ -14,9 +14,8 @@ use helpers::PASSWORD;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 const ADMIN: &str = "teacher";
 
@@ -96,17 +95,25 @@ fn provider(args: &[&str]) -> Provider {
             &["worker", "comfyui", "wire"],
         ))
         .arg("--sim-bin")
-        .arg(workspace_bin("comfyume-sim", "comfyume-sim", &["sim", "wire"]))
+        .arg(workspace_bin(
+            "comfyume-sim",
+            "comfyume-sim",
+            &["sim", "wire"],
+        ))
         .arg("--data-dir")
         .arg(data.path())
         .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .process_group(0);
     let mut child = cmd.spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next().expect("the emulator prints its address").unwrap();
+    let first = lines
+        .next()
+        .expect("the emulator prints its address")
+        .unwrap();
     let url = first
         .strip_prefix("comfyume-provider listening on ")
         .unwrap()
@@ -127,6 +134,7 @@ fn client() -> reqwest::Client {
 /// simulator's node definitions (serve never asks a serverless endpoint for them).
 async fn prepare(dir: &Path, n: usize) {
     use comfyume_store::{MetaStore, Role, UserStore};
+    std::fs::create_dir_all(dir).unwrap();
     let store = comfyume_store::sqlite::SqliteStore::open(&dir.join("comfyume.db"))
         .await
         .unwrap();
@@ -199,7 +207,10 @@ fn serve(tmp: &Path, env: &[(&str, String)]) -> Serve {
 /// `h200-on-demand` (failover), its management API polled every second.
 fn emulator_env(p: &Provider) -> Vec<(&'static str, String)> {
     vec![
-        ("SERVERLESS_ENDPOINT_H200_SPOT", format!("{}/h200-spot", p.url)),
+        (
+            "SERVERLESS_ENDPOINT_H200_SPOT",
+            format!("{}/h200-spot", p.url),
+        ),
         (
             "SERVERLESS_ENDPOINT_H200_ON_DEMAND",
             format!("{}/h200-on-demand", p.url),
@@ -215,7 +226,13 @@ fn emulator_env(p: &Provider) -> Vec<(&'static str, String)> {
 }
 
 impl Serve {
-    async fn req(&self, user: &str, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    async fn req(
+        &self,
+        user: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut rb = client()
             .request(method, format!("http://{}{path}", self.addr))
             .basic_auth(user, Some(PASSWORD));
@@ -225,7 +242,10 @@ impl Serve {
         let r = rb.send().await.unwrap();
         let status = r.status().as_u16();
         let bytes = r.bytes().await.unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     async fn get(&self, user: &str, path: &str) -> Value {
@@ -376,9 +396,26 @@ async fn twenty_participants_through_a_cold_start_each_job_once() {
     // Everyone presses Run at once, on a GPU scaled to zero.
     let ids = futures_util::future::join_all(users.iter().enumerate().map(|(i, u)| {
         let s = &s;
-        async move { s.submit(u, &format!("tab-{u}"), &sampler(8, i as u64)).await }
+        async move {
+            s.submit(u, &format!("tab-{u}"), &sampler(8, i as u64))
+                .await
+        }
     }))
     .await;
+    // While the GPU starts, the banner says so.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = s.get("user020", "/api/comfyume/gpu").await;
+        if let Some(text) = b["gpu"].as_str() {
+            assert!(text.starts_with("GPU starting"), "{b}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cold start shown: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let all = futures_util::future::join_all(
         sockets
             .iter_mut()
@@ -422,7 +459,17 @@ async fn twenty_participants_through_a_cold_start_each_job_once() {
             .starts_with("your GPU time today"),
         "{banner}"
     );
-    assert_eq!(s.req("user001", reqwest::Method::GET, "/admin/api/serverless", None).await.0, 403);
+    assert_eq!(
+        s.req(
+            "user001",
+            reqwest::Method::GET,
+            "/admin/api/serverless",
+            None
+        )
+        .await
+        .0,
+        403
+    );
 }
 
 /// The admin API's state of one endpoint.
@@ -506,7 +553,10 @@ async fn spot_eviction_and_scale_down_mid_job_fail_over_and_run_once() {
     }
     let spot = endpoint(&s, "h200-spot").await;
     let od = endpoint(&s, "h200-on-demand").await;
-    assert_eq!(od["jobs"], 2, "both jobs finished on the failover endpoint: {od}");
+    assert_eq!(
+        od["jobs"], 2,
+        "both jobs finished on the failover endpoint: {od}"
+    );
     assert_eq!(spot["jobs"], 0, "{spot}");
     assert_eq!(spot["recent_errors"].as_array().unwrap().len(), 2, "{spot}");
     assert_eq!(od["role"], "failover 1");
@@ -561,7 +611,10 @@ async fn async_mode_end_to_end_and_the_routing_switch_without_a_restart() {
     prepare(&tmp.path().join("data"), 1).await;
     let mut env = emulator_env(&p);
     env.retain(|(k, _)| !k.contains("ON_DEMAND") && *k != "SERVERLESS_FAILOVER");
-    env.push(("SERVERLESS_ENDPOINT_B300_SPOT", format!("{}/b300-spot", p.url)));
+    env.push((
+        "SERVERLESS_ENDPOINT_B300_SPOT",
+        format!("{}/b300-spot", p.url),
+    ));
     env.push(("SERVERLESS_ASYNC", "1".into()));
     let s = serve(tmp.path(), &env);
     let mut ws = s.ws("user001", "tab").await;
@@ -641,7 +694,14 @@ async fn moto() -> Moto {
         .unwrap()
         .port();
     let child = std::process::Command::new("python3")
-        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-m",
+            "moto.server",
+            "-H",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -675,7 +735,12 @@ fn noise_png(w: u32, h: u32) -> Vec<u8> {
 fn peak_rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -683,7 +748,11 @@ async fn a_50_mb_input_and_output_go_through_the_object_store() {
     use std::io::BufRead;
     let s3 = moto().await;
     // The bucket, made through the S3 API (moto takes unsigned requests).
-    let r = client().put(format!("{}/outputs", s3.url)).send().await.unwrap();
+    let r = client()
+        .put(format!("{}/outputs", s3.url))
+        .send()
+        .await
+        .unwrap();
     assert!(r.status().is_success(), "{}", r.status());
     let store_env = [
         ("OUTPUT_STORE_ENDPOINT", s3.url.clone()),
@@ -785,7 +854,9 @@ async fn a_50_mb_input_and_output_go_through_the_object_store() {
     });
     let id = s.submit("user001", "tab", &prompt).await;
     let msgs = until_end(&mut ws, &id, 300).await;
-    let job = s.wait_job("user001", &id, &["completed", "failed"], 30).await;
+    let job = s
+        .wait_job("user001", &id, &["completed", "failed"], 30)
+        .await;
     assert_eq!(job["status"], "completed", "{job} {msgs:#?}");
     let peak = peak_rss(s.child.id());
 
@@ -801,7 +872,10 @@ async fn a_50_mb_input_and_output_go_through_the_object_store() {
         .await
         .unwrap();
     assert_eq!(stored.status(), 200, "{key}");
-    assert!(stored.bytes().await.unwrap() == local, "identical to the stored object");
+    assert!(
+        stored.bytes().await.unwrap() == local,
+        "identical to the stored object"
+    );
     // The input went through the store too.
     let r = client()
         .get(format!("{}/outputs/outputs/inputs/{id}/big.png", s3.url))

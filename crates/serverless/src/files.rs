@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
-use tokio::io::AsyncReadExt;
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
 
 use crate::config::StoreConfig;
 
@@ -212,7 +212,10 @@ impl ObjectFetcher {
         let mut size = 0u64;
         let res: Result<(), FileError> = async {
             loop {
-                let n = file.read(&mut buf).await.map_err(|e| local(e.to_string()))?;
+                let n = file
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| local(e.to_string()))?;
                 if n == 0 {
                     return Ok(());
                 }
