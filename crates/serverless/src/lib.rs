@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use comfyume_dispatch::{Backend, BackendError, JobSpec, Outcome};
-use comfyume_store::Store;
+use comfyume_store::MetaStore;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -106,7 +106,7 @@ pub struct ServerlessBackend {
     http: reqwest::Client,
     endpoints: Vec<Arc<Endpoint>>,
     routing: Mutex<Routing>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn MetaStore>,
     host: Arc<dyn Host>,
     manage: Option<manage::ManagementApi>,
     objects: Option<files::ObjectFetcher>,
@@ -131,7 +131,7 @@ impl ServerlessBackend {
     /// serve never probes a public endpoint at start.
     pub async fn new(
         cfg: ServerlessConfig,
-        store: Arc<dyn Store>,
+        store: Arc<dyn MetaStore>,
         host: Arc<dyn Host>,
     ) -> Result<Arc<Self>, ServerlessError> {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -545,7 +545,10 @@ fn replica_cost(u: &Usage, endpoint: &str, eur_per_hour: f64) -> (u64, f64) {
     (intervals, policy::interval_cost(intervals, eur_per_hour))
 }
 
-async fn read_meta<T: serde::de::DeserializeOwned>(store: &Arc<dyn Store>, key: &str) -> Option<T> {
+async fn read_meta<T: serde::de::DeserializeOwned>(
+    store: &Arc<dyn MetaStore>,
+    key: &str,
+) -> Option<T> {
     match store.get_meta(key).await {
         Ok(Some(e)) => match serde_json::from_str(&e.value) {
             Ok(v) => Some(v),
