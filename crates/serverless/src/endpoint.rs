@@ -18,8 +18,11 @@ const RECENT_ERRORS: usize = 10;
 pub const FAILING_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(60);
 /// A job ended here within this long: the endpoint counts as warm (no management API).
 const RECENTLY_SERVED_MS: i64 = 5 * 60 * 1000;
-/// Streams cut without a final event in a row before the provider's async mode is used.
-pub const CUTS_BEFORE_ASYNC: u32 = 2;
+/// Streams cut without a final event in a row before the provider's async mode is used
+/// (a spot eviction cuts one too, hence more than one).
+pub const CUTS_BEFORE_ASYNC: u32 = 3;
+/// How long an endpoint stays in async mode before streaming is tried again.
+pub const ASYNC_FALLBACK_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -33,6 +36,12 @@ pub struct ColdStart {
     /// When the first request that found the GPU cold was sent.
     pub began: Instant,
     pub began_ms: i64,
+}
+
+impl EpState {
+    pub fn async_fallback(&self) -> bool {
+        self.async_until.is_some_and(|t| Instant::now() < t)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,7 +65,8 @@ pub struct EpState {
     pub polled_at_ms: Option<i64>,
     pub last_served_ms: i64,
     pub stream_cuts: u32,
-    pub async_fallback: bool,
+    /// Async mode until then (streams kept being cut).
+    pub async_until: Option<Instant>,
     pub warming: bool,
 }
 
@@ -151,7 +161,7 @@ impl Endpoint {
             "in_flight": s.in_flight,
             "accepted": s.accepted,
             "max_in_flight": self.cfg.max_in_flight,
-            "mode": if s.async_fallback { "async" } else { "stream" },
+            "mode": if s.async_fallback() { "async" } else { "stream" },
             "passed_over": s.passed_over.as_ref().map(|(why, since)| json!({"reason": why, "since_ms": since})),
             "consecutive_failures": s.consecutive_failures,
             "recent_errors": s.recent_errors.iter().map(|(at, m)| json!({"at_ms": at, "error": m})).collect::<Vec<_>>(),

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::ServerlessBackend;
-use crate::endpoint::{CUTS_BEFORE_ASYNC, Endpoint, InFlight, now_ms};
+use crate::endpoint::{ASYNC_FALLBACK_FOR, CUTS_BEFORE_ASYNC, Endpoint, InFlight, now_ms};
 use crate::files::{FileError, Incoming};
 use crate::policy;
 
@@ -166,7 +166,7 @@ impl<'a> Attempt<'a> {
     /// Runs the attempt to its end.
     pub async fn run(&mut self, mut interrupt: watch::Receiver<bool>) -> Ended {
         let body = self.request_body().await?;
-        let async_mode = self.b.cfg.async_mode || self.ep.st().async_fallback;
+        let async_mode = self.b.cfg.async_mode || self.ep.st().async_fallback();
         for _ in 0..CONFLICT_TRIES {
             if *interrupt.borrow_and_update() {
                 return Ok(cancelled(&self.job.id));
@@ -370,10 +370,11 @@ impl<'a> Attempt<'a> {
         }
         let mut s = self.ep.st();
         s.stream_cuts += 1;
-        if s.stream_cuts >= CUTS_BEFORE_ASYNC && !s.async_fallback {
-            s.async_fallback = true;
-            tracing::warn!(endpoint = %self.ep.name(), cuts = s.stream_cuts,
-                "streams to this endpoint keep being cut; using the provider's async mode for it from now on");
+        if s.stream_cuts >= CUTS_BEFORE_ASYNC && !s.async_fallback() {
+            s.async_until = Some(Instant::now() + ASYNC_FALLBACK_FOR);
+            s.stream_cuts = 0;
+            tracing::warn!(endpoint = %self.ep.name(), minutes = ASYNC_FALLBACK_FOR.as_secs() / 60,
+                "streams to this endpoint keep being cut; using the provider's async mode for it for a while");
         }
     }
 

@@ -549,8 +549,8 @@ async fn an_interrupt_closes_the_stream_and_reports_interrupted() {
 
 #[tokio::test]
 async fn streams_that_keep_being_cut_switch_the_endpoint_to_async_mode() {
-    let s = setup(&[]).await;
-    for id in ["a1", "a2"] {
+    let s = setup(&[("SERVERLESS_FAIL_THRESHOLD", "100")]).await;
+    for id in ["a1", "a2", "a0"] {
         let mut evs = good_job(id, b"x");
         evs.truncate(4);
         s.spot.script.lock().unwrap().push_back(Answer::Events {
@@ -573,7 +573,7 @@ async fn streams_that_keep_being_cut_switch_the_endpoint_to_async_mode() {
             .any(|e| matches!(e, BackendEvent::Message(m) if m["type"] == "executed"))
     );
     let seen = s.spot.seen.lock().unwrap();
-    assert_eq!(seen[2].0["prefer"], "respond-async");
+    assert_eq!(seen[3].0["prefer"], "respond-async");
     assert!(seen[0].0.get("prefer").is_none());
     assert_eq!(
         s.b.status()["endpoints"]
