@@ -7,6 +7,7 @@ mod dispatch_latency;
 mod gpu_gap;
 mod overhead;
 mod pick;
+mod serverless;
 mod submit;
 mod ui_load;
 
@@ -37,6 +38,8 @@ enum Command {
     GpuGap(gpu_gap::Args),
     /// The same jobs straight at the simulator and through `comfyume serve`.
     Overhead(overhead::Args),
+    /// The worker path against the local path; replicas busy under a backlog; spot eviction.
+    Serverless(serverless::Args),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
             Command::DispatchLatency(a) => dispatch_latency::run(a).await,
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
+            Command::Serverless(a) => serverless::run(a).await,
         }
     })
 }
