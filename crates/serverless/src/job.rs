@@ -251,9 +251,7 @@ impl<'a> Attempt<'a> {
             _ => String::new(),
         };
         if message.to_ascii_lowercase().contains("ttl") {
-            if let Some(e) = self.ttl_error() {
-                return e;
-            }
+            return self.ttl_error();
         }
         let what = format!(
             "{} answered HTTP {}{}",
@@ -277,7 +275,7 @@ impl<'a> Attempt<'a> {
 
     /// The provider's request TTL ran out: the job is not retried (it would run out
     /// again); the instructor must raise it.
-    fn ttl_error(&self) -> Option<BackendError> {
+    fn ttl_error(&self) -> BackendError {
         let ttl = self.ep.st().ttl_secs;
         let msg = match ttl {
             Some(t) => format!(
@@ -291,7 +289,7 @@ impl<'a> Attempt<'a> {
                 .to_owned(),
         };
         self.ep.record_error("request TTL expired");
-        Some(BackendError::Rejected(error_body("ttl_expired", &msg)))
+        BackendError::Rejected(error_body("ttl_expired", &msg))
     }
 
     /// A stream or document that ended without a final event.
@@ -299,9 +297,8 @@ impl<'a> Attempt<'a> {
         let ttl = self.ep.st().ttl_secs;
         if let Some(t) = ttl
             && self.sent_at.elapsed() + Duration::from_secs(1) >= Duration::from_secs(t)
-            && let Some(e) = self.ttl_error()
         {
-            return e;
+            return self.ttl_error();
         }
         BackendError::Lost(format!("{}: {what}", self.ep.name()))
     }
@@ -515,10 +512,8 @@ impl<'a> Attempt<'a> {
                 .and_then(Value::as_str)
                 .filter(|e| !e.is_empty())
             {
-                if err.to_ascii_lowercase().contains("ttl")
-                    && let Some(e) = self.ttl_error()
-                {
-                    return Err(e);
+                if err.to_ascii_lowercase().contains("ttl") {
+                    return Err(self.ttl_error());
                 }
                 return Err(BackendError::Lost(format!("{}: {err}", self.ep.name())));
             }
