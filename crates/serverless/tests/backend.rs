@@ -652,3 +652,148 @@ async fn routing_changes_take_effect_at_once_and_are_checked() {
     assert_eq!(res.unwrap().kind, OutcomeKind::Success);
     assert!(s.spot.seen.lock().unwrap().is_empty());
 }
+
+/// A management API: token, one deployment's status, replicas and scaling.
+async fn management(status: &'static str, replicas: Value) -> String {
+    let app = axum::Router::new()
+        .route(
+            "/v1/oauth2/token",
+            axum::routing::post(|body: axum::body::Bytes| async move {
+                let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                if v["client_id"] == "cid" && v["client_secret"] == "csecret" {
+                    axum::Json(json!({"access_token": "tok", "expires_in": 3600})).into_response()
+                } else {
+                    StatusCode::UNAUTHORIZED.into_response()
+                }
+            }),
+        )
+        .route(
+            "/v1/container-deployments/dep/status",
+            axum::routing::get(move |h: HeaderMap| async move {
+                if h["authorization"] != "Bearer tok" {
+                    return StatusCode::UNAUTHORIZED.into_response();
+                }
+                axum::Json(json!({"status": status})).into_response()
+            }),
+        )
+        .route(
+            "/v1/container-deployments/dep/replicas",
+            axum::routing::get(move || {
+                let r = replicas.clone();
+                async move { axum::Json(json!({"list": r})) }
+            }),
+        )
+        .route(
+            "/v1/container-deployments/dep/scaling",
+            axum::routing::get(|| async { axum::Json(json!({"queue_message_ttl_seconds": 900})) }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    url
+}
+
+async fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_deployment_without_capacity_is_passed_over_and_replicas_are_billed() {
+    let api = management(
+        "quota_reached",
+        json!([{"id": "r1", "status": "running", "started_at": "2026-01-01T00:00:00Z"}]),
+    )
+    .await;
+    let s = setup(&[
+        ("VERDA_API_URL", &api),
+        ("VERDA_CLIENT_ID", "cid"),
+        ("VERDA_CLIENT_SECRET", "csecret"),
+        ("SERVERLESS_POLL_SECS", "1"),
+        ("SERVERLESS_DEPLOYMENT_H200_SPOT", "dep"),
+        // Unknown to this management API: its polls fail and change nothing.
+        ("SERVERLESS_DEPLOYMENT_H200_ON_DEMAND", "other"),
+    ])
+    .await;
+    s.b.start();
+    let b = s.b.clone();
+    assert!(
+        eventually(|| b.status()["primary"] == "h200-on-demand").await,
+        "{}",
+        s.b.status()
+    );
+    let st = s.b.status();
+    let spot = st["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "h200-spot")
+        .unwrap()
+        .clone();
+    assert_eq!(spot["state"], "failing");
+    assert_eq!(spot["deployment_status"], "quota_reached");
+    assert_eq!(
+        spot["passed_over"]["reason"],
+        "deployment status quota_reached"
+    );
+    assert_eq!(spot["request_ttl_secs"], 900);
+    assert_eq!(spot["replicas_running"], 1);
+    // A replica running since New Year: many 10-minute intervals, priced at 0.97/h.
+    let intervals = spot["replica_intervals"].as_u64().unwrap();
+    assert!(intervals > 1000, "{spot}");
+    let cost = spot["replica_cost_eur"].as_f64().unwrap();
+    assert!(
+        (cost - intervals as f64 * 0.97 / 6.0).abs() < 0.01,
+        "{spot}"
+    );
+}
+
+#[tokio::test]
+async fn a_warm_up_fetches_the_node_definitions_from_the_worker() {
+    #[derive(Default)]
+    struct Nodes(Mutex<Option<Value>>);
+    #[async_trait::async_trait]
+    impl Host for Nodes {
+        fn announce(&self, _: &[String], _: &str) {}
+        async fn node_definitions(&self, info: Value) {
+            *self.0.lock().unwrap() = Some(info);
+        }
+    }
+    let app = axum::Router::new().route(
+        "/dep/object_info",
+        axum::routing::get(|h: HeaderMap| async move {
+            assert_eq!(h["x-worker-token"], "worker-token");
+            axum::Json(json!({"KSampler": {"input": {}}}))
+        }),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/dep", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    let vars: BTreeMap<String, String> = [
+        ("SERVERLESS_ENDPOINT_H200_SPOT", url.as_str()),
+        ("SERVERLESS_WORKER_TOKEN", "worker-token"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let cfg = from_vars(&vars, &|_| Err(std::io::Error::other("no files"))).unwrap();
+    let nodes = Arc::new(Nodes::default());
+    let b = ServerlessBackend::new(cfg, Arc::new(MemMeta::default()), nodes.clone())
+        .await
+        .unwrap();
+    // Never asked at start: only a warm-up reaches the endpoint.
+    assert!(b.object_info().await.is_err());
+    assert!(b.warmup(Some("nowhere")).is_err());
+    assert_eq!(b.warmup(None).unwrap(), "h200-spot");
+    let n = nodes.clone();
+    assert!(eventually(|| n.0.lock().unwrap().is_some()).await);
+    assert_eq!(
+        b.object_info().await.unwrap()["KSampler"],
+        json!({"input": {}})
+    );
+}
