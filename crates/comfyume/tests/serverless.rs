@@ -664,6 +664,40 @@ async fn async_mode_end_to_end_and_the_routing_switch_without_a_restart() {
     assert_eq!(endpoint(&s, "b300-spot").await["jobs"], 1);
     assert_eq!(endpoint(&s, "h200-spot").await["jobs"], 1);
 
+    // A warm-up through the admin API: the worker's node definitions, no error.
+    let (status, v) = s
+        .req(
+            ADMIN,
+            reqwest::Method::POST,
+            "/admin/api/serverless/warmup",
+            Some(json!({"endpoint": "h200-spot"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["warming"], "h200-spot");
+    let (status, _) = s
+        .req(
+            ADMIN,
+            reqwest::Method::POST,
+            "/admin/api/serverless/warmup",
+            Some(json!({"endpoint": "nowhere"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = endpoint(&s, "h200-spot").await;
+        if !e["warmed_up_at_ms"].is_null() {
+            assert!(e["recent_errors"].as_array().unwrap().is_empty(), "{e}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warm-up did not end: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // It survives a restart of serve.
     drop(ws);
     let data = s.data.clone();

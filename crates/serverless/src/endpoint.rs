@@ -68,6 +68,8 @@ pub struct EpState {
     /// Async mode until then (streams kept being cut).
     pub async_until: Option<Instant>,
     pub warming: bool,
+    /// When the last warm-up succeeded.
+    pub warmed_at_ms: Option<i64>,
 }
 
 pub struct Endpoint {
@@ -177,6 +179,7 @@ impl Endpoint {
             "request_ttl_secs": s.ttl_secs,
             "polled_at_ms": s.polled_at_ms,
             "warming_up": s.warming,
+            "warmed_up_at_ms": s.warmed_at_ms,
             "price_eur_per_hour": self.cfg.price_eur_per_hour,
             "gpu_seconds": gpu_ms as f64 / 1000.0,
             "jobs": jobs,

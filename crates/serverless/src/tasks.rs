@@ -254,6 +254,7 @@ async fn warmup(b: &Arc<ServerlessBackend>, ep: &Arc<Endpoint>) {
                 }
                 s.cold = None;
                 s.last_served_ms = now_ms();
+                s.warmed_at_ms = Some(now_ms());
             }
             b.save_cold_starts().await;
             *lock(&b.object_info) = Some(info.clone());
