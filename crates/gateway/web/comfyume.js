@@ -27,7 +27,7 @@ async function refresh() {
     const parts = [`Signed in as ${s.user}`];
     if (s.backend) parts.push(`GPU: ${s.backend}`);
     if (s.message) parts.push(s.message);
-    // Serverless GPUs only (404 otherwise): a cold start under way, GPU time today.
+    // Serverless GPUs only (nulls otherwise): a cold start under way, GPU time today.
     const g = await api.fetchApi("/comfyume/gpu");
     if (g.ok) {
       const gpu = await g.json();
