@@ -234,8 +234,63 @@ async fn new_serve(
     Ok((serve, accounts))
 }
 
-/// Part 1: the same no-model jobs through the local path and the worker path.
-async fn latency(a: &Args, client: &reqwest::Client) -> Result<(common::Summary, common::Summary)> {
+/// A `comfyume-worker` process in front of `comfyume_url`; killed when dropped.
+struct Worker {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Worker {
+    async fn start(a: &Args, client: &reqwest::Client, comfyui_url: &str) -> Result<Worker> {
+        let dir =
+            std::env::temp_dir().join(format!("comfyume-bench-worker-{}", std::process::id()));
+        let mut child = tokio::process::Command::new(common::absolute(&a.worker)?)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("COMFYUI_URL", comfyui_url)
+            .env("WORKER_DATA_DIR", &dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting comfyume-worker")?;
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let url = lines
+            .next_line()
+            .await?
+            .and_then(|l| {
+                l.strip_prefix("comfyume-worker listening on ")
+                    .map(str::to_owned)
+            })
+            .context("the worker did not print its address")?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while client
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            common::check_deadline(deadline, "waiting for the worker")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Worker { child, url })
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+/// Part 1: the same no-model jobs through the local path and the worker path (a worker
+/// reached directly, and through the emulator).
+async fn latency(
+    a: &Args,
+    client: &reqwest::Client,
+) -> Result<(common::Summary, common::Summary, common::Summary)> {
     let sim = common::spawn_sim(0).await?;
     let tmp = tempfile::tempdir()?;
     let (serve, users) = new_serve(
@@ -253,6 +308,27 @@ async fn latency(a: &Args, client: &reqwest::Client) -> Result<(common::Summary,
     let local = sequential(client, &serve, &mut p[0], a.jobs, 1_000_000).await?;
     drop(p);
     Serve::stop(serve).await;
+
+    // serve -> worker -> the same simulator.
+    let w = Worker::start(a, client, &sim.url()).await?;
+    let tmp = tempfile::tempdir()?;
+    let (serve, users) = new_serve(
+        a,
+        tmp.path(),
+        1,
+        &[
+            ("INFERENCE_MODE".into(), "serverless".into()),
+            ("SERVERLESS_ENDPOINT_LAB".into(), w.url.clone()),
+            ("SERVERLESS_MAX_IN_FLIGHT".into(), "1".into()),
+        ],
+    )
+    .await?;
+    let mut p = participants(client, &serve, &users).await?;
+    sequential(client, &serve, &mut p[0], 3, 9_050_000).await?;
+    let direct = sequential(client, &serve, &mut p[0], a.jobs, 1_500_000).await?;
+    drop(p);
+    Serve::stop(serve).await;
+    w.stop().await;
     sim.shutdown().await;
 
     let prov = Provider::start(
@@ -275,7 +351,11 @@ async fn latency(a: &Args, client: &reqwest::Client) -> Result<(common::Summary,
     drop(p);
     Serve::stop(serve).await;
     prov.stop().await;
-    Ok((common::summarize(&local), common::summarize(&worker)))
+    Ok((
+        common::summarize(&local),
+        common::summarize(&direct),
+        common::summarize(&worker),
+    ))
 }
 
 /// `(execution_start, end)` of a job, from the participant's `/api/history/{id}`.
@@ -444,18 +524,25 @@ async fn evictions(a: &Args, client: &reqwest::Client) -> Result<Vec<Duration>> 
 
 pub async fn run(a: Args) -> Result<()> {
     let client = common::http_client()?;
-    let (local, worker) = latency(&a, &client).await?;
+    let (local, direct, worker) = latency(&a, &client).await?;
     let b = backlog(&a, &client).await?;
     let ev = evictions(&a, &client).await?;
     let evs = common::summarize(&ev);
     let added_p50 = (worker.p50_us - local.p50_us) / 1000.0;
     let added_mean = (worker.mean_us - local.mean_us) / 1000.0;
+    let direct_p50 = (direct.p50_us - local.p50_us) / 1000.0;
+    let direct_mean = (direct.mean_us - local.mean_us) / 1000.0;
     common::print_machine();
     let rows = vec![
         vec![
             "serve -> simulator (local)".into(),
             local.brief(),
             "baseline".into(),
+        ],
+        vec![
+            "serve -> worker -> simulator".into(),
+            direct.brief(),
+            format!("+{direct_p50:.2} ms p50, +{direct_mean:.2} ms mean per job"),
         ],
         vec![
             "serve -> emulator -> worker -> simulator".into(),
@@ -492,6 +579,9 @@ pub async fn run(a: Args) -> Result<()> {
         "machine": common::machine(),
         "jobs": a.jobs,
         "local": local.json_ms(),
+        "worker_direct": direct.json_ms(),
+        "added_ms_p50_direct": (direct_p50 * 100.0).round() / 100.0,
+        "added_ms_mean_direct": (direct_mean * 100.0).round() / 100.0,
         "worker_path": worker.json_ms(),
         "added_ms_p50": (added_p50 * 100.0).round() / 100.0,
         "added_ms_mean": (added_mean * 100.0).round() / 100.0,
