@@ -57,7 +57,7 @@ COLD_MS="${DEMO_COLD_START_MS:-20000}"
 # simulator's once (a real workshop imports its ComfyUI's, or warms up first).
 if [ ! -s "$DATA_DIR/object_info.json" ]; then
     sim_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    target/release/comfyume-sim --listen "127.0.0.1:$sim_port" > /dev/null &
+    target/release/comfyume-sim --listen "127.0.0.1:$sim_port" > /dev/null 2>&1 &
     sim_pid=$!
     for _ in $(seq 50); do
         curl -sf "http://127.0.0.1:$sim_port/object_info" -o "$DATA_DIR/object_info.json" && break

@@ -39,6 +39,15 @@ pub struct ColdStart {
 }
 
 impl EpState {
+    pub fn waiting_users(&self) -> Vec<String> {
+        self.waiting.values().map(|(u, _)| u.clone()).collect()
+    }
+
+    /// When the longest-waiting request was sent.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.waiting.values().map(|(_, t)| *t).min()
+    }
+
     pub fn async_fallback(&self) -> bool {
         self.async_until.is_some_and(|t| Instant::now() < t)
     }
@@ -49,8 +58,8 @@ pub struct EpState {
     pub in_flight: usize,
     /// Our requests a worker has accepted.
     pub accepted: usize,
-    /// Job id -> participant, of requests sent and not accepted yet.
-    pub waiting: HashMap<String, String>,
+    /// Job id -> participant and when it was sent, of requests not accepted yet.
+    pub waiting: HashMap<String, (String, Instant)>,
     pub consecutive_failures: u32,
     /// Why and since when it is passed over; until when, for failures.
     pub passed_over: Option<(String, i64)>,
@@ -222,7 +231,8 @@ impl InFlight {
         {
             let mut s = ep.st();
             s.in_flight += 1;
-            s.waiting.insert(job.to_owned(), user.to_owned());
+            s.waiting
+                .insert(job.to_owned(), (user.to_owned(), Instant::now()));
         }
         InFlight {
             ep,

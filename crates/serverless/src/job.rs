@@ -578,7 +578,7 @@ impl<'a> Attempt<'a> {
                     &s.cold_starts,
                     self.b.cfg.cold_start_estimate.as_secs(),
                 );
-                let users: Vec<String> = s.waiting.values().cloned().collect();
+                let users = s.waiting_users();
                 Some((
                     first,
                     policy::cold_start_text(estimate, elapsed),
@@ -604,7 +604,7 @@ impl<'a> Attempt<'a> {
         if let Some(secs) = self.flight.accepted() {
             tracing::info!(endpoint = %self.ep.name(), secs, "cold start over: a GPU took the job");
             self.b.save_cold_starts().await;
-            let users: Vec<String> = self.ep.st().waiting.values().cloned().collect();
+            let users = self.ep.st().waiting_users();
             let text = format!("GPU ready (started in {secs} s)");
             self.emit(BackendEvent::Notice(text.clone())).await;
             self.b.host.announce(&users, &text);

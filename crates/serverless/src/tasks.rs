@@ -127,17 +127,19 @@ pub(crate) async fn poll_once(b: &Arc<ServerlessBackend>) {
                     || policy::status_is_starting(&view.status)
                     || view.replicas.is_empty())
             {
+                // From the longest-waiting request: that is when the GPU was first wanted.
+                let began = s.waiting_since().unwrap_or_else(Instant::now);
                 s.cold = Some(ColdStart {
-                    began: Instant::now(),
-                    began_ms: now_ms(),
+                    began,
+                    began_ms: now_ms() - began.elapsed().as_millis() as i64,
                 });
                 let est = policy::cold_start_estimate(
                     &s.cold_starts,
                     b.cfg.cold_start_estimate.as_secs(),
                 );
                 Some((
-                    s.waiting.values().cloned().collect::<Vec<_>>(),
-                    policy::cold_start_text(est, 0),
+                    s.waiting_users(),
+                    policy::cold_start_text(est, began.elapsed().as_secs()),
                 ))
             } else {
                 None
