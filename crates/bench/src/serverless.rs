@@ -238,6 +238,8 @@ async fn new_serve(
 struct Worker {
     child: tokio::process::Child,
     url: String,
+    /// The worker's own directory, removed with it.
+    _dir: tempfile::TempDir,
 }
 
 impl Worker {
@@ -247,7 +249,7 @@ impl Worker {
         let mut child = tokio::process::Command::new(common::absolute(&a.worker)?)
             .args(["--listen", "127.0.0.1:0"])
             .env("COMFYUI_URL", comfyui_url)
-            .env("WORKER_DATA_DIR", &dir)
+            .env("WORKER_DATA_DIR", dir.path())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -276,7 +278,11 @@ impl Worker {
             common::check_deadline(deadline, "waiting for the worker")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Worker { child, url })
+        Ok(Worker {
+            child,
+            url,
+            _dir: dir,
+        })
     }
 
     async fn stop(mut self) {
