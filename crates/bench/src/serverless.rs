@@ -244,8 +244,7 @@ struct Worker {
 
 impl Worker {
     async fn start(a: &Args, client: &reqwest::Client, comfyui_url: &str) -> Result<Worker> {
-        let dir =
-            std::env::temp_dir().join(format!("comfyume-bench-worker-{}", std::process::id()));
+        let dir = tempfile::tempdir()?;
         let mut child = tokio::process::Command::new(common::absolute(&a.worker)?)
             .args(["--listen", "127.0.0.1:0"])
             .env("COMFYUI_URL", comfyui_url)
