@@ -1,6 +1,9 @@
 //! The instructor's API under `/admin/api/`: steer the workshop queue at run
 //! time (policy, per-participant priority levels, running caps) and see it.
-//! Every route answers 403 to participants.
+//! Every route answers 403 to participants. The serverless GPUs (routing, warm-up,
+//! state, costs) are in [`serverless`].
+
+pub mod serverless;
 
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
@@ -35,6 +38,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Instructor {
 
 fn bad(msg: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": msg.into()}))).into_response()
+}
+
+/// [`routes`] and the serverless routes (answering 404 when `serverless` is `None`).
+pub fn routes_with(
+    serverless: Option<std::sync::Arc<comfyume_serverless::ServerlessBackend>>,
+) -> Router<AppState> {
+    routes().merge(serverless::routes(serverless))
 }
 
 pub fn routes() -> Router<AppState> {

@@ -8,6 +8,7 @@ mod dispatch_latency;
 mod gpu_gap;
 mod overhead;
 mod pick;
+mod serverless;
 mod submit;
 mod ui_load;
 
@@ -40,6 +41,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Run -> result in the stock frontend (Chromium), straight and through `comfyume serve`.
     BrowserOverhead(browser_overhead::Args),
+    /// The worker path against the local path; replicas busy under a backlog; spot eviction.
+    Serverless(serverless::Args),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
+            Command::Serverless(a) => serverless::run(a).await,
         }
     })
 }

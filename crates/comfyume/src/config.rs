@@ -193,6 +193,8 @@ pub struct ServeConfig {
     pub backend_slots: usize,
     pub dispatch: DispatchConfig,
     pub net: NetConfig,
+    /// INFERENCE_MODE=serverless: endpoints and the rest (environment only).
+    pub serverless: Option<comfyume_serverless::ServerlessConfig>,
 }
 
 /// Who is believed behind a proxy, and how long and how many connections may stay open.
@@ -286,6 +288,17 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         anyhow::bail!("INFERENCE_MODE=local needs COMFYUI_URLS (e.g. http://127.0.0.1:8188)");
     }
     let net = resolve_net(args, &file)?;
+    let serverless = if inference_mode == InferenceMode::Serverless {
+        // Endpoint variables are named after the endpoint, so they are read from the
+        // environment (which includes .env) rather than through flags.
+        let vars: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        Some(
+            comfyume_serverless::config::from_vars(&vars, &|p| std::fs::read_to_string(p))
+                .context("INFERENCE_MODE=serverless settings")?,
+        )
+    } else {
+        None
+    };
     Ok(ServeConfig {
         net,
         listen: args
@@ -370,6 +383,7 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
             ),
             ..Default::default()
         },
+        serverless,
         frontend_dir,
         data_dir,
     })
@@ -446,9 +460,13 @@ mod tests {
             "SIMULATOR_OBJECT_INFO",
             "SIMULATOR_FAULTS",
             "SIMULATOR_DATA_DIR",
-        ] {
-            if !listed.contains(&sim) {
-                missing.push(sim.to_string());
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(comfyume_serverless::config::documented_vars())
+        {
+            if !listed.contains(&sim.as_str()) {
+                missing.push(sim);
             }
         }
         assert!(missing.is_empty(), ".env.example lacks {missing:?}");

@@ -12,14 +12,59 @@ use comfyume_gateway::{AppState, Settings};
 
 use crate::config::{CommonArgs, InferenceMode, ServeArgs, ServeConfig, resolve_serve};
 
+/// What the serverless backend needs from the running server, bound once the
+/// gateway's state exists (the backend is built before it).
+#[derive(Default)]
+struct ServerlessHost {
+    state: std::sync::OnceLock<AppState>,
+}
+
+#[async_trait::async_trait]
+impl comfyume_serverless::Host for ServerlessHost {
+    /// To the participants named and everyone whose job waits in the workshop queue,
+    /// as the banner's own message type.
+    fn announce(&self, users: &[String], message: &str) {
+        let Some(state) = self.state.get() else {
+            return;
+        };
+        let mut to: std::collections::BTreeSet<String> = users.iter().cloned().collect();
+        to.extend(state.queue.projected_order().into_iter().map(|(_, u)| u));
+        let msg =
+            serde_json::json!({"type": "comfyume", "data": {"message": message, "gpu": true}})
+                .to_string();
+        for u in to {
+            state.queue.events().to_user(&u, &msg);
+        }
+    }
+
+    async fn node_definitions(&self, info: serde_json::Value) {
+        let Some(state) = self.state.get() else {
+            return;
+        };
+        let n = info.as_object().map(|m| m.len()).unwrap_or(0);
+        match comfyume_gateway::replace_object_info(state, info, "serverless warm-up").await {
+            Ok(()) => tracing::info!(nodes = n, "node definitions from the serverless warm-up"),
+            Err(e) => tracing::error!(error = %e, "could not store node definitions"),
+        }
+    }
+}
+
+/// The serverless backend, and its host to bind later.
+type Serverless = Option<(
+    Arc<comfyume_serverless::ServerlessBackend>,
+    Arc<ServerlessHost>,
+)>;
+
 /// The backends jobs run on, a label for people, and the in-process simulator
 /// (kept alive as long as the server runs) when that is the backend.
 async fn build_backends(
     cfg: &ServeConfig,
+    store: &Arc<dyn comfyume_store::Store>,
 ) -> Result<(
     Vec<Arc<dyn Backend>>,
     String,
     Option<comfyume_sim::SimHandle>,
+    Serverless,
 )> {
     let timeouts = Timeouts::default();
     match cfg.inference_mode {
@@ -44,7 +89,7 @@ async fn build_backends(
             } else {
                 format!("{} ComfyUI servers", out.len())
             };
-            Ok((out, label, None))
+            Ok((out, label, None, None))
         }
         InferenceMode::Simulator => {
             let mut sim_cfg =
@@ -74,17 +119,39 @@ async fn build_backends(
                 vec![Arc::new(b) as Arc<dyn Backend>],
                 "simulator (no GPU)".into(),
                 Some(sim),
+                None,
             ))
         }
         InferenceMode::NoBackend => {
             tracing::warn!("INFERENCE_MODE=none: no backend; jobs are accepted and stay queued");
             println!("backend: none (jobs stay queued)");
-            Ok((Vec::new(), "no backend (jobs stay queued)".into(), None))
+            Ok((
+                Vec::new(),
+                "no backend (jobs stay queued)".into(),
+                None,
+                None,
+            ))
         }
-        InferenceMode::Serverless => bail!(
-            "INFERENCE_MODE=serverless needs the comfyume-worker backend, which this build does not include yet; \
-             use INFERENCE_MODE=local with COMFYUI_URLS, or the simulator"
-        ),
+        InferenceMode::Serverless => {
+            let sl_cfg = cfg
+                .serverless
+                .clone()
+                .context("INFERENCE_MODE=serverless settings missing")?;
+            let host = Arc::new(ServerlessHost::default());
+            let b =
+                comfyume_serverless::ServerlessBackend::new(sl_cfg, store.clone(), host.clone())
+                    .await
+                    .context("the serverless backend")?;
+            let r = b.routing();
+            tracing::info!(active = %r.active, failover = ?r.failover, "jobs run on serverless GPUs (INFERENCE_MODE=serverless)");
+            println!("backend: serverless (active endpoint {})", r.active);
+            Ok((
+                vec![b.clone() as Arc<dyn Backend>],
+                "serverless GPU".into(),
+                None,
+                Some((b, host)),
+            ))
+        }
     }
 }
 
@@ -237,7 +304,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     comfyume_gateway::telemetry::describe();
     comfyume_dispatch::comfyui::telemetry::describe_metrics();
 
-    let (backends, label, _sim) = build_backends(&cfg).await?;
+    let (backends, label, _sim, serverless) = build_backends(&cfg, &store).await?;
 
     let mut settings = Settings::with_data_dir(&cfg.data_dir, &cfg.frontend_dir);
     settings.backend_label = label.clone();
@@ -277,7 +344,14 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     );
     let _dispatch = dispatcher.start(in_flight);
     let backends_empty = backends.is_empty();
-    refresh_object_info(state.clone(), backends).await;
+    if let Some((b, host)) = &serverless {
+        let _ = host.state.set(state.clone());
+        b.start();
+        // Never a probe of a public endpoint at start: node definitions come from the
+        // stored snapshot, a warm-up, or `comfyume object-info import`.
+    } else {
+        refresh_object_info(state.clone(), backends).await;
+    }
     let nodes = state.object_info().info.len();
     if nodes == 0 && backends_empty {
         tracing::warn!(
@@ -321,13 +395,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    comfyume_gateway::launch_with_limits(
-        state,
-        listener,
-        comfyume_admin::routes(),
-        cfg.limits,
-        shutdown,
-    )
-    .await?;
+    let admin = comfyume_admin::routes_with(serverless.map(|(b, _)| b));
+    comfyume_gateway::launch_with_limits(state, listener, admin, cfg.limits, shutdown).await?;
     Ok(())
 }

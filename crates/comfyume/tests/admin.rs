@@ -245,3 +245,28 @@ async fn a_job_priority_moves_that_job_ahead() {
         400
     );
 }
+
+#[tokio::test]
+async fn serverless_routes_say_so_on_other_inference_modes() {
+    let app = spawn_app().await;
+    for path in ["/admin/api/serverless", "/admin/api/costs"] {
+        let r = app.get(ADMIN, path).await;
+        assert_eq!(r.status, 404, "{path}");
+        assert_eq!(r.json()["error"], "INFERENCE_MODE is not serverless");
+        assert_eq!(app.get("user001", path).await.status, 403, "{path}");
+    }
+    let r = put(
+        &app,
+        ADMIN,
+        "/admin/api/serverless",
+        json!({"active": "h200-spot"}),
+    )
+    .await;
+    assert_eq!(r.status, 404);
+    // The banner asks on every mode: nothing to say is not an error.
+    for path in ["/api/comfyume/gpu", "/user001/api/comfyume/gpu"] {
+        let r = app.get("user001", path).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.json()["gpu"].is_null());
+    }
+}

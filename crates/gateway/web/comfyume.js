@@ -27,6 +27,13 @@ async function refresh() {
     const parts = [`Signed in as ${s.user}`];
     if (s.backend) parts.push(`GPU: ${s.backend}`);
     if (s.message) parts.push(s.message);
+    // Serverless GPUs only (nulls otherwise): a cold start under way, GPU time today.
+    const g = await api.fetchApi("/comfyume/gpu");
+    if (g.ok) {
+      const gpu = await g.json();
+      if (gpu.gpu) parts.push(gpu.gpu);
+      if (gpu.gpu_time_text) parts.push(gpu.gpu_time_text);
+    }
     const logout = `<a href="${location.origin}/logout" style="color:#9cf;margin-left:8px">Sign out</a>`;
     banner().innerHTML = parts.map((p) => p.replace(/[<>&]/g, "")).join(" · ") + logout;
   } catch (_) {

@@ -167,7 +167,7 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let st = state.clone();
     tokio::spawn(async move {
-        comfyume_gateway::launch_with(st, listener, comfyume_admin::routes(), async {
+        comfyume_gateway::launch_with(st, listener, comfyume_admin::routes_with(None), async {
             let _ = rx.await;
         })
         .await
