@@ -71,6 +71,9 @@ pub fn install() -> Result<PrometheusHandle> {
     comfyume_gateway::telemetry::describe();
     dispatch_tm::enable_fractional();
     metrics::gauge!(BUILD_INFO, "version" => VERSION, "commit" => COMMIT).set(1.0);
+    // Known at start (nobody is connected yet), so the dashboard shows 0, not "no data".
+    metrics::gauge!(comfyume_gateway::telemetry::WS_OPEN).set(0.0);
+    metrics::gauge!(comfyume_gateway::telemetry::PARTICIPANTS_ONLINE).set(0.0);
     Ok(handle)
 }
 
