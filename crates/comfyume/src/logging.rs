@@ -9,6 +9,7 @@ use std::fmt;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
@@ -46,7 +47,9 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
+        // Records of the `log` crate (dependencies) keep their own level and target.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut line = Map::new();
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
@@ -94,6 +97,11 @@ struct Fields {
 
 impl Fields {
     fn put(&mut self, field: &Field, v: Value) {
+        // The `log` bridge's bookkeeping (`log.target`, `log.file`, ...): already in the
+        // normalized metadata, or noise.
+        if field.name().starts_with("log.") {
+            return;
+        }
         if field.name() == "message" {
             self.message = Some(match v {
                 Value::String(s) => s,

@@ -1031,3 +1031,219 @@ fn the_shipped_monitoring_files_are_valid() {
         );
     }
 }
+
+/// A job runs with every kind of secret in play: a participant's password (and a wrong
+/// one), their session cookie, an `Authorization` header, a backend URL with credentials, the
+/// provider's API key in the environment, and comfy.org keys in `extra_data`. At
+/// `RUST_LOG=trace` none appears in any log line or in `/metrics`; every line is JSON; the
+/// job's lines carry its id, participant, backend and attempt, and the request's its id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_a_log_line_or_a_metric() {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = comfyume_sim::spawn(
+        comfyume_sim::SimConfig {
+            step_ms: 10,
+            ..Default::default()
+        },
+        sim_listener,
+    )
+    .await;
+    let password = "Pw-5ecret-horse-91";
+    let wrong = "Wr0ng-guess-77x";
+    let backend_key = "backend-api-key-3c9f";
+    let provider_key = "provider-key-8d21";
+    let comfy_key = "comfyorg-key-51f0";
+    let comfy_token = "comfyorg-token-a7e2";
+    // A ComfyUI behind Basic Auth: the credentials live in its URL.
+    let backend_url = sim
+        .url()
+        .replacen("http://", &format!("http://apiuser:{backend_key}@"), 1);
+    let mut serve = Serve::start(
+        &[("user001", password, false)],
+        &[
+            ("LOG_FORMAT", "json"),
+            ("RUST_LOG", "trace"),
+            ("COMFYUI_URLS", backend_url.as_str()),
+            ("SERVERLESS_API_KEY", provider_key),
+        ],
+    );
+    let base = serve.base.clone();
+
+    // A wrong password, then the right one through the login form: a session cookie.
+    let form = |pw: &str| {
+        client().post(format!("{base}/login")).form(&[
+            ("username", "user001"),
+            ("password", pw),
+            ("next", ""),
+        ])
+    };
+    let r = form(wrong).send().await.unwrap();
+    assert_ne!(r.status(), 303, "the wrong password was refused");
+    let r = form(password).send().await.unwrap();
+    let token = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| c.strip_prefix("comfyume_session="))
+        .and_then(|c| c.split(';').next())
+        .filter(|t| !t.is_empty())
+        .expect("a session cookie")
+        .to_string();
+    let cookie = format!("comfyume_session={token}");
+    // Basic Auth, and a stray bearer token next to the cookie.
+    let r = client()
+        .get(format!("{base}/api/prompt"))
+        .basic_auth("user001", Some(password))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .get(format!("{base}/api/prompt"))
+        .header("cookie", &cookie)
+        .header("authorization", format!("Bearer {provider_key}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The tab's WebSocket, with the cookie.
+    let mut ws = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let host = base.trim_start_matches("http://");
+        let mut req = format!("ws://{host}/ws?clientId=tab1")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("cookie", cookie.parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    };
+    // The job, with the comfy.org keys ComfyUI's API nodes use.
+    let body = json!({
+        "client_id": "tab1",
+        "prompt": helpers::workflow("nomodel.json"),
+        "extra_data": {"api_key_comfy_org": comfy_key, "auth_token_comfy_org": comfy_token},
+    });
+    let r = client()
+        .post(format!("{base}/api/prompt"))
+        .header("cookie", &cookie)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let v: Value = r.json().await.unwrap();
+    let id = v["prompt_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: Value = client()
+            .get(format!("{base}/api/jobs/{id}"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the job did not complete: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = scrape(&serve.metrics).await;
+    let r = client()
+        .get(format!("{base}/logout"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection() || r.status().is_success());
+    drop(ws.close(None).await);
+    serve.stop();
+
+    let log = std::fs::read_to_string(&serve.log).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines.len() > 50, "trace level logs a lot: {}", lines.len());
+    assert!(
+        lines.iter().any(|l| l["level"] == "TRACE"),
+        "RUST_LOG=trace was in force"
+    );
+    // Dependencies' `log` records keep their own target (tungstenite, reqwest, ...).
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["target"] != "log" && l.get("log.file").is_none())
+    );
+    let secrets = [
+        password.to_string(),
+        wrong.to_string(),
+        backend_key.to_string(),
+        provider_key.to_string(),
+        comfy_key.to_string(),
+        comfy_token.to_string(),
+        token.clone(),
+        b64(&format!("user001:{password}")),
+        b64(&format!("apiuser:{backend_key}")),
+    ];
+    for s in &secrets {
+        if let Some(l) = log.lines().find(|l| l.contains(s.as_str())) {
+            panic!("a secret ({s}) is in a log line: {l}");
+        }
+        assert!(
+            !metrics.contains(s.as_str()),
+            "a secret ({s}) is in the metrics"
+        );
+    }
+
+    // The job's story, every line with its participant, and the dispatcher's and the backend
+    // client's lines with its backend and attempt.
+    let about: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["job_id"] == id.as_str())
+        .collect();
+    for l in &about {
+        assert_eq!(l["user"], "user001", "{l}");
+        let target = l["target"].as_str().unwrap_or("");
+        if target.starts_with("comfyume_dispatch::dispatcher")
+            || target.starts_with("comfyume_comfyui")
+        {
+            assert_eq!(l["backend"], "comfyui", "{l}");
+            assert_eq!(l["attempt"], 1, "{l}");
+        }
+    }
+    for msg in [
+        "job queued",
+        "job handed to its backend",
+        "job started",
+        "job finished",
+    ] {
+        assert!(
+            about.iter().any(|l| l["message"] == msg),
+            "no `{msg}` line about the job: {about:#?}"
+        );
+    }
+    // The request's id: in its response header, on its request line and on the job's first line.
+    let request_line = lines
+        .iter()
+        .find(|l| l["message"] == "request" && l["request_id"] == request_id.as_str())
+        .expect("the request's line");
+    assert_eq!(request_line["route"], "/api/prompt");
+    assert_eq!(request_line["user"], "user001");
+    assert_eq!(request_line["status"], 200);
+    let queued = about.iter().find(|l| l["message"] == "job queued").unwrap();
+    assert_eq!(queued["request_id"], request_id.as_str());
+    // Every request line has an id.
+    for l in lines.iter().filter(|l| l["message"] == "request") {
+        assert!(
+            l["request_id"].as_str().is_some_and(|r| !r.is_empty()),
+            "{l}"
+        );
+    }
+}
