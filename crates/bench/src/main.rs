@@ -6,6 +6,7 @@ mod browser_overhead;
 mod common;
 mod dispatch_latency;
 mod gpu_gap;
+mod instrumentation;
 mod overhead;
 mod pick;
 mod submit;
@@ -40,6 +41,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Run -> result in the stock frontend (Chromium), straight and through `comfyume serve`.
     BrowserOverhead(browser_overhead::Args),
+    /// What metrics recording costs: submissions with COMFYUME_METRICS on and off, alternating.
+    Instrumentation(instrumentation::Args),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
+            Command::Instrumentation(a) => instrumentation::run(a).await,
         }
     })
 }

@@ -1247,3 +1247,47 @@ async fn no_secret_reaches_a_log_line_or_a_metric() {
         );
     }
 }
+
+/// Every answer names its request (`X-Request-Id`); an id set by a trusted reverse proxy
+/// (nginx's `$request_id`) is kept, so both logs name the same request; from anyone else, or
+/// malformed, it is replaced.
+#[tokio::test]
+async fn request_ids_are_answered_and_kept_from_a_trusted_proxy() {
+    let plain = helpers::spawn_app().await;
+    let r = plain
+        .get_with(
+            "user001",
+            "/api/prompt",
+            &[("x-request-id", "from-the-client")],
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").unwrap();
+    assert_ne!(
+        id, "from-the-client",
+        "an untrusted client does not choose it"
+    );
+    assert!(comfyume_gateway::observe::valid_request_id(&id));
+    let again = plain
+        .anon_get("/healthz", &[])
+        .await
+        .header("x-request-id")
+        .unwrap();
+    assert_ne!(again, id, "each request its own");
+
+    let proxied = helpers::spawn_app_with(|s| {
+        s.trusted_proxies = comfyume_gateway::proxy::parse_list("127.0.0.1").unwrap();
+    })
+    .await;
+    let nginx_id = "0123456789abcdef0123456789abcdef";
+    let r = proxied
+        .get_with("user001", "/api/prompt", &[("x-request-id", nginx_id)])
+        .await;
+    assert_eq!(r.header("x-request-id").as_deref(), Some(nginx_id));
+    // Not a safe token: replaced even from the proxy.
+    let r = proxied
+        .get_with("user001", "/api/prompt", &[("x-request-id", "a b\"c")])
+        .await;
+    let id = r.header("x-request-id").unwrap();
+    assert!(comfyume_gateway::observe::valid_request_id(&id), "{id}");
+}

@@ -1,0 +1,300 @@
+//! `instrumentation`: what metrics recording costs. Two `comfyume serve` processes on the
+//! same machine, one with metrics (`COMFYUME_METRICS=on`, its `/metrics` scraped as a
+//! Prometheus would, more often) and one without (`COMFYUME_METRICS=off`: no recorder, every
+//! metrics macro a no-op), take the same submissions (`POST /api/prompt`, no backend) in
+//! alternating rounds (on, off, off, on, ...), so that drift of the machine and the growing
+//! queue fall on both alike. Throughput and latency percentiles per server, and the difference.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+use crate::common::{self, Serve, Summary};
+use crate::submit::{Kind, Phase, phase};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Submissions per round.
+    #[arg(long, default_value_t = 2_000)]
+    pub jobs: usize,
+    /// Rounds per server (alternating: on, off, off, on, on, off, ...).
+    #[arg(long, default_value_t = 6)]
+    pub rounds: usize,
+    /// Participants submitting (job i belongs to participant i mod N), each with a WebSocket open.
+    #[arg(long, default_value_t = 50)]
+    pub participants: usize,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// How often the metrics server's `/metrics` is read during its rounds (Prometheus: 15 s).
+    #[arg(long, default_value_t = 1.0)]
+    pub scrape_every_s: f64,
+    /// `RUST_LOG` of both servers (`info`: a line per request and per job, as in production).
+    #[arg(long, default_value = "info")]
+    pub rust_log: String,
+    #[arg(long, default_value = "target/release/comfyume")]
+    pub bin: PathBuf,
+    #[arg(long, default_value = "target/test-data/frontend/1.37.11")]
+    pub frontend: PathBuf,
+}
+
+/// One server under test.
+struct Side {
+    name: &'static str,
+    serve: Serve,
+    cookies: Arc<Vec<(String, String)>>,
+    _sockets: Vec<tokio::task::JoinHandle<()>>,
+    phases: Vec<Phase>,
+    submitted: usize,
+}
+
+async fn side(
+    name: &'static str,
+    metrics: &str,
+    args: &Args,
+    client: &reqwest::Client,
+    root: &std::path::Path,
+    frontend: &std::path::Path,
+) -> Result<Side> {
+    let bin = common::absolute(&args.bin)?;
+    let data = root.join(name).join("data");
+    let users = common::create_workshop(&bin, &data, args.participants).await?;
+    common::import_sim_object_info(client, &bin, &data).await?;
+    let depth = (args.jobs * args.rounds + 1).to_string();
+    let env = [
+        ("INFERENCE_MODE", "none".to_string()),
+        ("COMFYUME_METRICS", metrics.to_string()),
+        ("MAX_QUEUE_DEPTH", depth.clone()),
+        ("MAX_QUEUED_PER_USER", depth),
+        ("RUST_LOG", args.rust_log.clone()),
+    ];
+    let serve = Serve::start(&bin, &data, frontend, &env).await?;
+    if (metrics == "on") != serve.metrics.is_some() {
+        bail!(
+            "{name}: COMFYUME_METRICS={metrics}, but metrics listener {:?}",
+            serve.metrics
+        );
+    }
+    let mut cookies = Vec::new();
+    for (u, p) in &users {
+        cookies.push((u.clone(), common::login(client, &serve.base, u, p).await?));
+    }
+    // One socket per participant, as the open UI keeps (each submission sends a `status`).
+    let mut sockets = Vec::new();
+    let ws_base = serve.base.replacen("http://", "ws://", 1);
+    for (i, (u, cookie)) in cookies.iter().enumerate() {
+        let url = format!("{ws_base}/{u}/ws?clientId=bench{i}");
+        let mut ws = common::ws_connect(&url, &[("cookie", cookie.clone())]).await?;
+        sockets.push(tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while let Some(Ok(_)) = ws.next().await {}
+        }));
+    }
+    Ok(Side {
+        name,
+        serve,
+        cookies: Arc::new(cookies),
+        _sockets: sockets,
+        phases: Vec::new(),
+        submitted: 0,
+    })
+}
+
+/// Reads `/metrics` every `every` until stopped; how many reads and their total time.
+fn scraper(url: String, every: Duration, client: reqwest::Client) -> Scraper {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        let (mut n, mut took) = (0u32, Duration::ZERO);
+        loop {
+            tokio::select! {
+                _ = s.notified() => return (n, took),
+                _ = tokio::time::sleep(every) => {}
+            }
+            let t = Instant::now();
+            if let Ok(r) = client.get(&url).send().await
+                && r.status().is_success()
+                && r.bytes().await.is_ok()
+            {
+                n += 1;
+                took += t.elapsed();
+            }
+        }
+    });
+    Scraper { stop, task }
+}
+
+struct Scraper {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<(u32, Duration)>,
+}
+
+impl Scraper {
+    async fn finish(self) -> (u32, Duration) {
+        self.stop.notify_one();
+        self.task.await.unwrap_or_default()
+    }
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let frontend = common::absolute(&args.frontend)
+        .context("install it with scripts/install-frontend.sh target/test-data")?;
+    let client = common::http_client()?;
+    let tmp = tempfile::tempdir()?;
+    let mut on = side("on", "on", &args, &client, tmp.path(), &frontend).await?;
+    let mut off = side("off", "off", &args, &client, tmp.path(), &frontend).await?;
+    let (mut scrapes, mut scrape_time) = (0u32, Duration::ZERO);
+    // ABBA: on, off, off, on, on, off, ...
+    for round in 0..args.rounds * 2 {
+        let first_on = (round / 2) % 2 == 0;
+        let metrics_on = (round % 2 == 0) == first_on;
+        let s = if metrics_on { &mut on } else { &mut off };
+        let scrape = match (&s.serve.metrics, metrics_on) {
+            (Some(url), true) => Some(scraper(
+                url.clone(),
+                Duration::from_secs_f64(args.scrape_every_s.max(0.05)),
+                client.clone(),
+            )),
+            _ => None,
+        };
+        let p = phase(
+            s.serve.pid,
+            &client,
+            &s.serve.base,
+            &s.cookies,
+            Kind::Submit,
+            args.jobs,
+            args.concurrency,
+            s.submitted,
+        )
+        .await?;
+        if let Some(sc) = scrape {
+            let (n, t) = sc.finish().await;
+            scrapes += n;
+            scrape_time += t;
+        }
+        if p.failed > 0 {
+            bail!(
+                "{}: {} submissions failed: {}",
+                s.name,
+                p.failed,
+                p.first_failure.clone().unwrap_or_default()
+            );
+        }
+        s.submitted += args.jobs;
+        s.phases.push(p);
+    }
+    // The metrics server's own view, to show it counted every submission.
+    let counted = match &on.serve.metrics {
+        Some(url) => {
+            let text = client.get(url).send().await?.text().await?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("comfyume_jobs_submitted_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+        None => 0.0,
+    };
+
+    let stats = |s: &Side| {
+        let lat: Vec<Duration> = s
+            .phases
+            .iter()
+            .flat_map(|p| p.latencies.iter().copied())
+            .collect();
+        let ok: usize = s.phases.iter().map(|p| p.ok).sum();
+        let wall: f64 = s.phases.iter().map(|p| p.wall.as_secs_f64()).sum();
+        let cpu: f64 = s.phases.iter().map(|p| p.server_cpu_ms).sum();
+        let per_round: Vec<f64> = s
+            .phases
+            .iter()
+            .map(|p| p.ok as f64 / p.wall.as_secs_f64())
+            .collect();
+        (
+            common::summarize(&lat),
+            ok as f64 / wall,
+            cpu * 1000.0 / ok.max(1) as f64,
+            per_round,
+        )
+    };
+    let (s_on, rate_on, cpu_on, rounds_on) = stats(&on);
+    let (s_off, rate_off, cpu_off, rounds_off) = stats(&off);
+    let pct = |a: f64, b: f64| (a - b) / b * 100.0;
+    common::print_machine();
+    println!(
+        "binary: {} (INFERENCE_MODE=none, RUST_LOG={}), {} participants each with a WebSocket, {} in flight, {} rounds x {} submissions per server (alternating); /metrics read {} times during the metrics rounds ({:.1} ms each on average)",
+        common::absolute(&args.bin)?.display(),
+        args.rust_log,
+        args.participants,
+        args.concurrency,
+        args.rounds,
+        args.jobs,
+        scrapes,
+        scrape_time.as_secs_f64() * 1000.0 / scrapes.max(1) as f64
+    );
+    let row = |name: &str, s: &Summary, rate: f64, cpu: f64, rounds: &[f64]| {
+        vec![
+            name.to_string(),
+            format!("{}", s.n),
+            s.brief(),
+            format!("{rate:.0}/s"),
+            rounds
+                .iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            format!("{cpu:.0} us"),
+        ]
+    };
+    common::print_table(
+        "POST /api/prompt with and without metrics recording",
+        &[
+            "server",
+            "200",
+            "p50 / p90 / p99 / max",
+            "rate",
+            "rate per round (/s)",
+            "server CPU per request",
+        ],
+        &[
+            row("COMFYUME_METRICS=on", &s_on, rate_on, cpu_on, &rounds_on),
+            row(
+                "COMFYUME_METRICS=off",
+                &s_off,
+                rate_off,
+                cpu_off,
+                &rounds_off,
+            ),
+        ],
+    );
+    println!(
+        "with metrics: throughput {:+.1} %, p99 {:+.1} %, p50 {:+.1} %, server CPU per request {:+.1} % (goal: under 5 %); the metrics server counted {counted} submissions",
+        pct(rate_on, rate_off),
+        pct(s_on.p99_us, s_off.p99_us),
+        pct(s_on.p50_us, s_off.p50_us),
+        pct(cpu_on, cpu_off),
+    );
+    let summary = json!({
+        "bench": "instrumentation",
+        "machine": common::machine(),
+        "jobs_per_round": args.jobs,
+        "rounds": args.rounds,
+        "participants": args.participants,
+        "concurrency": args.concurrency,
+        "rust_log": args.rust_log,
+        "scrapes": scrapes,
+        "on": {"submit": s_on.json_ms(), "per_s": rate_on.round(), "server_cpu_us": cpu_on.round()},
+        "off": {"submit": s_off.json_ms(), "per_s": rate_off.round(), "server_cpu_us": cpu_off.round()},
+        "throughput_diff_pct": (pct(rate_on, rate_off) * 10.0).round() / 10.0,
+        "p99_diff_pct": (pct(s_on.p99_us, s_off.p99_us) * 10.0).round() / 10.0,
+        "submissions_counted": counted,
+        "goal": {"diff_pct_under": 5},
+    });
+    println!("{summary}");
+    Serve::stop(on.serve).await;
+    Serve::stop(off.serve).await;
+    Ok(())
+}
