@@ -20,7 +20,7 @@ pub struct Args {
     /// Submissions per round.
     #[arg(long, default_value_t = 2_000)]
     pub jobs: usize,
-    /// Rounds per server (alternating: on, off, off, on, on, off, ...).
+    /// Rounds per server.
     #[arg(long, default_value_t = 6)]
     pub rounds: usize,
     /// Participants submitting (job i belongs to participant i mod N), each with a WebSocket open.
@@ -29,6 +29,10 @@ pub struct Args {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// `alternate`: the servers take turns (on, off, off, on, ...), each alone on the machine;
+    /// `together`: both are driven at once in every round, so each moment's load falls on both.
+    #[arg(long, default_value = "together")]
+    pub mode: Mode,
     /// How often the metrics server's `/metrics` is read during its rounds (Prometheus: 15 s).
     #[arg(long, default_value_t = 1.0)]
     pub scrape_every_s: f64,
@@ -39,6 +43,12 @@ pub struct Args {
     pub bin: PathBuf,
     #[arg(long, default_value = "target/test-data/frontend/1.37.11")]
     pub frontend: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Alternate,
+    Together,
 }
 
 /// One server under test.
@@ -103,6 +113,21 @@ async fn side(
     })
 }
 
+/// One round of submissions to a server.
+async fn submissions(s: &Side, client: &reqwest::Client, args: &Args) -> Result<Phase> {
+    phase(
+        s.serve.pid,
+        client,
+        &s.serve.base,
+        &s.cookies,
+        Kind::Submit,
+        args.jobs,
+        args.concurrency,
+        s.submitted,
+    )
+    .await
+}
+
 /// Reads `/metrics` every `every` until stopped; how many reads and their total time.
 fn scraper(url: String, every: Duration, client: reqwest::Client) -> Scraper {
     let stop = Arc::new(tokio::sync::Notify::new());
@@ -110,10 +135,6 @@ fn scraper(url: String, every: Duration, client: reqwest::Client) -> Scraper {
     let task = tokio::spawn(async move {
         let (mut n, mut took) = (0u32, Duration::ZERO);
         loop {
-            tokio::select! {
-                _ = s.notified() => return (n, took),
-                _ = tokio::time::sleep(every) => {}
-            }
             let t = Instant::now();
             if let Ok(r) = client.get(&url).send().await
                 && r.status().is_success()
@@ -121,6 +142,10 @@ fn scraper(url: String, every: Duration, client: reqwest::Client) -> Scraper {
             {
                 n += 1;
                 took += t.elapsed();
+            }
+            tokio::select! {
+                _ = s.notified() => return (n, took),
+                _ = tokio::time::sleep(every) => {}
             }
         }
     });
@@ -139,7 +164,41 @@ impl Scraper {
     }
 }
 
+/// In-process: what recording the metrics one submission touches costs, with the real
+/// exporter's recorder (and with none, as `COMFYUME_METRICS=off` leaves it), in ns.
+fn recording_cost(iterations: u32) -> (f64, f64) {
+    use comfyume_gateway::telemetry as gw;
+    let one = || {
+        // The request (observe), the job (queue), the store call, the connection's bytes.
+        let route = String::from("/api/prompt");
+        metrics::counter!(gw::HTTP_REQUESTS, "route" => route.clone(), "method" => "POST", "status" => "200".to_owned())
+            .increment(1);
+        metrics::histogram!(gw::HTTP_DURATION, "route" => route).record(0.0015);
+        metrics::counter!(comfyume_dispatch::telemetry::JOBS_SUBMITTED).increment(1);
+        metrics::histogram!(comfyume_store::telemetry::STORE_OPERATION_DURATION, "op" => "enqueue")
+            .record(0.0004);
+    };
+    let time = || {
+        let t = Instant::now();
+        for _ in 0..iterations {
+            one();
+        }
+        t.elapsed().as_nanos() as f64 / iterations as f64
+    };
+    let off = time();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[0.001, 0.01, 0.1, 1.0])
+        .expect("buckets")
+        .build_recorder();
+    let on = metrics::with_local_recorder(&recorder, time);
+    (on, off)
+}
+
 pub async fn run(args: Args) -> Result<()> {
+    let (rec_on, rec_off) = recording_cost(200_000);
+    println!(
+        "recording one submission's metrics in-process: {rec_on:.0} ns with the exporter's recorder, {rec_off:.0} ns with none (200000 iterations)"
+    );
     let frontend = common::absolute(&args.frontend)
         .context("install it with scripts/install-frontend.sh target/test-data")?;
     let client = common::http_client()?;
@@ -147,45 +206,49 @@ pub async fn run(args: Args) -> Result<()> {
     let mut on = side("on", "on", &args, &client, tmp.path(), &frontend).await?;
     let mut off = side("off", "off", &args, &client, tmp.path(), &frontend).await?;
     let (mut scrapes, mut scrape_time) = (0u32, Duration::ZERO);
-    // ABBA: on, off, off, on, on, off, ...
+    let every = Duration::from_secs_f64(args.scrape_every_s.max(0.05));
     for round in 0..args.rounds * 2 {
+        // Alternate: on, off, off, on, on, off, ... (drift falls on both alike).
         let first_on = (round / 2) % 2 == 0;
         let metrics_on = (round % 2 == 0) == first_on;
-        let s = if metrics_on { &mut on } else { &mut off };
-        let scrape = match (&s.serve.metrics, metrics_on) {
-            (Some(url), true) => Some(scraper(
-                url.clone(),
-                Duration::from_secs_f64(args.scrape_every_s.max(0.05)),
-                client.clone(),
-            )),
-            _ => None,
+        if args.mode == Mode::Together && round >= args.rounds {
+            break;
+        }
+        let scrape = on
+            .serve
+            .metrics
+            .clone()
+            .filter(|_| metrics_on || args.mode == Mode::Together)
+            .map(|url| scraper(url, every, client.clone()));
+        let results: Vec<(bool, Phase)> = match args.mode {
+            Mode::Together => {
+                let (a, b) = tokio::join!(
+                    submissions(&on, &client, &args),
+                    submissions(&off, &client, &args)
+                );
+                vec![(true, a?), (false, b?)]
+            }
+            Mode::Alternate if metrics_on => vec![(true, submissions(&on, &client, &args).await?)],
+            Mode::Alternate => vec![(false, submissions(&off, &client, &args).await?)],
         };
-        let p = phase(
-            s.serve.pid,
-            &client,
-            &s.serve.base,
-            &s.cookies,
-            Kind::Submit,
-            args.jobs,
-            args.concurrency,
-            s.submitted,
-        )
-        .await?;
         if let Some(sc) = scrape {
             let (n, t) = sc.finish().await;
             scrapes += n;
             scrape_time += t;
         }
-        if p.failed > 0 {
-            bail!(
-                "{}: {} submissions failed: {}",
-                s.name,
-                p.failed,
-                p.first_failure.clone().unwrap_or_default()
-            );
+        for (is_on, p) in results {
+            let s = if is_on { &mut on } else { &mut off };
+            if p.failed > 0 {
+                bail!(
+                    "{}: {} submissions failed: {}",
+                    s.name,
+                    p.failed,
+                    p.first_failure.clone().unwrap_or_default()
+                );
+            }
+            s.submitted += args.jobs;
+            s.phases.push(p);
         }
-        s.submitted += args.jobs;
-        s.phases.push(p);
     }
     // The metrics server's own view, to show it counted every submission.
     let counted = match &on.serve.metrics {
@@ -223,16 +286,29 @@ pub async fn run(args: Args) -> Result<()> {
     let (s_on, rate_on, cpu_on, rounds_on) = stats(&on);
     let (s_off, rate_off, cpu_off, rounds_off) = stats(&off);
     let pct = |a: f64, b: f64| (a - b) / b * 100.0;
+    // Round by round (the n-th round of each), the throughput ratio; its median shrugs off
+    // the rounds a neighbour's build disturbed.
+    let mut ratios: Vec<f64> = rounds_on
+        .iter()
+        .zip(&rounds_off)
+        .map(|(a, b)| a / b)
+        .collect();
+    let paired = common::median(&mut ratios);
     common::print_machine();
     println!(
-        "binary: {} (INFERENCE_MODE=none, RUST_LOG={}), {} participants each with a WebSocket, {} in flight, {} rounds x {} submissions per server (alternating); /metrics read {} times during the metrics rounds ({:.1} ms each on average)",
+        "binary: {} (INFERENCE_MODE=none, RUST_LOG={}), {} participants each with a WebSocket, {} in flight, {} rounds x {} submissions per server ({}); /metrics read {} times, once at each round's start and then every {} s ({:.1} ms each on average)",
         common::absolute(&args.bin)?.display(),
         args.rust_log,
         args.participants,
         args.concurrency,
         args.rounds,
         args.jobs,
+        match args.mode {
+            Mode::Together => "both at once",
+            Mode::Alternate => "taking turns",
+        },
         scrapes,
+        args.scrape_every_s,
         scrape_time.as_secs_f64() * 1000.0 / scrapes.max(1) as f64
     );
     let row = |name: &str, s: &Summary, rate: f64, cpu: f64, rounds: &[f64]| {
@@ -271,8 +347,11 @@ pub async fn run(args: Args) -> Result<()> {
         ],
     );
     println!(
-        "with metrics: throughput {:+.1} %, p99 {:+.1} %, p50 {:+.1} %, server CPU per request {:+.1} % (goal: under 5 %); the metrics server counted {counted} submissions",
+        "with metrics ({:?}): throughput {:+.1} % (median of the {} round-by-round ratios: {:+.1} %), p99 {:+.1} %, p50 {:+.1} %, server CPU per request {:+.1} % (goal: under 5 %); the metrics server counted {counted} submissions",
+        args.mode,
         pct(rate_on, rate_off),
+        rounds_on.len().min(rounds_off.len()),
+        (paired - 1.0) * 100.0,
         pct(s_on.p99_us, s_off.p99_us),
         pct(s_on.p50_us, s_off.p50_us),
         pct(cpu_on, cpu_off),
@@ -288,9 +367,13 @@ pub async fn run(args: Args) -> Result<()> {
         "scrapes": scrapes,
         "on": {"submit": s_on.json_ms(), "per_s": rate_on.round(), "server_cpu_us": cpu_on.round()},
         "off": {"submit": s_off.json_ms(), "per_s": rate_off.round(), "server_cpu_us": cpu_off.round()},
+        "mode": format!("{:?}", args.mode).to_lowercase(),
         "throughput_diff_pct": (pct(rate_on, rate_off) * 10.0).round() / 10.0,
+        "throughput_paired_median_diff_pct": ((paired - 1.0) * 1000.0).round() / 10.0,
+        "server_cpu_diff_pct": (pct(cpu_on, cpu_off) * 10.0).round() / 10.0,
         "p99_diff_pct": (pct(s_on.p99_us, s_off.p99_us) * 10.0).round() / 10.0,
         "submissions_counted": counted,
+        "recording_ns_per_submission": {"on": rec_on.round(), "off": rec_off.round()},
         "goal": {"diff_pct_under": 5},
     });
     println!("{summary}");
