@@ -326,10 +326,62 @@ mod tests {
         assert!(!text.contains("cost_usd_total{endpoint=\"we"), "{text}");
     }
 
+    /// What the serverless backend's hooks leave on `/metrics`: one state at a time, cold
+    /// starts counted with their duration, failure reasons from the fixed list.
     #[test]
-    fn endpoint_failure_reasons_are_bounded() {
-        assert!(FAILURE_REASONS.contains(&"unreachable"));
-        // Not recorded anywhere without a recorder; this only must not panic.
-        endpoint_failure("x", "something a provider said");
+    fn hooks_record_bounded_series() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full(COLD_START_DURATION.into()),
+                BUCKETS[2].1,
+            )
+            .unwrap()
+            .build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            endpoint_state("h200-spot", "starting");
+            endpoint_state("h200-spot", "ready");
+            backend_state("gpu-1", "failing");
+            cold_start("h200-spot", 42.0);
+            endpoint_failure("h200-spot", "unreachable");
+            endpoint_failure(
+                "h200-spot",
+                "the provider said: quota for key sk-123 exceeded",
+            );
+        });
+        let text = handle.render();
+        let has = |line: &str| text.lines().any(|l| l == line);
+        assert!(
+            has(r#"comfyume_endpoint_state{endpoint="h200-spot",state="ready"} 1"#),
+            "{text}"
+        );
+        assert!(has(
+            r#"comfyume_endpoint_state{endpoint="h200-spot",state="starting"} 0"#
+        ));
+        assert!(has(
+            r#"comfyume_endpoint_state{endpoint="h200-spot",state="cold"} 0"#
+        ));
+        assert!(has(
+            r#"comfyume_backend_state{backend="gpu-1",state="failing"} 1"#
+        ));
+        assert!(has(
+            r#"comfyume_backend_state{backend="gpu-1",state="ready"} 0"#
+        ));
+        assert!(has(r#"comfyume_cold_starts_total{endpoint="h200-spot"} 1"#));
+        assert!(has(
+            r#"comfyume_cold_start_duration_seconds_bucket{endpoint="h200-spot",le="45"} 1"#
+        ));
+        assert!(has(
+            r#"comfyume_cold_start_duration_seconds_bucket{endpoint="h200-spot",le="30"} 0"#
+        ));
+        assert!(has(
+            r#"comfyume_endpoint_failures_total{endpoint="h200-spot",reason="unreachable"} 1"#
+        ));
+        assert!(has(
+            r#"comfyume_endpoint_failures_total{endpoint="h200-spot",reason="other"} 1"#
+        ));
+        assert!(!text.contains("sk-123"));
+        assert!(text.contains("# HELP comfyume_cold_starts_total"));
     }
 }
