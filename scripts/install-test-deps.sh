@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs what the integration and browser tests need on Debian bookworm, as root:
 #   - Debian: redis-server, chromium (+ fonts so screenshots have readable text), nginx (the
-#             reverse-proxy test starts its own on a free port), nodejs/npm if absent
-#   - PyPI:   comfyui-frontend-package (the frontend we serve) and moto[server] (local S3 server)
+#             reverse-proxy test starts its own on a free port), prometheus (prometheus and
+#             promtool) and prometheus-alertmanager (amtool): the monitoring tests check
+#             deploy/monitoring/ with them; nodejs/npm if absent
+#   - PyPI:   comfyui-frontend-package (the frontend we serve), moto[server] (local S3 server),
+#             PyYAML (the monitoring tests read deploy/monitoring/'s YAML with it)
 #   - npm:    tests/browser/node_modules from package-lock.json (playwright-core, no browser download)
 #   - crates.io: cargo-fuzz (the bounded fuzz run; `--sanitizer none` works on stable Rust)
 # Idempotent: every step checks first, so a rerun on a prepared machine takes a few seconds.
@@ -37,6 +40,7 @@ want_apt() {
     done
 }
 want_apt redis-server chromium fonts-dejavu-core ca-certificates nginx
+want_apt prometheus prometheus-alertmanager
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
     want_apt nodejs npm
 fi
@@ -62,7 +66,7 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"
 else
-    log "Debian packages already installed (redis-server, chromium, fonts, nginx, node, pip)"
+    log "Debian packages already installed (redis-server, chromium, fonts, nginx, prometheus, node, pip)"
 fi
 
 # --- Python packages ---------------------------------------------------------
@@ -97,6 +101,14 @@ else
     "$PYTHON" -m pip install "${pip_flags[@]}" "moto[server]==$MOTO_VERSION"
 fi
 
+# The monitoring tests read deploy/monitoring/'s YAML files (moto usually brings PyYAML along).
+if "$PYTHON" -c 'import yaml' >/dev/null 2>&1; then
+    log "PyYAML already installed"
+else
+    log "pip install PyYAML"
+    "$PYTHON" -m pip install "${pip_flags[@]}" "PyYAML>=6,<7"
+fi
+
 # --- npm packages for the browser story ----------------------------------------
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
 [ "$node_major" -ge 20 ] || die "Node.js >= 20 needed by playwright-core, found $(node --version)"
@@ -120,4 +132,4 @@ else
     cargo install --locked --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
-log "ok: redis-server $(redis-server --version | awk '{print $3}'), $(chromium --version 2>/dev/null | head -1), $(/usr/sbin/nginx -v 2>&1), node $(node --version), frontend $FRONTEND_VERSION, moto $MOTO_VERSION, playwright-core $want_pw"
+log "ok: redis-server $(redis-server --version | awk '{print $3}'), $(chromium --version 2>/dev/null | head -1), $(/usr/sbin/nginx -v 2>&1), $(prometheus --version 2>&1 | head -1 | cut -d' ' -f1-3), node $(node --version), frontend $FRONTEND_VERSION, moto $MOTO_VERSION, playwright-core $want_pw"

@@ -195,7 +195,7 @@ async fn set_job_priority(
     };
     match state.queue.set_job_priority(&id, b.level).await {
         Ok(_) => {
-            tracing::info!(instructor = %who.0, job = %id, level = ?b.level, "job priority changed");
+            tracing::info!(instructor = %who.0, job_id = %id, level = ?b.level, "job priority changed");
             Json(json!({"id": id, "level": b.level})).into_response()
         }
         Err(comfyume_dispatch::QueueError::Store(comfyume_store::StoreError::NotFound)) => {

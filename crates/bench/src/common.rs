@@ -244,6 +244,8 @@ pub struct Serve {
     pub listening_after: Duration,
     pub spawned_at: Instant,
     pub log: PathBuf,
+    /// `http://ADDR/metrics`, when metrics are on.
+    pub metrics: Option<String>,
 }
 
 impl Serve {
@@ -285,10 +287,14 @@ impl Serve {
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut metrics = None;
         let addr = loop {
             match tokio::time::timeout_at(deadline, lines.next_line()).await {
                 Err(_) => bail!("serve did not listen within 60 s; see {}", log.display()),
                 Ok(Ok(Some(l))) => {
+                    if let Some(m) = l.strip_prefix("metrics on ") {
+                        metrics = Some(m.trim().to_string());
+                    }
                     if let Some(a) = l.strip_prefix("listening on http://") {
                         break a.trim().parse::<SocketAddr>()?;
                     }
@@ -310,6 +316,7 @@ impl Serve {
             listening_after,
             spawned_at,
             log,
+            metrics,
         })
     }
 

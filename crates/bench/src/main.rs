@@ -6,6 +6,7 @@ mod browser_overhead;
 mod common;
 mod dispatch_latency;
 mod gpu_gap;
+mod instrumentation;
 mod overhead;
 mod pick;
 mod serverless;
@@ -43,6 +44,8 @@ enum Command {
     BrowserOverhead(browser_overhead::Args),
     /// The worker path against the local path; replicas busy under a backlog; spot eviction.
     Serverless(serverless::Args),
+    /// What metrics recording costs: submissions with COMFYUME_METRICS on and off, alternating.
+    Instrumentation(instrumentation::Args),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
             Command::Overhead(a) => overhead::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
             Command::Serverless(a) => serverless::run(a).await,
+            Command::Instrumentation(a) => instrumentation::run(a).await,
         }
     })
 }

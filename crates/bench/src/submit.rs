@@ -47,28 +47,28 @@ pub struct Args {
 }
 
 /// What one phase of requests gave.
-struct Phase {
+pub(crate) struct Phase {
     /// CPU time the server and this client used during the phase (ms).
-    server_cpu_ms: f64,
-    client_cpu_ms: f64,
-    latencies: Vec<Duration>,
-    wall: Duration,
-    ok: usize,
-    failed: usize,
-    first_failure: Option<String>,
+    pub(crate) server_cpu_ms: f64,
+    pub(crate) client_cpu_ms: f64,
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) wall: Duration,
+    pub(crate) ok: usize,
+    pub(crate) failed: usize,
+    pub(crate) first_failure: Option<String>,
     /// From the last round of reads: each participant's `queue_remaining`.
-    remaining: Vec<u64>,
+    pub(crate) remaining: Vec<u64>,
 }
 
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     Submit,
     Read,
 }
 
 /// `count` requests of `kind`, `concurrency` in flight, request i as participant i mod N.
 #[allow(clippy::too_many_arguments)]
-async fn phase(
+pub(crate) async fn phase(
     server_pid: u32,
     client: &reqwest::Client,
     base: &str,

@@ -116,6 +116,13 @@ impl ComfyUiBackend {
         let res = req.timeout(limit).send().await;
         metrics::histogram!(BACKEND_CALL_DURATION, "backend" => self.name.clone(), "call" => what.to_owned())
             .record(started.elapsed().as_secs_f64());
+        // A server error answered is a failed call too (the caller maps the status).
+        if let Ok(r) = &res
+            && r.status().is_server_error()
+        {
+            metrics::counter!(BACKEND_CALL_ERRORS, "backend" => self.name.clone(), "call" => what.to_owned(), "kind" => "http_5xx")
+                .increment(1);
+        }
         res.map_err(|e| self.failed(what, http_error(what, limit, e)))
     }
 

@@ -58,7 +58,7 @@ impl ComfyUiBackend {
         events: EventTx,
         interrupt: watch::Receiver<bool>,
     ) -> Result<Outcome, BackendError> {
-        let span = tracing::info_span!("comfyui_job", backend = %self.name, job = %job.id, attempt = job.attempt);
+        let span = tracing::info_span!("comfyui_job", job_id = %job.id, user = %job.user, backend = %self.name, attempt = job.attempt);
         let mut run = JobRun {
             b: self,
             client_id: self.socket.client_id().to_string(),
@@ -75,17 +75,17 @@ impl ComfyUiBackend {
             // The owner cancelled it: whatever went wrong since, it must not
             // be retried elsewhere.
             Err(e) if *cancel_requested.borrow() => {
-                tracing::warn!(backend = %self.name, job = %run.job.id, error = %e, "cancelled job ended with an error; reporting it interrupted");
+                tracing::warn!(backend = %self.name, job_id = %run.job.id, error = %e, "cancelled job ended with an error; reporting it interrupted");
                 Ok(run.cancelled())
             }
             other => other,
         };
         match &res {
             Ok(o) => {
-                tracing::info!(backend = %self.name, job = %run.job.id, outcome = outcome_label(&o.kind), "job ended on backend")
+                tracing::info!(backend = %self.name, job_id = %run.job.id, outcome = outcome_label(&o.kind), "job ended on backend")
             }
             Err(e) => {
-                tracing::warn!(backend = %self.name, job = %run.job.id, error = %e, "job failed on backend")
+                tracing::warn!(backend = %self.name, job_id = %run.job.id, error = %e, "job failed on backend")
             }
         }
         res
@@ -382,7 +382,7 @@ impl JobRun<'_> {
                         }
                     }
                     Some(WsEvent::Closed(why)) => {
-                        tracing::warn!(job = %self.job.id, backend = %self.b.name, reason = %why, "WebSocket dropped mid-job; reconnecting");
+                        tracing::warn!(job_id = %self.job.id, backend = %self.b.name, reason = %why, "WebSocket dropped mid-job; reconnecting");
                         match self.reconnect().await {
                             Ok(()) => {}
                             Err(e) => {
@@ -416,13 +416,13 @@ impl JobRun<'_> {
                             // than failed (a failure would be retried). ComfyUI
                             // honours the interrupt at its next node boundary.
                             Remote::Running | Remote::Pending => {
-                                tracing::warn!(job = %self.job.id, backend = %self.b.name, "the backend has not stopped the job yet; reporting it interrupted");
+                                tracing::warn!(job_id = %self.job.id, backend = %self.b.name, "the backend has not stopped the job yet; reporting it interrupted");
                                 Ok(self.cancelled())
                             }
                         };
                     }
                     if now >= silence_at {
-                        tracing::info!(job = %self.job.id, backend = %self.b.name, "no WebSocket news; asking /history and /queue");
+                        tracing::info!(job_id = %self.job.id, backend = %self.b.name, "no WebSocket news; asking /history and /queue");
                         if let Some(outcome) = self.check_remote().await? {
                             return Ok(outcome);
                         }
@@ -456,7 +456,7 @@ impl JobRun<'_> {
             delay = (delay * 2).min(RECONNECT_MAX_DELAY);
             match self.b.socket.ensure_connected(self.b).await {
                 Ok(()) => {
-                    tracing::info!(job = %self.job.id, backend = %self.b.name, attempt, "WebSocket open again");
+                    tracing::info!(job_id = %self.job.id, backend = %self.b.name, attempt, "WebSocket open again");
                     return Ok(());
                 }
                 Err(e) => last = Some(e),

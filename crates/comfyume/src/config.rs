@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// Address for /metrics (kept off the public listener).
     #[arg(long, env = "COMFYUME_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Record metrics: on, or off (no recorder, no metrics listener; for measuring what
+    /// the instrumentation costs).
+    #[arg(long, env = "COMFYUME_METRICS")]
+    pub metrics: Option<Switch>,
     /// The static ComfyUI frontend (default: DATA_DIR/frontend/1.37.11).
     #[arg(long, env = "COMFYUME_FRONTEND_DIR")]
     pub frontend_dir: Option<PathBuf>,
@@ -112,6 +116,14 @@ pub struct ServeArgs {
     pub max_connections: Option<u32>,
 }
 
+/// A setting that is on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// `INFERENCE_MODE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -137,6 +149,7 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<SocketAddr>,
     pub metrics_listen: Option<SocketAddr>,
+    pub metrics: Option<Switch>,
     pub frontend_dir: Option<PathBuf>,
     pub templates_dir: Option<PathBuf>,
     pub max_upload_size: Option<u64>,
@@ -179,6 +192,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    /// `COMFYUME_METRICS`: whether metrics are recorded and served.
+    pub metrics: bool,
     pub frontend_dir: PathBuf,
     pub templates_dir: Option<PathBuf>,
     pub max_upload_bytes: u64,
@@ -309,6 +324,7 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
             .metrics_listen
             .or(file.metrics_listen)
             .unwrap_or(([127, 0, 0, 1], 9188).into()),
+        metrics: args.metrics.or(file.metrics).unwrap_or(Switch::On) == Switch::On,
         templates_dir: args.templates_dir.clone().or(file.templates_dir.clone()),
         max_upload_bytes: args.max_upload_size.or(file.max_upload_size).unwrap_or(100)
             * 1024
@@ -539,6 +555,19 @@ mod tests {
         };
         let e = resolve_serve(&CommonArgs::default(), &bad).unwrap_err();
         assert!(format!("{e:#}").contains("TRUSTED_PROXIES"), "{e:#}");
+    }
+
+    #[test]
+    fn metrics_are_on_unless_switched_off() {
+        let d = resolve_serve(&CommonArgs::default(), &ServeArgs::default()).unwrap();
+        assert!(d.metrics);
+        let parsed: FileConfig = toml::from_str("metrics = \"off\"").unwrap();
+        assert_eq!(parsed.metrics, Some(Switch::Off));
+        let off = ServeArgs {
+            metrics: Some(Switch::Off),
+            ..Default::default()
+        };
+        assert!(!resolve_serve(&CommonArgs::default(), &off).unwrap().metrics);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `comfyume`: serve a workshop, manage its accounts and node definitions.
 
 mod config;
+mod logging;
 mod serve;
+mod telemetry;
 mod users;
 
 use std::path::PathBuf;

@@ -213,19 +213,6 @@ async fn refresh_once(state: &AppState, backends: &[Arc<dyn Backend>]) -> bool {
     }
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
-    }
-}
-
 /// SIGTERM or SIGINT. The handlers are installed here, before "listening" is printed:
 /// installed lazily, a signal in the first moments after start killed the process
 /// instead of stopping it gracefully.
@@ -283,7 +270,7 @@ fn precompress_frontend(dir: PathBuf) {
 
 pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     let cfg = resolve_serve(common, args)?;
-    init_logging(&cfg.log_format);
+    crate::logging::init(&cfg.log_format);
     if !cfg.frontend_dir.join("index.html").is_file() {
         bail!(
             "the ComfyUI frontend is not installed at {dir}\n\
@@ -298,11 +285,18 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     let store = crate::open_store(&cfg.data_dir).await?;
     precompress_frontend(cfg.frontend_dir.clone());
 
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    comfyume_gateway::telemetry::describe();
-    comfyume_dispatch::comfyui::telemetry::describe_metrics();
+    // Off: no recorder, so every metrics macro is a no-op (COMFYUME_METRICS=off).
+    let recorder = if cfg.metrics {
+        Some(crate::telemetry::install()?)
+    } else {
+        tracing::info!("COMFYUME_METRICS=off: no metrics are recorded");
+        None
+    };
+    tracing::info!(
+        version = crate::telemetry::VERSION,
+        commit = crate::telemetry::COMMIT,
+        "comfyume starting"
+    );
 
     let (backends, label, _sim, serverless) = build_backends(&cfg, &store).await?;
 
@@ -343,6 +337,15 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         cfg.data_dir.clone(),
     );
     let _dispatch = dispatcher.start(in_flight);
+    let collector = recorder.map(|handle| {
+        crate::telemetry::Collector::new(
+            handle,
+            state.store.clone(),
+            state.queue.clone(),
+            dispatcher.clone(),
+            cfg.data_dir.clone(),
+        )
+    });
     let backends_empty = backends.is_empty();
     if let Some((b, host)) = &serverless {
         let _ = host.state.set(state.clone());
@@ -362,40 +365,33 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         tracing::info!(nodes, "node definitions loaded");
     }
 
-    let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
-        .await
-        .with_context(|| format!("binding the metrics listener {}", cfg.metrics_listen))?;
-    let handle = recorder.clone();
-    tokio::spawn(async move {
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let h = handle.clone();
-                async move { h.render() }
-            }),
-        );
-        if let Err(e) = axum::serve(metrics_listener, app).await {
-            tracing::error!(error = %e, "metrics listener stopped");
-        }
-    });
-    // The exporter needs periodic upkeep to drain histogram buckets.
-    let upkeep = recorder.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
-        }
-    });
+    let mut extra = comfyume_admin::routes_with(serverless.map(|(b, _)| b));
+    if let Some(c) = &collector {
+        let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+            .await
+            .with_context(|| format!("binding the metrics listener {}", cfg.metrics_listen))?;
+        let metrics_addr = metrics_listener.local_addr()?;
+        let app = crate::telemetry::metrics_app(c.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, app).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        });
+        crate::telemetry::spawn_upkeep(c.handle.clone());
+        extra = extra.merge(crate::telemetry::admin_route(c.clone()));
+        tracing::info!(addr = %metrics_addr, "metrics at /metrics");
+        // Machine-readable, before the `listening on` line (tests bind port 0).
+        println!("metrics on http://{metrics_addr}/metrics");
+    }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let shutdown = shutdown_signal()?;
-    tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    let admin = comfyume_admin::routes_with(serverless.map(|(b, _)| b));
-    comfyume_gateway::launch_with_limits(state, listener, admin, cfg.limits, shutdown).await?;
+    comfyume_gateway::launch_with_limits(state, listener, extra, cfg.limits, shutdown).await?;
     Ok(())
 }

@@ -27,6 +27,8 @@ use crate::backend::{
     Backend, BackendError, BackendEvent, InputFile, JobSpec, Outcome, OutcomeKind,
 };
 use crate::queue::{Claim, Queue, now_ms};
+use crate::telemetry as tm;
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -171,6 +173,21 @@ impl Dispatcher {
             .collect()
     }
 
+    /// Sets the backend gauges (slots, slots in use, state); called at each metrics scrape.
+    pub fn record_metrics(&self) {
+        let now = now_ms();
+        for b in &self.backends {
+            let name = b.backend.name();
+            metrics::gauge!(tm::BACKEND_SLOTS, "backend" => name.to_owned())
+                .set(b.backend.slots() as f64);
+            metrics::gauge!(tm::BACKEND_SLOTS_IN_USE, "backend" => name.to_owned())
+                .set(b.active.load(Ordering::SeqCst) as f64);
+            let failed = b.failed_at_ms.load(Ordering::SeqCst);
+            let failing = failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS;
+            tm::backend_state(name, if failing { "failing" } else { "ready" });
+        }
+    }
+
     /// Starts the dispatch loop and the reconciler (both supervised: restarted
     /// if they ever end), after taking over the jobs a previous process left
     /// dispatched or running.
@@ -214,10 +231,14 @@ impl Dispatcher {
             None => {
                 let me = self.clone();
                 let why = why.to_string();
-                tokio::spawn(async move {
-                    me.retry_or_fail(rec, why).await;
-                    drop(claim);
-                });
+                let span = job_span(&rec, rec.backend.as_deref().unwrap_or("none"));
+                tokio::spawn(
+                    async move {
+                        me.retry_or_fail(rec, why).await;
+                        drop(claim);
+                    }
+                    .instrument(span),
+                );
             }
         }
     }
@@ -287,13 +308,19 @@ impl Dispatcher {
                 }
             };
             let Some((slot, models)) = lock(&chosen).take() else {
-                tracing::error!(job_id = %rec.id, "a job was taken without a backend; queueing it again");
-                let me = self.clone();
-                tokio::spawn(async move {
-                    me.retry_or_fail(rec, "internal error in the dispatcher".into())
-                        .await;
-                    drop(claim);
+                let span = job_span(&rec, "none");
+                span.in_scope(|| {
+                    tracing::error!("a job was taken without a backend; queueing it again")
                 });
+                let me = self.clone();
+                tokio::spawn(
+                    async move {
+                        me.retry_or_fail(rec, "internal error in the dispatcher".into())
+                            .await;
+                        drop(claim);
+                    }
+                    .instrument(span),
+                );
                 continue;
             };
             slot.active.fetch_add(1, Ordering::SeqCst);
@@ -329,23 +356,40 @@ impl Dispatcher {
     /// ends; a panic is contained and the job recorded as failed, not stuck.
     fn spawn_job(self: &Arc<Self>, lease: Lease, rec: JobRecord, reattach: bool) {
         let me = self.clone();
-        tokio::spawn(async move {
-            let (id, user, client) = (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
-            let inner = me.clone();
-            let res = tokio::spawn(async move { inner.run_job(lease, rec, reattach).await }).await;
-            if let Err(e) = res {
-                tracing::error!(job_id = %id, user = %user, error = %e, "job task crashed");
-                let _ = me
-                    .finish_failed(
-                        &id,
-                        &user,
-                        client.as_deref(),
-                        "internal error in the dispatcher",
-                        "ComfyUMe.InternalError",
-                    )
-                    .await;
+        let backend = lease.slot.backend.name().to_string();
+        // Every line about this attempt, the backend client's included, carries the
+        // job's id, owner, backend and attempt (see docs/monitoring.md).
+        let span = job_span(&rec, &backend);
+        if !reattach {
+            metrics::counter!(tm::DISPATCH_ATTEMPTS, "backend" => backend.clone()).increment(1);
+        }
+        let inner_span = span.clone();
+        tokio::spawn(
+            async move {
+                let (id, user, client) =
+                    (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
+                let inner = me.clone();
+                let res = tokio::spawn(
+                    async move { inner.run_job(lease, rec, reattach).await }.instrument(inner_span),
+                )
+                .await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "job task crashed");
+                    metrics::counter!(tm::DISPATCH_FAILURES, "backend" => backend, "reason" => "crashed")
+                        .increment(1);
+                    let _ = me
+                        .finish_failed(
+                            &id,
+                            &user,
+                            client.as_deref(),
+                            "internal error in the dispatcher",
+                            "ComfyUMe.InternalError",
+                        )
+                        .await;
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 
     fn input_files(&self, rec: &JobRecord) -> Vec<InputFile> {
@@ -401,10 +445,19 @@ impl Dispatcher {
             attempt: rec.attempts.max(1),
             reattach,
         };
-        let started = now_ms();
+        if reattach {
+            tracing::info!("job re-attached on its backend");
+        } else {
+            tracing::info!(
+                waited_ms = (now_ms() - rec.created_at_ms).max(0),
+                "job handed to its backend"
+            );
+        }
         let (ended, relayed_end) = self.attempt(&lease, &rec, spec).await;
-        metrics::histogram!("comfyume_job_run_seconds")
-            .record((now_ms() - started) as f64 / 1000.0);
+        let failed = |reason: &'static str| {
+            metrics::counter!(tm::DISPATCH_FAILURES, "backend" => backend.name().to_owned(), "reason" => reason)
+                .increment(1);
+        };
         // A job that succeeded within the grace after its timeout keeps its result.
         let ended = match ended {
             Ended::TimedOut(Some(Ok(o))) if o.kind == OutcomeKind::Success => {
@@ -419,13 +472,16 @@ impl Dispatcher {
             }
             Ended::Finished(Err(e)) if e.retryable() => {
                 lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
-                tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, error = %e, "backend failed the job");
+                failed(error_reason(&e));
+                tracing::warn!(error = %e, "backend failed the job");
                 // It may still run there (a lost socket, a /prompt that timed
                 // out after all): stop it before it runs anywhere else.
                 stop_on(&backend, &id, self.cfg.stop_grace).await;
                 self.retry_or_fail(rec, e.to_string()).await;
             }
             Ended::Finished(Err(e)) => {
+                failed(error_reason(&e));
+                tracing::warn!(error = %e, "backend refused the job");
                 let detail = match &e {
                     BackendError::Rejected(body) => body["error"]["message"]
                         .as_str()
@@ -445,7 +501,8 @@ impl Dispatcher {
             }
             Ended::NeverStarted => {
                 lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
-                tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, "the backend did not start the job in time");
+                failed("never_started");
+                tracing::warn!("the backend did not start the job in time");
                 let reason = format!(
                     "{} did not start the job within {} s",
                     backend.name(),
@@ -454,7 +511,8 @@ impl Dispatcher {
                 self.retry_or_fail(rec, reason).await;
             }
             Ended::TimedOut(_) => {
-                tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, "the job ran longer than JOB_TIMEOUT");
+                failed("job_timeout");
+                tracing::warn!("the job ran longer than JOB_TIMEOUT");
                 let msg = format!(
                     "The job ran longer than the workshop's limit ({} s) and was stopped.",
                     self.cfg.job_timeout.as_secs()
@@ -483,11 +541,14 @@ impl Dispatcher {
         let mut run = Box::pin(backend.run(spec, tx, interrupt));
         let mut relay = Relay::new(&self.queue, rec, backend.name());
         let mut mark = None;
+        // When execution started here (for the run time histogram).
+        let mut run_started = None;
         // A job re-attached while running keeps the clock it started with.
         let mut deadline = match (rec.state, rec.started_at_ms) {
             (JobState::Running, Some(at)) => {
                 mark = Some(self.mark_started(&lease.slot));
                 let ran = Duration::from_millis((now_ms() - at).max(0) as u64);
+                run_started = Some(Instant::now() - ran);
                 Instant::now() + self.cfg.job_timeout.saturating_sub(ran)
             }
             _ => Instant::now() + self.cfg.start_timeout,
@@ -498,7 +559,12 @@ impl Dispatcher {
                 Some(ev) = rx.recv() => {
                     if matches!(ev, BackendEvent::Started) && mark.is_none() {
                         mark = Some(self.mark_started(&lease.slot));
+                        run_started = Some(Instant::now());
                         deadline = Instant::now() + self.cfg.job_timeout;
+                        let waited = (now_ms() - rec.created_at_ms).max(0) as f64 / 1000.0;
+                        metrics::histogram!(tm::JOB_WAIT, "backend" => backend.name().to_owned())
+                            .record(waited);
+                        tracing::info!(waited_ms = (waited * 1000.0) as i64, "job started");
                     }
                     relay.handle(ev).await;
                 }
@@ -515,6 +581,10 @@ impl Dispatcher {
                 }
             }
         };
+        if let Some(t) = run_started {
+            metrics::histogram!(tm::JOB_RUN, "backend" => backend.name().to_owned())
+                .record(t.elapsed().as_secs_f64());
+        }
         let ended = match ended {
             Ended::Finished(res) => {
                 // The run is over and its sender gone: what it sent is all here.
@@ -544,7 +614,9 @@ impl Dispatcher {
                     // Told once more, in the background: a hung backend must not
                     // hold the slot or the owner's cap past the grace.
                     let (id, grace) = (rec.id.clone(), self.cfg.stop_grace);
-                    tokio::spawn(async move { stop_on(&backend, &id, grace).await });
+                    tokio::spawn(
+                        async move { stop_on(&backend, &id, grace).await }.in_current_span(),
+                    );
                 }
                 match timed_out {
                     Ended::TimedOut(_) => Ended::TimedOut(wound_down),
@@ -581,7 +653,9 @@ impl Dispatcher {
                 .await
             {
                 Ok(r) => {
-                    metrics::counter!("comfyume_job_retries_total").increment(1);
+                    let on = rec.backend.as_deref().unwrap_or("none").to_owned();
+                    metrics::counter!(tm::DISPATCH_RETRIES, "backend" => on).increment(1);
+                    tracing::info!(next_attempt = next, reason = %reason, "job queued again for another attempt");
                     notice(
                         &self.queue,
                         &user,
@@ -595,7 +669,7 @@ impl Dispatcher {
                     self.queue.broadcast_status(&user).await;
                 }
                 Err(e) => {
-                    tracing::error!(job_id = %id, user = %user, error = %e, "could not requeue a job");
+                    tracing::error!(error = %e, "could not requeue a job");
                     self.queue.reconcile_soon();
                 }
             }
@@ -651,7 +725,10 @@ impl Dispatcher {
             )
             .await;
         self.recorded(&rec.id, &rec.user, &res);
-        metrics::counter!("comfyume_jobs_finished_total", "state" => state.as_str()).increment(1);
+        if res.is_ok() {
+            tm::job_finished(state);
+            tracing::info!(outcome = state.as_str(), "job finished");
+        }
         if let (Some(msg), Some(c)) = (missed_end, rec.client_id.as_deref()) {
             self.queue
                 .events()
@@ -716,7 +793,10 @@ impl Dispatcher {
             let msg = json!({"type": "execution_error", "data": data});
             self.queue.events().to_client(user, c, &msg.to_string());
         }
-        metrics::counter!("comfyume_jobs_finished_total", "state" => "failed").increment(1);
+        if res.is_ok() {
+            tm::job_finished(JobState::Failed);
+            tracing::info!(outcome = "failed", reason = %message, "job finished");
+        }
         self.end_marker(user, client_id, id).await;
         res.map(|_| ())
     }
@@ -727,6 +807,28 @@ impl Dispatcher {
             let end = json!({"type": "executing", "data": {"node": null, "prompt_id": id}});
             self.queue.events().to_client(user, c, &end.to_string());
         }
+    }
+}
+
+/// The span every log line about one attempt of a job runs in.
+fn job_span(rec: &JobRecord, backend: &str) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        job_id = %rec.id,
+        user = %rec.user,
+        backend = %backend,
+        attempt = rec.attempts,
+    )
+}
+
+/// The `reason` label of a backend's error.
+fn error_reason(e: &BackendError) -> &'static str {
+    match e {
+        BackendError::Unreachable(_) => "unreachable",
+        BackendError::Lost(_) => "lost",
+        BackendError::Timeout(_) => "timeout",
+        BackendError::Protocol(_) => "protocol",
+        BackendError::Rejected(_) => "rejected",
     }
 }
 

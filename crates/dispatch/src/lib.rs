@@ -5,6 +5,7 @@ pub mod backend;
 pub mod dispatcher;
 pub mod events;
 pub mod queue;
+pub mod telemetry;
 
 pub use backend::{Backend, BackendError, BackendEvent, JobSpec, Outcome, OutcomeKind, Timeouts};
 pub use comfyui::ComfyUiBackend;

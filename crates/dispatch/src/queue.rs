@@ -152,6 +152,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Jobs a participant removed from the queue before they started.
+fn cancelled(user: &str, ids: &[String]) {
+    for id in ids {
+        crate::telemetry::job_finished(JobState::Cancelled);
+        tracing::info!(job_id = %id, user = %user, "job cancelled before it started");
+    }
+}
+
 fn model_list(r: &JobRecord) -> Arc<[String]> {
     Arc::from(comfyume_comfyui::model_files(&r.prompt))
 }
@@ -204,7 +212,7 @@ impl Queue {
                 JobState::Queued => {
                     models.insert(r.id.clone(), model_list(&r));
                     if let Err(e) = sched.enqueue(queued_job(&r)) {
-                        tracing::error!(job = %r.id, error = %e, "could not restore a queued job");
+                        tracing::error!(job_id = %r.id, user = %r.user, error = %e, "could not restore a queued job");
                     }
                 }
                 // Counted toward their owners' caps once the dispatcher claims them.
@@ -272,12 +280,15 @@ impl Queue {
     /// reached the store cannot leave it committed but unscheduled.
     pub async fn submit(self: &Arc<Self>, job: NewJob) -> Result<JobRecord, QueueError> {
         let me = self.clone();
-        tokio::spawn(async move { me.submit_now(job).await })
-            .await
-            .map_err(|e| {
-                self.reconcile_soon.notify_one();
-                QueueError::Internal(e.to_string())
-            })?
+        // In the caller's span: the "job queued" line keeps the request's id.
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
+            me.submit_now(job).await
+        }))
+        .await
+        .map_err(|e| {
+            self.reconcile_soon.notify_one();
+            QueueError::Internal(e.to_string())
+        })?
     }
 
     async fn submit_now(&self, job: NewJob) -> Result<JobRecord, QueueError> {
@@ -295,9 +306,10 @@ impl Queue {
         lock(&self.models).insert(rec.id.clone(), model_list(&rec));
         if let Err(e) = self.sched().enqueue(queued_job(&rec)) {
             // Only an id the scheduler already holds (a reconcile got there first).
-            tracing::debug!(job = %rec.id, error = %e, "job already scheduled");
+            tracing::debug!(job_id = %rec.id, user = %rec.user, error = %e, "job already scheduled");
         }
-        metrics::counter!("comfyume_jobs_submitted_total").increment(1);
+        metrics::counter!(crate::telemetry::JOBS_SUBMITTED).increment(1);
+        tracing::info!(job_id = %rec.id, user = %rec.user, "job queued");
         self.notify.notify_waiters();
         // Counted in the transaction that stored the job: no second read.
         self.send_status(&user, remaining).await;
@@ -311,6 +323,7 @@ impl Queue {
         ids: &[String],
     ) -> Result<Vec<String>, QueueError> {
         let removed = self.store.delete_queued(user, ids).await?;
+        cancelled(user, &removed);
         {
             let mut s = self.sched();
             for id in &removed {
@@ -326,6 +339,7 @@ impl Queue {
     /// Removes all of the participant's pending jobs (ComfyUI's queue `clear`).
     pub async fn clear_queued(&self, user: &str) -> Result<Vec<String>, QueueError> {
         let removed = self.store.clear_queued(user).await?;
+        cancelled(user, &removed);
         {
             let mut s = self.sched();
             for id in &removed {
@@ -498,7 +512,7 @@ impl Queue {
     pub fn requeue(&self, rec: &JobRecord) {
         lock(&self.models).insert(rec.id.clone(), model_list(rec));
         if let Err(e) = self.sched().requeue(queued_job(rec)) {
-            tracing::error!(job = %rec.id, error = %e, "could not requeue a job");
+            tracing::error!(job_id = %rec.id, user = %rec.user, error = %e, "could not requeue a job");
         }
         self.notify.notify_waiters();
     }
@@ -539,6 +553,20 @@ impl Queue {
 
     pub fn queued_len(&self) -> usize {
         self.sched().len()
+    }
+
+    /// Each participant's queued and running (taken from the queue) jobs, and how long the
+    /// oldest waiting job has waited (ms): what the metrics show at each scrape.
+    pub fn load(&self) -> (Vec<(String, usize, u32)>, i64) {
+        let s = self.sched();
+        let users = s
+            .user_counts()
+            .map(|(u, q, r)| (u.to_owned(), q, r))
+            .collect();
+        let oldest = s
+            .oldest_enqueued_ms()
+            .map_or(0, |at| (now_ms() - at).max(0));
+        (users, oldest)
     }
 
     pub fn policy(&self) -> Policy {

@@ -203,7 +203,7 @@ impl Watcher {
                 .transition(id, &[JobState::Cancelled], JobState::Cancelled, patch)
                 .await
             {
-                tracing::warn!(job = %id, error = %e, "could not record why a job was cancelled");
+                tracing::warn!(job_id = %id, user, error = %e, "could not record why a job was cancelled");
             }
         }
         let stopped = st.queue.interrupt(user, None);

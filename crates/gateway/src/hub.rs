@@ -144,7 +144,12 @@ impl Conn {
         if queued {
             return;
         }
-        metrics::counter!(crate::telemetry::WS_DROPPED).increment(1);
+        let label = match priority {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::Critical => "critical",
+        };
+        metrics::counter!(crate::telemetry::WS_DROPPED, "priority" => label).increment(1);
         if priority == Priority::Critical {
             tracing::warn!(
                 conn = self.conn_id,
@@ -273,12 +278,19 @@ impl Hub {
             }
         });
         u.conns.push(conn.clone());
-        metrics::gauge!(crate::telemetry::WS_OPEN).set(Self::count(&users) as f64);
+        Self::gauges(&users);
         (conn, rx)
     }
 
     fn count(users: &HashMap<String, UserSockets>) -> usize {
         users.values().map(|u| u.conns.len()).sum()
+    }
+
+    /// Open sockets, and participants with at least one open.
+    fn gauges(users: &HashMap<String, UserSockets>) {
+        metrics::gauge!(crate::telemetry::WS_OPEN).set(Self::count(users) as f64);
+        let online = users.values().filter(|u| !u.conns.is_empty()).count();
+        metrics::gauge!(crate::telemetry::PARTICIPANTS_ONLINE).set(online as f64);
     }
 
     pub fn unregister(&self, user: &str, conn_id: u64) {
@@ -289,7 +301,7 @@ impl Hub {
                 users.remove(user);
             }
         }
-        metrics::gauge!(crate::telemetry::WS_OPEN).set(Self::count(&users) as f64);
+        Self::gauges(&users);
     }
 
     fn conns(&self, user: &str) -> Vec<Arc<Conn>> {

@@ -13,6 +13,7 @@ pub mod headers;
 pub mod hub;
 pub mod limits;
 pub mod login;
+pub mod observe;
 pub mod paths;
 pub mod precompress;
 pub mod provision;
@@ -29,10 +30,9 @@ pub mod ws;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -161,6 +161,8 @@ async fn authenticated(State(state): State<AppState>, req: Request, next: Next) 
         Ok(w) => w,
         Err(rejection) => return rejection,
     };
+    // The request's span (see `observe`): its log lines now name the participant.
+    tracing::Span::current().record("user", who.name.as_str());
     // A participant's folders are made when they sign in; the instructor may open a
     // workspace before its owner ever did.
     if who.name != who.caller.name
@@ -174,23 +176,6 @@ async fn authenticated(State(state): State<AppState>, req: Request, next: Next) 
     if let Some(auth::NewSession(c)) = cookie {
         resp.headers_mut().append(axum::http::header::SET_COOKIE, c);
     }
-    resp
-}
-
-async fn track_metrics(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "static".into());
-    let method = req.method().to_string();
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16().to_string();
-    metrics::counter!(telemetry::HTTP_REQUESTS, "route" => route.clone(), "method" => method, "status" => status)
-        .increment(1);
-    metrics::histogram!(telemetry::HTTP_DURATION, "route" => route)
-        .record(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -273,7 +258,10 @@ pub fn router_with_limits(
         .layer(middleware::from_fn_with_state(state.clone(), same_origin))
         .layer(middleware::from_fn_with_state(state.clone(), client_info))
         .layer(middleware::from_fn(headers::security_headers))
-        .layer(middleware::from_fn(track_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            observe::observe,
+        ))
         .layer(
             CompressionLayer::new()
                 .no_br()

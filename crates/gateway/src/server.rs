@@ -65,6 +65,9 @@ struct Tracked {
     inner: TcpStream,
     activity: Arc<Activity>,
     _place: OwnedSemaphorePermit,
+    /// Bytes moved (handles taken once per connection: each count is one atomic add).
+    sent: metrics::Counter,
+    received: metrics::Counter,
 }
 
 impl AsyncRead for Tracked {
@@ -75,8 +78,10 @@ impl AsyncRead for Tracked {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        let n = buf.filled().len() - before;
+        if n > 0 {
             self.activity.touch();
+            self.received.increment(n as u64);
         }
         r
     }
@@ -89,8 +94,11 @@ impl AsyncWrite for Tracked {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
             self.activity.touch();
+            self.sent.increment(n as u64);
         }
         r
     }
@@ -106,8 +114,11 @@ impl AsyncWrite for Tracked {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+        if let Poll::Ready(Ok(n)) = r
+            && n > 0
+        {
             self.activity.touch();
+            self.sent.increment(n as u64);
         }
         r
     }
@@ -206,6 +217,8 @@ async fn connection<S>(
         inner: tcp,
         activity: activity.clone(),
         _place: place,
+        sent: metrics::counter!(crate::telemetry::HTTP_SENT_BYTES),
+        received: metrics::counter!(crate::telemetry::HTTP_RECEIVED_BYTES),
     });
     let svc = app.map_request(move |req: hyper::Request<Incoming>| {
         let mut req = req.map(Body::new);

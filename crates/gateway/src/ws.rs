@@ -66,9 +66,14 @@ pub async fn ws_handler(
         session: who.session,
         client_id,
     };
+    // The socket's log lines keep the upgrade request's id and participant (the socket
+    // runs in a task of its own, outside the request's span).
+    let span = tracing::Span::current();
     upgrade
         .max_message_size(1024 * 1024)
-        .on_upgrade(move |socket| serve_socket(state, reg, permit, socket))
+        .on_upgrade(move |socket| {
+            tracing::Instrument::instrument(serve_socket(state, reg, permit, socket), span)
+        })
 }
 
 pub fn status_message(queue_remaining: u64, sid: Option<&str>) -> String {

@@ -546,6 +546,24 @@ impl Scheduler {
         self.users.get(user).map_or(0, |u| u.running)
     }
 
+    /// Every participant the scheduler knows, with their queued and running counts (for
+    /// the metrics; participants whose counts fell to zero may be listed with zeros).
+    pub fn user_counts(&self) -> impl Iterator<Item = (&str, usize, u32)> {
+        self.users
+            .iter()
+            .map(|(name, u)| (name.as_str(), u.queued, u.running))
+    }
+
+    /// When the longest-waiting queued job was enqueued (ms), `None` when none waits.
+    pub fn oldest_enqueued_ms(&self) -> Option<i64> {
+        self.users
+            .values()
+            .flat_map(|u| u.groups.iter())
+            .flat_map(|g| g.values())
+            .map(|j| j.enqueued_at_ms)
+            .min()
+    }
+
     fn rules(&self) -> Rules {
         Rules {
             policy: self.policy,

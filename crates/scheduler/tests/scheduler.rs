@@ -413,3 +413,40 @@ fn position_and_projected_order_match_uncapped_picks() {
         assert_eq!(picked, projected, "{policy}");
     }
 }
+
+/// What the metrics read: each participant's queued and running counts, and the oldest
+/// waiting job's enqueue time, whatever its place in the order (`front` jobs included).
+#[test]
+fn counts_and_oldest_wait_for_the_metrics() {
+    let mut s = Scheduler::new(Policy::RoundRobin, limits(1));
+    assert_eq!(s.oldest_enqueued_ms(), None);
+    let mut a1 = job("a1", "a", 1, 1.0);
+    a1.enqueued_at_ms = 5_000;
+    let mut a2 = job("a2", "a", 2, 2.0);
+    a2.enqueued_at_ms = 6_000;
+    // Sent to the front of b's queue, but submitted earliest.
+    let mut b1 = job("b1", "b", 3, -1.0);
+    b1.enqueued_at_ms = 1_000;
+    let mut b2 = job("b2", "b", 4, 3.0);
+    b2.enqueued_at_ms = 7_000;
+    for j in [a1, a2, b2, b1] {
+        s.enqueue(j).unwrap();
+    }
+    assert_eq!(s.oldest_enqueued_ms(), Some(1_000));
+    let picked = s.pick(10_000).unwrap();
+    let mut counts: Vec<(String, usize, u32)> = s
+        .user_counts()
+        .map(|(u, q, r)| (u.to_owned(), q, r))
+        .collect();
+    counts.sort();
+    let who = picked.user.clone();
+    let expect = |u: &str| if u == who { (1, 1) } else { (2, 0) };
+    for (u, q, r) in &counts {
+        assert_eq!((*q, *r), expect(u), "{u}");
+    }
+    assert_eq!(counts.len(), 2);
+    assert!(s.finished(&who));
+    s.remove("b1");
+    s.remove("a1");
+    assert_eq!(s.oldest_enqueued_ms(), Some(6_000));
+}

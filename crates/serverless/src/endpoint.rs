@@ -158,6 +158,12 @@ impl Endpoint {
         }
     }
 
+    /// Exports the endpoint's state to the metrics (`comfyume_endpoint_state`).
+    pub fn publish_state(&self) {
+        let state = policy::endpoint_state(&inputs(&self.st()));
+        comfyume_dispatch::telemetry::endpoint_state(self.name(), state.as_str());
+    }
+
     /// The instructor's view (no secrets: the URL without user info or query).
     pub fn view(&self, default_cold_secs: u64, role: &str, gpu_ms: u64, jobs: u64) -> Value {
         let s = self.st();
@@ -257,6 +263,7 @@ impl InFlight {
         s.cold.take().map(|c| {
             let secs = c.began.elapsed().as_secs().max(1);
             policy::push_sample(&mut s.cold_starts, secs);
+            comfyume_dispatch::telemetry::cold_start(&self.ep.cfg.name, secs as f64);
             secs
         })
     }

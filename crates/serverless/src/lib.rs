@@ -325,6 +325,11 @@ impl ServerlessBackend {
             *u.endpoint_jobs.entry(ep.name().to_owned()).or_default() += 1;
             u.clone()
         };
+        comfyume_dispatch::telemetry::gpu_billed(
+            ep.name(),
+            ms as f64 / 1000.0,
+            policy::gpu_cost(ms, ep.cfg.price_eur_per_hour),
+        );
         {
             let mut r = lock(&self.recent);
             r.push_back(JobCost {
@@ -496,6 +501,7 @@ impl ServerlessBackend {
         let res = attempt.run(interrupt).await;
         drop(attempt);
         drop(permit);
+        ep.publish_state();
         match &res {
             Ok(_) => {
                 ep.succeeded();
@@ -508,6 +514,14 @@ impl ServerlessBackend {
             }
             Err(e) => {
                 let msg = e.to_string();
+                let reason = match e {
+                    BackendError::Unreachable(_) => "unreachable",
+                    BackendError::Lost(_) => "lost",
+                    BackendError::Timeout(_) => "timeout",
+                    BackendError::Protocol(_) => "protocol",
+                    BackendError::Rejected(_) => "rejected",
+                };
+                comfyume_dispatch::telemetry::endpoint_failure(ep.name(), reason);
                 if ep.failed(&msg, self.cfg.fail_threshold) {
                     // The instructor sees it in the admin API's state, and here.
                     tracing::warn!(endpoint = %ep.name(), error = %msg,

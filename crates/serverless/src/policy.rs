@@ -89,6 +89,19 @@ pub struct StateInputs {
     pub recently_served: bool,
 }
 
+impl EndpointState {
+    /// The name the admin API and the metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Cold => "cold",
+            EndpointState::Starting => "starting",
+            EndpointState::Ready => "ready",
+            EndpointState::Busy => "busy",
+            EndpointState::Failing => "failing",
+        }
+    }
+}
+
 pub fn endpoint_state(s: &StateInputs) -> EndpointState {
     if s.passed_over {
         return EndpointState::Failing;

@@ -59,6 +59,9 @@ where
 async fn poll_loop(b: Arc<ServerlessBackend>) {
     loop {
         poll_once(&b).await;
+        for ep in &b.endpoints {
+            ep.publish_state();
+        }
         tokio::time::sleep(b.cfg.poll_every).await;
     }
 }

@@ -1140,6 +1140,20 @@ pub async fn count_jobs(b: &dyn Backend) {
         1
     );
     assert_eq!(s.count_jobs(Some("zz"), &[]).await.unwrap(), 0);
+    // Every state, in order, zeros included (the `comfyume_jobs` gauge reads these).
+    let counts = s.job_state_counts().await.unwrap();
+    assert_eq!(
+        counts,
+        vec![
+            (JobState::Queued, 3),
+            (JobState::Dispatched, 1),
+            (JobState::Running, 0),
+            (JobState::Succeeded, 1),
+            (JobState::Failed, 0),
+            (JobState::Cancelled, 0),
+            (JobState::Interrupted, 1),
+        ]
+    );
 
     // Submitting also answers the owner's unfinished count (queued, dispatched, running),
     // the number their `status` message shows; finished jobs and others' do not count.

@@ -13,6 +13,7 @@ pub mod conformance;
 mod password;
 pub mod session_cache;
 pub mod sqlite;
+pub mod telemetry;
 
 /// Every failure a store reports. Callers map these to HTTP once.
 #[derive(Debug, thiserror::Error)]
@@ -451,6 +452,16 @@ pub trait JobStore: Send + Sync {
     async fn clear_history(&self, user: &str) -> Result<u64, StoreError>;
     /// Empty `states` means every state.
     async fn count_jobs(&self, user: Option<&str>, states: &[JobState]) -> Result<u64, StoreError>;
+    /// How many jobs are in each state, every state listed (zeros included) in
+    /// [`JobState::ALL`]'s order: the `comfyume_jobs` gauge. An implementation that keeps
+    /// per-state counters answers with one read.
+    async fn job_state_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        let mut out = Vec::with_capacity(JobState::ALL.len());
+        for state in JobState::ALL {
+            out.push((state, self.count_jobs(None, &[state]).await?));
+        }
+        Ok(out)
+    }
 }
 
 /// Everything the application needs; hold it as `Arc<dyn Store>`.

@@ -22,7 +22,9 @@ use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 
+/// A refused submission, counted by its error type.
 fn prompt_error(e: PromptError) -> Response {
+    crate::telemetry::job_refused(e.error_type());
     (StatusCode::BAD_REQUEST, Json(e.body())).into_response()
 }
 
@@ -48,6 +50,7 @@ pub async fn post_prompt(
     let body = match crate::limits::read_body(req).await {
         Ok(b) => b,
         Err(e) => {
+            crate::telemetry::job_refused("request_too_large");
             let body = PromptError::rejected("request_too_large", &e.message(), "").body();
             return (e.status(), Json(body)).into_response();
         }
@@ -136,6 +139,7 @@ fn submit_error(e: StoreError, prompt_id: &str) -> Response {
         )),
         StoreError::Unavailable(reason) => {
             tracing::error!(%reason, "could not store a job");
+            crate::telemetry::job_refused("server_unavailable");
             let mut body = PromptError::rejected(
                 "server_unavailable",
                 "The server could not save your job. Nothing was queued; please try again.",
@@ -147,6 +151,7 @@ fn submit_error(e: StoreError, prompt_id: &str) -> Response {
         }
         other => {
             tracing::error!(error = %other, "could not store a job");
+            crate::telemetry::job_refused("server_error");
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
                 Json(

@@ -176,13 +176,16 @@ impl SqliteStore {
         what: &'static str,
         fut: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.op_timeout, fut).await {
+        let started = std::time::Instant::now();
+        let res = match tokio::time::timeout(self.op_timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable(format!(
                 "{what} timed out after {} ms",
                 self.op_timeout.as_millis()
             ))),
-        }
+        };
+        crate::telemetry::record(what, started.elapsed(), &res);
+        res
     }
 
     /// [`Self::timed`] for a change to accounts or sessions: cached session lookups are
@@ -973,7 +976,10 @@ impl JobStore for SqliteStore {
         }
         // Group commit (see `enqueue.rs`): the checks and the insert are one statement in a
         // transaction shared with the submissions that arrived meanwhile.
-        let (rec, n) = self.enqueuer.enqueue(job, limits, now_ms()).await?;
+        let started = std::time::Instant::now();
+        let res = self.enqueuer.enqueue(job, limits, now_ms()).await;
+        crate::telemetry::record("enqueue", started.elapsed(), &res);
+        let (rec, n) = res?;
         Ok((rec, Some(n)))
     }
 
@@ -1182,5 +1188,27 @@ impl JobStore for SqliteStore {
             Ok(count_u64(n))
         })
         .await
+    }
+
+    async fn job_state_counts(&self) -> Result<Vec<(JobState, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = self
+            .timed("job_state_counts", async {
+                // Kept by triggers (migration 0002): one small read, no scan of the jobs.
+                sqlx::query_as("SELECT state, n FROM job_state_counts")
+                    .fetch_all(&self.read)
+                    .await
+                    .db()
+            })
+            .await?;
+        Ok(JobState::ALL
+            .into_iter()
+            .map(|state| {
+                let n = rows
+                    .iter()
+                    .find(|(s, _)| s == state.as_str())
+                    .map_or(0, |(_, n)| count_u64(*n));
+                (state, n)
+            })
+            .collect())
     }
 }
