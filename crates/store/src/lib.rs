@@ -173,7 +173,7 @@ pub struct MetaEntry {
     pub source: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -451,11 +451,168 @@ pub trait JobStore: Send + Sync {
     async fn clear_history(&self, user: &str) -> Result<u64, StoreError>;
     /// Empty `states` means every state.
     async fn count_jobs(&self, user: Option<&str>, states: &[JobState]) -> Result<u64, StoreError>;
+    /// Light rows for dashboards. The default reads whole records; backends override it.
+    async fn job_summaries(&self, q: &SummaryQuery) -> Result<Vec<JobSummary>, StoreError> {
+        let (jobs, _) = self
+            .list_jobs(&JobQuery {
+                states: q.states.clone(),
+                ..Default::default()
+            })
+            .await?;
+        let mut out: Vec<JobSummary> = jobs
+            .iter()
+            .filter(|r| summary_matches(r, q))
+            .map(JobSummary::from)
+            .collect();
+        if q.order == SummaryOrder::FinishedDesc {
+            out.sort_by(|a, b| {
+                b.finished_at_ms
+                    .cmp(&a.finished_at_ms)
+                    .then(b.seq.cmp(&a.seq))
+            });
+        }
+        if let Some(n) = q.limit {
+            out.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        Ok(out)
+    }
+    /// Every participant with jobs: counts by state, GPU time, last activity; sorted by name.
+    /// The default reads whole records; backends override it.
+    async fn user_job_stats(&self) -> Result<Vec<UserJobStats>, StoreError> {
+        let (jobs, _) = self.list_jobs(&JobQuery::default()).await?;
+        let mut by: std::collections::BTreeMap<String, UserJobStats> = Default::default();
+        for r in &jobs {
+            let e = by.entry(r.user.clone()).or_insert_with(|| UserJobStats {
+                user: r.user.clone(),
+                ..Default::default()
+            });
+            *e.counts.entry(r.state).or_default() += 1;
+            if let (Some(s), Some(f)) = (r.started_at_ms, r.finished_at_ms) {
+                e.gpu_ms += u64::try_from(f - s).unwrap_or(0);
+            }
+            let last = r
+                .created_at_ms
+                .max(r.started_at_ms.unwrap_or(0))
+                .max(r.finished_at_ms.unwrap_or(0));
+            e.last_activity_ms = e.last_activity_ms.max(last);
+        }
+        Ok(by.into_values().collect())
+    }
+}
+
+/// A job without its heavy parts (prompt, extra data, messages): what dashboards list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub seq: i64,
+    pub id: String,
+    pub user: String,
+    pub state: JobState,
+    pub priority: Option<u8>,
+    pub attempts: u32,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub backend: Option<String>,
+    pub error: Option<serde_json::Value>,
+    /// `{node_id: ui}`, as in [`JobRecord::outputs`].
+    pub outputs: serde_json::Value,
+}
+
+impl From<&JobRecord> for JobSummary {
+    fn from(r: &JobRecord) -> Self {
+        JobSummary {
+            seq: r.seq,
+            id: r.id.clone(),
+            user: r.user.clone(),
+            state: r.state,
+            priority: r.priority,
+            attempts: r.attempts,
+            created_at_ms: r.created_at_ms,
+            started_at_ms: r.started_at_ms,
+            finished_at_ms: r.finished_at_ms,
+            backend: r.backend.clone(),
+            error: r.error.clone(),
+            outputs: r.outputs.clone(),
+        }
+    }
+}
+
+/// Order of [`SummaryQuery`] results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SummaryOrder {
+    #[default]
+    SeqAsc,
+    /// Newest `finished_at_ms` first (unfinished last), then newest `seq`.
+    FinishedDesc,
+}
+
+/// Filters for [`JobStore::job_summaries`]. Empty `states` means every state.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SummaryQuery {
+    pub states: Vec<JobState>,
+    /// Only jobs created at or after this (ms).
+    pub created_since_ms: Option<i64>,
+    pub order: SummaryOrder,
+    pub limit: Option<u64>,
+}
+
+/// One participant's jobs, counted by state, and their GPU time.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UserJobStats {
+    pub user: String,
+    /// Jobs in each state (states without jobs are absent).
+    pub counts: std::collections::BTreeMap<JobState, u64>,
+    /// Sum of `finished_at_ms - started_at_ms` over their finished jobs that started.
+    pub gpu_ms: u64,
+    /// The latest submission, start or end of one of their jobs (ms).
+    pub last_activity_ms: i64,
+}
+
+fn summary_matches(r: &JobRecord, q: &SummaryQuery) -> bool {
+    (q.states.is_empty() || q.states.contains(&r.state))
+        && q.created_since_ms.is_none_or(|t| r.created_at_ms >= t)
+}
+
+/// An instructor's action as recorded in the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewAudit {
+    /// Who did it (an account name).
+    pub actor: String,
+    /// What, as a short dotted name (`job.cancel`, `queue.pause`, ...).
+    pub action: String,
+    /// On what (a job id, a participant, ...), if anything in particular.
+    pub target: Option<String>,
+    /// Parameters and outcome; never a secret.
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Strictly increasing, never reused.
+    pub seq: i64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Durable when it returns.
+    async fn append_audit(&self, entry: NewAudit) -> Result<AuditEntry, StoreError>;
+    /// Newest first: entries numbered below `before` (every entry when `None`), at most `limit`.
+    async fn list_audit(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 /// Everything the application needs; hold it as `Arc<dyn Store>`.
-pub trait Store: UserStore + MetaStore + JobStore {}
-impl<T: UserStore + MetaStore + JobStore + ?Sized> Store for T {}
+pub trait Store: UserStore + MetaStore + JobStore + AuditStore {}
+impl<T: UserStore + MetaStore + JobStore + AuditStore + ?Sized> Store for T {}
 
 pub(crate) fn now_ms() -> i64 {
     let d = std::time::SystemTime::now()

@@ -170,6 +170,23 @@ impl UserStore for BlockingStore {
 }
 
 #[async_trait]
+impl comfyume_store::AuditStore for BlockingStore {
+    async fn append_audit(
+        &self,
+        e: comfyume_store::NewAudit,
+    ) -> Result<comfyume_store::AuditEntry, StoreError> {
+        blocking!(self, |s| s.append_audit(e).await)
+    }
+    async fn list_audit(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<comfyume_store::AuditEntry>, StoreError> {
+        blocking!(self, |s| s.list_audit(before, limit).await)
+    }
+}
+
+#[async_trait]
 impl MetaStore for BlockingStore {
     async fn get_meta(&self, key: &str) -> Result<Option<MetaEntry>, StoreError> {
         let k = key.to_string();

@@ -26,9 +26,10 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use crate::password::{self, Hasher, Verified};
 use crate::session_cache::SessionCache;
 use crate::{
-    AccountChange, AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord,
-    JobState, JobStore, MetaEntry, MetaStore, NewJob, PasswordScheme, Role, StoreError, User,
-    UserStore, now_ms, valid_user_name,
+    AccountChange, AccountChangeKind, AuditEntry, AuditStore, EnqueueLimits, JobOrder, JobPatch,
+    JobQuery, JobRecord, JobState, JobStore, JobSummary, MetaEntry, MetaStore, NewAudit, NewJob,
+    PasswordScheme, Role, StoreError, SummaryOrder, SummaryQuery, User, UserJobStats, UserStore,
+    now_ms, valid_user_name,
 };
 
 mod enqueue;
@@ -549,6 +550,47 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         outputs: json_col(r, "outputs")?,
         messages: json_col(r, "messages")?,
         meta: json_col(r, "meta")?,
+    })
+}
+
+const SUMMARY_COLS: &str = "seq, id, user_name, state, priority, attempts, created_at_ms, \
+     started_at_ms, finished_at_ms, backend, error, outputs";
+
+fn summary_from_row(r: &SqliteRow) -> Result<JobSummary, StoreError> {
+    let state: String = r.try_get("state").db()?;
+    let priority: Option<i64> = r.try_get("priority").db()?;
+    let attempts: i64 = r.try_get("attempts").db()?;
+    let error: Option<String> = r.try_get("error").db()?;
+    Ok(JobSummary {
+        seq: r.try_get("seq").db()?,
+        id: r.try_get("id").db()?,
+        user: r.try_get("user_name").db()?,
+        state: state.parse().map_err(|_| corrupt("state"))?,
+        priority: priority
+            .map(u8::try_from)
+            .transpose()
+            .map_err(|_| corrupt("priority"))?,
+        attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        created_at_ms: r.try_get("created_at_ms").db()?,
+        started_at_ms: r.try_get("started_at_ms").db()?,
+        finished_at_ms: r.try_get("finished_at_ms").db()?,
+        backend: r.try_get("backend").db()?,
+        error: error
+            .map(|e| serde_json::from_str(&e))
+            .transpose()
+            .map_err(|_| corrupt("error"))?,
+        outputs: json_col(r, "outputs")?,
+    })
+}
+
+fn audit_from_row(r: &SqliteRow) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: r.try_get("seq").db()?,
+        at_ms: r.try_get("at_ms").db()?,
+        actor: r.try_get("actor").db()?,
+        action: r.try_get("action").db()?,
+        target: r.try_get("target").db()?,
+        detail: json_col(r, "detail")?,
     })
 }
 
@@ -1180,6 +1222,122 @@ impl JobStore for SqliteStore {
             }
             let n: i64 = qb.build_query_scalar().fetch_one(&self.read).await.db()?;
             Ok(count_u64(n))
+        })
+        .await
+    }
+    async fn job_summaries(&self, q: &SummaryQuery) -> Result<Vec<JobSummary>, StoreError> {
+        self.timed("job_summaries", async {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new(format!("SELECT {SUMMARY_COLS} FROM jobs WHERE 1 = 1"));
+            if !q.states.is_empty() {
+                push_state_list(&mut qb, &q.states);
+            }
+            if let Some(t) = q.created_since_ms {
+                qb.push(" AND created_at_ms >= ").push_bind(t);
+            }
+            qb.push(match q.order {
+                SummaryOrder::SeqAsc => " ORDER BY seq ASC",
+                // NULLs (unfinished) sort first in DESC order; they go last here.
+                SummaryOrder::FinishedDesc => {
+                    " ORDER BY finished_at_ms IS NULL, finished_at_ms DESC, seq DESC"
+                }
+            });
+            qb.push(" LIMIT ").push_bind(q.limit.map_or(-1, clamp_i64));
+            qb.build()
+                .fetch_all(&self.read)
+                .await
+                .db()?
+                .iter()
+                .map(summary_from_row)
+                .collect()
+        })
+        .await
+    }
+
+    async fn user_job_stats(&self) -> Result<Vec<UserJobStats>, StoreError> {
+        self.timed("user_job_stats", async {
+            let rows = sqlx::query(
+                "SELECT user_name, state, COUNT(*) AS n, \
+                 COALESCE(SUM(CASE WHEN started_at_ms IS NOT NULL AND finished_at_ms IS NOT NULL \
+                     AND finished_at_ms > started_at_ms \
+                     THEN finished_at_ms - started_at_ms ELSE 0 END), 0) AS gpu_ms, \
+                 MAX(MAX(created_at_ms, COALESCE(started_at_ms, 0), COALESCE(finished_at_ms, 0))) AS last \
+                 FROM jobs GROUP BY user_name, state ORDER BY user_name",
+            )
+            .fetch_all(&self.read)
+            .await
+            .db()?;
+            let mut out: Vec<UserJobStats> = Vec::new();
+            for r in &rows {
+                let user: String = r.try_get("user_name").db()?;
+                let state: String = r.try_get("state").db()?;
+                let state: JobState = state.parse().map_err(|_| corrupt("state"))?;
+                let n: i64 = r.try_get("n").db()?;
+                let gpu: i64 = r.try_get("gpu_ms").db()?;
+                let last: i64 = r.try_get("last").db()?;
+                if out.last().is_none_or(|u| u.user != user) {
+                    out.push(UserJobStats {
+                        user,
+                        ..Default::default()
+                    });
+                }
+                let e = out.last_mut().expect("just pushed");
+                *e.counts.entry(state).or_default() += count_u64(n);
+                // Only finished jobs have both times; the CASE leaves the others at 0.
+                e.gpu_ms += count_u64(gpu);
+                e.last_activity_ms = e.last_activity_ms.max(last);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl AuditStore for SqliteStore {
+    async fn append_audit(&self, e: NewAudit) -> Result<AuditEntry, StoreError> {
+        let detail = if e.detail.is_null() {
+            "{}".to_string()
+        } else {
+            e.detail.to_string()
+        };
+        let now = now_ms();
+        self.timed("append_audit", async {
+            let row = sqlx::query(
+                "INSERT INTO audit_log (at_ms, actor, action, target, detail) \
+                 VALUES (?, ?, ?, ?, ?) RETURNING seq, at_ms, actor, action, target, detail",
+            )
+            .bind(now)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(&detail)
+            .fetch_one(&self.write)
+            .await
+            .db()?;
+            audit_from_row(&row)
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.timed("list_audit", async {
+            sqlx::query(
+                "SELECT seq, at_ms, actor, action, target, detail FROM audit_log \
+                 WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            )
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await
+            .db()?
+            .iter()
+            .map(audit_from_row)
+            .collect()
         })
         .await
     }
