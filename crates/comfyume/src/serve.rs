@@ -268,7 +268,9 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
             "jobs were on a backend when the server last stopped"
         );
     }
-    tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), "queue open");
+    // What the instructor set at run time (policy, limits, pause, levels) before any job is taken.
+    comfyume_admin::settings::restore(&state).await;
+    tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), paused = state.queue.is_paused(), "queue open");
     let dispatcher = Dispatcher::new(
         state.queue.clone(),
         backends.clone(),
@@ -321,13 +323,10 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(%addr, metrics = %cfg.metrics_listen, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
-    comfyume_gateway::launch_with_limits(
-        state,
-        listener,
-        comfyume_admin::routes(),
-        cfg.limits,
-        shutdown,
-    )
-    .await?;
+    let admin = comfyume_admin::Admin::new(&state, Some(dispatcher.clone()));
+    let admin_routes =
+        comfyume_admin::audited(comfyume_admin::routes(admin.clone()), &state, &admin);
+    comfyume_gateway::launch_with_limits(state, listener, admin_routes, cfg.limits, shutdown)
+        .await?;
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! once more, best effort and bounded, so that no GPU keeps running a job we
 //! no longer follow.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -76,6 +77,38 @@ struct Slotted {
     /// or a job succeeded since). Such a backend gets work only when no other
     /// is free, so a retry really goes to another GPU.
     failed_at_ms: AtomicI64,
+    /// For the instructor's GPU view: latest errors here, and jobs ended here.
+    recent_errors: Mutex<std::collections::VecDeque<ErrorNote>>,
+    jobs_done: std::sync::atomic::AtomicU64,
+    jobs_failed: std::sync::atomic::AtomicU64,
+}
+
+/// Errors kept per backend for the GPU view.
+const RECENT_ERRORS: usize = 10;
+
+/// An error on a backend, for the GPU view.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ErrorNote {
+    pub at_ms: i64,
+    pub job_id: String,
+    pub user: String,
+    pub message: String,
+}
+
+impl Slotted {
+    fn note_error(&self, rec: &JobRecord, message: &str) {
+        self.jobs_failed.fetch_add(1, Ordering::Relaxed);
+        let mut e = lock(&self.recent_errors);
+        e.push_back(ErrorNote {
+            at_ms: now_ms(),
+            job_id: rec.id.clone(),
+            user: rec.user.clone(),
+            message: message.chars().take(300).collect(),
+        });
+        while e.len() > RECENT_ERRORS {
+            e.pop_front();
+        }
+    }
 }
 
 /// How long a backend that failed a job is passed over while others are free.
@@ -131,6 +164,15 @@ pub struct BackendStatus {
     pub name: String,
     pub slots: usize,
     pub active: usize,
+    /// Of the active jobs, those running (the others wait in its own queue).
+    pub started: usize,
+    /// `ready`, `busy`, or `failing` (a job failed here through its fault lately).
+    pub state: String,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    pub recent_errors: Vec<ErrorNote>,
+    /// The endpoints behind it, if it has several (see [`Backend::endpoints`]).
+    pub endpoints: Vec<crate::backend::EndpointStatus>,
 }
 
 impl Dispatcher {
@@ -151,6 +193,9 @@ impl Dispatcher {
                         started: AtomicUsize::new(0),
                         last_models: Mutex::new(Vec::new()),
                         failed_at_ms: AtomicI64::new(0),
+                        recent_errors: Mutex::new(Default::default()),
+                        jobs_done: Default::default(),
+                        jobs_failed: Default::default(),
                     })
                 })
                 .collect(),
@@ -161,14 +206,37 @@ impl Dispatcher {
     }
 
     pub fn backends(&self) -> Vec<BackendStatus> {
+        let now = now_ms();
         self.backends
             .iter()
-            .map(|b| BackendStatus {
-                name: b.backend.name().to_string(),
-                slots: b.backend.slots(),
-                active: b.active.load(Ordering::SeqCst),
+            .map(|b| {
+                let failed = b.failed_at_ms.load(Ordering::SeqCst);
+                let started = b.started.load(Ordering::SeqCst);
+                let state = if failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS {
+                    "failing"
+                } else if started > 0 {
+                    "busy"
+                } else {
+                    "ready"
+                };
+                BackendStatus {
+                    name: b.backend.name().to_string(),
+                    slots: b.backend.slots(),
+                    active: b.active.load(Ordering::SeqCst),
+                    started,
+                    state: state.into(),
+                    jobs_done: b.jobs_done.load(Ordering::Relaxed),
+                    jobs_failed: b.jobs_failed.load(Ordering::Relaxed),
+                    recent_errors: lock(&b.recent_errors).iter().cloned().collect(),
+                    endpoints: b.backend.endpoints(),
+                }
             })
             .collect()
+    }
+
+    /// The backends themselves (to refresh node definitions from one).
+    pub fn backend_handles(&self) -> Vec<Arc<dyn Backend>> {
+        self.backends.iter().map(|b| b.backend.clone()).collect()
     }
 
     /// Starts the dispatch loop and the reconciler (both supervised: restarted
@@ -415,10 +483,22 @@ impl Dispatcher {
         match ended {
             Ended::Finished(Ok(outcome)) => {
                 lease.slot.failed_at_ms.store(0, Ordering::SeqCst);
+                match &outcome.kind {
+                    OutcomeKind::ExecutionError(data) => lease.slot.note_error(
+                        &rec,
+                        data["exception_message"]
+                            .as_str()
+                            .unwrap_or("execution error"),
+                    ),
+                    _ => {
+                        lease.slot.jobs_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 let _ = self.finish(&rec, outcome, relayed_end).await;
             }
             Ended::Finished(Err(e)) if e.retryable() => {
                 lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
+                lease.slot.note_error(&rec, &e.to_string());
                 tracing::warn!(job_id = %id, user = %user, backend = %backend.name(), attempt = rec.attempts, error = %e, "backend failed the job");
                 // It may still run there (a lost socket, a /prompt that timed
                 // out after all): stop it before it runs anywhere else.
@@ -433,6 +513,7 @@ impl Dispatcher {
                         .to_string(),
                     other => other.to_string(),
                 };
+                lease.slot.note_error(&rec, &detail);
                 let _ = self
                     .finish_failed(
                         &id,
@@ -451,6 +532,7 @@ impl Dispatcher {
                     backend.name(),
                     self.cfg.start_timeout.as_secs()
                 );
+                lease.slot.note_error(&rec, &reason);
                 self.retry_or_fail(rec, reason).await;
             }
             Ended::TimedOut(_) => {
@@ -459,6 +541,7 @@ impl Dispatcher {
                     "The job ran longer than the workshop's limit ({} s) and was stopped.",
                     self.cfg.job_timeout.as_secs()
                 );
+                lease.slot.note_error(&rec, &msg);
                 let _ = self
                     .finish_failed(
                         &id,
@@ -820,6 +903,8 @@ struct Relay {
     client_id: Option<String>,
     backend: String,
     ended: bool,
+    /// The prompt's node classes (node id -> class), for the dashboard's progress.
+    classes: HashMap<String, String>,
 }
 
 impl Relay {
@@ -831,6 +916,56 @@ impl Relay {
             client_id: rec.client_id.clone(),
             backend: backend.to_string(),
             ended: false,
+            classes: rec
+                .prompt
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| {
+                            Some((k.clone(), v["class_type"].as_str()?.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Keeps the job's progress for the instructor's dashboard.
+    fn note_progress(&self, kind: &str, data: &Value) {
+        let total = self.classes.len() as u64;
+        match kind {
+            "execution_start" => self.queue.note_progress(&self.id, |p| {
+                p.nodes_total = total;
+            }),
+            "executing" => {
+                let node = data["node"].as_str().map(str::to_string);
+                let class = node.as_ref().and_then(|n| self.classes.get(n).cloned());
+                self.queue.note_progress(&self.id, |p| {
+                    p.nodes_total = total;
+                    p.node = node;
+                    p.class_type = class;
+                    p.value = 0;
+                    p.max = 0;
+                });
+            }
+            "progress" => {
+                let (v, m) = (data["value"].as_u64(), data["max"].as_u64());
+                self.queue.note_progress(&self.id, |p| {
+                    p.value = v.unwrap_or(0);
+                    p.max = m.unwrap_or(0);
+                });
+            }
+            "executed" => self.queue.note_progress(&self.id, |p| {
+                p.nodes_done = (p.nodes_done + 1).min(total.max(1));
+            }),
+            "execution_cached" => {
+                let n = data["nodes"].as_array().map_or(0, |a| a.len() as u64);
+                self.queue.note_progress(&self.id, |p| {
+                    p.nodes_total = total;
+                    p.nodes_done = (p.nodes_done + n).min(total.max(1));
+                });
+            }
+            _ => {}
         }
     }
 
@@ -856,6 +991,7 @@ impl Relay {
                 }
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+                self.note_progress(kind, &v["data"]);
                 if kind == "execution_start" {
                     let at = v["data"]["timestamp"].as_i64().unwrap_or_else(now_ms);
                     let res = queue
@@ -873,6 +1009,7 @@ impl Relay {
                     if let Err(e) = res {
                         tracing::warn!(job_id = %self.id, user = %user, error = %e, "could not record that the job started");
                     }
+                    queue.touch();
                     queue.broadcast_status(user).await;
                 }
                 self.ended |= is_end_message(kind);

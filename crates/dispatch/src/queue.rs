@@ -10,8 +10,8 @@
 //! outcome is unknown): queued jobs missing from the scheduler are added, stale
 //! entries removed, and dispatched jobs nobody claims are handed back as orphans.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -84,6 +84,47 @@ pub struct Queue {
     models: Mutex<HashMap<String, Arc<[String]>>>,
     /// Wakes the reconciler early (after a store error of unknown outcome).
     reconcile_soon: Notify,
+    /// The instructor paused dispatch: nothing new is taken (running jobs finish).
+    paused: AtomicBool,
+    /// Bumped on every change to the queue (a job submitted, taken, finished, cancelled; a
+    /// setting changed), for the instructor's dashboard: it re-reads what it shows.
+    changes: watch::Sender<u64>,
+    /// Bumped when a running job makes progress ([`Self::live`]).
+    progress: watch::Sender<u64>,
+    /// What each claimed job is doing (node, steps), for the dashboard.
+    live: Mutex<HashMap<String, LiveProgress>>,
+}
+
+/// A running job's progress as its events tell it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct LiveProgress {
+    /// The node executing now, and its class.
+    pub node: Option<String>,
+    pub class_type: Option<String>,
+    /// Steps of the current node (ComfyUI's `progress`).
+    pub value: u64,
+    pub max: u64,
+    /// Nodes executed or cached so far, of the prompt's nodes.
+    pub nodes_done: u64,
+    pub nodes_total: u64,
+}
+
+/// The instructor's queue settings: what [`Queue::settings`] reports and
+/// [`Queue::apply_settings`] restores (the admin API keeps them in the store, so they
+/// survive a restart).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSettings {
+    pub policy: Policy,
+    pub max_running_per_user: u32,
+    pub max_queued_per_user: u32,
+    pub max_queue_depth: u32,
+    pub paused: bool,
+    /// Participants' own levels.
+    #[serde(default)]
+    pub user_priorities: BTreeMap<String, u8>,
+    /// Jobs moved to the front, front-most first.
+    #[serde(default)]
+    pub front: Vec<String>,
 }
 
 /// A job taken by this process: while it lives, the job counts toward its
@@ -133,8 +174,19 @@ impl Drop for Claim {
             }
         }
         q.sched().finished(&self.user);
+        lock(&q.live).remove(&self.id);
         q.notify.notify_waiters();
+        q.touch();
     }
+}
+
+/// What [`Queue::cancel_any`] did, and whose job it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was waiting: cancelled.
+    Cancelled(String),
+    /// It was on a backend: told to stop (it ends as interrupted).
+    Interrupted(String),
 }
 
 /// What [`Queue::reconcile`] found and did.
@@ -236,6 +288,10 @@ impl Queue {
             next_claim: AtomicU64::new(1),
             models: Mutex::new(models),
             reconcile_soon: Notify::new(),
+            paused: AtomicBool::new(false),
+            changes: watch::Sender::new(0),
+            progress: watch::Sender::new(0),
+            live: Mutex::new(HashMap::new()),
         });
         Ok((q, in_flight))
     }
@@ -264,6 +320,158 @@ impl Queue {
 
     pub fn set_enqueue_limits(&self, l: EnqueueLimits) {
         *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = l;
+        self.touch();
+    }
+
+    // ---- for the instructor's dashboard and actions (additive) ----
+
+    /// Marks the queue changed (see [`Self::subscribe_changes`]).
+    pub fn touch(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every change to the queue (coalesced: it reads the latest).
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A receiver that sees running jobs' progress (coalesced).
+    pub fn subscribe_progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    /// Updates a claimed job's progress (the dispatcher's relay calls it per event).
+    pub fn note_progress(&self, id: &str, update: impl FnOnce(&mut LiveProgress)) {
+        {
+            let mut live = lock(&self.live);
+            if !lock(&self.claimed).contains_key(id) {
+                return;
+            }
+            update(live.entry(id.to_string()).or_default());
+        }
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Every claimed job's progress, by id.
+    pub fn live_progress(&self) -> HashMap<String, LiveProgress> {
+        lock(&self.live).clone()
+    }
+
+    /// Stops taking new jobs; running ones finish. Participants can still queue.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        self.touch();
+    }
+
+    /// Takes jobs again, at once.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.notify.notify_waiters();
+        self.touch();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Puts a waiting job ahead of every other (the scheduler's front list). False if it
+    /// is not waiting.
+    pub fn move_to_front(&self, id: &str) -> bool {
+        let moved = self.sched().move_to_front(id);
+        if moved {
+            self.notify.notify_waiters();
+            self.touch();
+        }
+        moved
+    }
+
+    /// The waiting jobs as the scheduler holds them, in the order they would be served.
+    pub fn projected_jobs(&self) -> Vec<comfyume_scheduler::QueuedJob> {
+        self.sched()
+            .projected_order(now_ms())
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The instructor's settings as they are now.
+    pub fn settings(&self) -> QueueSettings {
+        let l = self.enqueue_limits();
+        let s = self.sched();
+        QueueSettings {
+            policy: s.policy(),
+            max_running_per_user: s.limits().max_running_per_user,
+            max_queued_per_user: l.max_queued_per_user,
+            max_queue_depth: l.max_queue_depth,
+            paused: self.is_paused(),
+            user_priorities: s.user_priorities(),
+            front: s.front().to_vec(),
+        }
+    }
+
+    /// Restores saved settings (at start). Levels out of range and front entries no
+    /// longer waiting are skipped.
+    pub fn apply_settings(&self, st: &QueueSettings) {
+        {
+            let mut s = self.sched();
+            s.set_policy(st.policy);
+            let mut l = s.limits();
+            l.max_running_per_user = st.max_running_per_user;
+            s.set_limits(l);
+            for (user, level) in &st.user_priorities {
+                if s.set_user_priority(user, Some(*level)).is_err() {
+                    tracing::warn!(user = %user, level, "ignoring a saved priority level out of range");
+                }
+            }
+            for id in st.front.iter().rev() {
+                s.move_to_front(id);
+            }
+        }
+        *lock(&self.limits) = EnqueueLimits {
+            max_queued_per_user: st.max_queued_per_user,
+            max_queue_depth: st.max_queue_depth,
+        };
+        self.paused.store(st.paused, Ordering::SeqCst);
+        self.notify.notify_waiters();
+        self.touch();
+    }
+
+    /// Cancels a job for the instructor, whoever owns it: a waiting one is cancelled, a
+    /// running one interrupted. `Conflict` once it has ended, `NotFound` for no such job.
+    pub async fn cancel_any(&self, id: &str) -> Result<CancelOutcome, QueueError> {
+        let rec = self.store.get_job(id).await?.ok_or(StoreError::NotFound)?;
+        match rec.state {
+            JobState::Queued => {
+                let removed = self.cancel_queued(&rec.user, &[id.to_string()]).await?;
+                if removed.is_empty() {
+                    // Taken by a backend meanwhile: stop it there.
+                    self.interrupt(&rec.user, Some(id));
+                    return Ok(CancelOutcome::Interrupted(rec.user));
+                }
+                Ok(CancelOutcome::Cancelled(rec.user))
+            }
+            JobState::Dispatched | JobState::Running => {
+                self.interrupt(&rec.user, Some(id));
+                Ok(CancelOutcome::Interrupted(rec.user))
+            }
+            other => Err(QueueError::Store(StoreError::Conflict(format!(
+                "job {id} is {other}"
+            )))),
+        }
+    }
+
+    /// Cancels every waiting job of everyone; returns the ids, by participant.
+    pub async fn cancel_all_waiting(&self) -> Result<BTreeMap<String, Vec<String>>, QueueError> {
+        let users: std::collections::BTreeSet<String> =
+            self.projected_jobs().into_iter().map(|j| j.user).collect();
+        let mut out = BTreeMap::new();
+        for u in users {
+            let ids = self.clear_queued(&u).await?;
+            if !ids.is_empty() {
+                out.insert(u, ids);
+            }
+        }
+        Ok(out)
     }
 
     /// Commits the job, then makes it schedulable. The store's answer is the
@@ -299,6 +507,7 @@ impl Queue {
         }
         metrics::counter!("comfyume_jobs_submitted_total").increment(1);
         self.notify.notify_waiters();
+        self.touch();
         // Counted in the transaction that stored the job: no second read.
         self.send_status(&user, remaining).await;
         Ok(rec)
@@ -318,6 +527,7 @@ impl Queue {
             }
         }
         if !removed.is_empty() {
+            self.touch();
             self.broadcast_status(user).await;
         }
         Ok(removed)
@@ -333,6 +543,7 @@ impl Queue {
             }
         }
         if !removed.is_empty() {
+            self.touch();
             self.broadcast_status(user).await;
         }
         Ok(removed)
@@ -347,6 +558,9 @@ impl Queue {
         place: impl Fn(&[String]) -> Option<String>,
     ) -> Result<Option<(JobRecord, Claim)>, QueueError> {
         loop {
+            if self.is_paused() {
+                return Ok(None);
+            }
             let Some(job) = self.sched().pick(now_ms()) else {
                 return Ok(None);
             };
@@ -372,7 +586,10 @@ impl Queue {
                 )
                 .await
             {
-                Ok(rec) => return Ok(Some((rec, claim))),
+                Ok(rec) => {
+                    self.touch();
+                    return Ok(Some((rec, claim)));
+                }
                 // Cancelled between the pick and now: release it, try the next.
                 Err(StoreError::Conflict(_)) | Err(StoreError::NotFound) => {
                     lock(&self.models).remove(&job.id);
@@ -489,6 +706,7 @@ impl Queue {
         }
         if !out.added.is_empty() || !out.removed.is_empty() {
             self.notify.notify_waiters();
+            self.touch();
         }
         Ok(out)
     }
@@ -501,11 +719,13 @@ impl Queue {
             tracing::error!(job = %rec.id, error = %e, "could not requeue a job");
         }
         self.notify.notify_waiters();
+        self.touch();
     }
 
     /// A job left the queue for good: forget its placement hint.
     pub fn forget(&self, id: &str) {
         lock(&self.models).remove(id);
+        self.touch();
     }
 
     /// Interrupts `user`'s running job `prompt_id`, or all of `user`'s running
@@ -548,6 +768,7 @@ impl Queue {
     pub fn set_policy(&self, p: Policy) {
         self.sched().set_policy(p);
         self.notify.notify_waiters();
+        self.touch();
     }
 
     pub fn set_user_priority(&self, user: &str, level: Option<u8>) -> Result<(), QueueError> {
@@ -555,6 +776,7 @@ impl Queue {
             .set_user_priority(user, level)
             .map_err(|_| QueueError::InvalidLevel(level.unwrap_or(0)))?;
         self.notify.notify_waiters();
+        self.touch();
         Ok(())
     }
 
@@ -578,11 +800,17 @@ impl Queue {
             .await?;
         {
             let mut s = self.sched();
+            // Re-inserted with its new level; a job moved to the front stays there.
+            let front = s.front().iter().any(|f| f == id);
             if s.remove(id).is_some() {
                 let _ = s.enqueue(queued_job(&rec));
+                if front {
+                    s.move_to_front(id);
+                }
             }
         }
         self.notify.notify_waiters();
+        self.touch();
         Ok(rec)
     }
 
@@ -593,6 +821,7 @@ impl Queue {
         s.set_limits(l);
         drop(s);
         self.notify.notify_waiters();
+        self.touch();
     }
 
     /// ComfyUI's `status` message with the participant's own `queue_remaining`,

@@ -30,6 +30,7 @@ pub struct TestApp {
     pub state: AppState,
     pub store: Arc<dyn Store>,
     pub dispatcher: Arc<comfyume_dispatch::Dispatcher>,
+    pub admin: comfyume_admin::Admin,
     _tmp: Option<tempfile::TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -155,6 +156,7 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
             .await
             .unwrap();
     }
+    comfyume_admin::settings::restore(&state).await;
     let dispatcher = comfyume_dispatch::Dispatcher::new(
         state.queue.clone(),
         opts.backends,
@@ -162,12 +164,15 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
         data_dir.clone(),
     );
     dispatcher.start(in_flight);
+    let admin = comfyume_admin::Admin::new(&state, Some(dispatcher.clone()));
+    let admin_routes =
+        comfyume_admin::audited(comfyume_admin::routes(admin.clone()), &state, &admin);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let st = state.clone();
     tokio::spawn(async move {
-        comfyume_gateway::launch_with(st, listener, comfyume_admin::routes(), async {
+        comfyume_gateway::launch_with(st, listener, admin_routes, async {
             let _ = rx.await;
         })
         .await
@@ -180,6 +185,7 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
         state,
         store,
         dispatcher,
+        admin,
         _tmp: Some(tmp),
         shutdown: Some(tx),
     }
