@@ -689,18 +689,22 @@ impl JobRun<'_> {
             return Ok(file.clone());
         };
         let subfolder = file.get("subfolder").and_then(Value::as_str).unwrap_or("");
+        // The layout the workflow asked for (`video/ltx2` -> subfolder `video`), kept inside
+        // the participant's own folder whatever the backend answered.
+        let local_sub = outputs::safe_subfolder(subfolder);
         let key = (kind.to_owned(), subfolder.to_owned(), filename.to_owned());
         let local = match self.fetched.get(&key) {
             Some(local) => local.clone(),
             None => {
-                let local = self.download(kind, subfolder, filename, &dir).await?;
+                let target = dir.join(&local_sub);
+                let local = self.download(kind, subfolder, filename, &target).await?;
                 self.fetched.insert(key, local.clone());
                 local
             }
         };
         let mut out = file.clone();
         out.insert("filename".into(), json!(local));
-        out.insert("subfolder".into(), json!(""));
+        out.insert("subfolder".into(), json!(local_sub));
         Ok(out)
     }
 

@@ -398,16 +398,14 @@ impl Dispatcher {
     fn spawn_job(self: &Arc<Self>, lease: Lease, rec: JobRecord, reattach: bool) {
         let me = self.clone();
         tokio::spawn(async move {
-            let (id, user, client) = (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
+            let owner = Owner::of(&rec);
             let inner = me.clone();
             let res = tokio::spawn(async move { inner.run_job(lease, rec, reattach).await }).await;
             if let Err(e) = res {
-                tracing::error!(job_id = %id, user = %user, error = %e, "job task crashed");
+                tracing::error!(job_id = %owner.id, user = %owner.user, error = %e, "job task crashed");
                 let _ = me
                     .finish_failed(
-                        &id,
-                        &user,
-                        client.as_deref(),
+                        &owner,
                         "internal error in the dispatcher",
                         "ComfyUMe.InternalError",
                     )
@@ -450,7 +448,7 @@ impl Dispatcher {
 
     async fn run_job(self: Arc<Self>, lease: Lease, rec: JobRecord, reattach: bool) {
         let backend = lease.slot.backend.clone();
-        let (id, user, client_id) = (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
+        let (id, user) = (rec.id.clone(), rec.user.clone());
         let data_dir = self.data_dir.clone();
         let me = self.clone();
         let r = rec.clone();
@@ -515,13 +513,7 @@ impl Dispatcher {
                 };
                 lease.slot.note_error(&rec, &detail);
                 let _ = self
-                    .finish_failed(
-                        &id,
-                        &user,
-                        client_id.as_deref(),
-                        &detail,
-                        "ComfyUMe.BackendRejected",
-                    )
+                    .finish_failed(&Owner::of(&rec), &detail, "ComfyUMe.BackendRejected")
                     .await;
             }
             Ended::NeverStarted => {
@@ -543,13 +535,7 @@ impl Dispatcher {
                 );
                 lease.slot.note_error(&rec, &msg);
                 let _ = self
-                    .finish_failed(
-                        &id,
-                        &user,
-                        client_id.as_deref(),
-                        &msg,
-                        "ComfyUMe.JobTimeout",
-                    )
+                    .finish_failed(&Owner::of(&rec), &msg, "ComfyUMe.JobTimeout")
                     .await;
             }
         }
@@ -668,7 +654,7 @@ impl Dispatcher {
                     notice(
                         &self.queue,
                         &user,
-                        &id,
+                        public_id(&rec),
                         &format!(
                             "{reason}. Retrying on another GPU (attempt {next} of {}).",
                             self.cfg.max_attempts
@@ -685,13 +671,7 @@ impl Dispatcher {
         } else {
             let msg = format!("{reason}. Gave up after {} attempts.", rec.attempts);
             let _ = self
-                .finish_failed(
-                    &id,
-                    &user,
-                    rec.client_id.as_deref(),
-                    &msg,
-                    "ComfyUMe.BackendFailed",
-                )
+                .finish_failed(&Owner::of(&rec), &msg, "ComfyUMe.BackendFailed")
                 .await;
         }
     }
@@ -712,7 +692,8 @@ impl Dispatcher {
         };
         // Learnt from history after a gap in the events (a dropped socket, a
         // re-attach): the frontend still needs to hear how the job ended.
-        let missed_end = (!relayed_end).then(|| end_message(&rec.id, &outcome));
+        let owner = Owner::of(rec);
+        let missed_end = (!relayed_end).then(|| end_message(&owner.prompt_id, &outcome));
         let res = self
             .queue
             .store()
@@ -735,13 +716,15 @@ impl Dispatcher {
             .await;
         self.recorded(&rec.id, &rec.user, &res);
         metrics::counter!("comfyume_jobs_finished_total", "state" => state.as_str()).increment(1);
-        if let (Some(msg), Some(c)) = (missed_end, rec.client_id.as_deref()) {
-            self.queue
-                .events()
-                .to_client(&rec.user, c, &msg.to_string());
+        if let Some(msg) = missed_end {
+            self.queue.send_to_job(
+                &rec.id,
+                &rec.user,
+                rec.client_id.as_deref(),
+                &msg.to_string(),
+            );
         }
-        self.end_marker(&rec.user, rec.client_id.as_deref(), &rec.id)
-            .await;
+        self.end_marker(&owner).await;
         res.map(|_| ())
     }
 
@@ -761,14 +744,17 @@ impl Dispatcher {
 
     async fn finish_failed(
         &self,
-        id: &str,
-        user: &str,
-        client_id: Option<&str>,
+        owner: &Owner,
         message: &str,
         exception_type: &str,
     ) -> Result<(), StoreError> {
+        let (id, user, client_id) = (
+            owner.id.as_str(),
+            owner.user.as_str(),
+            owner.client_id.as_deref(),
+        );
         let data = json!({
-            "prompt_id": id,
+            "prompt_id": owner.prompt_id,
             "node_id": null,
             "node_type": null,
             "executed": [],
@@ -795,21 +781,25 @@ impl Dispatcher {
             )
             .await;
         self.recorded(id, user, &res);
-        if let Some(c) = client_id {
-            let msg = json!({"type": "execution_error", "data": data});
-            self.queue.events().to_client(user, c, &msg.to_string());
-        }
+        let msg = json!({"type": "execution_error", "data": data});
+        self.queue
+            .send_to_job(id, user, client_id, &msg.to_string());
         metrics::counter!("comfyume_jobs_finished_total", "state" => "failed").increment(1);
-        self.end_marker(user, client_id, id).await;
+        self.end_marker(owner).await;
         res.map(|_| ())
     }
 
-    async fn end_marker(&self, user: &str, client_id: Option<&str>, id: &str) {
-        self.queue.broadcast_status(user).await;
-        if let Some(c) = client_id {
-            let end = json!({"type": "executing", "data": {"node": null, "prompt_id": id}});
-            self.queue.events().to_client(user, c, &end.to_string());
-        }
+    /// `status`, then the `executing: null` end marker to the job's tabs.
+    async fn end_marker(&self, owner: &Owner) {
+        self.queue.broadcast_status(&owner.user).await;
+        let end =
+            json!({"type": "executing", "data": {"node": null, "prompt_id": owner.prompt_id}});
+        self.queue.send_to_job(
+            &owner.id,
+            &owner.user,
+            owner.client_id.as_deref(),
+            &end.to_string(),
+        );
     }
 }
 
@@ -886,6 +876,64 @@ fn execution_start_ms(messages: &[Value]) -> Option<i64> {
     })
 }
 
+/// The id a job's owner knows it by (see [`JobRecord::prompt_id`]): every message to the
+/// participant names the job by it, while the store and the backends use `rec.id`.
+fn public_id(rec: &JobRecord) -> &str {
+    if rec.prompt_id.is_empty() {
+        &rec.id
+    } else {
+        &rec.prompt_id
+    }
+}
+
+/// Who is told about a job's end: its ids and its owner's tab.
+struct Owner {
+    id: String,
+    prompt_id: String,
+    user: String,
+    client_id: Option<String>,
+}
+
+impl Owner {
+    fn of(rec: &JobRecord) -> Owner {
+        Owner {
+            id: rec.id.clone(),
+            prompt_id: public_id(rec).to_string(),
+            user: rec.user.clone(),
+            client_id: rec.client_id.clone(),
+        }
+    }
+}
+
+/// ComfyUI messages name the job by `data.prompt_id`; the participant's copy names it by the
+/// id they know (only differs when another job had their chosen id first).
+fn to_public(v: &mut Value, internal: &str, public: &str) {
+    if internal != public
+        && let Some(p) = v.get_mut("data").and_then(|d| d.get_mut("prompt_id"))
+        && p.as_str() == Some(internal)
+    {
+        *p = Value::String(public.to_string());
+    }
+}
+
+/// [`to_public`] for a type-4 preview frame's metadata.
+fn frame_to_public(frame: Bytes, internal: &str, public: &str) -> Bytes {
+    use comfyume_wire::shapes::ws::BinaryFrame;
+    if internal == public {
+        return frame;
+    }
+    match BinaryFrame::decode(&frame) {
+        Ok(BinaryFrame::PreviewImageWithMetadata {
+            mut metadata,
+            image,
+        }) if metadata.get("prompt_id").and_then(Value::as_str) == Some(internal) => {
+            metadata["prompt_id"] = Value::String(public.to_string());
+            Bytes::from(BinaryFrame::PreviewImageWithMetadata { metadata, image }.encode())
+        }
+        _ => frame,
+    }
+}
+
 /// A plain message for the participant's banner (our own message type; the
 /// stock frontend ignores types it does not know).
 fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
@@ -895,10 +943,13 @@ fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
 
 /// Forwards a job's events to its owner's sockets, as ComfyUI routes them:
 /// execution messages to the submitting client only; `progress_state` to all
-/// of the owner's tabs. Remembers whether the job's ending message was among them.
+/// of the owner's tabs. Remembers whether the job's ending message was among them,
+/// and (in the queue's live registry) the job's latest step, for tabs that connect
+/// while it runs. Messages name the job by the id its owner knows.
 struct Relay {
     queue: Arc<Queue>,
     id: String,
+    prompt_id: String,
     user: String,
     client_id: Option<String>,
     backend: String,
@@ -909,9 +960,11 @@ struct Relay {
 
 impl Relay {
     fn new(queue: &Arc<Queue>, rec: &JobRecord, backend: &str) -> Self {
+        queue.live_begin(&rec.id, &rec.user, public_id(rec), rec.client_id.as_deref());
         Relay {
             queue: queue.clone(),
             id: rec.id.clone(),
+            prompt_id: public_id(rec).to_string(),
             user: rec.user.clone(),
             client_id: rec.client_id.clone(),
             backend: backend.to_string(),
@@ -978,7 +1031,7 @@ impl Relay {
                 notice(
                     queue,
                     user,
-                    &self.id,
+                    &self.prompt_id,
                     &format!("Running on {}", self.backend),
                 );
             }
@@ -989,6 +1042,7 @@ impl Relay {
                     // Tracebacks name the GPU server's files: the participant gets names only.
                     comfyume_wire::strip_server_paths_in(data);
                 }
+                to_public(&mut v, &self.id, &self.prompt_id);
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
                 self.note_progress(kind, &v["data"]);
@@ -1013,12 +1067,12 @@ impl Relay {
                     queue.broadcast_status(user).await;
                 }
                 self.ended |= is_end_message(kind);
+                queue.live_note(&self.id, kind, v.get("data"));
                 // As ComfyUI routes them (ws_observer.txt): to the submitting
-                // client; without one, progress reaches all of the owner's tabs.
+                // client (and the tabs that caught up with the job since); without one,
+                // progress reaches all of the owner's tabs.
                 match &self.client_id {
-                    Some(c) => {
-                        events.to_client(user, c, &text);
-                    }
+                    Some(c) => queue.send_to_job(&self.id, user, Some(c), &text),
                     None if matches!(kind, "progress_state" | "execution_interrupted") => {
                         events.to_user(user, &text);
                     }
@@ -1027,11 +1081,12 @@ impl Relay {
             }
             BackendEvent::Binary(frame) => {
                 if let Some(c) = &self.client_id {
+                    let frame = frame_to_public(frame, &self.id, &self.prompt_id);
                     let legacy = legacy_preview(&frame).unwrap_or_else(|| frame.clone());
                     events.preview(user, c, legacy, frame);
                 }
             }
-            BackendEvent::Notice(text) => notice(queue, user, &self.id, &text),
+            BackendEvent::Notice(text) => notice(queue, user, &self.prompt_id, &text),
         }
     }
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use comfyume_scheduler::{Limits, Policy, QueuedJob, Scheduler};
 use comfyume_store::{EnqueueLimits, JobPatch, JobRecord, JobState, NewJob, Store, StoreError};
+use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use crate::events::EventSink;
@@ -92,7 +93,30 @@ pub struct Queue {
     /// Bumped when a running job makes progress ([`Self::live`]).
     progress: watch::Sender<u64>,
     /// What each claimed job is doing (node, steps), for the dashboard.
-    live: Mutex<HashMap<String, LiveProgress>>,
+    progress_live: Mutex<HashMap<String, LiveProgress>>,
+
+    /// The latest step of each claimed job that has started an attempt: id -> what a tab
+    /// connecting now needs to show its progress (see [`Queue::catch_up`]). Removed with
+    /// the job's claim.
+    live: Mutex<HashMap<String, Live>>,
+}
+
+
+/// What a tab that connects while a job runs needs to catch up with it, and who caught up.
+#[derive(Debug, Default)]
+struct Live {
+    user: String,
+    /// The id the participant knows the job by.
+    prompt_id: String,
+    client_id: Option<String>,
+    /// The data of the job's `execution_start`, `executing` (a node) and `progress_state`.
+    start: Option<Value>,
+    executing: Option<Value>,
+    progress_state: Option<Value>,
+    /// Its ending message passed: nothing more to catch up with.
+    ended: bool,
+    /// Client ids of other tabs that caught up with it: they get its later steps and end too.
+    watchers: Vec<String>,
 }
 
 /// A running job's progress as its events tell it.
@@ -171,10 +195,11 @@ impl Drop for Claim {
                 // Only the current claim ends the job's registration: a retry may
                 // already run under a newer one.
                 lock(&q.running).remove(&self.id);
+                lock(&q.live).remove(&self.id);
+                lock(&q.progress_live).remove(&self.id);
             }
         }
         q.sched().finished(&self.user);
-        lock(&q.live).remove(&self.id);
         q.notify.notify_waiters();
         q.touch();
     }
@@ -291,6 +316,7 @@ impl Queue {
             paused: AtomicBool::new(false),
             changes: watch::Sender::new(0),
             progress: watch::Sender::new(0),
+            progress_live: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
         });
         Ok((q, in_flight))
@@ -343,18 +369,19 @@ impl Queue {
     /// Updates a claimed job's progress (the dispatcher's relay calls it per event).
     pub fn note_progress(&self, id: &str, update: impl FnOnce(&mut LiveProgress)) {
         {
-            let mut live = lock(&self.live);
-            if !lock(&self.claimed).contains_key(id) {
+            // Claimed, then progress: the order a claim's drop takes them in.
+            let claimed = lock(&self.claimed);
+            if !claimed.contains_key(id) {
                 return;
             }
-            update(live.entry(id.to_string()).or_default());
+            update(lock(&self.progress_live).entry(id.to_string()).or_default());
         }
         self.progress.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Every claimed job's progress, by id.
     pub fn live_progress(&self) -> HashMap<String, LiveProgress> {
-        lock(&self.live).clone()
+        lock(&self.progress_live).clone()
     }
 
     /// Stops taking new jobs; running ones finish. Participants can still queue.
@@ -442,7 +469,13 @@ impl Queue {
         let rec = self.store.get_job(id).await?.ok_or(StoreError::NotFound)?;
         match rec.state {
             JobState::Queued => {
-                let removed = self.cancel_queued(&rec.user, &[id.to_string()]).await?;
+                // The store cancels by the id its owner knows the job by.
+                let known_as = if rec.prompt_id.is_empty() {
+                    rec.id.clone()
+                } else {
+                    rec.prompt_id.clone()
+                };
+                let removed = self.cancel_queued(&rec.user, &[known_as]).await?;
                 if removed.is_empty() {
                     // Taken by a backend meanwhile: stop it there.
                     self.interrupt(&rec.user, Some(id));
@@ -822,6 +855,93 @@ impl Queue {
         drop(s);
         self.notify.notify_waiters();
         self.touch();
+    }
+
+    /// A claimed job starts an attempt: from now on its steps are remembered for tabs that
+    /// connect while it runs (a retry starts afresh, keeping the tabs that caught up).
+    pub fn live_begin(&self, id: &str, user: &str, prompt_id: &str, client_id: Option<&str>) {
+        if !self.is_claimed(id) {
+            return;
+        }
+        let mut live = lock(&self.live);
+        let e = live.entry(id.to_string()).or_default();
+        let watchers = std::mem::take(&mut e.watchers);
+        *e = Live {
+            user: user.to_string(),
+            prompt_id: prompt_id.to_string(),
+            client_id: client_id.map(str::to_owned),
+            watchers,
+            ..Default::default()
+        };
+    }
+
+    /// Notes a message of a running job (`kind` and its `data`) as its latest step.
+    pub fn live_note(&self, id: &str, kind: &str, data: Option<&Value>) {
+        let mut live = lock(&self.live);
+        let Some(e) = live.get_mut(id) else { return };
+        match (kind, data) {
+            ("execution_start", Some(d)) => e.start = Some(d.clone()),
+            // `executing` with no node is the end marker, never relayed from a backend.
+            ("executing", Some(d)) if !d["node"].is_null() => e.executing = Some(d.clone()),
+            ("progress_state", Some(d)) => e.progress_state = Some(d.clone()),
+            ("execution_success" | "execution_error" | "execution_interrupted", _) => {
+                e.ended = true
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends `text` about job `id` to its owner's submitting tab `client_id` and to the tabs
+    /// that caught up with it since (see [`Self::catch_up`]).
+    pub fn send_to_job(&self, id: &str, user: &str, client_id: Option<&str>, text: &str) {
+        let watchers = lock(&self.live)
+            .get(id)
+            .map(|e| e.watchers.clone())
+            .unwrap_or_default();
+        if let Some(c) = client_id {
+            self.events.to_client(user, c, text);
+        }
+        for w in watchers.iter().filter(|w| Some(w.as_str()) != client_id) {
+            self.events.to_client(user, w, text);
+        }
+    }
+
+    /// What a tab of `user` connecting now (as `client_id`) needs to show their running
+    /// jobs as a live tab would: each job's `execution_start`, the node it is executing and
+    /// its cumulative `progress_state`, in that order. The tab then gets those jobs' later
+    /// steps and ends as well.
+    pub fn catch_up(&self, user: &str, client_id: &str) -> Vec<String> {
+        let mut live = lock(&self.live);
+        let mut mine: Vec<(&String, &mut Live)> = live
+            .iter_mut()
+            .filter(|(_, e)| e.user == user && !e.ended && e.start.is_some())
+            .collect();
+        mine.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = Vec::new();
+        for (_, e) in mine {
+            if e.client_id.as_deref() != Some(client_id)
+                && !e.watchers.iter().any(|w| w == client_id)
+            {
+                e.watchers.push(client_id.to_string());
+            }
+            let msg = |kind: &str, data: &Value| {
+                let mut data = data.clone();
+                if let Some(m) = data.as_object_mut() {
+                    m.insert("prompt_id".into(), Value::String(e.prompt_id.clone()));
+                }
+                json!({"type": kind, "data": data}).to_string()
+            };
+            for (kind, data) in [
+                ("execution_start", &e.start),
+                ("executing", &e.executing),
+                ("progress_state", &e.progress_state),
+            ] {
+                if let Some(d) = data {
+                    out.push(msg(kind, d));
+                }
+            }
+        }
+        out
     }
 
     /// ComfyUI's `status` message with the participant's own `queue_remaining`,

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod basic_cache;
 pub mod error;
+pub mod export;
 pub mod extension;
 pub mod frontend;
 pub mod fsx;
@@ -263,7 +264,9 @@ pub fn router_with_limits(
         .and(NotForContentType::IMAGES)
         .and(NotForContentType::const_new("video/"))
         .and(NotForContentType::const_new("audio/"))
-        .and(NotForContentType::const_new("application/octet-stream"));
+        .and(NotForContentType::const_new("application/octet-stream"))
+        // Zips are streamed as they are read (see `export`): compressed already.
+        .and(NotForContentType::const_new("application/zip"));
     authed
         .merge(public)
         .layer(DefaultBodyLimit::max(

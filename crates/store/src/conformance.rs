@@ -38,7 +38,7 @@ macro_rules! conformance_tests {
             sessions, meta, enqueue_roundtrip, durability_across_reopen, duplicate_ids,
             enqueue_limits, transitions_cas, listing, delete_and_clear_isolation, count_jobs,
             concurrent_enqueues, concurrent_transitions, job_priority_patch, account_changes,
-            audit_log, dashboard_queries);
+            audit_log, dashboard_queries, prompt_ids_per_user);
     };
     (@each $backend:expr; $($story:ident),* $(,)?) => {
         $(
@@ -72,6 +72,7 @@ pub async fn run_all(b: &dyn Backend) {
     account_changes(b).await;
     audit_log(b).await;
     dashboard_queries(b).await;
+    prompt_ids_per_user(b).await;
 }
 
 /// The instructor's actions are kept in order, newest first when listed, paged by `before`,
@@ -784,19 +785,23 @@ pub async fn durability_across_reopen(b: &dyn Backend) {
 pub async fn duplicate_ids(b: &dyn Backend) {
     let (s, _) = b.create().await;
     let first = s.enqueue(new_job("same", "u1"), NO_LIMITS).await.unwrap();
-    let mut other = new_job("same", "u2");
-    other.number = 99.0;
+    assert_eq!(
+        (first.id.as_str(), first.prompt_id.as_str()),
+        ("same", "same")
+    );
+    let mut again = new_job("same", "u1");
+    again.number = 99.0;
     assert!(matches!(
-        s.enqueue(other.clone(), NO_LIMITS).await,
+        s.enqueue(again.clone(), NO_LIMITS).await,
         Err(StoreError::AlreadyExists)
     ));
     finish(&*s, "same", JobState::Succeeded).await;
     assert!(
         matches!(
-            s.enqueue(other, NO_LIMITS).await,
+            s.enqueue(again, NO_LIMITS).await,
             Err(StoreError::AlreadyExists)
         ),
-        "a finished job's id stays taken"
+        "a finished job's prompt_id stays taken for its owner"
     );
     let got = s.get_job("same").await.unwrap().unwrap();
     assert_eq!((got.user.as_str(), got.number), ("u1", first.number));
@@ -811,6 +816,86 @@ pub async fn duplicate_ids(b: &dyn Backend) {
         s.enqueue(new_job("q", "u1"), full).await,
         Err(StoreError::AlreadyExists)
     ));
+}
+
+/// A prompt_id is unique per participant: another participant may choose the same one and
+/// is neither refused nor told; each finds, cancels and deletes only their own job by it,
+/// while the internal ids stay unique across everyone. Survives a reopen.
+pub async fn prompt_ids_per_user(b: &dyn Backend) {
+    let (s, key) = b.create().await;
+    let mine = s.enqueue(new_job("p", "u1"), NO_LIMITS).await.unwrap();
+    let theirs = s.enqueue(new_job("p", "u2"), NO_LIMITS).await.unwrap();
+    assert_eq!((mine.id.as_str(), mine.prompt_id.as_str()), ("p", "p"));
+    assert_eq!(theirs.prompt_id, "p");
+    assert_ne!(theirs.id, "p", "the internal id stays unique");
+    assert!(!theirs.id.is_empty());
+    // A participant may also pick an id that is someone else's internal id.
+    let third = s
+        .enqueue(new_job(&theirs.id, "u3"), NO_LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(third.prompt_id, theirs.id);
+    let all_ids: HashSet<String> = [&mine, &theirs, &third]
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    assert_eq!(all_ids.len(), 3);
+    assert_eq!(s.get_job(&theirs.id).await.unwrap().unwrap().user, "u2");
+
+    // Each finds their own job by the id they chose, never the other's.
+    let got = |u: &'static str| {
+        let s = s.clone();
+        async move { s.get_user_job(u, "p").await.unwrap() }
+    };
+    assert_eq!(got("u1").await.unwrap().id, mine.id);
+    assert_eq!(got("u2").await.unwrap().id, theirs.id);
+    assert_eq!(got("u3").await, None);
+    assert_eq!(s.get_user_job("u1", &theirs.id).await.unwrap(), None);
+    let listed = s
+        .list_jobs(&JobQuery {
+            user: Some("u2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].id.clone(), listed[0].prompt_id.as_str()),
+        (theirs.id.clone(), "p")
+    );
+    // The same id twice for one participant is still a duplicate.
+    assert!(matches!(
+        s.enqueue(new_job("p", "u2"), NO_LIMITS).await,
+        Err(StoreError::AlreadyExists)
+    ));
+
+    // u2 cancels "p": their own job goes (its internal id comes back), u1's stays queued.
+    let cancelled = s.delete_queued("u2", &strings(&["p"])).await.unwrap();
+    assert_eq!(cancelled, vec![theirs.id.clone()]);
+    assert_eq!(
+        s.get_job("p").await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    assert_eq!(
+        s.get_job(&theirs.id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    // u1 finishes "p"; u2 deleting "p" from history removes nothing of u1's.
+    finish(&*s, "p", JobState::Succeeded).await;
+    assert_eq!(s.delete_history("u3", &strings(&["p"])).await.unwrap(), 0);
+    assert_eq!(s.delete_history("u2", &strings(&["p"])).await.unwrap(), 1);
+    assert!(s.get_job("p").await.unwrap().is_some());
+
+    // The prompt ids survive a restart.
+    let s = b.reopen(&key).await;
+    let back = s.get_user_job("u3", &theirs.id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.id, back.prompt_id),
+        (third.id.clone(), theirs.id.clone())
+    );
+    assert_eq!(s.delete_history("u1", &strings(&["p"])).await.unwrap(), 1);
+    assert_eq!(s.get_user_job("u1", "p").await.unwrap(), None);
 }
 
 pub async fn enqueue_limits(b: &dyn Backend) {
@@ -1347,7 +1432,7 @@ pub async fn count_jobs(b: &dyn Backend) {
         .unwrap();
     assert_eq!(n, Some(1));
     assert!(matches!(
-        s.enqueue_counted(new_job("c7", "a"), NO_LIMITS).await,
+        s.enqueue_counted(new_job("c6", "a"), NO_LIMITS).await,
         Err(StoreError::AlreadyExists)
     ));
 }

@@ -247,7 +247,9 @@ impl FromStr for JobState {
 /// A job as accepted by `POST /prompt`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
-    /// The prompt_id; unique across all users.
+    /// The prompt_id the participant knows the job by: unique among that participant's jobs
+    /// only. It becomes the job's internal [`JobRecord::id`] too unless another job (anyone's)
+    /// already has that id; then the store gives it a fresh one (see [`JobRecord::prompt_id`]).
     pub id: String,
     pub user: String,
     pub number: f64,
@@ -263,7 +265,14 @@ pub struct NewJob {
 pub struct JobRecord {
     /// Global submission order: strictly increasing, never reused.
     pub seq: i64,
+    /// The internal id, unique across all users: what the GPU servers, the dispatcher and the
+    /// instructor see.
     pub id: String,
+    /// The id its owner knows it by (their `prompt_id`), unique among their own jobs. Equal
+    /// to `id` unless that was taken by another job when it was submitted; every answer to
+    /// the participant (HTTP and WebSocket) names the job by this one.
+    #[serde(default)]
+    pub prompt_id: String,
     pub user: String,
     pub number: f64,
     pub priority: Option<u8>,
@@ -410,8 +419,10 @@ pub trait MetaStore: Send + Sync {
 
 #[async_trait]
 pub trait JobStore: Send + Sync {
-    /// Durable when it returns. `AlreadyExists` for a duplicate id (checked first), then
-    /// `Limit` per user, then `Limit` for the whole queue (see [`EnqueueLimits`]).
+    /// Durable when it returns. `AlreadyExists` when the same user already has a job with
+    /// this prompt_id (`job.id`; checked first), then `Limit` per user, then `Limit` for the
+    /// whole queue (see [`EnqueueLimits`]). Another user's job with that id is no refusal:
+    /// the new job gets a fresh internal id instead (see [`NewJob::id`]).
     async fn enqueue(&self, job: NewJob, limits: EnqueueLimits) -> Result<JobRecord, StoreError>;
     /// [`JobStore::enqueue`], also answering how many unfinished jobs (queued, dispatched,
     /// running) the job's owner has with it, for their `status` message; `None` when that
@@ -428,7 +439,27 @@ pub trait JobStore: Send + Sync {
             .ok();
         Ok((rec, n))
     }
+    /// By internal id.
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// `user`'s job that they know as `prompt_id` (see [`JobRecord::prompt_id`]); another
+    /// user's job is never found this way, whatever its ids.
+    /// (A scan of the user's jobs here, so that wrappers and new backends are correct from
+    /// the start; backends override it with an indexed look-up.)
+    async fn get_user_job(
+        &self,
+        user: &str,
+        prompt_id: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let (jobs, _) = self
+            .list_jobs(&JobQuery {
+                user: Some(user.to_owned()),
+                ..Default::default()
+            })
+            .await?;
+        Ok(jobs
+            .into_iter()
+            .find(|j| j.prompt_id == prompt_id || (j.prompt_id.is_empty() && j.id == prompt_id)))
+    }
     /// One page and the total number of matching jobs.
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError>;
     /// Queued, dispatched and running jobs in seq order.
@@ -441,13 +472,19 @@ pub trait JobStore: Send + Sync {
         to: JobState,
         patch: JobPatch,
     ) -> Result<JobRecord, StoreError>;
-    /// Marks that user's *queued* jobs among `ids` cancelled (finished now); returns the ids
-    /// actually cancelled, in the order given. Other users' jobs and other states are untouched.
-    async fn delete_queued(&self, user: &str, ids: &[String]) -> Result<Vec<String>, StoreError>;
-    /// Cancels all of that user's queued jobs; returns their ids in seq order.
+    /// Marks that user's *queued* jobs whose prompt_ids are among `prompt_ids` cancelled
+    /// (finished now); returns the *internal* ids of those actually cancelled, in the order
+    /// given. Other users' jobs and other states are untouched.
+    async fn delete_queued(
+        &self,
+        user: &str,
+        prompt_ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
+    /// Cancels all of that user's queued jobs; returns their internal ids in seq order.
     async fn clear_queued(&self, user: &str) -> Result<Vec<String>, StoreError>;
-    /// Hard-deletes that user's *finished* jobs among `ids`; returns how many.
-    async fn delete_history(&self, user: &str, ids: &[String]) -> Result<u64, StoreError>;
+    /// Hard-deletes that user's *finished* jobs whose prompt_ids are among `prompt_ids`;
+    /// returns how many.
+    async fn delete_history(&self, user: &str, prompt_ids: &[String]) -> Result<u64, StoreError>;
     async fn clear_history(&self, user: &str) -> Result<u64, StoreError>;
     /// Empty `states` means every state.
     async fn count_jobs(&self, user: Option<&str>, states: &[JobState]) -> Result<u64, StoreError>;

@@ -219,6 +219,14 @@ impl JobStore for BlockingStore {
         let i = id.to_string();
         blocking!(self, |s| s.get_job(&i).await)
     }
+    async fn get_user_job(
+        &self,
+        user: &str,
+        prompt_id: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let (u, p) = (user.to_string(), prompt_id.to_string());
+        blocking!(self, |s| s.get_user_job(&u, &p).await)
+    }
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
         let q = q.clone();
         blocking!(self, |s| s.list_jobs(&q).await)

@@ -294,12 +294,13 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Moves that user's queued jobs (all, or those among `ids`) to cancelled.
+    /// Moves that user's queued jobs (all, or those whose prompt_ids are among `ids`) to
+    /// cancelled; answers (seq, internal id, prompt_id) of each.
     async fn cancel_queued(
         &self,
         user: &str,
         ids: Option<&[String]>,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
+    ) -> Result<Vec<Cancelled>, StoreError> {
         let now = now_ms();
         let mut tx = self.begin().await?;
         let mut cancelled = Vec::new();
@@ -316,9 +317,13 @@ impl SqliteStore {
             if ids.is_some() {
                 push_id_list(&mut qb, chunk);
             }
-            qb.push(" RETURNING seq, id");
+            qb.push(" RETURNING seq, id, prompt_id");
             for r in qb.build().fetch_all(&mut *tx).await.db()? {
-                cancelled.push((r.try_get("seq").db()?, r.try_get("id").db()?));
+                cancelled.push((
+                    r.try_get("seq").db()?,
+                    r.try_get("id").db()?,
+                    r.try_get::<Option<String>, _>("prompt_id").db()?,
+                ));
             }
         }
         tx.commit().await.db()?;
@@ -345,6 +350,9 @@ impl SqliteStore {
         Ok(n)
     }
 }
+
+/// A job [`SqliteStore::cancel_queued`] cancelled: (seq, internal id, prompt_id).
+type Cancelled = (i64, String, Option<String>);
 
 /// Keeps each `IN (...)` well under SQLite's bound-parameter limit.
 const ID_CHUNK: usize = 500;
@@ -419,8 +427,9 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
         })
 }
 
+/// ` AND prompt_id IN (...)`: the ids a participant names their jobs by.
 fn push_id_list(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
-    qb.push(" AND id IN (");
+    qb.push(" AND prompt_id IN (");
     let mut sep = qb.separated(", ");
     for id in ids {
         sep.push_bind(id.clone());
@@ -506,8 +515,8 @@ fn user_from_row(r: &SqliteRow) -> Result<User, StoreError> {
 
 macro_rules! job_cols {
     () => {
-        "seq, id, user_name, number, priority, prompt, extra_data, outputs_to_execute, \
-         client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
+        "seq, id, COALESCE(prompt_id, id) AS prompt_id, user_name, number, priority, prompt, \
+         extra_data, outputs_to_execute, client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
          error, outputs, messages, meta"
     };
 }
@@ -526,6 +535,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
     Ok(JobRecord {
         seq: r.try_get("seq").db()?,
         id: r.try_get("id").db()?,
+        prompt_id: r.try_get("prompt_id").db()?,
         user: r.try_get("user_name").db()?,
         number: r.try_get("number").db()?,
         priority: priority
@@ -1031,6 +1041,27 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn get_user_job(
+        &self,
+        user: &str,
+        prompt_id: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        self.timed("get_user_job", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE user_name = ? AND prompt_id = ?"
+            ))
+            .bind(user)
+            .bind(prompt_id)
+            .fetch_optional(&self.read)
+            .await
+            .db()?;
+            row.as_ref().map(job_from_row).transpose()
+        })
+        .await
+    }
+
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
         fn filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
             qb.push(" FROM jobs WHERE 1 = 1");
@@ -1175,10 +1206,13 @@ impl JobStore for SqliteStore {
         let cancelled = self
             .timed("delete_queued", self.cancel_queued(user, Some(ids)))
             .await?;
-        let mut hit: std::collections::HashSet<String> =
-            cancelled.into_iter().map(|(_, id)| id).collect();
-        // In the caller's order, each id once.
-        Ok(ids.iter().filter(|id| hit.remove(*id)).cloned().collect())
+        // prompt_id -> internal id (a row from before prompt_ids were stored has only an id).
+        let mut hit: std::collections::HashMap<String, String> = cancelled
+            .into_iter()
+            .map(|(_, id, pid)| (pid.unwrap_or_else(|| id.clone()), id))
+            .collect();
+        // In the caller's order, each job once.
+        Ok(ids.iter().filter_map(|pid| hit.remove(pid)).collect())
     }
 
     async fn clear_queued(&self, user: &str) -> Result<Vec<String>, StoreError> {
@@ -1186,7 +1220,7 @@ impl JobStore for SqliteStore {
             .timed("clear_queued", self.cancel_queued(user, None))
             .await?;
         cancelled.sort_unstable();
-        Ok(cancelled.into_iter().map(|(_, id)| id).collect())
+        Ok(cancelled.into_iter().map(|(_, id, _)| id).collect())
     }
 
     async fn delete_history(&self, user: &str, ids: &[String]) -> Result<u64, StoreError> {
