@@ -17,6 +17,7 @@ mod actions;
 pub mod audit;
 pub mod csrf;
 pub mod dashboard;
+pub mod export;
 pub mod openapi;
 pub mod page;
 mod people;
@@ -149,6 +150,8 @@ pub fn routes(admin: Admin) -> Router<AppState> {
             "/admin/api/users/{name}/priority",
             put(actions::set_user_priority),
         )
+        .route("/admin/api/users/{name}/export.zip", get(export::user_zip))
+        .route("/admin/api/export.zip", get(export::everyone_zip))
         .route(
             "/admin/api/broadcast",
             get(actions::get_broadcast)

@@ -1,7 +1,9 @@
 //! The OpenAPI 3.1 document of the admin API (`GET /admin/api/openapi.json`), generated from
-//! [`ROUTES`], a typed description of every route. A test sends each described route to the
-//! real router and fails if one is missing (or answers to another method), so the document
-//! cannot drift from the code.
+//! [`ROUTES`], a typed description of every route. A test
+//! (`crates/comfyume/tests/dashboard.rs`, `every_admin_route_is_for_instructors_only`) sends
+//! each described route to the real server as a participant and expects 403, never the 404
+//! or 405 of a route or method that does not exist, so the document cannot drift from the
+//! code.
 //!
 //! Why not `utoipa`: checked on this project's shared 2-core machine, a scratch crate with
 //! utoipa 5 compiled three crates this workspace does not have (utoipa-gen 15.5 s, utoipa

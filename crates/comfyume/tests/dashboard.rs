@@ -54,7 +54,13 @@ async fn audit_actions(app: &TestApp) -> Vec<String> {
 
 /// A job's state in the store (ComfyUI's own views hide cancelled jobs).
 async fn job_state(app: &TestApp, id: &str) -> String {
-    app.store.get_job(id).await.unwrap().unwrap().state.to_string()
+    app.store
+        .get_job(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state
+        .to_string()
 }
 
 async fn waiting_ids(app: &TestApp) -> Vec<String> {
@@ -1019,5 +1025,104 @@ async fn hostile_file_and_workflow_names_are_data() {
     assert!(
         !js.contains("innerHTML"),
         "the dashboard never parses text as HTML"
+    );
+}
+
+/// Names in a zip's central directory (no zip64: test archives are small).
+fn zip_names(zip: &[u8]) -> Vec<String> {
+    let eocd = zip
+        .windows(4)
+        .rposition(|w| w == [0x50, 0x4b, 0x05, 0x06])
+        .expect("an end of central directory record");
+    let u16_at = |i: usize| u16::from_le_bytes([zip[i], zip[i + 1]]) as usize;
+    let u32_at =
+        |i: usize| u32::from_le_bytes([zip[i], zip[i + 1], zip[i + 2], zip[i + 3]]) as usize;
+    let count = u16_at(eocd + 10);
+    let mut at = u32_at(eocd + 16);
+    let mut names = Vec::new();
+    for _ in 0..count {
+        assert_eq!(
+            &zip[at..at + 4],
+            [0x50, 0x4b, 0x01, 0x02],
+            "central directory entry"
+        );
+        let (n, extra, comment) = (u16_at(at + 28), u16_at(at + 30), u16_at(at + 32));
+        names.push(String::from_utf8_lossy(&zip[at + 46..at + 46 + n]).into_owned());
+        at += 46 + n + extra + comment;
+    }
+    names
+}
+
+#[tokio::test]
+async fn downloads_are_zips_of_outputs_and_workflows() {
+    let (_sim, backend) = sim_backend_slots("gpu-a", 5, 1).await;
+    let app = spawn_full(AppOptions {
+        backends: vec![backend],
+        ..Default::default()
+    })
+    .await;
+    let id = app.submit(U1, "t", &tiny()).await;
+    assert_eq!(
+        app.wait_job(U1, &id, &["completed", "failed"], 20).await,
+        "completed"
+    );
+    let r = app
+        .post(
+            U1,
+            "/api/userdata/workflows%2Fdemo.json?overwrite=true",
+            br#"{"nodes":[]}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let outputs = app.output_files(U1);
+    assert!(!outputs.is_empty());
+
+    let r = app.get(ADMIN, "/admin/api/users/user001/export.zip").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type").as_deref(), Some("application/zip"));
+    assert!(
+        r.header("content-disposition")
+            .unwrap()
+            .contains("user001-work.zip")
+    );
+    let names = zip_names(&r.body);
+    assert!(
+        names.contains(&"workflows/demo.json".to_string()),
+        "{names:?}"
+    );
+    for f in &outputs {
+        assert!(
+            names.contains(&format!("outputs/{f}")),
+            "{f} not in {names:?}"
+        );
+    }
+    let all = app.get(ADMIN, "/admin/api/export.zip").await;
+    assert_eq!(all.status, 200);
+    let names = zip_names(&all.body);
+    assert!(
+        names.contains(&"user001/workflows/demo.json".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.starts_with("user002/outputs/") || n.contains("user002"))
+    );
+    assert_eq!(
+        app.get(ADMIN, "/admin/api/users/nobody/export.zip")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        app.get(U1, "/admin/api/users/user001/export.zip")
+            .await
+            .status,
+        403
+    );
+    let actions = audit_actions(&app).await;
+    assert!(
+        actions.contains(&"export.participant".to_string())
+            && actions.contains(&"export.everyone".to_string())
     );
 }

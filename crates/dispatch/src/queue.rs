@@ -101,7 +101,6 @@ pub struct Queue {
     live: Mutex<HashMap<String, Live>>,
 }
 
-
 /// What a tab that connects while a job runs needs to catch up with it, and who caught up.
 #[derive(Debug, Default)]
 struct Live {
