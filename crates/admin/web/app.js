@@ -398,7 +398,7 @@
             const r = await api('POST', `/admin/api/users/${encodeURIComponent(u.name)}/password`);
             showOnce(`New password for ${r.name}`, [['name', r.name], ['password', r.password]]);
           })),
-          h('a', { href: `/admin/api/users/${encodeURIComponent(u.name)}/export.zip`, class: 'button', download: '' }, 'Zip')))))));
+          h('a', { href: `/admin/api/users/${encodeURIComponent(u.name)}/export.zip`, class: 'button', download: '' }, 'Zip'))))));
   }
 
   function svg(tag, attrs) {
