@@ -209,19 +209,46 @@ runStory(async (browser, summary) => {
   });
 
   await step('a busy workshop on the dashboard (screenshot)', async () => {
-    // A backlog from the participant's tab: the GPU works, the rest wait.
-    for (let i = 0; i < 6; i++) await queueFromPage(user, i % 2 ? slowBlur : tiny(`busy${i}`));
+    // More participants, created from the dashboard's API, each queueing on their own
+    // workspace (the instructor may act in any /userNNN/): the GPU works, the rest wait.
+    const token = await dash.locator('meta[name=csrf-token]').getAttribute('content');
+    const headers = { 'X-CSRF-Token': token };
+    const names = ['user002', 'user003', 'user004', 'user005', 'user006'];
+    for (const name of names) {
+      const r = await dash.request.post(`${cfg.BASE_URL}/admin/api/users`, { headers, data: { name } });
+      if (r.status() !== 201) fail(`creating ${name}: HTTP ${r.status()}`);
+    }
+    await queueFromPage(user, slowBlur);
+    for (const [i, name] of names.entries()) {
+      for (let k = 0; k < 2; k++) {
+        const r = await dash.request.post(`${cfg.BASE_URL}/${name}/api/prompt`, {
+          data: { client_id: `tab-${name}`, prompt: (i + k) % 2 ? slowBlur : tiny(`${name}-${k}`) },
+        });
+        if (r.status() !== 200) fail(`queueing for ${name}: HTTP ${r.status()}`);
+      }
+    }
+    await queueFromPage(user, tiny('busy'));
     await dash.locator('#tab-queue').click();
     await dash.locator('#pane-queue table.waiting tbody tr').first().waitFor({ timeout: 5_000 });
     await dash.locator('#pane-queue .progress-cell .progress').first().waitFor({ timeout: 10_000 }).catch(() => {});
+    await dash.waitForTimeout(1500);
     const file = await shot(dash, 'dashboard-busy');
     if (env.SCREENSHOT) {
       await dash.screenshot({ path: env.SCREENSHOT });
       log(`screenshot written to ${env.SCREENSHOT}`);
     }
     summary.screenshot = file;
+    await dash.locator('#tab-participants').click();
+    await dash.locator('#pane-participants tr[data-user="user006"]').waitFor({ timeout: 5_000 })
+      .catch(() => fail('a participant created from the API is not in the list'));
+    await shot(dash, 'participants');
+    await dash.locator('#tab-gpus').click();
+    await dash.locator('#pane-gpus svg.chart').waitFor({ timeout: 5_000 });
+    await shot(dash, 'gpus');
+    await dash.locator('#tab-system').click();
+    await shot(dash, 'system');
     // Leave nothing running behind.
-    await dash.request.post(`${cfg.BASE_URL}/admin/api/queue/cancel`, { headers: { 'X-CSRF-Token': await dash.locator('meta[name=csrf-token]').getAttribute('content') } });
+    await dash.request.post(`${cfg.BASE_URL}/admin/api/queue/cancel`, { headers });
   });
 
   await step('the audit log lists what the instructor did', async () => {
