@@ -4,6 +4,7 @@
 
 mod browser_overhead;
 mod common;
+mod dashboard;
 mod dispatch_latency;
 mod gpu_gap;
 mod overhead;
@@ -40,6 +41,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Run -> result in the stock frontend (Chromium), straight and through `comfyume serve`.
     BrowserOverhead(browser_overhead::Args),
+    /// The instructor's dashboard during a busy workshop: its cost to serve, its latency.
+    Dashboard(dashboard::Args),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
+            Command::Dashboard(a) => dashboard::run(a).await,
         }
     })
 }
