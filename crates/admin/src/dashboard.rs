@@ -801,16 +801,18 @@ async fn serve(
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     let mut heard = tokio::time::Instant::now();
     let mut close: Option<(u16, &'static str)> = None;
+    // Every write waits at most the idle timeout: a page that stops reading ends the stream.
+    // (The label is passed in: labels in macros are hygienic.)
     macro_rules! send {
-        ($msg:expr) => {
+        ($label:lifetime, $msg:expr) => {
             match tokio::time::timeout(idle, sink.send($msg)).await {
                 Ok(Ok(())) => {}
-                _ => break,
+                _ => break $label,
             }
         };
     }
-    'outer: loop {
-        send!(Message::Text(first.clone().into()));
+    'outer: {
+        send!('outer, Message::Text(first.into()));
         loop {
             tokio::select! {
                 biased;
@@ -822,11 +824,11 @@ async fn serve(
                     }
                 }
                 update = rx.recv() => match update {
-                    Ok(text) => send!(Message::Text(text.as_ref().into())),
+                    Ok(text) => send!('outer, Message::Text(text.as_ref().into())),
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         // Fell behind: a whole picture instead of the missed pieces.
                         let again = hello(d.snapshot_sections().await);
-                        send!(Message::Text(again.into()));
+                        send!('outer, Message::Text(again.into()));
                     }
                     Err(broadcast::error::RecvError::Closed) => break 'outer,
                 },
@@ -839,7 +841,7 @@ async fn serve(
                         close = Some((1008, "signed out"));
                         break 'outer;
                     }
-                    send!(Message::Ping(Default::default()));
+                    send!('outer, Message::Ping(Default::default()));
                 }
             }
         }
