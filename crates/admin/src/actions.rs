@@ -17,9 +17,9 @@ use crate::audit::{done, record};
 use crate::dashboard::Section;
 use crate::{Admin, Instructor, bad, conflict, not_found, settings, unavailable};
 
-/// A JSON body of type `T`, or a 400 naming what was expected.
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8], expected: &str) -> Result<T, Response> {
-    serde_json::from_slice(bytes).map_err(|e| bad(format!("{expected} ({e})")))
+/// A JSON body of type `T`, or the message of a 400 naming what was expected.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8], expected: &str) -> Result<T, String> {
+    serde_json::from_slice(bytes).map_err(|e| format!("{expected} ({e})"))
 }
 
 /// Saves the queue settings after a change; whether that worked.
@@ -74,7 +74,7 @@ pub async fn set_policy(
         "expected {\"policy\": \"fifo\" | \"round_robin\" | \"priority\"}",
     ) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     let p = match b.policy.parse::<Policy>() {
         Ok(p) => p,
@@ -119,7 +119,7 @@ pub async fn set_limits(
         "expected {\"max_running_per_user\"?, \"max_queued_per_user\"?, \"max_queue_depth\"?}",
     ) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     if b.max_running_per_user.is_none()
         && b.max_queued_per_user.is_none()
@@ -364,7 +364,7 @@ pub async fn set_job_priority(
 ) -> Response {
     let b: PriorityBody = match body(&bytes, "expected {\"level\": 0-3 | null}") {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     match state.queue.set_job_priority(&id, b.level).await {
         Ok(_) => {
@@ -394,7 +394,7 @@ pub async fn set_user_priority(
 ) -> Response {
     let b: PriorityBody = match body(&bytes, "expected {\"level\": 0-3 | null}") {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     match state.store.get_user(&name).await {
         Ok(Some(_)) => {}
@@ -446,7 +446,7 @@ pub async fn set_broadcast(
 ) -> Response {
     let b: BroadcastBody = match body(&bytes, "expected {\"message\": \"...\"}") {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     let message = b.message.trim();
     if message.is_empty() {
@@ -537,7 +537,7 @@ pub async fn set_room(
 ) -> Response {
     let b: RoomBody = match body(&bytes, "expected {\"job_id\": \"...\", \"file\": 0}") {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(m) => return bad(m),
     };
     let rec = match state.store.get_job(&b.job_id).await {
         Ok(Some(r)) => r,
@@ -608,7 +608,7 @@ pub async fn refresh_object_info(
     } else {
         match body(&bytes, "expected {} or {\"backend\": \"name\"}") {
             Ok(b) => b,
-            Err(r) => return r,
+            Err(m) => return bad(m),
         }
     };
     let backends = admin

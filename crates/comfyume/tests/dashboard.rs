@@ -759,7 +759,7 @@ async fn policy_limits_pause_priorities_and_broadcast_survive_a_restart() {
     assert_eq!(after.policy.as_str(), "fifo");
     assert_eq!(after.max_queued_per_user, 7);
     assert_eq!(after.user_priorities.get("user002"), Some(&2));
-    assert_eq!(after.front, [b.clone()]);
+    assert_eq!(after.front, std::slice::from_ref(&b));
     assert_eq!(waiting_ids(&app).await[0], b);
     let q = admin(&app, Method::GET, "/admin/api/queue", None)
         .await
