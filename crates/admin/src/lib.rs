@@ -44,6 +44,28 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/api/queue/limits", put(set_limits))
         .route("/admin/api/users/{name}/priority", put(set_user_priority))
         .route("/admin/api/jobs/{id}/priority", put(set_job_priority))
+        .route("/admin/api/usage", get(storage_usage))
+}
+
+/// What each participant's files take (inputs, outputs) against `USER_QUOTA_BYTES`.
+async fn storage_usage(State(state): State<AppState>, _: Instructor) -> Response {
+    let users = match state.store.list_users().await {
+        Ok(u) => u,
+        Err(e) => return comfyume_gateway::error::ApiError::from(e).into_response(),
+    };
+    let quota = state.settings.user_quota_bytes;
+    let mut out = Vec::new();
+    for u in users.iter().filter(|u| u.role == Role::Participant) {
+        let usage = comfyume_gateway::quota::usage(&state, &u.name).await;
+        out.push(json!({
+            "user": u.name,
+            "inputs_bytes": usage.inputs,
+            "outputs_bytes": usage.outputs,
+            "used_bytes": usage.total(),
+            "over_quota": quota.is_some_and(|q| usage.total() >= q),
+        }));
+    }
+    Json(json!({"quota_bytes": quota, "users": out})).into_response()
 }
 
 /// The workshop queue as the scheduler would serve it, and what is running.
