@@ -203,7 +203,7 @@ mod tests {
         );
         assert_eq!(safe_subfolder("...."), "");
         assert_eq!(safe_subfolder("a\nb"), "a_b");
-        assert_eq!(safe_subfolder(&"d/".repeat(20)), vec!["d"; 8].join("/"));
+        assert_eq!(safe_subfolder(&"d/".repeat(20)), ["d"; 8].join("/"));
         assert!(safe_subfolder(&"é".repeat(200)).len() <= 255);
     }
 }

@@ -322,7 +322,7 @@ fn file_allowed(name: &str, allowed: &[String], outputs: &[String]) -> bool {
     if name.ends_with("[output]") {
         let n = name.chars().count();
         let base: String = name.chars().take(n.saturating_sub(9)).collect();
-        return outputs.iter().any(|o| *o == base);
+        return outputs.contains(&base);
     }
     if name.ends_with("[temp]") {
         return false;

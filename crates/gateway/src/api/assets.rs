@@ -370,18 +370,21 @@ pub async fn tags_list(
     who: Participant,
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> Response {
-    let int = |key: &str, default: usize, max: usize| -> Result<usize, Response> {
+    // The field at fault, if any.
+    let int = |key: &'static str, default: usize, max: usize| -> Result<usize, &'static str> {
         match last(&pairs, key) {
             None | Some("") => Ok(default),
             Some(v) => match v.trim().parse::<usize>() {
                 Ok(n) if n <= max && (key != "limit" || n >= 1) => Ok(n),
-                _ => Err(invalid(key, &format!("must be an integer up to {max}"))),
+                _ => Err(key),
             },
         }
     };
     let (limit, offset) = match (int("limit", 100, 1000), int("offset", 0, usize::MAX)) {
         (Ok(l), Ok(o)) => (l, o),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(key), _) | (_, Err(key)) => {
+            return invalid(key, "must be a whole number (limit 1-1000)");
+        }
     };
     let by_name = match last(&pairs, "order").unwrap_or("count_desc") {
         "count_desc" => false,
