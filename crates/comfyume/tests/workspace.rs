@@ -329,6 +329,28 @@ async fn the_model_library_lists_the_backends_models() {
         assert_eq!(app.get(U1, p).await.status, 404, "{p}");
     }
 
+    // The picture of each model the library shows (the weights and any preview beside them
+    // are on the GPU servers: a title card); anything else 404, as ComfyUI without one.
+    let r = app
+        .get(
+            U1,
+            "/api/experiment/models/preview/diffusion_models/0/flux-2-klein-4b.webp",
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type").as_deref(), Some("image/png"));
+    assert_eq!(decode(&r.body).width(), 320);
+    for p in [
+        "/api/experiment/models/preview/diffusion_models/0/nope.webp",
+        "/api/experiment/models/preview/diffusion_models/1/flux-2-klein-4b.webp",
+        "/api/experiment/models/preview/vae/0/flux-2-klein-4b.webp",
+        "/api/experiment/models/preview/nope/0/flux-2-klein-4b.webp",
+        "/api/experiment/models/preview/diffusion_models/0/..%2F..%2Fcomfyume.db",
+        "/api/experiment/models/preview/..%2F..%2F/0/comfyume.webp",
+    ] {
+        assert_eq!(app.get(U1, p).await.status, 404, "{p}");
+    }
+
     // view_metadata: a file the backends have answers (no metadata known here: `{}`);
     // anything else 404.
     let r = app

@@ -364,7 +364,7 @@ fn thumbnail_cache() -> &'static Mutex<HashMap<String, Bytes>> {
 
 /// A title card for `title`: "Flux.2 Klein 4B - text to image" reads FLUX.2 KLEIN 4B large,
 /// TEXT TO IMAGE below; the colours follow the title, so each template has its own.
-async fn generated_thumbnail(title: &str) -> Bytes {
+pub async fn generated_thumbnail(title: &str) -> Bytes {
     if let Some(b) = thumbnail_cache()
         .lock()
         .unwrap_or_else(|p| p.into_inner())

@@ -47,6 +47,10 @@ pub fn routes() -> Router<AppState> {
             "/experiment/models/{folder}",
             get(system::experiment_models_folder),
         )
+        .route(
+            "/experiment/models/preview/{folder}/{index}/{file}",
+            get(system::model_preview),
+        )
         .route("/global_subgraphs", get(system::empty_object))
         .route("/global_subgraphs/{id}", get(system::not_found))
         .route("/workflow_templates", get(system::empty_object))

@@ -141,6 +141,36 @@ pub async fn experiment_models_folder(
     }
 }
 
+/// `/experiment/models/preview/{folder}/{index}/{file}.webp`: the Model Library's picture of
+/// a model. ComfyUI sends a preview image found beside the weights (404 without one); the
+/// weights are on the GPU servers, so a model they have gets a title card with its name
+/// and folder (a PNG, so labelled), anything else 404.
+pub async fn model_preview(
+    State(state): State<AppState>,
+    Path((folder, index, file)): Path<(String, String, String)>,
+) -> Response {
+    let Some(stem) = file.strip_suffix(".webp").filter(|_| index == "0") else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let known = folder_files(&state, &folder).is_some_and(|files| {
+        files
+            .iter()
+            .any(|f| f.rsplit_once('.').map(|(s, _)| s) == Some(stem))
+    });
+    if !known {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let png = crate::templates::generated_thumbnail(&format!("{stem} - {folder}")).await;
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "image/png"),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        png,
+    )
+        .into_response()
+}
+
 #[derive(serde::Deserialize)]
 pub struct MetadataQuery {
     filename: Option<String>,
