@@ -5,6 +5,7 @@
 mod browser_overhead;
 mod common;
 mod dispatch_latency;
+mod export;
 mod gpu_gap;
 mod overhead;
 mod pick;
@@ -40,6 +41,8 @@ enum Command {
     Overhead(overhead::Args),
     /// Run -> result in the stock frontend (Chromium), straight and through `comfyume serve`.
     BrowserOverhead(browser_overhead::Args),
+    /// "Download my work" of gigabytes of outputs against `cp -r`, and the server's memory.
+    Export(export::Args),
 }
 
 fn main() -> Result<()> {
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
+            Command::Export(a) => export::run(a).await,
         }
     })
 }
