@@ -139,6 +139,7 @@ pub fn routes(admin: Admin) -> Router<AppState> {
             put(actions::set_job_priority),
         )
         .route("/admin/api/users", get(people::list).post(people::create))
+        .route("/admin/api/usage", get(people::storage_usage))
         .route("/admin/api/users/{name}/disable", post(people::disable))
         .route("/admin/api/users/{name}/enable", post(people::enable))
         .route(

@@ -192,6 +192,12 @@ pub const ROUTES: &[Route] = &[
         ..R
     },
     Route {
+        path: "/admin/api/usage",
+        tag: "participants",
+        summary: "What each participant's files take (inputs, outputs) against USER_QUOTA_BYTES",
+        ..R
+    },
+    Route {
         method: "post",
         path: "/admin/api/users/{name}/disable",
         tag: "participants",

@@ -176,3 +176,25 @@ pub async fn reset_password(
         Err(e) => unavailable(e),
     }
 }
+
+/// `GET /admin/api/usage`: what each participant's files take (inputs, outputs) against
+/// `USER_QUOTA_BYTES`.
+pub async fn storage_usage(State(state): State<AppState>, _: Instructor) -> Response {
+    let users = match state.store.list_users().await {
+        Ok(u) => u,
+        Err(e) => return unavailable(e),
+    };
+    let quota = state.settings.user_quota_bytes;
+    let mut out = Vec::new();
+    for u in users.iter().filter(|u| u.role == Role::Participant) {
+        let usage = comfyume_gateway::quota::usage(&state, &u.name).await;
+        out.push(json!({
+            "user": u.name,
+            "inputs_bytes": usage.inputs,
+            "outputs_bytes": usage.outputs,
+            "used_bytes": usage.total(),
+            "over_quota": quota.is_some_and(|q| usage.total() >= q),
+        }));
+    }
+    Json(json!({"quota_bytes": quota, "users": out})).into_response()
+}

@@ -6,6 +6,7 @@ mod browser_overhead;
 mod common;
 mod dashboard;
 mod dispatch_latency;
+mod export;
 mod gpu_gap;
 mod overhead;
 mod pick;
@@ -43,6 +44,8 @@ enum Command {
     BrowserOverhead(browser_overhead::Args),
     /// The instructor's dashboard during a busy workshop: its cost to serve, its latency.
     Dashboard(dashboard::Args),
+    /// "Download my work" of gigabytes of outputs against `cp -r`, and the server's memory.
+    Export(export::Args),
 }
 
 fn main() -> Result<()> {
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
             Command::Overhead(a) => overhead::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
             Command::Dashboard(a) => dashboard::run(a).await,
+            Command::Export(a) => export::run(a).await,
         }
     })
 }

@@ -243,6 +243,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     settings.backend_label = label.clone();
     settings.templates_dir = cfg.templates_dir.clone();
     settings.max_upload_bytes = cfg.max_upload_bytes;
+    settings.user_quota_bytes = cfg.user_quota_bytes;
     settings.secure_cookies = cfg.domain.is_some();
     settings.domain = cfg.domain.clone();
     settings.trusted_proxies = cfg.net.trusted_proxies.clone();

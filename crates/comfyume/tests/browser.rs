@@ -181,3 +181,48 @@ fn instructor_dashboard_story_in_chromium() {
     }
     node_script_with("dashboard.mjs", &base, &out, &env);
 }
+
+/// Issue 12's story: a new participant (user001) signs in through the login page; the
+/// first-run Templates browser lists the five workshop templates with their thumbnails; they
+/// open "Flux.2 Klein 4B - text to image" from it and press the real Run button; the result
+/// shows on the canvas; the Model Library lists the backend's diffusion models; the Assets
+/// panel shows the result; a reload while a job runs shows its progress at once (the socket's
+/// first messages after `status` are the job's `execution_start`, `executing` and
+/// `progress_state`) and follows it to the end; "Download my work" from the Workflow menu
+/// yields a zip holding that result, byte for byte. No page error, no failed request other
+/// than the known harmless 404s.
+#[test]
+fn participant_workshop_story_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    add_user(&data, "user001", "first-secret");
+    let (_server, base) = spawn_server(&data, None);
+    let out = tmp.path().join("screenshots");
+    std::fs::create_dir_all(&out).unwrap();
+    node_script("workshop.mjs", &base, &out);
+}
+
+/// The LTX-2 distilled template through `comfyume serve`: a signed-in participant presses
+/// Run, and the SaveVideo result is an H.264 MP4 in subfolder `video` of their own outputs
+/// that the frontend's `<video>` plays (readyState 4, time advancing, the stamp drawn).
+#[test]
+fn ltx2_distilled_video_plays_through_serve_in_chromium() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    add_user(&data, "user001", "first-secret");
+    let (_server, base) = start_server(&data);
+    let out = tmp.path().join("screenshots");
+    std::fs::create_dir_all(&out).unwrap();
+    node_script("video.mjs", &base, &out);
+    let video = data.join("outputs/user001/video");
+    let mp4s: Vec<_> = std::fs::read_dir(&video)
+        .unwrap_or_else(|e| panic!("{}: {e}", video.display()))
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".mp4"))
+        .collect();
+    assert_eq!(
+        mp4s.len(),
+        1,
+        "the video is in the participant's own video/ folder"
+    );
+}

@@ -414,8 +414,12 @@ impl Dispatcher {
         });
     }
 
+    /// The participant's files the prompt names: inputs (`x.png`, `x.png [input]`), and
+    /// results reused as inputs (`video/x.png [output]`, kept whole as the name: the
+    /// backend client uploads them apart from the inputs).
     fn input_files(&self, rec: &JobRecord) -> Vec<InputFile> {
         let base = self.data_dir.join("inputs").join(&rec.user);
+        let outputs = self.data_dir.join("outputs").join(&rec.user);
         let mut out: Vec<InputFile> = Vec::new();
         let Some(nodes) = rec.prompt.as_object() else {
             return out;
@@ -426,15 +430,21 @@ impl Dispatcher {
             };
             for v in inputs.values() {
                 let Some(s) = v.as_str() else { continue };
-                let name = s.strip_suffix(" [input]").unwrap_or(s);
-                if name.is_empty()
-                    || name.contains("..")
-                    || name.starts_with('/')
-                    || name.contains('\\')
+                let (rel, local_base, name) = match s.strip_suffix(" [output]") {
+                    Some(rel) => (rel, &outputs, s),
+                    None => {
+                        let n = s.strip_suffix(" [input]").unwrap_or(s);
+                        (n, &base, n)
+                    }
+                };
+                if rel.is_empty()
+                    || rel.contains("..")
+                    || rel.starts_with('/')
+                    || rel.contains('\\')
                 {
                     continue;
                 }
-                let local = base.join(name);
+                let local = local_base.join(rel);
                 if local.is_file() && !out.iter().any(|f| f.name == name) {
                     out.push(InputFile {
                         local,

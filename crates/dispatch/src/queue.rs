@@ -101,6 +101,9 @@ pub struct Queue {
     live: Mutex<HashMap<String, Live>>,
 }
 
+/// Tabs (client ids) that caught up with one job and follow it; past it, the oldest is dropped.
+const MAX_WATCHERS: usize = 32;
+
 /// What a tab that connects while a job runs needs to catch up with it, and who caught up.
 #[derive(Debug, Default)]
 struct Live {
@@ -921,6 +924,10 @@ impl Queue {
             if e.client_id.as_deref() != Some(client_id)
                 && !e.watchers.iter().any(|w| w == client_id)
             {
+                // Bounded: a participant reconnecting under ever new ids keeps the latest.
+                if e.watchers.len() >= MAX_WATCHERS {
+                    e.watchers.remove(0);
+                }
                 e.watchers.push(client_id.to_string());
             }
             let msg = |kind: &str, data: &Value| {
@@ -966,5 +973,144 @@ impl Queue {
         };
         let msg = comfyume_wire::shapes::status_message(remaining, None);
         self.events.to_user(user, &msg.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The live registry: what a tab connecting mid-job is sent, and who then follows the job.
+    use super::*;
+
+    /// Every message, with where it went.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<(String, String)>>);
+
+    impl EventSink for Sent {
+        fn listening(&self, _: &str) -> bool {
+            true
+        }
+        fn to_user(&self, user: &str, text: &str) {
+            lock(&self.0).push((format!("{user}/*"), text.to_string()));
+        }
+        fn to_client(&self, user: &str, client_id: &str, text: &str) -> bool {
+            lock(&self.0).push((format!("{user}/{client_id}"), text.to_string()));
+            true
+        }
+        fn preview(&self, _: &str, _: &str, _: bytes::Bytes, _: bytes::Bytes) {}
+    }
+
+    async fn queue(sent: Arc<Sent>) -> Arc<Queue> {
+        let store = Arc::new(
+            comfyume_store::sqlite::SqliteStore::open_in_memory()
+                .await
+                .unwrap(),
+        );
+        Queue::open(store, QueueConfig::default(), sent)
+            .await
+            .unwrap()
+            .0
+    }
+
+    fn kinds(msgs: &[String]) -> Vec<String> {
+        msgs.iter()
+            .map(|m| {
+                serde_json::from_str::<Value>(m).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_tab_catches_up_with_the_latest_step_and_then_follows() {
+        let sent = Arc::new(Sent::default());
+        let q = queue(sent.clone()).await;
+        let claim = q.claim("internal", "u1");
+        q.live_begin("internal", "u1", "mine", Some("tab1"));
+        // Nothing started yet: nothing to catch up with.
+        assert!(q.catch_up("u1", "tab2").is_empty());
+        q.live_note(
+            "internal",
+            "execution_start",
+            Some(&json!({"prompt_id": "internal", "timestamp": 5})),
+        );
+        q.live_note(
+            "internal",
+            "executing",
+            Some(&json!({"node": "3", "prompt_id": "internal"})),
+        );
+        q.live_note(
+            "internal",
+            "progress_state",
+            Some(&json!({"prompt_id": "internal", "nodes": {"1": {"state": "finished"}}})),
+        );
+        q.live_note(
+            "internal",
+            "progress_state",
+            Some(&json!({"prompt_id": "internal", "nodes": {"3": {"state": "running"}}})),
+        );
+        let msgs = q.catch_up("u1", "tab2");
+        assert_eq!(
+            kinds(&msgs),
+            ["execution_start", "executing", "progress_state"]
+        );
+        for m in &msgs {
+            let v: Value = serde_json::from_str(m).unwrap();
+            assert_eq!(
+                v["data"]["prompt_id"], "mine",
+                "named as its owner knows it: {v}"
+            );
+        }
+        let last: Value = serde_json::from_str(&msgs[2]).unwrap();
+        assert_eq!(
+            last["data"]["nodes"]["3"]["state"], "running",
+            "the latest one"
+        );
+        // Nobody else's tab catches up with it.
+        assert!(q.catch_up("u2", "tab2").is_empty());
+        // Later steps reach the submitting tab and the one that caught up, once each.
+        q.send_to_job("internal", "u1", Some("tab1"), "step");
+        q.catch_up("u1", "tab2");
+        q.send_to_job("internal", "u1", Some("tab1"), "step2");
+        let to: Vec<String> = lock(&sent.0)
+            .iter()
+            .map(|(t, m)| format!("{t}:{m}"))
+            .collect();
+        assert_eq!(
+            to,
+            [
+                "u1/tab1:step",
+                "u1/tab2:step",
+                "u1/tab1:step2",
+                "u1/tab2:step2"
+            ]
+        );
+        // Once it ended, a new tab gets nothing; with the claim, the registry forgets it.
+        q.live_note("internal", "execution_success", None);
+        assert!(q.catch_up("u1", "tab3").is_empty());
+        drop(claim);
+        assert!(lock(&q.live).is_empty());
+    }
+
+    #[test]
+    fn watchers_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let q = queue(Arc::new(Sent::default())).await;
+            let _claim = q.claim("j", "u1");
+            q.live_begin("j", "u1", "j", Some("tab"));
+            q.live_note("j", "execution_start", Some(&json!({"prompt_id": "j"})));
+            for i in 0..100 {
+                q.catch_up("u1", &format!("t{i}"));
+            }
+            let live = lock(&q.live);
+            let w = &live["j"].watchers;
+            assert_eq!(w.len(), MAX_WATCHERS);
+            assert_eq!(w.last().map(String::as_str), Some("t99"));
+        });
     }
 }

@@ -169,6 +169,33 @@ pub fn response(entries: Vec<Entry>, download_name: &str) -> Response {
     resp
 }
 
+/// A participant's work as zip entries: their outputs under `outputs/` (in the subfolders
+/// the workflows asked for) and their saved workflows under `workflows/`. Hidden files
+/// (in-progress writes, the bookmarks index) and links are left out.
+pub async fn participant_work(state: &crate::AppState, user: &str) -> Vec<Entry> {
+    let dirs = state.user_dirs(user);
+    let workflows = dirs.user_data.join("workflows");
+    let mut out = Vec::new();
+    for (prefix, dir) in [("outputs", &dirs.outputs), ("workflows", &workflows)] {
+        for e in crate::fsx::walk(dir, dir, true).await {
+            if !e.is_dir {
+                out.push(Entry::new(format!("{prefix}/{}", e.rel), dir.join(&e.rel)));
+            }
+        }
+    }
+    out
+}
+
+/// `GET /api/comfyume/export.zip`: "Download my work", streamed as it is read.
+pub async fn download_my_work(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+    who: crate::auth::Participant,
+) -> Response {
+    let entries = participant_work(&state, &who.name).await;
+    tracing::info!(user = %who.name, files = entries.len(), "zip export of a participant's work");
+    response(entries, &format!("comfyume-{}-work.zip", who.name))
+}
+
 /// Writes the archive to `out` (blocking: run it off the async runtime). Answers what was
 /// written; an error leaves `out` with a partial archive.
 pub fn write_zip<W: Write>(entries: &[Entry], out: W) -> io::Result<Summary> {

@@ -1,9 +1,11 @@
-// ComfyUMe: a small banner telling the participant who they are and where
-// their job stands. Loaded by the stock frontend through /api/extensions.
+// ComfyUMe: a small banner telling the participant who they are, where their job stands and
+// how much room their files take, and "Download my work" (in the Workflow menu and the
+// banner). Loaded by the stock frontend through /api/extensions.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const BANNER_ID = "comfyume-banner";
+const DOWNLOAD_COMMAND = "ComfyUMe.DownloadMyWork";
 
 function banner() {
   let el = document.getElementById(BANNER_ID);
@@ -52,16 +54,72 @@ async function loadBroadcast() {
   }
 }
 
+/** Bytes for people: 512 B, 1.5 KB, 12.3 MB (powers of 1024, as the server says them). */
+function human(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let v = n;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u += 1;
+  }
+  return u === 0 ? `${n} B` : `${v.toFixed(1)} ${units[u]}`;
+}
+
+/** The participant's outputs and saved workflows as one zip, streamed by the server. */
+function downloadMyWork() {
+  const a = document.createElement("a");
+  a.href = api.apiURL("/comfyume/export.zip");
+  a.download = "";
+  a.style.display = "none";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}
+
+let last = null; // the latest /comfyume/status
+let notice = null; // the latest "comfyume" message, until the next status
+
+function render() {
+  const el = banner();
+  const parts = [];
+  if (last) {
+    parts.push(`Signed in as ${last.user}`);
+    if (last.backend) parts.push(`GPU: ${last.backend}`);
+    if (last.storage) {
+      const { used_bytes: used, quota_bytes: quota } = last.storage;
+      parts.push(quota ? `Storage: ${human(used)} of ${human(quota)}` : `Storage: ${human(used)}`);
+    }
+  }
+  const message = notice ?? last?.message;
+  if (message) parts.push(message);
+  // textContent: nothing the server or a message says is ever read as markup.
+  el.textContent = parts.join(" · ");
+  const link = (text, href, onClick) => {
+    const a = document.createElement("a");
+    a.textContent = text;
+    a.href = href;
+    a.style.cssText = "color:#9cf;margin-left:8px";
+    if (onClick) {
+      a.addEventListener("click", (e) => {
+        e.preventDefault();
+        onClick();
+      });
+    }
+    el.appendChild(a);
+    return a;
+  };
+  link("Download my work", "#", downloadMyWork).id = "comfyume-download";
+  link("Sign out", `${location.origin}/logout`);
+}
+
 async function refresh() {
   try {
     const r = await api.fetchApi("/comfyume/status");
     if (!r.ok) return;
-    const s = await r.json();
-    const parts = [`Signed in as ${s.user}`];
-    if (s.backend) parts.push(`GPU: ${s.backend}`);
-    if (s.message) parts.push(s.message);
-    const logout = `<a href="${location.origin}/logout" style="color:#9cf;margin-left:8px">Sign out</a>`;
-    banner().innerHTML = parts.map((p) => p.replace(/[<>&]/g, "")).join(" · ") + logout;
+    last = await r.json();
+    notice = null;
+    render();
   } catch (_) {
     // The banner is informational; the UI works without it.
   }
@@ -69,12 +127,26 @@ async function refresh() {
 
 app.registerExtension({
   name: "comfyume.banner",
+  commands: [
+    {
+      id: DOWNLOAD_COMMAND,
+      label: "Download my work",
+      menubarLabel: "Download my work",
+      icon: "pi pi-download",
+      tooltip: "Your outputs and saved workflows as one zip file",
+      function: downloadMyWork,
+    },
+  ],
+  menuCommands: [{ path: ["Workflow"], commands: [DOWNLOAD_COMMAND] }],
   async setup() {
     await refresh();
     api.addEventListener("status", refresh);
     api.addEventListener("comfyume", (e) => {
       if (e.detail && "broadcast" in e.detail) showBroadcast(e.detail.broadcast);
-      if (e.detail && e.detail.message) banner().textContent = e.detail.message;
+      if (e.detail && e.detail.message) {
+        notice = String(e.detail.message);
+        render();
+      }
     });
     // A broadcast set or cleared while the socket was down (a restart of the server).
     api.addEventListener("reconnected", loadBroadcast);

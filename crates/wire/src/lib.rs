@@ -7,11 +7,13 @@
 //! * [`limits`]: bounds on one `POST /prompt` (nodes, `extra_data`, `prompt_id`).
 //! * [`redact`]: server paths cut out of job errors shown to participants.
 //! * [`backend`]: parsing what a ComfyUI server sends on its WebSocket.
+//! * [`models`]: the model files the loaders offer, by ComfyUI model folder.
 
 mod py;
 
 pub mod backend;
 pub mod limits;
+pub mod models;
 pub mod object_info;
 pub mod redact;
 pub mod sensitive;

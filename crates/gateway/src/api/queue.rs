@@ -91,6 +91,13 @@ pub async fn post_prompt(
         Err(e) => return prompt_error(e),
     };
     drop(defs);
+    // A participant at their storage quota gets no new job (it would never reach a GPU).
+    if let Some(quota) = state.settings.user_quota_bytes {
+        let used = crate::quota::usage(&state, &who.name).await.total();
+        if let Err(e) = crate::quota::check(Some(quota), used, 0) {
+            return prompt_error(PromptError::rejected("quota_exceeded", &e.message(), ""));
+        }
+    }
     valid.stamp_create_time(now_ms());
     let num = valid.priority(counter.unwrap_or(0));
     // A client-chosen id is a UUID (checked above), as ComfyUI's clients send.
