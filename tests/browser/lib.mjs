@@ -348,3 +348,34 @@ export function runStory(body) {
     },
   );
 }
+
+/** The entries of a zip archive, read through its central directory: [{name, method, crc,
+ * size, data}] with each stored or deflated entry's bytes (inflated) in `data`. */
+export async function unzip(buf) {
+  const { inflateRawSync, crc32 } = await import('node:zlib');
+  const end = buf.length - 22;
+  if (buf.readUInt32LE(end) !== 0x06054b50) fail('not a zip: no end of central directory record');
+  const n = buf.readUInt16LE(end + 10);
+  let at = buf.readUInt32LE(end + 16);
+  const out = [];
+  for (let i = 0; i < n; i += 1) {
+    if (buf.readUInt32LE(at) !== 0x02014b50) fail(`zip: bad central directory entry ${i}`);
+    const method = buf.readUInt16LE(at + 10);
+    const crc = buf.readUInt32LE(at + 16);
+    const csize = buf.readUInt32LE(at + 20);
+    const size = buf.readUInt32LE(at + 24);
+    const nl = buf.readUInt16LE(at + 28);
+    const xl = buf.readUInt16LE(at + 30);
+    const cl = buf.readUInt16LE(at + 32);
+    const local = buf.readUInt32LE(at + 42);
+    const name = buf.toString('utf8', at + 46, at + 46 + nl);
+    const dataAt = local + 30 + buf.readUInt16LE(local + 26) + buf.readUInt16LE(local + 28);
+    const raw = buf.subarray(dataAt, dataAt + csize);
+    const data = method === 8 ? inflateRawSync(raw) : Buffer.from(raw);
+    if (data.length !== size) fail(`zip: ${name} is ${data.length} bytes, the directory says ${size}`);
+    if (crc32 && crc32(data) >>> 0 !== crc) fail(`zip: CRC of ${name} does not match`);
+    out.push({ name, method, crc, size, data });
+    at += 46 + nl + xl + cl;
+  }
+  return out;
+}

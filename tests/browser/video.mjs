@@ -6,6 +6,10 @@
 //
 //   BASE_URL=http://127.0.0.1:PORT/<base path> OUT_DIR=/tmp/video node tests/browser/video.mjs
 //
+// With USER1 and PASS1 the same runs through `comfyume serve` at BASE_URL: the participant
+// signs in through the login page first, and the result comes from their own folder, in
+// subfolder "video" as ComfyUI put it.
+//
 // Optional: CHROMIUM, STORY_TIMEOUT_MS (per wait, default 60000), TEMPLATE (default
 // "LTX-2 - text to video (distilled)"), TEMPLATES_DIR (default crates/templates/workflows).
 //
@@ -15,7 +19,7 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cfg, fail, log, navigate, newParticipant, runStory, setup, shot, step, waitForComfy } from './lib.mjs';
+import { cfg, fail, log, login, navigate, newParticipant, runStory, setup, shot, step, waitForComfy } from './lib.mjs';
 
 const env = process.env;
 setup('video', ['BASE_URL'], 'BASE_URL=http://127.0.0.1:PORT/BASE [OUT_DIR=..] node video.mjs');
@@ -37,8 +41,9 @@ runStory(async (browser, summary) => {
     }
   });
 
-  await step('the simulator serves the stock frontend', async () => {
-    await navigate(() => page.goto(`${cfg.BASE_URL}/`, { waitUntil: 'domcontentloaded', timeout: cfg.TIMEOUT }));
+  await step(env.USER1 ? 'the participant signs in and the frontend loads' : 'the simulator serves the stock frontend', async () => {
+    if (env.USER1) await login(page, LABEL, env.USER1, env.PASS1);
+    else await navigate(() => page.goto(`${cfg.BASE_URL}/`, { waitUntil: 'domcontentloaded', timeout: cfg.TIMEOUT }));
     summary.loaded = await waitForComfy(page, LABEL);
     summary.codecs = await page.evaluate(() => {
       const v = document.createElement('video');

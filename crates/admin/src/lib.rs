@@ -1,211 +1,203 @@
-//! The instructor's API under `/admin/api/`: steer the workshop queue at run
-//! time (policy, per-participant priority levels, running caps) and see it.
-//! Every route answers 403 to participants. The serverless GPUs (routing, warm-up,
-//! state, costs) are in [`serverless`].
+//! The instructor's dashboard and API.
+//!
+//! - `/admin` (and `/admin/room`, the projector's large-type view): a page rendered here
+//!   plus a small script served by the binary, live over one WebSocket (`/admin/ws`) that
+//!   pushes every change to the page ([`dashboard`]).
+//! - `/admin/api/*`: everything the page does, for scripts too, described by the OpenAPI
+//!   document at `/admin/api/openapi.json` ([`openapi`], generated from the route table
+//!   the router is checked against).
+//!
+//! Every route needs the admin role (participants 403, anonymous 401 or the login page).
+//! A state change made with a session cookie needs the session's CSRF token in
+//! `X-CSRF-Token` ([`csrf`]); scripts use Basic credentials instead. Every action is written
+//! to the audit log in the store ([`audit`]). Queue policy, limits, pause, priorities and the
+//! front list are kept in the store and restored at start ([`settings`]).
+//!
+//! The serverless GPUs (routing, warm-up, state, costs) are in [`serverless`].
 
 pub mod serverless;
 
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::StatusCode;
+mod actions;
+pub mod audit;
+pub mod csrf;
+pub mod dashboard;
+pub mod export;
+pub mod openapi;
+pub mod page;
+mod people;
+pub mod settings;
+pub mod system;
+mod thumbs;
+
+use std::sync::Arc;
+
+use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
-use axum::{Json, Router};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use comfyume_dispatch::Dispatcher;
 use comfyume_gateway::AppState;
-use comfyume_gateway::auth::Caller;
-use comfyume_scheduler::Policy;
-use comfyume_store::{JobQuery, JobState, Role};
-use serde::Deserialize;
+use comfyume_gateway::auth::{Caller, Participant};
+use comfyume_store::Role;
 use serde_json::json;
 
-/// An authenticated instructor (role admin).
+/// An authenticated instructor (role admin). For a state change made with a session cookie,
+/// the session's CSRF token must come along (see [`csrf`]).
 pub struct Instructor(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for Instructor {
     type Rejection = Response;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        match parts.extensions.get::<Caller>() {
-            Some(Caller(u)) if u.role == Role::Admin => Ok(Instructor(u.name.clone())),
-            Some(_) => Err((
+        let name = match parts.extensions.get::<Caller>() {
+            Some(Caller(u)) if u.role == Role::Admin => u.name.clone(),
+            Some(_) => {
+                return Err((
+                    StatusCode::FORBIDDEN,
+                    Json(json!({"error": "instructors only"})),
+                )
+                    .into_response());
+            }
+            None => return Err(StatusCode::UNAUTHORIZED.into_response()),
+        };
+        let safe = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let by_cookie = parts
+            .extensions
+            .get::<Participant>()
+            .is_some_and(|p| p.session.is_some());
+        if !safe && by_cookie && !csrf::check(&parts.headers) {
+            return Err((
                 StatusCode::FORBIDDEN,
-                Json(json!({"error": "instructors only"})),
+                Json(json!({"error": "missing or wrong CSRF token: send the page's token in X-CSRF-Token, or use Basic credentials"})),
             )
-                .into_response()),
-            None => Err(StatusCode::UNAUTHORIZED.into_response()),
+                .into_response());
         }
+        Ok(Instructor(name))
     }
 }
 
-fn bad(msg: impl Into<String>) -> Response {
+pub(crate) fn bad(msg: impl Into<String>) -> Response {
     (StatusCode::BAD_REQUEST, Json(json!({"error": msg.into()}))).into_response()
 }
 
-/// [`routes`] and the serverless routes (answering 404 when `serverless` is `None`).
-pub fn routes_with(
-    serverless: Option<std::sync::Arc<comfyume_serverless::ServerlessBackend>>,
-) -> Router<AppState> {
-    routes().merge(serverless::routes(serverless))
+pub(crate) fn not_found(msg: impl Into<String>) -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": msg.into()}))).into_response()
 }
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/admin/api/queue", get(queue_overview))
-        .route("/admin/api/queue/policy", put(set_policy))
-        .route("/admin/api/queue/limits", put(set_limits))
-        .route("/admin/api/users/{name}/priority", put(set_user_priority))
-        .route("/admin/api/jobs/{id}/priority", put(set_job_priority))
+pub(crate) fn conflict(msg: impl Into<String>) -> Response {
+    (StatusCode::CONFLICT, Json(json!({"error": msg.into()}))).into_response()
 }
 
-/// The workshop queue as the scheduler would serve it, and what is running.
-async fn queue_overview(State(state): State<AppState>, _: Instructor) -> Response {
-    let order = state.queue.projected_order();
-    let running = match state
-        .store
-        .list_jobs(&JobQuery {
-            states: vec![JobState::Dispatched, JobState::Running],
-            ..Default::default()
-        })
-        .await
-    {
-        Ok((jobs, _)) => jobs,
-        Err(e) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": e.to_string()})),
-            )
-                .into_response();
-        }
-    };
-    Json(json!({
-        "policy": state.queue.policy().as_str(),
-        "waiting": order.iter().map(|(id, user)| json!({"id": id, "user": user})).collect::<Vec<_>>(),
-        "running": running.iter().map(|r| json!({
-            "id": r.id, "user": r.user, "state": r.state.as_str(), "backend": r.backend, "attempts": r.attempts,
-        })).collect::<Vec<_>>(),
-    }))
-    .into_response()
-}
-
-#[derive(Deserialize)]
-struct PolicyBody {
-    policy: String,
-}
-
-async fn set_policy(
-    State(state): State<AppState>,
-    who: Instructor,
-    body: axum::body::Bytes,
-) -> Response {
-    let Ok(b) = serde_json::from_slice::<PolicyBody>(&body) else {
-        return bad("expected {\"policy\": \"fifo\" | \"round_robin\" | \"priority\"}");
-    };
-    match b.policy.parse::<Policy>() {
-        Ok(p) => {
-            state.queue.set_policy(p);
-            tracing::info!(instructor = %who.0, policy = %p, "queue policy changed");
-            Json(json!({"policy": p.as_str()})).into_response()
-        }
-        Err(e) => bad(e.to_string()),
-    }
-}
-
-#[derive(Deserialize)]
-struct LimitsBody {
-    max_running_per_user: Option<u32>,
-    max_queued_per_user: Option<u32>,
-    max_queue_depth: Option<u32>,
-}
-
-async fn set_limits(
-    State(state): State<AppState>,
-    who: Instructor,
-    body: axum::body::Bytes,
-) -> Response {
-    let Ok(b) = serde_json::from_slice::<LimitsBody>(&body) else {
-        return bad(
-            "expected {\"max_running_per_user\"?, \"max_queued_per_user\"?, \"max_queue_depth\"?}",
-        );
-    };
-    if let Some(n) = b.max_running_per_user {
-        state.queue.set_max_running_per_user(n);
-    }
-    let mut l = state.queue.enqueue_limits();
-    if let Some(n) = b.max_queued_per_user {
-        l.max_queued_per_user = n;
-    }
-    if let Some(n) = b.max_queue_depth {
-        l.max_queue_depth = n;
-    }
-    state.queue.set_enqueue_limits(l);
-    tracing::info!(instructor = %who.0, "queue limits changed");
-    Json(
-        json!({"max_queued_per_user": l.max_queued_per_user, "max_queue_depth": l.max_queue_depth}),
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "admin API: storage unavailable");
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": format!("storage unavailable: {e}")})),
     )
-    .into_response()
+        .into_response()
 }
 
-#[derive(Deserialize)]
-struct PriorityBody {
-    level: Option<u8>,
+/// What the instructor's routes share beyond the gateway's state.
+#[derive(Clone)]
+pub struct Admin {
+    /// The dispatcher (backends, node definitions); `None` in tools without one.
+    pub dispatcher: Option<Arc<Dispatcher>>,
+    pub dashboard: Arc<dashboard::Dashboard>,
+    pub(crate) thumbs: Arc<thumbs::Thumbs>,
 }
 
-async fn set_user_priority(
-    State(state): State<AppState>,
-    who: Instructor,
-    Path(name): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let Ok(b) = serde_json::from_slice::<PriorityBody>(&body) else {
-        return bad("expected {\"level\": 0-3 | null}");
-    };
-    match state.store.get_user(&name).await {
-        Ok(Some(_)) => {}
-        Ok(None) => {
-            return (
-                StatusCode::NOT_FOUND,
-                Json(json!({"error": "no such participant"})),
-            )
-                .into_response();
+impl Admin {
+    /// Starts the dashboard's model (a supervised background task) over `state`.
+    pub fn new(state: &AppState, dispatcher: Option<Arc<Dispatcher>>) -> Self {
+        let dashboard = dashboard::Dashboard::start(state.clone(), dispatcher.clone());
+        Admin {
+            dispatcher,
+            dashboard,
+            thumbs: Arc::new(thumbs::Thumbs::default()),
         }
-        Err(e) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"error": e.to_string()})),
-            )
-                .into_response();
-        }
-    }
-    match state.queue.set_user_priority(&name, b.level) {
-        Ok(()) => {
-            tracing::info!(instructor = %who.0, user = %name, level = ?b.level, "participant priority changed");
-            Json(json!({"user": name, "level": b.level})).into_response()
-        }
-        Err(e) => bad(e.to_string()),
     }
 }
 
-async fn set_job_priority(
-    State(state): State<AppState>,
-    who: Instructor,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    let Ok(b) = serde_json::from_slice::<PriorityBody>(&body) else {
-        return bad("expected {\"level\": 0-3 | null}");
-    };
-    match state.queue.set_job_priority(&id, b.level).await {
-        Ok(_) => {
-            tracing::info!(instructor = %who.0, job_id = %id, level = ?b.level, "job priority changed");
-            Json(json!({"id": id, "level": b.level})).into_response()
-        }
-        Err(comfyume_dispatch::QueueError::Store(comfyume_store::StoreError::NotFound)) => {
-            (StatusCode::NOT_FOUND, Json(json!({"error": "no such job"}))).into_response()
-        }
-        Err(comfyume_dispatch::QueueError::Store(comfyume_store::StoreError::Conflict(_))) => (
-            StatusCode::CONFLICT,
-            Json(json!({"error": "the job is no longer waiting"})),
+/// [`routes`] and the serverless GPUs' routes (answering 404 when `serverless` is `None`).
+pub fn routes_with(
+    admin: Admin,
+    serverless: Option<Arc<comfyume_serverless::ServerlessBackend>>,
+) -> Router<AppState> {
+    routes(admin).merge(serverless::routes(serverless))
+}
+
+/// Every route of the dashboard and the admin API (behind the gateway's authentication).
+pub fn routes(admin: Admin) -> Router<AppState> {
+    Router::new()
+        .route("/admin", get(page::dashboard_page))
+        .route("/admin/", get(page::dashboard_page))
+        .route("/admin/room", get(page::room_page))
+        .route("/admin/assets/{file}", get(page::asset))
+        .route("/admin/ws", get(dashboard::ws_handler))
+        .route("/admin/api/openapi.json", get(openapi::document))
+        .route("/admin/api/dashboard", get(dashboard::snapshot))
+        .route("/admin/api/queue", get(actions::queue_overview))
+        .route("/admin/api/queue/policy", put(actions::set_policy))
+        .route("/admin/api/queue/limits", put(actions::set_limits))
+        .route("/admin/api/queue/pause", post(actions::pause))
+        .route("/admin/api/queue/resume", post(actions::resume))
+        .route("/admin/api/queue/cancel", post(actions::cancel_waiting))
+        .route("/admin/api/jobs/{id}/cancel", post(actions::cancel_job))
+        .route("/admin/api/jobs/{id}/front", post(actions::move_to_front))
+        .route("/admin/api/jobs/{id}/retry", post(actions::retry_job))
+        .route(
+            "/admin/api/jobs/{id}/priority",
+            put(actions::set_job_priority),
         )
-            .into_response(),
-        Err(e) => bad(e.to_string()),
-    }
+        .route("/admin/api/users", get(people::list).post(people::create))
+        .route("/admin/api/usage", get(people::storage_usage))
+        .route("/admin/api/users/{name}/disable", post(people::disable))
+        .route("/admin/api/users/{name}/enable", post(people::enable))
+        .route(
+            "/admin/api/users/{name}/password",
+            post(people::reset_password),
+        )
+        .route("/admin/api/users/{name}/cancel", post(actions::cancel_user))
+        .route(
+            "/admin/api/users/{name}/priority",
+            put(actions::set_user_priority),
+        )
+        .route("/admin/api/users/{name}/export.zip", get(export::user_zip))
+        .route("/admin/api/export.zip", get(export::everyone_zip))
+        .route(
+            "/admin/api/broadcast",
+            get(actions::get_broadcast)
+                .post(actions::set_broadcast)
+                .delete(actions::clear_broadcast),
+        )
+        .route(
+            "/admin/api/room",
+            put(actions::set_room).delete(actions::clear_room),
+        )
+        .route("/admin/api/audit", get(audit::list))
+        .route("/admin/api/gpus", get(actions::gpus))
+        .route(
+            "/admin/api/object-info/refresh",
+            post(actions::refresh_object_info),
+        )
+        .route("/admin/api/system", get(system::get))
+        .route("/admin/api/thumb", get(thumbs::thumb))
+        // The participant's side of the broadcast: their banner asks at page load.
+        .route(
+            "/api/comfyume/broadcast",
+            get(actions::participant_broadcast),
+        )
+        .route("/comfyume/broadcast", get(actions::participant_broadcast))
+        .layer(Extension(admin))
+}
+
+/// Records, after the fact, a successful state change under `/admin/api/` that its handler
+/// did not audit itself (routes added by other parts, e.g. the serverless GPUs). Wrap the
+/// whole admin router with it.
+pub fn audited(router: Router<AppState>, state: &AppState, admin: &Admin) -> Router<AppState> {
+    router.layer(axum::middleware::from_fn_with_state(
+        (state.clone(), admin.clone()),
+        audit::fallback_layer,
+    ))
 }

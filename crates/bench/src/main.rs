@@ -4,7 +4,9 @@
 
 mod browser_overhead;
 mod common;
+mod dashboard;
 mod dispatch_latency;
+mod export;
 mod gpu_gap;
 mod instrumentation;
 mod overhead;
@@ -46,6 +48,10 @@ enum Command {
     Serverless(serverless::Args),
     /// What metrics recording costs: submissions with COMFYUME_METRICS on and off, alternating.
     Instrumentation(instrumentation::Args),
+    /// The instructor's dashboard during a busy workshop: its cost to serve, its latency.
+    Dashboard(dashboard::Args),
+    /// "Download my work" of gigabytes of outputs against `cp -r`, and the server's memory.
+    Export(export::Args),
 }
 
 fn main() -> Result<()> {
@@ -64,6 +70,8 @@ fn main() -> Result<()> {
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
             Command::Serverless(a) => serverless::run(a).await,
             Command::Instrumentation(a) => instrumentation::run(a).await,
+            Command::Dashboard(a) => dashboard::run(a).await,
+            Command::Export(a) => export::run(a).await,
         }
     })
 }

@@ -139,6 +139,35 @@ pub(crate) fn local_basename(filename: &str) -> String {
     }
 }
 
+/// Most folders kept of a backend's output subfolder.
+const MAX_SUBFOLDER_DEPTH: usize = 8;
+
+/// A backend's output `subfolder` as a relative path that stays inside the folder it is
+/// joined to: `/`-separated, no empty, `.`, `..` or hidden (dot) component (our in-progress
+/// files are dot files), no control characters or backslashes, each component at most 255
+/// bytes, at most 8 deep. `""` for none.
+pub fn safe_subfolder(subfolder: &str) -> String {
+    subfolder
+        .split(['/', '\\'])
+        .filter(|c| !c.is_empty() && *c != "." && *c != "..")
+        .map(|c| {
+            let clean: String = c
+                .chars()
+                .map(|ch| if ch.is_control() { '_' } else { ch })
+                .collect();
+            let clean = clean.trim_start_matches('.');
+            let mut cut = clean.len().min(255);
+            while !clean.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            clean[..cut].to_owned()
+        })
+        .filter(|c| !c.is_empty())
+        .take(MAX_SUBFOLDER_DEPTH)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// A path segment from a user or job name: letters, digits, `-`, `_`, `.`.
 pub fn safe_segment(s: &str) -> String {
     let out: String = s
@@ -176,5 +205,23 @@ mod tests {
         assert_eq!(local_basename("video/../x.mp4"), "x.mp4");
         assert_eq!(local_basename(".."), "output");
         assert_eq!(safe_segment("../al ice"), "_al_ice");
+    }
+
+    #[test]
+    fn subfolders_stay_inside() {
+        assert_eq!(safe_subfolder(""), "");
+        assert_eq!(safe_subfolder("video"), "video");
+        assert_eq!(safe_subfolder("ComfyUI/2024-05-01"), "ComfyUI/2024-05-01");
+        assert_eq!(safe_subfolder("../../etc"), "etc");
+        assert_eq!(safe_subfolder("/abs/./x/"), "abs/x");
+        assert_eq!(safe_subfolder("a\\..\\b"), "a/b");
+        assert_eq!(
+            safe_subfolder(".hidden/.comfyume-x.part"),
+            "hidden/comfyume-x.part"
+        );
+        assert_eq!(safe_subfolder("...."), "");
+        assert_eq!(safe_subfolder("a\nb"), "a_b");
+        assert_eq!(safe_subfolder(&"d/".repeat(20)), ["d"; 8].join("/"));
+        assert!(safe_subfolder(&"é".repeat(200)).len() <= 255);
     }
 }

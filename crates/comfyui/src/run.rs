@@ -204,17 +204,23 @@ impl JobRun<'_> {
     }
 
     /// Uploads the participant's input files into `comfyume/<user>/` on the
-    /// backend and points the prompt at them there.
+    /// backend and points the prompt at them there. A result reused as an input (named
+    /// `video/x.png [output]` in the prompt) goes to `comfyume-out/<user>/video/`, apart
+    /// from the inputs (the backend's own outputs are another job's, not this one's).
     async fn upload_inputs(&self) -> Result<Value, BackendError> {
         let mut prompt = self.job.prompt.clone();
-        let user_dir = format!("comfyume/{}", outputs::safe_segment(&self.job.user));
+        let user = outputs::safe_segment(&self.job.user);
         for input in &self.job.inputs {
-            let (dir, file) = match input.name.rsplit_once('/') {
+            let (rel, user_dir) = match input.name.strip_suffix(" [output]") {
+                Some(rel) => (rel, format!("comfyume-out/{user}")),
+                None => (input.name.as_str(), format!("comfyume/{user}")),
+            };
+            let (dir, file) = match rel.rsplit_once('/') {
                 Some((d, f)) if !d.split('/').any(|s| s.is_empty() || s == "." || s == "..") => {
                     (Some(d), f)
                 }
                 Some((_, f)) => (None, f),
-                None => (None, input.name.as_str()),
+                None => (None, rel),
             };
             let data = tokio::fs::read(&input.local).await.map_err(|e| {
                 // The participant's own file is missing: another backend
@@ -689,18 +695,22 @@ impl JobRun<'_> {
             return Ok(file.clone());
         };
         let subfolder = file.get("subfolder").and_then(Value::as_str).unwrap_or("");
+        // The layout the workflow asked for (`video/ltx2` -> subfolder `video`), kept inside
+        // the participant's own folder whatever the backend answered.
+        let local_sub = outputs::safe_subfolder(subfolder);
         let key = (kind.to_owned(), subfolder.to_owned(), filename.to_owned());
         let local = match self.fetched.get(&key) {
             Some(local) => local.clone(),
             None => {
-                let local = self.download(kind, subfolder, filename, &dir).await?;
+                let target = dir.join(&local_sub);
+                let local = self.download(kind, subfolder, filename, &target).await?;
                 self.fetched.insert(key, local.clone());
                 local
             }
         };
         let mut out = file.clone();
         out.insert("filename".into(), json!(local));
-        out.insert("subfolder".into(), json!(""));
+        out.insert("subfolder".into(), json!(local_sub));
         Ok(out)
     }
 

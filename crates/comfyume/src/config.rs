@@ -46,6 +46,9 @@ pub struct ServeArgs {
     /// Largest upload in MB (ComfyUI's --max-upload-size).
     #[arg(long, env = "MAX_UPLOAD_SIZE")]
     pub max_upload_size: Option<u64>,
+    /// A participant's inputs + outputs, in bytes (0: no quota).
+    #[arg(long, env = "USER_QUOTA_BYTES")]
+    pub user_quota_bytes: Option<u64>,
     /// Largest JSON request body in MB (settings, saved workflows, a prompt).
     #[arg(long, env = "MAX_JSON_BODY_MB")]
     pub max_json_body_mb: Option<u64>,
@@ -153,6 +156,7 @@ pub struct FileConfig {
     pub frontend_dir: Option<PathBuf>,
     pub templates_dir: Option<PathBuf>,
     pub max_upload_size: Option<u64>,
+    pub user_quota_bytes: Option<u64>,
     pub max_json_body_mb: Option<u64>,
     pub max_prompt_nodes: Option<usize>,
     pub max_extra_data_mb: Option<u64>,
@@ -197,6 +201,8 @@ pub struct ServeConfig {
     pub frontend_dir: PathBuf,
     pub templates_dir: Option<PathBuf>,
     pub max_upload_bytes: u64,
+    /// `USER_QUOTA_BYTES` (`None`: no quota).
+    pub user_quota_bytes: Option<u64>,
     /// JSON body, prompt node and extra_data caps.
     pub limits: comfyume_gateway::limits::Limits,
     pub domain: Option<String>,
@@ -329,6 +335,10 @@ pub fn resolve_serve(common: &CommonArgs, args: &ServeArgs) -> Result<ServeConfi
         max_upload_bytes: args.max_upload_size.or(file.max_upload_size).unwrap_or(100)
             * 1024
             * 1024,
+        user_quota_bytes: args
+            .user_quota_bytes
+            .or(file.user_quota_bytes)
+            .filter(|q| *q > 0),
         limits: {
             let mb = |v: u64| {
                 usize::try_from(v.max(1).saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)

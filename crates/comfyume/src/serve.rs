@@ -304,6 +304,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     settings.backend_label = label.clone();
     settings.templates_dir = cfg.templates_dir.clone();
     settings.max_upload_bytes = cfg.max_upload_bytes;
+    settings.user_quota_bytes = cfg.user_quota_bytes;
     settings.secure_cookies = cfg.domain.is_some();
     settings.domain = cfg.domain.clone();
     settings.trusted_proxies = cfg.net.trusted_proxies.clone();
@@ -329,7 +330,9 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
             "jobs were on a backend when the server last stopped"
         );
     }
-    tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), "queue open");
+    // What the instructor set at run time (policy, limits, pause, levels) before any job is taken.
+    comfyume_admin::settings::restore(&state).await;
+    tracing::info!(policy = %state.queue.policy(), queued = state.queue.queued_len(), paused = state.queue.is_paused(), "queue open");
     let dispatcher = Dispatcher::new(
         state.queue.clone(),
         backends.clone(),
@@ -365,7 +368,8 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
         tracing::info!(nodes, "node definitions loaded");
     }
 
-    let mut extra = comfyume_admin::routes_with(serverless.map(|(b, _)| b));
+    let admin = comfyume_admin::Admin::new(&state, Some(dispatcher.clone()));
+    let mut extra = comfyume_admin::routes_with(admin.clone(), serverless.map(|(b, _)| b));
     if let Some(c) = &collector {
         let metrics_listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
             .await
@@ -392,6 +396,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "comfyume is listening");
     // Machine-readable line for scripts and tests that bind port 0.
     println!("listening on http://{addr}");
+    let extra = comfyume_admin::audited(extra, &state, &admin);
     comfyume_gateway::launch_with_limits(state, listener, extra, cfg.limits, shutdown).await?;
     Ok(())
 }

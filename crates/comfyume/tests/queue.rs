@@ -232,20 +232,25 @@ async fn submission_answers_like_comfyui() {
         r.json(),
         json!({"prompt_id": "0f8fad5b-d9cb-469f-a165-70867728950e", "number": 7.5, "node_errors": {}})
     );
-    // The same id again is refused (ours are unique; ComfyUI would run it twice).
-    for user in [U1, U2] {
-        let r = app.post_json(user, "/api/prompt", &body).await;
-        assert_eq!(r.status, 400, "{}", r.text());
-        let v = r.json();
-        assert!(
-            v["error"]["message"]
-                .as_str()
-                .unwrap()
-                .contains("already exists"),
-            "{v}"
-        );
-        assert_eq!(v["node_errors"], json!({}));
-    }
+    // The same id again is refused (unique per participant; ComfyUI would run it twice).
+    let r = app.post_json(U1, "/api/prompt", &body).await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    let v = r.json();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already exists"),
+        "{v}"
+    );
+    assert_eq!(v["node_errors"], json!({}));
+    // Another participant may choose it too: accepted, and told nothing of the first.
+    let r = app.post_json(U2, "/api/prompt", &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.json()["prompt_id"],
+        "0f8fad5b-d9cb-469f-a165-70867728950e"
+    );
     // `front` without a number: the counter, negated.
     let r = app
         .post_json(

@@ -443,6 +443,12 @@ async fn twenty_participants_through_a_cold_start_each_job_once() {
         .unwrap()
         .clone();
     assert_eq!(spot["jobs"], 20, "{spot}");
+    // The dashboard's GPU view lists the same endpoints behind the serverless backend.
+    let gpus = s.get(ADMIN, "/admin/api/gpus").await.to_string();
+    assert!(
+        gpus.contains("\"h200-spot\"") && gpus.contains("\"h200-on-demand\""),
+        "{gpus}"
+    );
     assert!(spot["gpu_seconds"].as_f64().unwrap() > 0.0, "{spot}");
     let learnt = spot["cold_start_secs"].as_array().unwrap();
     assert_eq!(learnt.len(), 1, "one cold start measured: {spot}");

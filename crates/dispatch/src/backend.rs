@@ -30,6 +30,33 @@ pub trait Backend: Send + Sync {
     async fn stop(&self, _job_id: &str) -> Result<(), BackendError> {
         Ok(())
     }
+    /// The GPU endpoints behind this backend, for the instructor's GPU view. A backend
+    /// that is one GPU server lists none (the dispatcher reports it from its own
+    /// counters); one with several endpoints (serverless: spot / on-demand, failover)
+    /// lists each with its state, cold starts and spend, and they appear there as is.
+    fn endpoints(&self) -> Vec<EndpointStatus> {
+        Vec::new()
+    }
+}
+
+/// One GPU endpoint as the instructor's GPU view shows it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EndpointStatus {
+    pub name: String,
+    /// `cold`, `starting`, `ready`, `busy` or `failing`.
+    pub state: String,
+    /// Its place in the routing (`active`, `failover 1`, ...), if it has one.
+    pub role: Option<String>,
+    /// Jobs handed to it and not ended.
+    pub in_flight: usize,
+    /// Latest errors, newest last: (ms, message).
+    pub recent_errors: Vec<(i64, String)>,
+    /// Cold starts measured, seconds, newest last.
+    pub cold_start_secs: Vec<u64>,
+    /// What it cost so far (EUR), where known.
+    pub spend_eur: Option<f64>,
+    /// Anything else worth showing (no secrets: never a key or a URL with credentials).
+    pub detail: serde_json::Value,
 }
 
 #[async_trait::async_trait]

@@ -12,6 +12,7 @@
 //! once more, best effort and bounded, so that no GPU keeps running a job we
 //! no longer follow.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,38 @@ struct Slotted {
     /// or a job succeeded since). Such a backend gets work only when no other
     /// is free, so a retry really goes to another GPU.
     failed_at_ms: AtomicI64,
+    /// For the instructor's GPU view: latest errors here, and jobs ended here.
+    recent_errors: Mutex<std::collections::VecDeque<ErrorNote>>,
+    jobs_done: std::sync::atomic::AtomicU64,
+    jobs_failed: std::sync::atomic::AtomicU64,
+}
+
+/// Errors kept per backend for the GPU view.
+const RECENT_ERRORS: usize = 10;
+
+/// An error on a backend, for the GPU view.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ErrorNote {
+    pub at_ms: i64,
+    pub job_id: String,
+    pub user: String,
+    pub message: String,
+}
+
+impl Slotted {
+    fn note_error(&self, rec: &JobRecord, message: &str) {
+        self.jobs_failed.fetch_add(1, Ordering::Relaxed);
+        let mut e = lock(&self.recent_errors);
+        e.push_back(ErrorNote {
+            at_ms: now_ms(),
+            job_id: rec.id.clone(),
+            user: rec.user.clone(),
+            message: message.chars().take(300).collect(),
+        });
+        while e.len() > RECENT_ERRORS {
+            e.pop_front();
+        }
+    }
 }
 
 /// How long a backend that failed a job is passed over while others are free.
@@ -133,6 +166,15 @@ pub struct BackendStatus {
     pub name: String,
     pub slots: usize,
     pub active: usize,
+    /// Of the active jobs, those running (the others wait in its own queue).
+    pub started: usize,
+    /// `ready`, `busy`, or `failing` (a job failed here through its fault lately).
+    pub state: String,
+    pub jobs_done: u64,
+    pub jobs_failed: u64,
+    pub recent_errors: Vec<ErrorNote>,
+    /// The endpoints behind it, if it has several (see [`Backend::endpoints`]).
+    pub endpoints: Vec<crate::backend::EndpointStatus>,
 }
 
 impl Dispatcher {
@@ -153,6 +195,9 @@ impl Dispatcher {
                         started: AtomicUsize::new(0),
                         last_models: Mutex::new(Vec::new()),
                         failed_at_ms: AtomicI64::new(0),
+                        recent_errors: Mutex::new(Default::default()),
+                        jobs_done: Default::default(),
+                        jobs_failed: Default::default(),
                     })
                 })
                 .collect(),
@@ -163,12 +208,30 @@ impl Dispatcher {
     }
 
     pub fn backends(&self) -> Vec<BackendStatus> {
+        let now = now_ms();
         self.backends
             .iter()
-            .map(|b| BackendStatus {
-                name: b.backend.name().to_string(),
-                slots: b.backend.slots(),
-                active: b.active.load(Ordering::SeqCst),
+            .map(|b| {
+                let failed = b.failed_at_ms.load(Ordering::SeqCst);
+                let started = b.started.load(Ordering::SeqCst);
+                let state = if failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS {
+                    "failing"
+                } else if started > 0 {
+                    "busy"
+                } else {
+                    "ready"
+                };
+                BackendStatus {
+                    name: b.backend.name().to_string(),
+                    slots: b.backend.slots(),
+                    active: b.active.load(Ordering::SeqCst),
+                    started,
+                    state: state.into(),
+                    jobs_done: b.jobs_done.load(Ordering::Relaxed),
+                    jobs_failed: b.jobs_failed.load(Ordering::Relaxed),
+                    recent_errors: lock(&b.recent_errors).iter().cloned().collect(),
+                    endpoints: b.backend.endpoints(),
+                }
             })
             .collect()
     }
@@ -186,6 +249,11 @@ impl Dispatcher {
             let failing = failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS;
             tm::backend_state(name, if failing { "failing" } else { "ready" });
         }
+    }
+
+    /// The backends themselves (to refresh node definitions from one).
+    pub fn backend_handles(&self) -> Vec<Arc<dyn Backend>> {
+        self.backends.iter().map(|b| b.backend.clone()).collect()
     }
 
     /// Starts the dispatch loop and the reconciler (both supervised: restarted
@@ -366,8 +434,7 @@ impl Dispatcher {
         let inner_span = span.clone();
         tokio::spawn(
             async move {
-                let (id, user, client) =
-                    (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
+                let owner = Owner::of(&rec);
                 let inner = me.clone();
                 let res = tokio::spawn(
                     async move { inner.run_job(lease, rec, reattach).await }.instrument(inner_span),
@@ -379,9 +446,7 @@ impl Dispatcher {
                         .increment(1);
                     let _ = me
                         .finish_failed(
-                            &id,
-                            &user,
-                            client.as_deref(),
+                            &owner,
                             "internal error in the dispatcher",
                             "ComfyUMe.InternalError",
                         )
@@ -392,8 +457,12 @@ impl Dispatcher {
         );
     }
 
+    /// The participant's files the prompt names: inputs (`x.png`, `x.png [input]`), and
+    /// results reused as inputs (`video/x.png [output]`, kept whole as the name: the
+    /// backend client uploads them apart from the inputs).
     fn input_files(&self, rec: &JobRecord) -> Vec<InputFile> {
         let base = self.data_dir.join("inputs").join(&rec.user);
+        let outputs = self.data_dir.join("outputs").join(&rec.user);
         let mut out: Vec<InputFile> = Vec::new();
         let Some(nodes) = rec.prompt.as_object() else {
             return out;
@@ -404,15 +473,21 @@ impl Dispatcher {
             };
             for v in inputs.values() {
                 let Some(s) = v.as_str() else { continue };
-                let name = s.strip_suffix(" [input]").unwrap_or(s);
-                if name.is_empty()
-                    || name.contains("..")
-                    || name.starts_with('/')
-                    || name.contains('\\')
+                let (rel, local_base, name) = match s.strip_suffix(" [output]") {
+                    Some(rel) => (rel, &outputs, s),
+                    None => {
+                        let n = s.strip_suffix(" [input]").unwrap_or(s);
+                        (n, &base, n)
+                    }
+                };
+                if rel.is_empty()
+                    || rel.contains("..")
+                    || rel.starts_with('/')
+                    || rel.contains('\\')
                 {
                     continue;
                 }
-                let local = base.join(name);
+                let local = local_base.join(rel);
                 if local.is_file() && !out.iter().any(|f| f.name == name) {
                     out.push(InputFile {
                         local,
@@ -426,7 +501,7 @@ impl Dispatcher {
 
     async fn run_job(self: Arc<Self>, lease: Lease, rec: JobRecord, reattach: bool) {
         let backend = lease.slot.backend.clone();
-        let (id, user, client_id) = (rec.id.clone(), rec.user.clone(), rec.client_id.clone());
+        let (id, user) = (rec.id.clone(), rec.user.clone());
         let data_dir = self.data_dir.clone();
         let me = self.clone();
         let r = rec.clone();
@@ -468,11 +543,23 @@ impl Dispatcher {
         match ended {
             Ended::Finished(Ok(outcome)) => {
                 lease.slot.failed_at_ms.store(0, Ordering::SeqCst);
+                match &outcome.kind {
+                    OutcomeKind::ExecutionError(data) => lease.slot.note_error(
+                        &rec,
+                        data["exception_message"]
+                            .as_str()
+                            .unwrap_or("execution error"),
+                    ),
+                    _ => {
+                        lease.slot.jobs_done.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 let _ = self.finish(&rec, outcome, relayed_end).await;
             }
             Ended::Finished(Err(e)) if e.retryable() => {
                 lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
                 failed(error_reason(&e));
+                lease.slot.note_error(&rec, &e.to_string());
                 tracing::warn!(error = %e, "backend failed the job");
                 // It may still run there (a lost socket, a /prompt that timed
                 // out after all): stop it before it runs anywhere else.
@@ -489,14 +576,9 @@ impl Dispatcher {
                         .to_string(),
                     other => other.to_string(),
                 };
+                lease.slot.note_error(&rec, &detail);
                 let _ = self
-                    .finish_failed(
-                        &id,
-                        &user,
-                        client_id.as_deref(),
-                        &detail,
-                        "ComfyUMe.BackendRejected",
-                    )
+                    .finish_failed(&Owner::of(&rec), &detail, "ComfyUMe.BackendRejected")
                     .await;
             }
             Ended::NeverStarted => {
@@ -508,6 +590,7 @@ impl Dispatcher {
                     backend.name(),
                     self.cfg.start_timeout.as_secs()
                 );
+                lease.slot.note_error(&rec, &reason);
                 self.retry_or_fail(rec, reason).await;
             }
             Ended::TimedOut(_) => {
@@ -517,14 +600,9 @@ impl Dispatcher {
                     "The job ran longer than the workshop's limit ({} s) and was stopped.",
                     self.cfg.job_timeout.as_secs()
                 );
+                lease.slot.note_error(&rec, &msg);
                 let _ = self
-                    .finish_failed(
-                        &id,
-                        &user,
-                        client_id.as_deref(),
-                        &msg,
-                        "ComfyUMe.JobTimeout",
-                    )
+                    .finish_failed(&Owner::of(&rec), &msg, "ComfyUMe.JobTimeout")
                     .await;
             }
         }
@@ -659,7 +737,7 @@ impl Dispatcher {
                     notice(
                         &self.queue,
                         &user,
-                        &id,
+                        public_id(&rec),
                         &format!(
                             "{reason}. Retrying on another GPU (attempt {next} of {}).",
                             self.cfg.max_attempts
@@ -676,13 +754,7 @@ impl Dispatcher {
         } else {
             let msg = format!("{reason}. Gave up after {} attempts.", rec.attempts);
             let _ = self
-                .finish_failed(
-                    &id,
-                    &user,
-                    rec.client_id.as_deref(),
-                    &msg,
-                    "ComfyUMe.BackendFailed",
-                )
+                .finish_failed(&Owner::of(&rec), &msg, "ComfyUMe.BackendFailed")
                 .await;
         }
     }
@@ -703,7 +775,8 @@ impl Dispatcher {
         };
         // Learnt from history after a gap in the events (a dropped socket, a
         // re-attach): the frontend still needs to hear how the job ended.
-        let missed_end = (!relayed_end).then(|| end_message(&rec.id, &outcome));
+        let owner = Owner::of(rec);
+        let missed_end = (!relayed_end).then(|| end_message(&owner.prompt_id, &outcome));
         let res = self
             .queue
             .store()
@@ -729,13 +802,15 @@ impl Dispatcher {
             tm::job_finished(state);
             tracing::info!(outcome = state.as_str(), "job finished");
         }
-        if let (Some(msg), Some(c)) = (missed_end, rec.client_id.as_deref()) {
-            self.queue
-                .events()
-                .to_client(&rec.user, c, &msg.to_string());
+        if let Some(msg) = missed_end {
+            self.queue.send_to_job(
+                &rec.id,
+                &rec.user,
+                rec.client_id.as_deref(),
+                &msg.to_string(),
+            );
         }
-        self.end_marker(&rec.user, rec.client_id.as_deref(), &rec.id)
-            .await;
+        self.end_marker(&owner).await;
         res.map(|_| ())
     }
 
@@ -755,14 +830,17 @@ impl Dispatcher {
 
     async fn finish_failed(
         &self,
-        id: &str,
-        user: &str,
-        client_id: Option<&str>,
+        owner: &Owner,
         message: &str,
         exception_type: &str,
     ) -> Result<(), StoreError> {
+        let (id, user, client_id) = (
+            owner.id.as_str(),
+            owner.user.as_str(),
+            owner.client_id.as_deref(),
+        );
         let data = json!({
-            "prompt_id": id,
+            "prompt_id": owner.prompt_id,
             "node_id": null,
             "node_type": null,
             "executed": [],
@@ -789,24 +867,28 @@ impl Dispatcher {
             )
             .await;
         self.recorded(id, user, &res);
-        if let Some(c) = client_id {
-            let msg = json!({"type": "execution_error", "data": data});
-            self.queue.events().to_client(user, c, &msg.to_string());
-        }
+        let msg = json!({"type": "execution_error", "data": data});
+        self.queue
+            .send_to_job(id, user, client_id, &msg.to_string());
         if res.is_ok() {
             tm::job_finished(JobState::Failed);
             tracing::info!(outcome = "failed", reason = %message, "job finished");
         }
-        self.end_marker(user, client_id, id).await;
+        self.end_marker(owner).await;
         res.map(|_| ())
     }
 
-    async fn end_marker(&self, user: &str, client_id: Option<&str>, id: &str) {
-        self.queue.broadcast_status(user).await;
-        if let Some(c) = client_id {
-            let end = json!({"type": "executing", "data": {"node": null, "prompt_id": id}});
-            self.queue.events().to_client(user, c, &end.to_string());
-        }
+    /// `status`, then the `executing: null` end marker to the job's tabs.
+    async fn end_marker(&self, owner: &Owner) {
+        self.queue.broadcast_status(&owner.user).await;
+        let end =
+            json!({"type": "executing", "data": {"node": null, "prompt_id": owner.prompt_id}});
+        self.queue.send_to_job(
+            &owner.id,
+            &owner.user,
+            owner.client_id.as_deref(),
+            &end.to_string(),
+        );
     }
 }
 
@@ -905,6 +987,64 @@ fn execution_start_ms(messages: &[Value]) -> Option<i64> {
     })
 }
 
+/// The id a job's owner knows it by (see [`JobRecord::prompt_id`]): every message to the
+/// participant names the job by it, while the store and the backends use `rec.id`.
+fn public_id(rec: &JobRecord) -> &str {
+    if rec.prompt_id.is_empty() {
+        &rec.id
+    } else {
+        &rec.prompt_id
+    }
+}
+
+/// Who is told about a job's end: its ids and its owner's tab.
+struct Owner {
+    id: String,
+    prompt_id: String,
+    user: String,
+    client_id: Option<String>,
+}
+
+impl Owner {
+    fn of(rec: &JobRecord) -> Owner {
+        Owner {
+            id: rec.id.clone(),
+            prompt_id: public_id(rec).to_string(),
+            user: rec.user.clone(),
+            client_id: rec.client_id.clone(),
+        }
+    }
+}
+
+/// ComfyUI messages name the job by `data.prompt_id`; the participant's copy names it by the
+/// id they know (only differs when another job had their chosen id first).
+fn to_public(v: &mut Value, internal: &str, public: &str) {
+    if internal != public
+        && let Some(p) = v.get_mut("data").and_then(|d| d.get_mut("prompt_id"))
+        && p.as_str() == Some(internal)
+    {
+        *p = Value::String(public.to_string());
+    }
+}
+
+/// [`to_public`] for a type-4 preview frame's metadata.
+fn frame_to_public(frame: Bytes, internal: &str, public: &str) -> Bytes {
+    use comfyume_wire::shapes::ws::BinaryFrame;
+    if internal == public {
+        return frame;
+    }
+    match BinaryFrame::decode(&frame) {
+        Ok(BinaryFrame::PreviewImageWithMetadata {
+            mut metadata,
+            image,
+        }) if metadata.get("prompt_id").and_then(Value::as_str) == Some(internal) => {
+            metadata["prompt_id"] = Value::String(public.to_string());
+            Bytes::from(BinaryFrame::PreviewImageWithMetadata { metadata, image }.encode())
+        }
+        _ => frame,
+    }
+}
+
 /// A plain message for the participant's banner (our own message type; the
 /// stock frontend ignores types it does not know).
 fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
@@ -914,25 +1054,82 @@ fn notice(queue: &Queue, user: &str, id: &str, text: &str) {
 
 /// Forwards a job's events to its owner's sockets, as ComfyUI routes them:
 /// execution messages to the submitting client only; `progress_state` to all
-/// of the owner's tabs. Remembers whether the job's ending message was among them.
+/// of the owner's tabs. Remembers whether the job's ending message was among them,
+/// and (in the queue's live registry) the job's latest step, for tabs that connect
+/// while it runs. Messages name the job by the id its owner knows.
 struct Relay {
     queue: Arc<Queue>,
     id: String,
+    prompt_id: String,
     user: String,
     client_id: Option<String>,
     backend: String,
     ended: bool,
+    /// The prompt's node classes (node id -> class), for the dashboard's progress.
+    classes: HashMap<String, String>,
 }
 
 impl Relay {
     fn new(queue: &Arc<Queue>, rec: &JobRecord, backend: &str) -> Self {
+        queue.live_begin(&rec.id, &rec.user, public_id(rec), rec.client_id.as_deref());
         Relay {
             queue: queue.clone(),
             id: rec.id.clone(),
+            prompt_id: public_id(rec).to_string(),
             user: rec.user.clone(),
             client_id: rec.client_id.clone(),
             backend: backend.to_string(),
             ended: false,
+            classes: rec
+                .prompt
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .filter_map(|(k, v)| {
+                            Some((k.clone(), v["class_type"].as_str()?.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Keeps the job's progress for the instructor's dashboard.
+    fn note_progress(&self, kind: &str, data: &Value) {
+        let total = self.classes.len() as u64;
+        match kind {
+            "execution_start" => self.queue.note_progress(&self.id, |p| {
+                p.nodes_total = total;
+            }),
+            "executing" => {
+                let node = data["node"].as_str().map(str::to_string);
+                let class = node.as_ref().and_then(|n| self.classes.get(n).cloned());
+                self.queue.note_progress(&self.id, |p| {
+                    p.nodes_total = total;
+                    p.node = node;
+                    p.class_type = class;
+                    p.value = 0;
+                    p.max = 0;
+                });
+            }
+            "progress" => {
+                let (v, m) = (data["value"].as_u64(), data["max"].as_u64());
+                self.queue.note_progress(&self.id, |p| {
+                    p.value = v.unwrap_or(0);
+                    p.max = m.unwrap_or(0);
+                });
+            }
+            "executed" => self.queue.note_progress(&self.id, |p| {
+                p.nodes_done = (p.nodes_done + 1).min(total.max(1));
+            }),
+            "execution_cached" => {
+                let n = data["nodes"].as_array().map_or(0, |a| a.len() as u64);
+                self.queue.note_progress(&self.id, |p| {
+                    p.nodes_total = total;
+                    p.nodes_done = (p.nodes_done + n).min(total.max(1));
+                });
+            }
+            _ => {}
         }
     }
 
@@ -945,7 +1142,7 @@ impl Relay {
                 notice(
                     queue,
                     user,
-                    &self.id,
+                    &self.prompt_id,
                     &format!("Running on {}", self.backend),
                 );
             }
@@ -956,16 +1153,18 @@ impl Relay {
                     // Tracebacks name the GPU server's files: the participant gets names only.
                     comfyume_wire::strip_server_paths_in(data);
                 }
+                to_public(&mut v, &self.id, &self.prompt_id);
                 let text = v.to_string();
                 let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
+                self.note_progress(kind, &v["data"]);
                 if kind == "execution_start" {
                     // Recorded beside the relay, not before it: the participant's
                     // progress never waits for a disk write. (The outcome's own
                     // `execution_start` sets the start time again if this is lost.)
                     let at = v["data"]["timestamp"].as_i64().unwrap_or_else(now_ms);
-                    let (queue, id, user) = (queue.clone(), self.id.clone(), user.to_string());
+                    let (q, id, who) = (queue.clone(), self.id.clone(), user.to_string());
                     tokio::spawn(async move {
-                        let res = queue
+                        let res = q
                             .store()
                             .transition(
                                 &id,
@@ -978,19 +1177,20 @@ impl Relay {
                             )
                             .await;
                         if let Err(e) = res {
-                            tracing::warn!(job_id = %id, user = %user, error = %e, "could not record that the job started");
+                            tracing::warn!(job_id = %id, user = %who, error = %e, "could not record that the job started");
                         }
-                    });
+                    }.in_current_span());
+                    queue.touch();
                     // ComfyUI's order: its queue's `status` before `execution_start`.
-                    self.queue.broadcast_status(&self.user).await;
+                    queue.broadcast_status(user).await;
                 }
                 self.ended |= is_end_message(kind);
+                queue.live_note(&self.id, kind, v.get("data"));
                 // As ComfyUI routes them (ws_observer.txt): to the submitting
-                // client; without one, progress reaches all of the owner's tabs.
+                // client (and the tabs that caught up with the job since); without one,
+                // progress reaches all of the owner's tabs.
                 match &self.client_id {
-                    Some(c) => {
-                        events.to_client(user, c, &text);
-                    }
+                    Some(c) => queue.send_to_job(&self.id, user, Some(c), &text),
                     None if matches!(kind, "progress_state" | "execution_interrupted") => {
                         events.to_user(user, &text);
                     }
@@ -999,11 +1199,12 @@ impl Relay {
             }
             BackendEvent::Binary(frame) => {
                 if let Some(c) = &self.client_id {
+                    let frame = frame_to_public(frame, &self.id, &self.prompt_id);
                     let legacy = legacy_preview(&frame).unwrap_or_else(|| frame.clone());
                     events.preview(user, c, legacy, frame);
                 }
             }
-            BackendEvent::Notice(text) => notice(queue, user, &self.id, &text),
+            BackendEvent::Notice(text) => notice(queue, user, &self.prompt_id, &text),
         }
     }
 }

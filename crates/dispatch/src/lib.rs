@@ -7,10 +7,12 @@ pub mod events;
 pub mod queue;
 pub mod telemetry;
 
-pub use backend::{Backend, BackendError, BackendEvent, JobSpec, Outcome, OutcomeKind, Timeouts};
+pub use backend::{
+    Backend, BackendError, BackendEvent, EndpointStatus, JobSpec, Outcome, OutcomeKind, Timeouts,
+};
 pub use comfyui::ComfyUiBackend;
 /// The ComfyUI client, job state machine and output storage (its own crate, shared with the worker).
 pub use comfyume_comfyui as comfyui;
-pub use dispatcher::{DispatchConfig, Dispatcher};
+pub use dispatcher::{BackendStatus, DispatchConfig, Dispatcher, ErrorNote};
 pub use events::EventSink;
-pub use queue::{Queue, QueueConfig, QueueError};
+pub use queue::{CancelOutcome, LiveProgress, Queue, QueueConfig, QueueError, QueueSettings};

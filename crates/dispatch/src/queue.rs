@@ -10,13 +10,14 @@
 //! outcome is unknown): queued jobs missing from the scheduler are added, stale
 //! entries removed, and dispatched jobs nobody claims are handed back as orphans.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use comfyume_scheduler::{Limits, Policy, QueuedJob, Scheduler};
 use comfyume_store::{EnqueueLimits, JobPatch, JobRecord, JobState, NewJob, Store, StoreError};
+use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use crate::events::EventSink;
@@ -84,6 +85,72 @@ pub struct Queue {
     models: Mutex<HashMap<String, Arc<[String]>>>,
     /// Wakes the reconciler early (after a store error of unknown outcome).
     reconcile_soon: Notify,
+    /// The instructor paused dispatch: nothing new is taken (running jobs finish).
+    paused: AtomicBool,
+    /// Bumped on every change to the queue (a job submitted, taken, finished, cancelled; a
+    /// setting changed), for the instructor's dashboard: it re-reads what it shows.
+    changes: watch::Sender<u64>,
+    /// Bumped when a running job makes progress ([`Self::live`]).
+    progress: watch::Sender<u64>,
+    /// What each claimed job is doing (node, steps), for the dashboard.
+    progress_live: Mutex<HashMap<String, LiveProgress>>,
+
+    /// The latest step of each claimed job that has started an attempt: id -> what a tab
+    /// connecting now needs to show its progress (see [`Queue::catch_up`]). Removed with
+    /// the job's claim.
+    live: Mutex<HashMap<String, Live>>,
+}
+
+/// Tabs (client ids) that caught up with one job and follow it; past it, the oldest is dropped.
+const MAX_WATCHERS: usize = 32;
+
+/// What a tab that connects while a job runs needs to catch up with it, and who caught up.
+#[derive(Debug, Default)]
+struct Live {
+    user: String,
+    /// The id the participant knows the job by.
+    prompt_id: String,
+    client_id: Option<String>,
+    /// The data of the job's `execution_start`, `executing` (a node) and `progress_state`.
+    start: Option<Value>,
+    executing: Option<Value>,
+    progress_state: Option<Value>,
+    /// Its ending message passed: nothing more to catch up with.
+    ended: bool,
+    /// Client ids of other tabs that caught up with it: they get its later steps and end too.
+    watchers: Vec<String>,
+}
+
+/// A running job's progress as its events tell it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct LiveProgress {
+    /// The node executing now, and its class.
+    pub node: Option<String>,
+    pub class_type: Option<String>,
+    /// Steps of the current node (ComfyUI's `progress`).
+    pub value: u64,
+    pub max: u64,
+    /// Nodes executed or cached so far, of the prompt's nodes.
+    pub nodes_done: u64,
+    pub nodes_total: u64,
+}
+
+/// The instructor's queue settings: what [`Queue::settings`] reports and
+/// [`Queue::apply_settings`] restores (the admin API keeps them in the store, so they
+/// survive a restart).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct QueueSettings {
+    pub policy: Policy,
+    pub max_running_per_user: u32,
+    pub max_queued_per_user: u32,
+    pub max_queue_depth: u32,
+    pub paused: bool,
+    /// Participants' own levels.
+    #[serde(default)]
+    pub user_priorities: BTreeMap<String, u8>,
+    /// Jobs moved to the front, front-most first.
+    #[serde(default)]
+    pub front: Vec<String>,
 }
 
 /// A job taken by this process: while it lives, the job counts toward its
@@ -130,11 +197,23 @@ impl Drop for Claim {
                 // Only the current claim ends the job's registration: a retry may
                 // already run under a newer one.
                 lock(&q.running).remove(&self.id);
+                lock(&q.live).remove(&self.id);
+                lock(&q.progress_live).remove(&self.id);
             }
         }
         q.sched().finished(&self.user);
         q.notify.notify_waiters();
+        q.touch();
     }
+}
+
+/// What [`Queue::cancel_any`] did, and whose job it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was waiting: cancelled.
+    Cancelled(String),
+    /// It was on a backend: told to stop (it ends as interrupted).
+    Interrupted(String),
 }
 
 /// What [`Queue::reconcile`] found and did.
@@ -244,6 +323,11 @@ impl Queue {
             next_claim: AtomicU64::new(1),
             models: Mutex::new(models),
             reconcile_soon: Notify::new(),
+            paused: AtomicBool::new(false),
+            changes: watch::Sender::new(0),
+            progress: watch::Sender::new(0),
+            progress_live: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
         });
         Ok((q, in_flight))
     }
@@ -272,6 +356,165 @@ impl Queue {
 
     pub fn set_enqueue_limits(&self, l: EnqueueLimits) {
         *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = l;
+        self.touch();
+    }
+
+    // ---- for the instructor's dashboard and actions (additive) ----
+
+    /// Marks the queue changed (see [`Self::subscribe_changes`]).
+    pub fn touch(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every change to the queue (coalesced: it reads the latest).
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A receiver that sees running jobs' progress (coalesced).
+    pub fn subscribe_progress(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    /// Updates a claimed job's progress (the dispatcher's relay calls it per event).
+    pub fn note_progress(&self, id: &str, update: impl FnOnce(&mut LiveProgress)) {
+        {
+            // Claimed, then progress: the order a claim's drop takes them in.
+            let claimed = lock(&self.claimed);
+            if !claimed.contains_key(id) {
+                return;
+            }
+            update(lock(&self.progress_live).entry(id.to_string()).or_default());
+        }
+        self.progress.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Every claimed job's progress, by id.
+    pub fn live_progress(&self) -> HashMap<String, LiveProgress> {
+        lock(&self.progress_live).clone()
+    }
+
+    /// Stops taking new jobs; running ones finish. Participants can still queue.
+    pub fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        self.touch();
+    }
+
+    /// Takes jobs again, at once.
+    pub fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        self.notify.notify_waiters();
+        self.touch();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Puts a waiting job ahead of every other (the scheduler's front list). False if it
+    /// is not waiting.
+    pub fn move_to_front(&self, id: &str) -> bool {
+        let moved = self.sched().move_to_front(id);
+        if moved {
+            self.notify.notify_waiters();
+            self.touch();
+        }
+        moved
+    }
+
+    /// The waiting jobs as the scheduler holds them, in the order they would be served.
+    pub fn projected_jobs(&self) -> Vec<comfyume_scheduler::QueuedJob> {
+        self.sched()
+            .projected_order(now_ms())
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// The instructor's settings as they are now.
+    pub fn settings(&self) -> QueueSettings {
+        let l = self.enqueue_limits();
+        let s = self.sched();
+        QueueSettings {
+            policy: s.policy(),
+            max_running_per_user: s.limits().max_running_per_user,
+            max_queued_per_user: l.max_queued_per_user,
+            max_queue_depth: l.max_queue_depth,
+            paused: self.is_paused(),
+            user_priorities: s.user_priorities(),
+            front: s.front().to_vec(),
+        }
+    }
+
+    /// Restores saved settings (at start). Levels out of range and front entries no
+    /// longer waiting are skipped.
+    pub fn apply_settings(&self, st: &QueueSettings) {
+        {
+            let mut s = self.sched();
+            s.set_policy(st.policy);
+            let mut l = s.limits();
+            l.max_running_per_user = st.max_running_per_user;
+            s.set_limits(l);
+            for (user, level) in &st.user_priorities {
+                if s.set_user_priority(user, Some(*level)).is_err() {
+                    tracing::warn!(user = %user, level, "ignoring a saved priority level out of range");
+                }
+            }
+            for id in st.front.iter().rev() {
+                s.move_to_front(id);
+            }
+        }
+        *lock(&self.limits) = EnqueueLimits {
+            max_queued_per_user: st.max_queued_per_user,
+            max_queue_depth: st.max_queue_depth,
+        };
+        self.paused.store(st.paused, Ordering::SeqCst);
+        self.notify.notify_waiters();
+        self.touch();
+    }
+
+    /// Cancels a job for the instructor, whoever owns it: a waiting one is cancelled, a
+    /// running one interrupted. `Conflict` once it has ended, `NotFound` for no such job.
+    pub async fn cancel_any(&self, id: &str) -> Result<CancelOutcome, QueueError> {
+        let rec = self.store.get_job(id).await?.ok_or(StoreError::NotFound)?;
+        match rec.state {
+            JobState::Queued => {
+                // The store cancels by the id its owner knows the job by.
+                let known_as = if rec.prompt_id.is_empty() {
+                    rec.id.clone()
+                } else {
+                    rec.prompt_id.clone()
+                };
+                let removed = self.cancel_queued(&rec.user, &[known_as]).await?;
+                if removed.is_empty() {
+                    // Taken by a backend meanwhile: stop it there.
+                    self.interrupt(&rec.user, Some(id));
+                    return Ok(CancelOutcome::Interrupted(rec.user));
+                }
+                Ok(CancelOutcome::Cancelled(rec.user))
+            }
+            JobState::Dispatched | JobState::Running => {
+                self.interrupt(&rec.user, Some(id));
+                Ok(CancelOutcome::Interrupted(rec.user))
+            }
+            other => Err(QueueError::Store(StoreError::Conflict(format!(
+                "job {id} is {other}"
+            )))),
+        }
+    }
+
+    /// Cancels every waiting job of everyone; returns the ids, by participant.
+    pub async fn cancel_all_waiting(&self) -> Result<BTreeMap<String, Vec<String>>, QueueError> {
+        let users: std::collections::BTreeSet<String> =
+            self.projected_jobs().into_iter().map(|j| j.user).collect();
+        let mut out = BTreeMap::new();
+        for u in users {
+            let ids = self.clear_queued(&u).await?;
+            if !ids.is_empty() {
+                out.insert(u, ids);
+            }
+        }
+        Ok(out)
     }
 
     /// Commits the job, then makes it schedulable. The store's answer is the
@@ -311,6 +554,7 @@ impl Queue {
         metrics::counter!(crate::telemetry::JOBS_SUBMITTED).increment(1);
         tracing::info!(job_id = %rec.id, user = %rec.user, "job queued");
         self.notify.notify_waiters();
+        self.touch();
         // Counted in the transaction that stored the job: no second read.
         self.send_status(&user, remaining).await;
         Ok(rec)
@@ -331,6 +575,7 @@ impl Queue {
             }
         }
         if !removed.is_empty() {
+            self.touch();
             self.broadcast_status(user).await;
         }
         Ok(removed)
@@ -347,6 +592,7 @@ impl Queue {
             }
         }
         if !removed.is_empty() {
+            self.touch();
             self.broadcast_status(user).await;
         }
         Ok(removed)
@@ -361,6 +607,9 @@ impl Queue {
         place: impl Fn(&[String]) -> Option<String>,
     ) -> Result<Option<(JobRecord, Claim)>, QueueError> {
         loop {
+            if self.is_paused() {
+                return Ok(None);
+            }
             let Some(job) = self.sched().pick(now_ms()) else {
                 return Ok(None);
             };
@@ -386,7 +635,10 @@ impl Queue {
                 )
                 .await
             {
-                Ok(rec) => return Ok(Some((rec, claim))),
+                Ok(rec) => {
+                    self.touch();
+                    return Ok(Some((rec, claim)));
+                }
                 // Cancelled between the pick and now: release it, try the next.
                 Err(StoreError::Conflict(_)) | Err(StoreError::NotFound) => {
                     lock(&self.models).remove(&job.id);
@@ -503,6 +755,7 @@ impl Queue {
         }
         if !out.added.is_empty() || !out.removed.is_empty() {
             self.notify.notify_waiters();
+            self.touch();
         }
         Ok(out)
     }
@@ -515,11 +768,13 @@ impl Queue {
             tracing::error!(job_id = %rec.id, user = %rec.user, error = %e, "could not requeue a job");
         }
         self.notify.notify_waiters();
+        self.touch();
     }
 
     /// A job left the queue for good: forget its placement hint.
     pub fn forget(&self, id: &str) {
         lock(&self.models).remove(id);
+        self.touch();
     }
 
     /// Interrupts `user`'s running job `prompt_id`, or all of `user`'s running
@@ -576,6 +831,7 @@ impl Queue {
     pub fn set_policy(&self, p: Policy) {
         self.sched().set_policy(p);
         self.notify.notify_waiters();
+        self.touch();
     }
 
     pub fn set_user_priority(&self, user: &str, level: Option<u8>) -> Result<(), QueueError> {
@@ -583,6 +839,7 @@ impl Queue {
             .set_user_priority(user, level)
             .map_err(|_| QueueError::InvalidLevel(level.unwrap_or(0)))?;
         self.notify.notify_waiters();
+        self.touch();
         Ok(())
     }
 
@@ -606,11 +863,17 @@ impl Queue {
             .await?;
         {
             let mut s = self.sched();
+            // Re-inserted with its new level; a job moved to the front stays there.
+            let front = s.front().iter().any(|f| f == id);
             if s.remove(id).is_some() {
                 let _ = s.enqueue(queued_job(&rec));
+                if front {
+                    s.move_to_front(id);
+                }
             }
         }
         self.notify.notify_waiters();
+        self.touch();
         Ok(rec)
     }
 
@@ -621,6 +884,98 @@ impl Queue {
         s.set_limits(l);
         drop(s);
         self.notify.notify_waiters();
+        self.touch();
+    }
+
+    /// A claimed job starts an attempt: from now on its steps are remembered for tabs that
+    /// connect while it runs (a retry starts afresh, keeping the tabs that caught up).
+    pub fn live_begin(&self, id: &str, user: &str, prompt_id: &str, client_id: Option<&str>) {
+        if !self.is_claimed(id) {
+            return;
+        }
+        let mut live = lock(&self.live);
+        let e = live.entry(id.to_string()).or_default();
+        let watchers = std::mem::take(&mut e.watchers);
+        *e = Live {
+            user: user.to_string(),
+            prompt_id: prompt_id.to_string(),
+            client_id: client_id.map(str::to_owned),
+            watchers,
+            ..Default::default()
+        };
+    }
+
+    /// Notes a message of a running job (`kind` and its `data`) as its latest step.
+    pub fn live_note(&self, id: &str, kind: &str, data: Option<&Value>) {
+        let mut live = lock(&self.live);
+        let Some(e) = live.get_mut(id) else { return };
+        match (kind, data) {
+            ("execution_start", Some(d)) => e.start = Some(d.clone()),
+            // `executing` with no node is the end marker, never relayed from a backend.
+            ("executing", Some(d)) if !d["node"].is_null() => e.executing = Some(d.clone()),
+            ("progress_state", Some(d)) => e.progress_state = Some(d.clone()),
+            ("execution_success" | "execution_error" | "execution_interrupted", _) => {
+                e.ended = true
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends `text` about job `id` to its owner's submitting tab `client_id` and to the tabs
+    /// that caught up with it since (see [`Self::catch_up`]).
+    pub fn send_to_job(&self, id: &str, user: &str, client_id: Option<&str>, text: &str) {
+        let watchers = lock(&self.live)
+            .get(id)
+            .map(|e| e.watchers.clone())
+            .unwrap_or_default();
+        if let Some(c) = client_id {
+            self.events.to_client(user, c, text);
+        }
+        for w in watchers.iter().filter(|w| Some(w.as_str()) != client_id) {
+            self.events.to_client(user, w, text);
+        }
+    }
+
+    /// What a tab of `user` connecting now (as `client_id`) needs to show their running
+    /// jobs as a live tab would: each job's `execution_start`, the node it is executing and
+    /// its cumulative `progress_state`, in that order. The tab then gets those jobs' later
+    /// steps and ends as well.
+    pub fn catch_up(&self, user: &str, client_id: &str) -> Vec<String> {
+        let mut live = lock(&self.live);
+        let mut mine: Vec<(&String, &mut Live)> = live
+            .iter_mut()
+            .filter(|(_, e)| e.user == user && !e.ended && e.start.is_some())
+            .collect();
+        mine.sort_by(|a, b| a.0.cmp(b.0));
+        let mut out = Vec::new();
+        for (_, e) in mine {
+            if e.client_id.as_deref() != Some(client_id)
+                && !e.watchers.iter().any(|w| w == client_id)
+            {
+                // Bounded: a participant reconnecting under ever new ids keeps the latest.
+                if e.watchers.len() >= MAX_WATCHERS {
+                    e.watchers.remove(0);
+                }
+                e.watchers.push(client_id.to_string());
+            }
+            let msg = |kind: &str, data: &Value| {
+                let mut data = data.clone();
+                if let Some(m) = data.as_object_mut() {
+                    m.insert("prompt_id".into(), Value::String(e.prompt_id.clone()));
+                }
+                json!({"type": kind, "data": data}).to_string()
+            };
+            for (kind, data) in [
+                ("execution_start", &e.start),
+                ("executing", &e.executing),
+                ("progress_state", &e.progress_state),
+            ] {
+                if let Some(d) = data {
+                    out.push(msg(kind, d));
+                }
+            }
+        }
+        out
     }
 
     /// ComfyUI's `status` message with the participant's own `queue_remaining`,
@@ -646,5 +1001,144 @@ impl Queue {
         };
         let msg = comfyume_wire::shapes::status_message(remaining, None);
         self.events.to_user(user, &msg.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The live registry: what a tab connecting mid-job is sent, and who then follows the job.
+    use super::*;
+
+    /// Every message, with where it went.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<(String, String)>>);
+
+    impl EventSink for Sent {
+        fn listening(&self, _: &str) -> bool {
+            true
+        }
+        fn to_user(&self, user: &str, text: &str) {
+            lock(&self.0).push((format!("{user}/*"), text.to_string()));
+        }
+        fn to_client(&self, user: &str, client_id: &str, text: &str) -> bool {
+            lock(&self.0).push((format!("{user}/{client_id}"), text.to_string()));
+            true
+        }
+        fn preview(&self, _: &str, _: &str, _: bytes::Bytes, _: bytes::Bytes) {}
+    }
+
+    async fn queue(sent: Arc<Sent>) -> Arc<Queue> {
+        let store = Arc::new(
+            comfyume_store::sqlite::SqliteStore::open_in_memory()
+                .await
+                .unwrap(),
+        );
+        Queue::open(store, QueueConfig::default(), sent)
+            .await
+            .unwrap()
+            .0
+    }
+
+    fn kinds(msgs: &[String]) -> Vec<String> {
+        msgs.iter()
+            .map(|m| {
+                serde_json::from_str::<Value>(m).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_tab_catches_up_with_the_latest_step_and_then_follows() {
+        let sent = Arc::new(Sent::default());
+        let q = queue(sent.clone()).await;
+        let claim = q.claim("internal", "u1");
+        q.live_begin("internal", "u1", "mine", Some("tab1"));
+        // Nothing started yet: nothing to catch up with.
+        assert!(q.catch_up("u1", "tab2").is_empty());
+        q.live_note(
+            "internal",
+            "execution_start",
+            Some(&json!({"prompt_id": "internal", "timestamp": 5})),
+        );
+        q.live_note(
+            "internal",
+            "executing",
+            Some(&json!({"node": "3", "prompt_id": "internal"})),
+        );
+        q.live_note(
+            "internal",
+            "progress_state",
+            Some(&json!({"prompt_id": "internal", "nodes": {"1": {"state": "finished"}}})),
+        );
+        q.live_note(
+            "internal",
+            "progress_state",
+            Some(&json!({"prompt_id": "internal", "nodes": {"3": {"state": "running"}}})),
+        );
+        let msgs = q.catch_up("u1", "tab2");
+        assert_eq!(
+            kinds(&msgs),
+            ["execution_start", "executing", "progress_state"]
+        );
+        for m in &msgs {
+            let v: Value = serde_json::from_str(m).unwrap();
+            assert_eq!(
+                v["data"]["prompt_id"], "mine",
+                "named as its owner knows it: {v}"
+            );
+        }
+        let last: Value = serde_json::from_str(&msgs[2]).unwrap();
+        assert_eq!(
+            last["data"]["nodes"]["3"]["state"], "running",
+            "the latest one"
+        );
+        // Nobody else's tab catches up with it.
+        assert!(q.catch_up("u2", "tab2").is_empty());
+        // Later steps reach the submitting tab and the one that caught up, once each.
+        q.send_to_job("internal", "u1", Some("tab1"), "step");
+        q.catch_up("u1", "tab2");
+        q.send_to_job("internal", "u1", Some("tab1"), "step2");
+        let to: Vec<String> = lock(&sent.0)
+            .iter()
+            .map(|(t, m)| format!("{t}:{m}"))
+            .collect();
+        assert_eq!(
+            to,
+            [
+                "u1/tab1:step",
+                "u1/tab2:step",
+                "u1/tab1:step2",
+                "u1/tab2:step2"
+            ]
+        );
+        // Once it ended, a new tab gets nothing; with the claim, the registry forgets it.
+        q.live_note("internal", "execution_success", None);
+        assert!(q.catch_up("u1", "tab3").is_empty());
+        drop(claim);
+        assert!(lock(&q.live).is_empty());
+    }
+
+    #[test]
+    fn watchers_are_bounded() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let q = queue(Arc::new(Sent::default())).await;
+            let _claim = q.claim("j", "u1");
+            q.live_begin("j", "u1", "j", Some("tab"));
+            q.live_note("j", "execution_start", Some(&json!({"prompt_id": "j"})));
+            for i in 0..100 {
+                q.catch_up("u1", &format!("t{i}"));
+            }
+            let live = lock(&q.live);
+            let w = &live["j"].watchers;
+            assert_eq!(w.len(), MAX_WATCHERS);
+            assert_eq!(w.last().map(String::as_str), Some("t99"));
+        });
     }
 }

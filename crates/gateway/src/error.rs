@@ -20,6 +20,10 @@ pub enum ApiError {
     /// Status with an arbitrary JSON body (ComfyUI-shaped prompt errors).
     #[error("json error")]
     Body(StatusCode, serde_json::Value),
+    /// Past the participant's storage quota: `413`, the reason in the status line too
+    /// (the frontend's upload toast shows `status - statusText`).
+    #[error(transparent)]
+    Quota(#[from] crate::quota::Exceeded),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
     #[error("io: {0}")]
@@ -63,6 +67,25 @@ impl IntoResponse for ApiError {
                 (code, axum::Json(serde_json::json!({ "error": msg }))).into_response()
             }
             ApiError::Body(code, body) => (code, axum::Json(body)).into_response(),
+            ApiError::Quota(e) => {
+                let mut resp = (
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                    e.message(),
+                )
+                    .into_response();
+                if let Ok(reason) = hyper::ext::ReasonPhrase::try_from(
+                    format!(
+                        "Storage quota exceeded ({} of {} used)",
+                        crate::quota::human(e.used),
+                        crate::quota::human(e.quota)
+                    )
+                    .into_bytes(),
+                ) {
+                    resp.extensions_mut().insert(reason);
+                }
+                resp
+            }
             ApiError::Store(e) => store_error_response(&e),
             ApiError::Io(e) => io_error_response(&e),
         }

@@ -1,5 +1,5 @@
-//! The stock ComfyUI frontend (static files), the template library, and our
-//! own small frontend extension.
+//! The stock ComfyUI frontend (static files) and our own small frontend extension
+//! (the template library is in [`crate::templates`]).
 
 use std::path::Path;
 
@@ -105,9 +105,6 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
         )
             .into_response();
     }
-    if path.starts_with("/templates/") {
-        return templates(&state, req).await;
-    }
     // `x.js.br` / `x.js.gz` beside a file are sent as is to clients that accept them.
     let svc = ServeDir::new(&state.settings.frontend_dir)
         .append_index_html_on_directories(false)
@@ -133,38 +130,4 @@ pub async fn static_file(State(state): State<AppState>, req: Request) -> Respons
             .append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
     resp
-}
-
-/// `/templates/*`: the official template library when installed; otherwise a
-/// valid, empty index so the Templates dialog opens cleanly.
-async fn templates(state: &AppState, req: Request) -> Response {
-    let rel = req
-        .uri()
-        .path()
-        .trim_start_matches("/templates/")
-        .to_string();
-    if let Some(dir) = &state.settings.templates_dir {
-        let mut req = req;
-        if let Ok(uri) = format!("/{rel}").parse() {
-            *req.uri_mut() = uri;
-        }
-        let resp = match ServeDir::new(dir).oneshot(req).await {
-            Ok(r) => r.map(Body::new),
-            Err(e) => match e {},
-        };
-        return resp;
-    }
-    match rel.as_str() {
-        "index.json" => (
-            [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-cache")],
-            "[]",
-        )
-            .into_response(),
-        "fuse_options.json" => (
-            [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-cache")],
-            r#"{"keys":[{"name":"name","weight":0.3},{"name":"title","weight":0.3},{"name":"description","weight":0.1}],"threshold":0.4}"#,
-        )
-            .into_response(),
-        _ => StatusCode::NOT_FOUND.into_response(),
-    }
 }

@@ -218,6 +218,8 @@ pub struct TooManySockets {
 pub struct Hub {
     users: Mutex<HashMap<String, UserSockets>>,
     next_id: AtomicU64,
+    /// Bumped whenever a socket opens or closes (the dashboard's "online now").
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Hub {
@@ -279,7 +281,33 @@ impl Hub {
         });
         u.conns.push(conn.clone());
         Self::gauges(&users);
+        drop(users);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         (conn, rx)
+    }
+
+    /// A receiver that sees sockets open and close (coalesced).
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Open sockets per participant (whose workspace they show).
+    pub fn sockets_by_user(&self) -> HashMap<String, usize> {
+        self.lock()
+            .iter()
+            .filter(|(_, u)| !u.conns.is_empty())
+            .map(|(k, u)| (k.clone(), u.conns.len()))
+            .collect()
+    }
+
+    /// To every open socket of every participant (the instructor's broadcast), never dropped.
+    pub fn send_all(&self, text: &str) -> usize {
+        let msg: Arc<str> = Arc::from(text);
+        let conns = self.all_conns();
+        for c in &conns {
+            c.push(Outbound::Text(msg.clone()), Priority::Critical);
+        }
+        conns.len()
     }
 
     fn count(users: &HashMap<String, UserSockets>) -> usize {
@@ -302,6 +330,8 @@ impl Hub {
             }
         }
         Self::gauges(&users);
+        drop(users);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn conns(&self, user: &str) -> Vec<Arc<Conn>> {
@@ -612,5 +642,23 @@ mod tests {
             "the instructor's socket on the workspace stays"
         );
         assert_eq!(hub.send_account("teacher", r#"{"type":"comfyume"}"#), 1);
+    }
+
+    #[test]
+    fn broadcast_reaches_every_socket_and_changes_are_seen() {
+        let hub = Hub::new();
+        let changes = hub.subscribe_changes();
+        let (_a, mut rx_a) = hub.register(reg("user001", "t1"));
+        let (b, mut rx_b) = hub.register(reg("user002", "t2"));
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(
+            hub.sockets_by_user(),
+            HashMap::from([("user001".to_string(), 1), ("user002".to_string(), 1)])
+        );
+        assert_eq!(hub.send_all(r#"{"type":"comfyume","data":{}}"#), 2);
+        assert_eq!(texts(&mut rx_a).len(), 1);
+        assert_eq!(texts(&mut rx_b).len(), 1);
+        hub.unregister("user002", b.conn_id);
+        assert_eq!(hub.sockets_by_user().len(), 1);
     }
 }

@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod basic_cache;
 pub mod error;
+pub mod export;
 pub mod extension;
 pub mod frontend;
 pub mod fsx;
@@ -18,12 +19,14 @@ pub mod paths;
 pub mod precompress;
 pub mod provision;
 pub mod proxy;
+pub mod quota;
 pub mod scope;
 pub mod server;
 pub mod signin;
 pub mod sniff;
 pub mod state;
 pub mod telemetry;
+pub mod templates;
 pub mod throttle;
 pub mod ws;
 
@@ -204,6 +207,7 @@ async fn banner_status(
         (None, Some(n)) => Some(format!("{n} job(s) ahead of yours in the workshop queue")),
         (None, None) => None,
     };
+    let used = quota::usage(&state, &who.name).await.total();
     Ok(axum::Json(serde_json::json!({
         "user": who.name,
         "backend": state.settings.backend_label,
@@ -211,6 +215,8 @@ async fn banner_status(
         "waiting": waiting,
         "running_on": running_on,
         "message": message,
+        // What the participant's files take, and the quota (null: none).
+        "storage": {"used_bytes": used, "quota_bytes": state.settings.user_quota_bytes},
     })))
 }
 
@@ -226,14 +232,18 @@ pub fn router_with_limits(
     extra: Router<AppState>,
     limits: limits::Limits,
 ) -> Router {
-    let api = api::routes().route("/comfyume/status", get(banner_status));
+    let api = api::routes()
+        .route("/comfyume/status", get(banner_status))
+        .route("/comfyume/export.zip", get(export::download_my_work));
     let authed = Router::new()
         .merge(api.clone())
         .nest("/api", api)
         .merge(api::internal_routes())
+        .merge(api::assets_routes())
         .route("/", get(frontend::index))
         .route("/index.html", get(frontend::index))
         .route("/__comfyume_add_slash", get(frontend::add_slash))
+        .route("/templates/{*rest}", get(templates::serve))
         .merge(extra)
         .layer(middleware::from_fn_with_state(state.clone(), authenticated));
     let public = Router::new()
@@ -248,7 +258,9 @@ pub fn router_with_limits(
         .and(NotForContentType::IMAGES)
         .and(NotForContentType::const_new("video/"))
         .and(NotForContentType::const_new("audio/"))
-        .and(NotForContentType::const_new("application/octet-stream"));
+        .and(NotForContentType::const_new("application/octet-stream"))
+        // Zips are streamed as they are read (see `export`): compressed already.
+        .and(NotForContentType::const_new("application/zip"));
     authed
         .merge(public)
         .layer(DefaultBodyLimit::max(

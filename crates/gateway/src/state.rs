@@ -16,6 +16,8 @@ pub struct NodeDefs {
     pub view: ViewTemplate,
     /// Classes with an input that names one of the participant's files (LoadImage, ...).
     pub file_classes: std::collections::HashSet<String>,
+    /// The model files the backends have, by ComfyUI model folder (the loaders' choices).
+    pub models: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl NodeDefs {
@@ -27,10 +29,12 @@ impl NodeDefs {
         });
         let view = ViewTemplate::new(&info);
         let file_classes = view.patched_classes().map(str::to_owned).collect();
+        let models = comfyume_wire::models::model_files(&info);
         NodeDefs {
             info,
             view,
             file_classes,
+            models,
         }
     }
 }
@@ -74,6 +78,8 @@ pub struct Settings {
     pub max_sockets_per_user: usize,
     /// `MAX_CONNECTIONS`: open connections (WebSockets included) of the whole server.
     pub max_connections: usize,
+    /// `USER_QUOTA_BYTES`: a participant's inputs and outputs together (`None`: no quota).
+    pub user_quota_bytes: Option<u64>,
 }
 
 /// The connection defaults (`serve` and tests share them).
@@ -101,6 +107,7 @@ impl Settings {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_sockets_per_user: DEFAULT_MAX_SOCKETS_PER_USER,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            user_quota_bytes: None,
         }
     }
 }

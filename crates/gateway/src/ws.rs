@@ -135,6 +135,11 @@ async fn serve_socket(state: AppState, reg: Registration, permit: SocketPermit, 
     let mut first_text = true;
     'socket: {
         send!('socket, Message::Text(hello.into()));
+        // A tab that connects while the participant's job runs (a reload, a second tab)
+        // gets that job's latest step at once, as a tab that was open all along has it.
+        for msg in state.queue.catch_up(&user, &reg.client_id) {
+            send!('socket, Message::Text(msg.into()));
+        }
         loop {
             // The client's frames (pongs, a close) before ours: a busy job never starves them.
             tokio::select! {

@@ -21,6 +21,7 @@ const BLOCKING: &[&str] = &[
 /// The request-path sources (the files other engineers own are theirs to hold to it).
 const HANDLERS: &[&str] = &[
     "src/api/files.rs",
+    "src/api/assets.rs",
     "src/api/userdata.rs",
     "src/api/settings.rs",
     "src/api/queue.rs",

@@ -1,9 +1,11 @@
-// ComfyUMe: a small banner telling the participant who they are and where
-// their job stands. Loaded by the stock frontend through /api/extensions.
+// ComfyUMe: a small banner telling the participant who they are, where their job stands and
+// how much room their files take, and "Download my work" (in the Workflow menu and the
+// banner). Loaded by the stock frontend through /api/extensions.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const BANNER_ID = "comfyume-banner";
+const DOWNLOAD_COMMAND = "ComfyUMe.DownloadMyWork";
 
 function banner() {
   let el = document.getElementById(BANNER_ID);
@@ -19,23 +21,112 @@ function banner() {
   return el;
 }
 
+// The instructor's broadcast: a bar at the top of every participant's ComfyUI until
+// cleared. Text only (never parsed as HTML).
+const BROADCAST_ID = "comfyume-broadcast";
+
+function showBroadcast(b) {
+  let el = document.getElementById(BROADCAST_ID);
+  if (!b || !b.message) {
+    if (el) el.remove();
+    return;
+  }
+  if (!el) {
+    el = document.createElement("div");
+    el.id = BROADCAST_ID;
+    el.setAttribute("role", "alert");
+    el.style.cssText =
+      "position:fixed;top:8px;left:50%;transform:translateX(-50%);z-index:10001;" +
+      "background:#3a3210;color:#ffe08a;font:600 15px/1.4 system-ui,sans-serif;" +
+      "padding:8px 18px;border-radius:10px;border:1px solid #806a20;max-width:80vw;" +
+      "box-shadow:0 4px 18px rgba(0,0,0,.5);white-space:pre-wrap;";
+    document.body.appendChild(el);
+  }
+  el.textContent = `📣 ${b.message}`;
+}
+
+async function loadBroadcast() {
+  try {
+    const r = await api.fetchApi("/comfyume/broadcast");
+    if (r.ok) showBroadcast((await r.json()).broadcast);
+  } catch (_) {
+    // Informational; the next change arrives over the socket.
+  }
+}
+
+/** Bytes for people: 512 B, 1.5 KB, 12.3 MB (powers of 1024, as the server says them). */
+function human(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let v = n;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u += 1;
+  }
+  return u === 0 ? `${n} B` : `${v.toFixed(1)} ${units[u]}`;
+}
+
+/** The participant's outputs and saved workflows as one zip, streamed by the server. */
+function downloadMyWork() {
+  const a = document.createElement("a");
+  a.href = api.apiURL("/comfyume/export.zip");
+  a.download = "";
+  a.style.display = "none";
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+}
+
+let last = null; // the latest /comfyume/status
+/** The serverless GPU line (`/comfyume/gpu`), or null. */
+let gpu = null;
+let notice = null; // the latest "comfyume" message, until the next status
+
+function render() {
+  const el = banner();
+  const parts = [];
+  if (last) {
+    parts.push(`Signed in as ${last.user}`);
+    if (last.backend) parts.push(`GPU: ${last.backend}`);
+    if (gpu?.gpu) parts.push(gpu.gpu);
+    if (gpu?.gpu_time_text) parts.push(gpu.gpu_time_text);
+    if (last.storage) {
+      const { used_bytes: used, quota_bytes: quota } = last.storage;
+      parts.push(quota ? `Storage: ${human(used)} of ${human(quota)}` : `Storage: ${human(used)}`);
+    }
+  }
+  const message = notice ?? last?.message;
+  if (message) parts.push(message);
+  // textContent: nothing the server or a message says is ever read as markup.
+  el.textContent = parts.join(" · ");
+  const link = (text, href, onClick) => {
+    const a = document.createElement("a");
+    a.textContent = text;
+    a.href = href;
+    a.style.cssText = "color:#9cf;margin-left:8px";
+    if (onClick) {
+      a.addEventListener("click", (e) => {
+        e.preventDefault();
+        onClick();
+      });
+    }
+    el.appendChild(a);
+    return a;
+  };
+  link("Download my work", "#", downloadMyWork).id = "comfyume-download";
+  link("Sign out", `${location.origin}/logout`);
+}
+
 async function refresh() {
   try {
     const r = await api.fetchApi("/comfyume/status");
     if (!r.ok) return;
-    const s = await r.json();
-    const parts = [`Signed in as ${s.user}`];
-    if (s.backend) parts.push(`GPU: ${s.backend}`);
-    if (s.message) parts.push(s.message);
+    last = await r.json();
     // Serverless GPUs only (nulls otherwise): a cold start under way, GPU time today.
     const g = await api.fetchApi("/comfyume/gpu");
-    if (g.ok) {
-      const gpu = await g.json();
-      if (gpu.gpu) parts.push(gpu.gpu);
-      if (gpu.gpu_time_text) parts.push(gpu.gpu_time_text);
-    }
-    const logout = `<a href="${location.origin}/logout" style="color:#9cf;margin-left:8px">Sign out</a>`;
-    banner().innerHTML = parts.map((p) => p.replace(/[<>&]/g, "")).join(" · ") + logout;
+    gpu = g.ok ? await g.json() : null;
+    notice = null;
+    render();
   } catch (_) {
     // The banner is informational; the UI works without it.
   }
@@ -43,11 +134,29 @@ async function refresh() {
 
 app.registerExtension({
   name: "comfyume.banner",
+  commands: [
+    {
+      id: DOWNLOAD_COMMAND,
+      label: "Download my work",
+      menubarLabel: "Download my work",
+      icon: "pi pi-download",
+      tooltip: "Your outputs and saved workflows as one zip file",
+      function: downloadMyWork,
+    },
+  ],
+  menuCommands: [{ path: ["Workflow"], commands: [DOWNLOAD_COMMAND] }],
   async setup() {
     await refresh();
     api.addEventListener("status", refresh);
     api.addEventListener("comfyume", (e) => {
-      if (e.detail && e.detail.message) banner().textContent = e.detail.message;
+      if (e.detail && "broadcast" in e.detail) showBroadcast(e.detail.broadcast);
+      if (e.detail && e.detail.message) {
+        notice = String(e.detail.message);
+        render();
+      }
     });
+    // A broadcast set or cleared while the socket was down (a restart of the server).
+    api.addEventListener("reconnected", loadBroadcast);
+    await loadBroadcast();
   },
 });

@@ -19,6 +19,11 @@
 //!
 //! All policies break a remaining tie by participant name, so a pick is deterministic.
 //!
+//! **Moved to the front** ([`Scheduler::move_to_front`], the instructor's call): such jobs are
+//! served before any other, the most recently moved first, under every policy. Running caps
+//! still hold: a moved job whose participant is at their cap waits for a free place, and the
+//! others are picked meanwhile as usual.
+//!
 //! # Levels and aging ([`Policy::Priority`])
 //!
 //! Levels are `0..=MAX_LEVEL` (3 highest). A job's *base level* is its own `priority` if set,
@@ -263,6 +268,8 @@ pub struct Scheduler {
     jobs: HashMap<String, Location>,
     /// Counts picks; a participant's `last_served` is this counter's value at their pick.
     serve_counter: u64,
+    /// Jobs moved to the front, front-most first (every id is queued).
+    front: Vec<String>,
 }
 
 impl Scheduler {
@@ -273,7 +280,31 @@ impl Scheduler {
             users: HashMap::new(),
             jobs: HashMap::new(),
             serve_counter: 0,
+            front: Vec::new(),
         }
+    }
+
+    /// Puts a queued job ahead of every other (see the crate docs). False if it is not queued.
+    pub fn move_to_front(&mut self, id: &str) -> bool {
+        if !self.jobs.contains_key(id) {
+            return false;
+        }
+        self.front.retain(|f| f != id);
+        self.front.insert(0, id.to_owned());
+        true
+    }
+
+    /// The jobs moved to the front, front-most first.
+    pub fn front(&self) -> &[String] {
+        &self.front
+    }
+
+    /// Every participant's own level, by name.
+    pub fn user_priorities(&self) -> BTreeMap<String, u8> {
+        self.users
+            .iter()
+            .filter_map(|(n, u)| u.level.map(|l| (n.clone(), l)))
+            .collect()
     }
 
     pub fn policy(&self) -> Policy {
@@ -360,6 +391,9 @@ impl Scheduler {
     /// Removes a job that has not been picked (cancelled, deleted). `None` if it is not queued.
     pub fn remove(&mut self, id: &str) -> Option<QueuedJob> {
         let location = self.jobs.remove(id)?;
+        if !self.front.is_empty() {
+            self.front.retain(|f| f != id);
+        }
         let state = self
             .users
             .get_mut(&location.user)
@@ -374,8 +408,25 @@ impl Scheduler {
     /// Chooses, removes and returns the next job, counting it as running for its participant.
     /// `None` when nothing is queued or every participant with waiting jobs is at their cap.
     pub fn pick(&mut self, now_ms: i64) -> Option<QueuedJob> {
-        let rules = self.rules();
         let max_running = self.limits.max_running_per_user;
+        // Jobs moved to the front first, the first whose participant has room.
+        let pinned = self.front.iter().position(|id| {
+            self.jobs
+                .get(id)
+                .and_then(|l| self.users.get(&l.user))
+                .is_some_and(|u| u.running < max_running)
+        });
+        if let Some(i) = pinned {
+            let id = self.front.remove(i);
+            let job = self.remove(&id).expect("front jobs are queued");
+            self.serve_counter += 1;
+            let counter = self.serve_counter;
+            let state = self.user_mut(&job.user);
+            state.running += 1;
+            state.last_served = counter;
+            return Some(job);
+        }
+        let rules = self.rules();
         let mut best: Option<(Rank, &str, usize, OrderKey)> = None;
         for (name, state) in &self.users {
             if state.queued == 0 || state.running >= max_running {
@@ -482,7 +533,34 @@ impl Scheduler {
         // Sorting by name makes the index a valid final tie-break, matching `pick`.
         users.sort_unstable_by(|a, b| a.name.cmp(b.name));
 
-        fn next_rank<'a>(rules: &Rules, u: &mut SimUser<'a>, now_ms: i64) -> Option<(Rank, usize)> {
+        // Jobs moved to the front come first (caps are ignored here, as for the rest).
+        let mut counter = self.serve_counter;
+        let mut served = 0;
+        let pinned: std::collections::HashSet<&str> =
+            self.front.iter().map(String::as_str).collect();
+        for id in &self.front {
+            let Some(job) = self.get(id) else { continue };
+            if !visit(served, job) {
+                return;
+            }
+            served += 1;
+            counter += 1;
+            if let Some(u) = users.iter_mut().find(|u| u.name == job.user) {
+                u.last_served = counter;
+            }
+        }
+
+        fn next_rank<'a>(
+            rules: &Rules,
+            u: &mut SimUser<'a>,
+            pinned: &std::collections::HashSet<&str>,
+            now_ms: i64,
+        ) -> Option<(Rank, usize)> {
+            if !pinned.is_empty() {
+                for c in u.cursors.iter_mut() {
+                    while c.next_if(|j| pinned.contains(j.id.as_str())).is_some() {}
+                }
+            }
             let heads = u
                 .cursors
                 .iter_mut()
@@ -494,12 +572,10 @@ impl Scheduler {
 
         let mut heap: BinaryHeap<Reverse<(Rank, usize, usize)>> = BinaryHeap::new();
         for (i, u) in users.iter_mut().enumerate() {
-            if let Some((rank, group)) = next_rank(&rules, u, now_ms) {
+            if let Some((rank, group)) = next_rank(&rules, u, &pinned, now_ms) {
                 heap.push(Reverse((rank, i, group)));
             }
         }
-        let mut counter = self.serve_counter;
-        let mut served = 0;
         while let Some(Reverse((_, i, group))) = heap.pop() {
             let u = &mut users[i];
             let job = u.cursors[group].next().expect("ranked group has a head");
@@ -509,7 +585,7 @@ impl Scheduler {
             served += 1;
             counter += 1;
             u.last_served = counter;
-            if let Some((rank, group)) = next_rank(&rules, u, now_ms) {
+            if let Some((rank, group)) = next_rank(&rules, u, &pinned, now_ms) {
                 heap.push(Reverse((rank, i, group)));
             }
         }

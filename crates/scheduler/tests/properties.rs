@@ -32,6 +32,10 @@ enum Op {
         user: u8,
         level: Option<u8>,
     },
+    /// The instructor moves the `n`-th queued job (modulo how many wait) to the front.
+    MoveToFront {
+        n: usize,
+    },
 }
 
 fn op(allow_policy_changes: bool) -> impl Strategy<Value = Op> {
@@ -45,6 +49,7 @@ fn op(allow_policy_changes: bool) -> impl Strategy<Value = Op> {
         policy => prop::sample::select(Policy::ALL.to_vec()).prop_map(Op::SetPolicy),
         policy => (0..USERS, prop::option::of(0..=MAX_LEVEL))
             .prop_map(|(user, level)| Op::SetUserPriority { user, level }),
+        policy => any::<usize>().prop_map(|n| Op::MoveToFront { n }),
     ]
 }
 
@@ -62,6 +67,8 @@ struct Model {
     /// Every id ever enqueued and not removed: must all be picked eventually.
     owed: BTreeSet<String>,
     done: BTreeSet<String>,
+    /// Jobs moved to the front, front-most first.
+    front: Vec<String>,
 }
 
 impl Model {
@@ -83,6 +90,7 @@ impl Model {
             last_serve: HashMap::new(),
             serves: 0,
             owed: BTreeSet::new(),
+            front: Vec::new(),
             done: BTreeSet::new(),
         }
     }
@@ -132,6 +140,16 @@ impl Model {
                         "nothing picked while {eligible:?} could be served"
                     ),
                     Some(job) => {
+                        // A job moved to the front goes first once its participant has room.
+                        let pinned = self.front.iter().find(|id| {
+                            self.queued
+                                .get(*id)
+                                .is_some_and(|j| eligible.contains(&j.user))
+                        });
+                        if let Some(p) = pinned {
+                            prop_assert_eq!(p, &job.id, "a job moved to the front was passed over");
+                        }
+                        self.front.retain(|f| *f != job.id);
                         prop_assert!(
                             self.queued.remove(&job.id).is_some(),
                             "{} picked but not waiting (picked twice?)",
@@ -178,7 +196,22 @@ impl Model {
                     prop_assert_eq!(job.map(|j| j.id), Some(id.clone()));
                     self.queued.remove(&id);
                     self.owed.remove(&id);
+                    self.front.retain(|f| *f != id);
                 }
+            }
+            Op::MoveToFront { n } => {
+                if !self.queued.is_empty() {
+                    let id = self
+                        .queued
+                        .keys()
+                        .nth(n % self.queued.len())
+                        .unwrap()
+                        .clone();
+                    prop_assert!(self.sched.move_to_front(&id));
+                    self.front.retain(|f| *f != id);
+                    self.front.insert(0, id);
+                }
+                prop_assert_eq!(self.sched.front(), self.front.as_slice());
             }
             Op::SetPolicy(p) => self.sched.set_policy(p),
             Op::SetUserPriority { user, level } => self

@@ -450,3 +450,56 @@ fn counts_and_oldest_wait_for_the_metrics() {
     s.remove("a1");
     assert_eq!(s.oldest_enqueued_ms(), Some(6_000));
 }
+
+/// The instructor's "move to front": the job runs next under every policy, the most recently
+/// moved first; a running cap still holds it back; cancelling it forgets the move.
+#[test]
+fn moved_to_the_front_runs_next() {
+    use comfyume_scheduler::{Limits, Policy, QueuedJob, Scheduler};
+    for policy in Policy::ALL {
+        let mut s = Scheduler::new(policy, Limits::default());
+        for (i, user) in ["a", "a", "b", "c", "c"].iter().enumerate() {
+            s.enqueue(QueuedJob {
+                id: format!("j{i}"),
+                user: user.to_string(),
+                seq: i as u64 + 1,
+                number: i as f64,
+                priority: None,
+                enqueued_at_ms: 0,
+            })
+            .unwrap();
+        }
+        assert!(!s.move_to_front("nope"));
+        assert!(s.move_to_front("j4"));
+        assert!(s.move_to_front("j1"));
+        assert_eq!(s.front(), ["j1", "j4"]);
+        let order: Vec<&str> = s.projected_order(0).iter().map(|j| j.id.as_str()).collect();
+        assert_eq!(&order[..2], ["j1", "j4"], "{policy:?}");
+        assert_eq!(s.position("j4", 0), Some(1));
+        assert_eq!(s.pick(0).unwrap().id, "j1", "{policy:?}");
+        assert_eq!(s.pick(0).unwrap().id, "j4", "{policy:?}");
+        // b is the only participant without a running job left.
+        assert_eq!(s.pick(0).unwrap().id, "j2");
+        assert!(s.pick(0).is_none());
+        // Moved while its participant is at the cap: it waits, then goes first.
+        assert!(s.move_to_front("j3"));
+        assert!(s.finished("a"));
+        assert_eq!(s.pick(0).unwrap().id, "j0", "c is still capped");
+        assert!(s.finished("c"));
+        assert_eq!(s.pick(0).unwrap().id, "j3");
+        assert!(s.front().is_empty());
+        // A cancelled job leaves the front list.
+        s.enqueue(QueuedJob {
+            id: "k".into(),
+            user: "d".into(),
+            seq: 99,
+            number: 99.0,
+            priority: None,
+            enqueued_at_ms: 0,
+        })
+        .unwrap();
+        s.move_to_front("k");
+        s.remove("k");
+        assert!(s.front().is_empty());
+    }
+}

@@ -585,6 +585,39 @@ impl Backend for ServerlessBackend {
         "serverless"
     }
 
+    /// Every endpoint as the instructor's GPU view shows it (from [`Self::status`]).
+    fn endpoints(&self) -> Vec<comfyume_dispatch::backend::EndpointStatus> {
+        let status = self.status();
+        status["endpoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| comfyume_dispatch::backend::EndpointStatus {
+                name: v["name"].as_str().unwrap_or_default().to_owned(),
+                state: v["state"].as_str().unwrap_or("cold").to_owned(),
+                role: v["role"].as_str().map(str::to_owned),
+                in_flight: v["in_flight"].as_u64().unwrap_or(0) as usize,
+                recent_errors: v["recent_errors"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        let at = e["at_ms"].as_i64().unwrap_or(0);
+                        (at, e["error"].as_str().unwrap_or_default().to_owned())
+                    })
+                    .collect(),
+                cold_start_secs: v["cold_start_secs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_u64)
+                    .collect(),
+                spend_eur: v["replica_cost_eur"].as_f64(),
+                detail: v.clone(),
+            })
+            .collect()
+    }
+
     /// The primary endpoint's limit, plus what runs elsewhere (retries on failover
     /// endpoints do not take the primary's places).
     fn slots(&self) -> usize {

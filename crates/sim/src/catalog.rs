@@ -237,6 +237,7 @@ impl Catalog {
         // The simulator does not sort files by kind: every input file counts for every loader,
         // as its LoadImage list shows them all.
         let files = UserFiles {
+            outputs: Vec::new(),
             images: input_files.clone(),
             videos: input_files.clone(),
             audio: input_files.clone(),

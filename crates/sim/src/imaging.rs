@@ -312,6 +312,22 @@ pub fn placeholder(width: u32, height: u32, seed: u64, lines: &[String]) -> RgbI
     img
 }
 
+/// A title card (e.g. a template's thumbnail): the seed-coloured gradient with `title` large
+/// and `lines` below it, no SIMULATED stamp (it pictures no generated output). As a PNG.
+pub fn title_card_png(
+    width: u32,
+    height: u32,
+    seed: u64,
+    title: &str,
+    lines: &[String],
+) -> Vec<u8> {
+    let (w, h) = (width.max(1), height.max(1));
+    let layout = StampLayout::new(title, w, h, lines.len());
+    let mut img = gradient(w, h, seed, 2 * w, &layout.band);
+    layout.draw_text(&mut img, title, lines, w * 9 / 10);
+    png_rgb(&img)
+}
+
 /// `count` placeholder video frames: the stamped picture sways left and right by whole pixels
 /// (two per frame, so an H.264 encoder can copy most of each frame from the one before), with
 /// `label(i)` in a fixed box in the bottom-right corner.

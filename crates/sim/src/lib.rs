@@ -37,6 +37,7 @@ pub use config::{
     ActiveFaults, DEFAULT_MAX_UPLOAD, DEFAULT_STEP_MS, Fault, SimConfig, normalize_base_path,
     random_base_path,
 };
+pub use imaging::title_card_png;
 pub use server::{SimHandle, spawn, try_spawn};
 pub use state::{CurrentJob, SimState};
 

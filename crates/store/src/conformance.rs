@@ -37,7 +37,8 @@ macro_rules! conformance_tests {
             users_crud, passwords_and_logins, bcrypt_import_and_rehash, disabled_users,
             sessions, meta, enqueue_roundtrip, durability_across_reopen, duplicate_ids,
             enqueue_limits, transitions_cas, listing, delete_and_clear_isolation, count_jobs,
-            concurrent_enqueues, concurrent_transitions, job_priority_patch, account_changes);
+            concurrent_enqueues, concurrent_transitions, job_priority_patch, account_changes,
+            audit_log, dashboard_queries, prompt_ids_per_user);
     };
     (@each $backend:expr; $($story:ident),* $(,)?) => {
         $(
@@ -69,6 +70,189 @@ pub async fn run_all(b: &dyn Backend) {
     concurrent_transitions(b).await;
     job_priority_patch(b).await;
     account_changes(b).await;
+    audit_log(b).await;
+    dashboard_queries(b).await;
+    prompt_ids_per_user(b).await;
+}
+
+/// The instructor's actions are kept in order, newest first when listed, paged by `before`,
+/// and survive a reopen.
+pub async fn audit_log(b: &dyn Backend) {
+    let (s, key) = b.create().await;
+    assert!(s.list_audit(None, 10).await.unwrap().is_empty());
+    let mut seqs = Vec::new();
+    for i in 0..5 {
+        let e = s
+            .append_audit(crate::NewAudit {
+                actor: "teacher".into(),
+                action: format!("job.cancel{i}"),
+                target: (i % 2 == 0).then(|| format!("job{i}")),
+                detail: if i == 4 {
+                    serde_json::Value::Null
+                } else {
+                    json!({"n": i, "why": "<b>demo</b>"})
+                },
+            })
+            .await
+            .unwrap();
+        assert_eq!(e.actor, "teacher");
+        assert!(e.at_ms > 0);
+        seqs.push(e.seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let all = s.list_audit(None, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        [
+            "job.cancel4",
+            "job.cancel3",
+            "job.cancel2",
+            "job.cancel1",
+            "job.cancel0"
+        ]
+    );
+    assert_eq!(all[1].target, None);
+    assert_eq!(all[2].target.as_deref(), Some("job2"));
+    assert_eq!(all[3].detail, json!({"n": 1, "why": "<b>demo</b>"}));
+    assert_eq!(all[0].detail, json!({}), "a null detail is stored as {{}}");
+    let page = s.list_audit(Some(all[1].seq), 2).await.unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [all[2].seq, all[3].seq]
+    );
+    drop(s);
+    let s = b.reopen(&key).await;
+    assert_eq!(s.list_audit(None, 100).await.unwrap(), all);
+}
+
+/// The dashboard's light listings agree with the full records: summaries filtered by state
+/// and creation time, newest results first; per-participant counts and GPU time.
+pub async fn dashboard_queries(b: &dyn Backend) {
+    let (s, _) = b.create().await;
+    assert!(s.user_job_stats().await.unwrap().is_empty());
+    for (id, user) in [
+        ("d0", "a"),
+        ("d1", "a"),
+        ("d2", "b"),
+        ("d3", "b"),
+        ("d4", "a"),
+    ] {
+        s.enqueue(new_job(id, user), NO_LIMITS).await.unwrap();
+    }
+    let t0 = s.get_job("d0").await.unwrap().unwrap().created_at_ms;
+    // d0 and d2 ran (1 s and 3 s on the GPU) and succeeded, d2 last; d1 failed; d3 runs.
+    for (id, to, ran) in [
+        ("d0", JobState::Succeeded, 1000),
+        ("d1", JobState::Failed, 0),
+        ("d2", JobState::Succeeded, 3000),
+    ] {
+        s.transition(
+            id,
+            &[JobState::Queued],
+            JobState::Running,
+            JobPatch {
+                started_at_ms: Some(t0 + 10),
+                backend: Some("gpu-1".into()),
+                attempts_inc: true,
+                ..JobPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.transition(
+            id,
+            &[JobState::Running],
+            to,
+            JobPatch {
+                finished_at_ms: Some(t0 + 10 + ran + if id == "d2" { 5000 } else { 0 }),
+                started_at_ms: Some(t0 + 10 + if id == "d2" { 5000 } else { 0 }),
+                outputs: Some(json!({"9": {"images": [{"filename": format!("{id}.png")}]}})),
+                error: (to == JobState::Failed).then(|| json!({"exception_message": "boom"})),
+                ..JobPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    s.transition(
+        "d3",
+        &[JobState::Queued],
+        JobState::Running,
+        JobPatch {
+            started_at_ms: Some(t0 + 20),
+            ..JobPatch::default()
+        },
+    )
+    .await
+    .unwrap();
+
+    let results = s
+        .job_summaries(&crate::SummaryQuery {
+            states: vec![JobState::Succeeded],
+            order: crate::SummaryOrder::FinishedDesc,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&results), ["d2", "d0"], "newest result first");
+    let full = s.get_job("d2").await.unwrap().unwrap();
+    assert_eq!(results[0], crate::JobSummary::from(&full));
+    assert_eq!(results[0].outputs["9"]["images"][0]["filename"], "d2.png");
+
+    let all = s
+        .job_summaries(&crate::SummaryQuery::default())
+        .await
+        .unwrap();
+    assert_eq!(ids_of(&all), ["d0", "d1", "d2", "d3", "d4"], "seq order");
+    let failed = s
+        .job_summaries(&crate::SummaryQuery {
+            states: vec![JobState::Failed],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed[0].error, Some(json!({"exception_message": "boom"})));
+    let limited = s
+        .job_summaries(&crate::SummaryQuery {
+            order: crate::SummaryOrder::FinishedDesc,
+            limit: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ids_of(&limited),
+        ["d2", "d0", "d1"],
+        "unfinished jobs sort last"
+    );
+    let none = s
+        .job_summaries(&crate::SummaryQuery {
+            created_since_ms: Some(crate::now_ms() + 60_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+
+    let stats = s.user_job_stats().await.unwrap();
+    assert_eq!(
+        stats.iter().map(|u| u.user.as_str()).collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    let a = &stats[0];
+    assert_eq!(a.counts.get(&JobState::Succeeded), Some(&1));
+    assert_eq!(a.counts.get(&JobState::Failed), Some(&1));
+    assert_eq!(a.counts.get(&JobState::Queued), Some(&1));
+    assert_eq!(a.counts.get(&JobState::Running), None);
+    assert_eq!(a.gpu_ms, 1000, "only d0 ran to an end (d1 failed at once)");
+    let b_ = &stats[1];
+    assert_eq!(b_.counts.get(&JobState::Running), Some(&1));
+    assert_eq!(b_.gpu_ms, 3000);
+    assert_eq!(b_.last_activity_ms, t0 + 10 + 3000 + 5000);
+}
+
+fn ids_of(v: &[crate::JobSummary]) -> Vec<&str> {
+    v.iter().map(|j| j.id.as_str()).collect()
 }
 
 /// The instructor sets, changes and clears a waiting job's own priority
@@ -601,19 +785,23 @@ pub async fn durability_across_reopen(b: &dyn Backend) {
 pub async fn duplicate_ids(b: &dyn Backend) {
     let (s, _) = b.create().await;
     let first = s.enqueue(new_job("same", "u1"), NO_LIMITS).await.unwrap();
-    let mut other = new_job("same", "u2");
-    other.number = 99.0;
+    assert_eq!(
+        (first.id.as_str(), first.prompt_id.as_str()),
+        ("same", "same")
+    );
+    let mut again = new_job("same", "u1");
+    again.number = 99.0;
     assert!(matches!(
-        s.enqueue(other.clone(), NO_LIMITS).await,
+        s.enqueue(again.clone(), NO_LIMITS).await,
         Err(StoreError::AlreadyExists)
     ));
     finish(&*s, "same", JobState::Succeeded).await;
     assert!(
         matches!(
-            s.enqueue(other, NO_LIMITS).await,
+            s.enqueue(again, NO_LIMITS).await,
             Err(StoreError::AlreadyExists)
         ),
-        "a finished job's id stays taken"
+        "a finished job's prompt_id stays taken for its owner"
     );
     let got = s.get_job("same").await.unwrap().unwrap();
     assert_eq!((got.user.as_str(), got.number), ("u1", first.number));
@@ -628,6 +816,86 @@ pub async fn duplicate_ids(b: &dyn Backend) {
         s.enqueue(new_job("q", "u1"), full).await,
         Err(StoreError::AlreadyExists)
     ));
+}
+
+/// A prompt_id is unique per participant: another participant may choose the same one and
+/// is neither refused nor told; each finds, cancels and deletes only their own job by it,
+/// while the internal ids stay unique across everyone. Survives a reopen.
+pub async fn prompt_ids_per_user(b: &dyn Backend) {
+    let (s, key) = b.create().await;
+    let mine = s.enqueue(new_job("p", "u1"), NO_LIMITS).await.unwrap();
+    let theirs = s.enqueue(new_job("p", "u2"), NO_LIMITS).await.unwrap();
+    assert_eq!((mine.id.as_str(), mine.prompt_id.as_str()), ("p", "p"));
+    assert_eq!(theirs.prompt_id, "p");
+    assert_ne!(theirs.id, "p", "the internal id stays unique");
+    assert!(!theirs.id.is_empty());
+    // A participant may also pick an id that is someone else's internal id.
+    let third = s
+        .enqueue(new_job(&theirs.id, "u3"), NO_LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(third.prompt_id, theirs.id);
+    let all_ids: HashSet<String> = [&mine, &theirs, &third]
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    assert_eq!(all_ids.len(), 3);
+    assert_eq!(s.get_job(&theirs.id).await.unwrap().unwrap().user, "u2");
+
+    // Each finds their own job by the id they chose, never the other's.
+    let got = |u: &'static str| {
+        let s = s.clone();
+        async move { s.get_user_job(u, "p").await.unwrap() }
+    };
+    assert_eq!(got("u1").await.unwrap().id, mine.id);
+    assert_eq!(got("u2").await.unwrap().id, theirs.id);
+    assert_eq!(got("u3").await, None);
+    assert_eq!(s.get_user_job("u1", &theirs.id).await.unwrap(), None);
+    let listed = s
+        .list_jobs(&JobQuery {
+            user: Some("u2".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .0;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].id.clone(), listed[0].prompt_id.as_str()),
+        (theirs.id.clone(), "p")
+    );
+    // The same id twice for one participant is still a duplicate.
+    assert!(matches!(
+        s.enqueue(new_job("p", "u2"), NO_LIMITS).await,
+        Err(StoreError::AlreadyExists)
+    ));
+
+    // u2 cancels "p": their own job goes (its internal id comes back), u1's stays queued.
+    let cancelled = s.delete_queued("u2", &strings(&["p"])).await.unwrap();
+    assert_eq!(cancelled, vec![theirs.id.clone()]);
+    assert_eq!(
+        s.get_job("p").await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+    assert_eq!(
+        s.get_job(&theirs.id).await.unwrap().unwrap().state,
+        JobState::Cancelled
+    );
+    // u1 finishes "p"; u2 deleting "p" from history removes nothing of u1's.
+    finish(&*s, "p", JobState::Succeeded).await;
+    assert_eq!(s.delete_history("u3", &strings(&["p"])).await.unwrap(), 0);
+    assert_eq!(s.delete_history("u2", &strings(&["p"])).await.unwrap(), 1);
+    assert!(s.get_job("p").await.unwrap().is_some());
+
+    // The prompt ids survive a restart.
+    let s = b.reopen(&key).await;
+    let back = s.get_user_job("u3", &theirs.id).await.unwrap().unwrap();
+    assert_eq!(
+        (back.id, back.prompt_id),
+        (third.id.clone(), theirs.id.clone())
+    );
+    assert_eq!(s.delete_history("u1", &strings(&["p"])).await.unwrap(), 1);
+    assert_eq!(s.get_user_job("u1", "p").await.unwrap(), None);
 }
 
 pub async fn enqueue_limits(b: &dyn Backend) {
@@ -1178,7 +1446,7 @@ pub async fn count_jobs(b: &dyn Backend) {
         .unwrap();
     assert_eq!(n, Some(1));
     assert!(matches!(
-        s.enqueue_counted(new_job("c7", "a"), NO_LIMITS).await,
+        s.enqueue_counted(new_job("c6", "a"), NO_LIMITS).await,
         Err(StoreError::AlreadyExists)
     ));
 }

@@ -174,7 +174,7 @@ pub struct MetaEntry {
     pub source: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -248,7 +248,9 @@ impl FromStr for JobState {
 /// A job as accepted by `POST /prompt`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NewJob {
-    /// The prompt_id; unique across all users.
+    /// The prompt_id the participant knows the job by: unique among that participant's jobs
+    /// only. It becomes the job's internal [`JobRecord::id`] too unless another job (anyone's)
+    /// already has that id; then the store gives it a fresh one (see [`JobRecord::prompt_id`]).
     pub id: String,
     pub user: String,
     pub number: f64,
@@ -264,7 +266,14 @@ pub struct NewJob {
 pub struct JobRecord {
     /// Global submission order: strictly increasing, never reused.
     pub seq: i64,
+    /// The internal id, unique across all users: what the GPU servers, the dispatcher and the
+    /// instructor see.
     pub id: String,
+    /// The id its owner knows it by (their `prompt_id`), unique among their own jobs. Equal
+    /// to `id` unless that was taken by another job when it was submitted; every answer to
+    /// the participant (HTTP and WebSocket) names the job by this one.
+    #[serde(default)]
+    pub prompt_id: String,
     pub user: String,
     pub number: f64,
     pub priority: Option<u8>,
@@ -411,8 +420,10 @@ pub trait MetaStore: Send + Sync {
 
 #[async_trait]
 pub trait JobStore: Send + Sync {
-    /// Durable when it returns. `AlreadyExists` for a duplicate id (checked first), then
-    /// `Limit` per user, then `Limit` for the whole queue (see [`EnqueueLimits`]).
+    /// Durable when it returns. `AlreadyExists` when the same user already has a job with
+    /// this prompt_id (`job.id`; checked first), then `Limit` per user, then `Limit` for the
+    /// whole queue (see [`EnqueueLimits`]). Another user's job with that id is no refusal:
+    /// the new job gets a fresh internal id instead (see [`NewJob::id`]).
     async fn enqueue(&self, job: NewJob, limits: EnqueueLimits) -> Result<JobRecord, StoreError>;
     /// [`JobStore::enqueue`], also answering how many unfinished jobs (queued, dispatched,
     /// running) the job's owner has with it, for their `status` message; `None` when that
@@ -429,7 +440,27 @@ pub trait JobStore: Send + Sync {
             .ok();
         Ok((rec, n))
     }
+    /// By internal id.
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    /// `user`'s job that they know as `prompt_id` (see [`JobRecord::prompt_id`]); another
+    /// user's job is never found this way, whatever its ids.
+    /// (A scan of the user's jobs here, so that wrappers and new backends are correct from
+    /// the start; backends override it with an indexed look-up.)
+    async fn get_user_job(
+        &self,
+        user: &str,
+        prompt_id: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let (jobs, _) = self
+            .list_jobs(&JobQuery {
+                user: Some(user.to_owned()),
+                ..Default::default()
+            })
+            .await?;
+        Ok(jobs
+            .into_iter()
+            .find(|j| j.prompt_id == prompt_id || (j.prompt_id.is_empty() && j.id == prompt_id)))
+    }
     /// One page and the total number of matching jobs.
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError>;
     /// Queued, dispatched and running jobs in seq order.
@@ -442,13 +473,19 @@ pub trait JobStore: Send + Sync {
         to: JobState,
         patch: JobPatch,
     ) -> Result<JobRecord, StoreError>;
-    /// Marks that user's *queued* jobs among `ids` cancelled (finished now); returns the ids
-    /// actually cancelled, in the order given. Other users' jobs and other states are untouched.
-    async fn delete_queued(&self, user: &str, ids: &[String]) -> Result<Vec<String>, StoreError>;
-    /// Cancels all of that user's queued jobs; returns their ids in seq order.
+    /// Marks that user's *queued* jobs whose prompt_ids are among `prompt_ids` cancelled
+    /// (finished now); returns the *internal* ids of those actually cancelled, in the order
+    /// given. Other users' jobs and other states are untouched.
+    async fn delete_queued(
+        &self,
+        user: &str,
+        prompt_ids: &[String],
+    ) -> Result<Vec<String>, StoreError>;
+    /// Cancels all of that user's queued jobs; returns their internal ids in seq order.
     async fn clear_queued(&self, user: &str) -> Result<Vec<String>, StoreError>;
-    /// Hard-deletes that user's *finished* jobs among `ids`; returns how many.
-    async fn delete_history(&self, user: &str, ids: &[String]) -> Result<u64, StoreError>;
+    /// Hard-deletes that user's *finished* jobs whose prompt_ids are among `prompt_ids`;
+    /// returns how many.
+    async fn delete_history(&self, user: &str, prompt_ids: &[String]) -> Result<u64, StoreError>;
     async fn clear_history(&self, user: &str) -> Result<u64, StoreError>;
     /// Empty `states` means every state.
     async fn count_jobs(&self, user: Option<&str>, states: &[JobState]) -> Result<u64, StoreError>;
@@ -462,11 +499,168 @@ pub trait JobStore: Send + Sync {
         }
         Ok(out)
     }
+    /// Light rows for dashboards. The default reads whole records; backends override it.
+    async fn job_summaries(&self, q: &SummaryQuery) -> Result<Vec<JobSummary>, StoreError> {
+        let (jobs, _) = self
+            .list_jobs(&JobQuery {
+                states: q.states.clone(),
+                ..Default::default()
+            })
+            .await?;
+        let mut out: Vec<JobSummary> = jobs
+            .iter()
+            .filter(|r| summary_matches(r, q))
+            .map(JobSummary::from)
+            .collect();
+        if q.order == SummaryOrder::FinishedDesc {
+            out.sort_by(|a, b| {
+                b.finished_at_ms
+                    .cmp(&a.finished_at_ms)
+                    .then(b.seq.cmp(&a.seq))
+            });
+        }
+        if let Some(n) = q.limit {
+            out.truncate(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        Ok(out)
+    }
+    /// Every participant with jobs: counts by state, GPU time, last activity; sorted by name.
+    /// The default reads whole records; backends override it.
+    async fn user_job_stats(&self) -> Result<Vec<UserJobStats>, StoreError> {
+        let (jobs, _) = self.list_jobs(&JobQuery::default()).await?;
+        let mut by: std::collections::BTreeMap<String, UserJobStats> = Default::default();
+        for r in &jobs {
+            let e = by.entry(r.user.clone()).or_insert_with(|| UserJobStats {
+                user: r.user.clone(),
+                ..Default::default()
+            });
+            *e.counts.entry(r.state).or_default() += 1;
+            if let (Some(s), Some(f)) = (r.started_at_ms, r.finished_at_ms) {
+                e.gpu_ms += u64::try_from(f - s).unwrap_or(0);
+            }
+            let last = r
+                .created_at_ms
+                .max(r.started_at_ms.unwrap_or(0))
+                .max(r.finished_at_ms.unwrap_or(0));
+            e.last_activity_ms = e.last_activity_ms.max(last);
+        }
+        Ok(by.into_values().collect())
+    }
+}
+
+/// A job without its heavy parts (prompt, extra data, messages): what dashboards list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub seq: i64,
+    pub id: String,
+    pub user: String,
+    pub state: JobState,
+    pub priority: Option<u8>,
+    pub attempts: u32,
+    pub created_at_ms: i64,
+    pub started_at_ms: Option<i64>,
+    pub finished_at_ms: Option<i64>,
+    pub backend: Option<String>,
+    pub error: Option<serde_json::Value>,
+    /// `{node_id: ui}`, as in [`JobRecord::outputs`].
+    pub outputs: serde_json::Value,
+}
+
+impl From<&JobRecord> for JobSummary {
+    fn from(r: &JobRecord) -> Self {
+        JobSummary {
+            seq: r.seq,
+            id: r.id.clone(),
+            user: r.user.clone(),
+            state: r.state,
+            priority: r.priority,
+            attempts: r.attempts,
+            created_at_ms: r.created_at_ms,
+            started_at_ms: r.started_at_ms,
+            finished_at_ms: r.finished_at_ms,
+            backend: r.backend.clone(),
+            error: r.error.clone(),
+            outputs: r.outputs.clone(),
+        }
+    }
+}
+
+/// Order of [`SummaryQuery`] results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SummaryOrder {
+    #[default]
+    SeqAsc,
+    /// Newest `finished_at_ms` first (unfinished last), then newest `seq`.
+    FinishedDesc,
+}
+
+/// Filters for [`JobStore::job_summaries`]. Empty `states` means every state.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SummaryQuery {
+    pub states: Vec<JobState>,
+    /// Only jobs created at or after this (ms).
+    pub created_since_ms: Option<i64>,
+    pub order: SummaryOrder,
+    pub limit: Option<u64>,
+}
+
+/// One participant's jobs, counted by state, and their GPU time.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UserJobStats {
+    pub user: String,
+    /// Jobs in each state (states without jobs are absent).
+    pub counts: std::collections::BTreeMap<JobState, u64>,
+    /// Sum of `finished_at_ms - started_at_ms` over their finished jobs that started.
+    pub gpu_ms: u64,
+    /// The latest submission, start or end of one of their jobs (ms).
+    pub last_activity_ms: i64,
+}
+
+fn summary_matches(r: &JobRecord, q: &SummaryQuery) -> bool {
+    (q.states.is_empty() || q.states.contains(&r.state))
+        && q.created_since_ms.is_none_or(|t| r.created_at_ms >= t)
+}
+
+/// An instructor's action as recorded in the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewAudit {
+    /// Who did it (an account name).
+    pub actor: String,
+    /// What, as a short dotted name (`job.cancel`, `queue.pause`, ...).
+    pub action: String,
+    /// On what (a job id, a participant, ...), if anything in particular.
+    pub target: Option<String>,
+    /// Parameters and outcome; never a secret.
+    pub detail: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Strictly increasing, never reused.
+    pub seq: i64,
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+#[async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Durable when it returns.
+    async fn append_audit(&self, entry: NewAudit) -> Result<AuditEntry, StoreError>;
+    /// Newest first: entries numbered below `before` (every entry when `None`), at most `limit`.
+    async fn list_audit(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 /// Everything the application needs; hold it as `Arc<dyn Store>`.
-pub trait Store: UserStore + MetaStore + JobStore {}
-impl<T: UserStore + MetaStore + JobStore + ?Sized> Store for T {}
+pub trait Store: UserStore + MetaStore + JobStore + AuditStore {}
+impl<T: UserStore + MetaStore + JobStore + AuditStore + ?Sized> Store for T {}
 
 pub(crate) fn now_ms() -> i64 {
     let d = std::time::SystemTime::now()

@@ -15,6 +15,8 @@ pub struct Template {
     pub file_name: &'static str,
     /// The workflow, UI format, as the frontend would save it.
     pub json: &'static str,
+    /// One sentence for the Templates browser: what it makes and when to pick it.
+    pub description: &'static str,
 }
 
 impl Template {
@@ -27,20 +29,36 @@ impl Template {
 }
 
 macro_rules! template {
-    ($name:literal) => {
+    ($name:literal, $description:literal) => {
         Template {
             file_name: concat!($name, ".json"),
             json: include_str!(concat!("../workflows/", $name, ".json")),
+            description: $description,
         }
     };
 }
 
 static ALL: [Template; 5] = [
-    template!("Start here - empty canvas"),
-    template!("Flux.2 Klein 9B - text to image"),
-    template!("Flux.2 Klein 4B - text to image"),
-    template!("LTX-2 - text to video"),
-    template!("LTX-2 - text to video (distilled)"),
+    template!(
+        "Start here - empty canvas",
+        "An empty canvas: add nodes from the library and build your own workflow."
+    ),
+    template!(
+        "Flux.2 Klein 9B - text to image",
+        "Text to image with FLUX.2 [klein] 9B: the larger Klein model, for more detail."
+    ),
+    template!(
+        "Flux.2 Klein 4B - text to image",
+        "Text to image with FLUX.2 [klein] 4B: the fast one, for quick iterations on a prompt."
+    ),
+    template!(
+        "LTX-2 - text to video",
+        "Text to video with LTX-2 19B: a short clip with sound from a prompt."
+    ),
+    template!(
+        "LTX-2 - text to video (distilled)",
+        "Text to video with the distilled LTX-2: fewer steps, faster clips."
+    ),
 ];
 
 /// Every workshop template, in the order they are meant to be presented.

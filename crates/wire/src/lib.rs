@@ -8,11 +8,13 @@
 //! * [`redact`]: server paths cut out of job errors shown to participants.
 //! * [`backend`]: parsing what a ComfyUI server sends on its WebSocket.
 //! * [`worker`]: the worker protocol (`docs/worker-protocol.md`) and SSE framing.
+//! * [`models`]: the model files the loaders offer, by ComfyUI model folder.
 
 mod py;
 
 pub mod backend;
 pub mod limits;
+pub mod models;
 pub mod object_info;
 pub mod redact;
 pub mod sensitive;

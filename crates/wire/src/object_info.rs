@@ -96,6 +96,10 @@ pub struct UserFiles {
     pub videos: Vec<String>,
     pub audio: Vec<String>,
     pub all: Vec<String>,
+    /// Their output files, relative to their output dir ("ComfyUI_00001_.png",
+    /// "video/clip.mp4"): a file input may name one as `video/clip.mp4 [output]` (a result
+    /// reused as an input). Never listed in the node definitions, as in ComfyUI.
+    pub outputs: Vec<String>,
 }
 
 const MODEL_3D_EXTENSIONS: [&str; 9] = [
@@ -575,6 +579,7 @@ mod tests {
     #[test]
     fn user_files_by_kind_are_sorted_and_filtered() {
         let files = UserFiles {
+            outputs: Vec::new(),
             images: vec!["b.png".into(), "a.png".into(), "a.png".into()],
             videos: vec![],
             audio: vec![],

@@ -315,10 +315,16 @@ fn file_validator(class: &str) -> Option<FileValidator> {
     })
 }
 
-/// `folder_paths.exists_annotated_filepath`, restricted to the participant's input files:
-/// `[output]`/`[temp]` annotations point outside them and are refused.
-fn file_allowed(name: &str, allowed: &[String]) -> bool {
-    if name.ends_with("[output]") || name.ends_with("[temp]") {
+/// `folder_paths.exists_annotated_filepath`, restricted to the participant's own files: an
+/// `[output]` annotation names one of their outputs (ComfyUI cuts the 9 characters
+/// ` [output]` off), `[temp]` is refused, anything else names one of `allowed`.
+fn file_allowed(name: &str, allowed: &[String], outputs: &[String]) -> bool {
+    if name.ends_with("[output]") {
+        let n = name.chars().count();
+        let base: String = name.chars().take(n.saturating_sub(9)).collect();
+        return outputs.contains(&base);
+    }
+    if name.ends_with("[temp]") {
         return false;
     }
     let base: Cow<str> = if name.ends_with("[input]") {
@@ -922,7 +928,8 @@ fn step<'a>(frame: &mut Frame<'a>, ctx: &mut Ctx<'a, '_>) -> Result<Step, PyExc>
                 .filter_map(|c| c.as_str().map(str::to_owned))
                 .collect()
         };
-        if !file_allowed(name, &allowed) {
+        let outputs = ctx.files.map(|f| f.outputs.as_slice()).unwrap_or_default();
+        if !file_allowed(name, &allowed, outputs) {
             frame.errors.push(error(
                 "custom_validation_failed",
                 "Custom validation failed for node",
@@ -1236,12 +1243,23 @@ mod tests {
     #[test]
     fn annotated_names_resolve_to_input_files_only() {
         let allowed = vec!["up.png".to_owned(), "sub/x.png".to_owned()];
-        assert!(file_allowed("up.png", &allowed));
-        assert!(file_allowed("up.png [input]", &allowed));
-        assert!(file_allowed("sub/x.png", &allowed));
-        assert!(!file_allowed("up.png [output]", &allowed));
-        assert!(!file_allowed("up.png [temp]", &allowed));
-        assert!(!file_allowed("../up.png", &allowed));
-        assert!(!file_allowed("é[input]", &allowed));
+        let outputs = ["ComfyUI_00001_.png".to_string(), "video/c.mp4".to_string()];
+        assert!(file_allowed("up.png", &allowed, &[]));
+        assert!(file_allowed("up.png [input]", &allowed, &[]));
+        assert!(file_allowed("sub/x.png", &allowed, &[]));
+        assert!(!file_allowed("up.png [output]", &allowed, &outputs));
+        assert!(!file_allowed("up.png [temp]", &allowed, &[]));
+        assert!(!file_allowed("../up.png", &allowed, &[]));
+        assert!(!file_allowed("é[input]", &allowed, &[]));
+        // A result reused as an input: only the participant's own outputs.
+        assert!(file_allowed(
+            "ComfyUI_00001_.png [output]",
+            &allowed,
+            &outputs
+        ));
+        assert!(file_allowed("video/c.mp4 [output]", &allowed, &outputs));
+        assert!(!file_allowed("ComfyUI_00001_.png [output]", &allowed, &[]));
+        assert!(!file_allowed("../video/c.mp4 [output]", &allowed, &outputs));
+        assert!(!file_allowed("ComfyUI_00001_.png", &allowed, &outputs));
     }
 }

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 
 fn alice() -> UserFiles {
     UserFiles {
+        outputs: Vec::new(),
         images: vec!["zeta.png".into(), "alice.png".into(), "sub/cat.webp".into()],
         videos: vec!["walk.mp4".into()],
         audio: vec!["song.flac".into()],

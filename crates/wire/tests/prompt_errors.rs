@@ -293,6 +293,7 @@ fn any_and_comma_types_are_accepted() {
 #[test]
 fn upload_inputs_use_comfyui_wording_per_kind() {
     let files = UserFiles {
+        outputs: Vec::new(),
         images: vec!["up.png".into(), "sub/x.png".into()],
         videos: vec!["clip.mp4".into()],
         audio: vec!["a.wav".into()],
@@ -390,6 +391,7 @@ fn upload_inputs_use_comfyui_wording_per_kind() {
 #[test]
 fn with_files_equals_validating_against_the_participant_view() {
     let files = UserFiles {
+        outputs: Vec::new(),
         images: vec!["mine.png".into()],
         videos: vec![],
         audio: vec![],

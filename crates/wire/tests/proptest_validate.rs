@@ -193,6 +193,7 @@ fn build_graph(nodes: &[NodeGen], pool: &[String]) -> Value {
 
 fn files() -> UserFiles {
     UserFiles {
+        outputs: Vec::new(),
         images: vec!["up.png".into(), "mine.png".into()],
         videos: vec!["v.mp4".into()],
         audio: vec![],

@@ -30,6 +30,7 @@ pub struct TestApp {
     pub state: AppState,
     pub store: Arc<dyn Store>,
     pub dispatcher: Arc<comfyume_dispatch::Dispatcher>,
+    pub admin: comfyume_admin::Admin,
     _tmp: Option<tempfile::TempDir>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -155,6 +156,7 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
             .await
             .unwrap();
     }
+    comfyume_admin::settings::restore(&state).await;
     let dispatcher = comfyume_dispatch::Dispatcher::new(
         state.queue.clone(),
         opts.backends,
@@ -162,12 +164,18 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
         data_dir.clone(),
     );
     dispatcher.start(in_flight);
+    let admin = comfyume_admin::Admin::new(&state, Some(dispatcher.clone()));
+    let admin_routes = comfyume_admin::audited(
+        comfyume_admin::routes_with(admin.clone(), None),
+        &state,
+        &admin,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let st = state.clone();
     tokio::spawn(async move {
-        comfyume_gateway::launch_with(st, listener, comfyume_admin::routes_with(None), async {
+        comfyume_gateway::launch_with(st, listener, admin_routes, async {
             let _ = rx.await;
         })
         .await
@@ -180,6 +188,7 @@ pub async fn spawn_full(opts: AppOptions) -> TestApp {
         state,
         store,
         dispatcher,
+        admin,
         _tmp: Some(tmp),
         shutdown: Some(tx),
     }
@@ -829,4 +838,52 @@ pub fn spawn_serve(mut cmd: std::process::Command) -> (std::process::Child, Stri
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("serve prints `listening on http://ADDR`");
     (child, url)
+}
+
+/// The entries of a zip archive (name, bytes), read through its central directory, every
+/// CRC checked: enough of a reader to check what `export.zip` holds.
+pub fn unzip(zip: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let u16_at = |i: usize| u16::from_le_bytes([zip[i], zip[i + 1]]) as usize;
+    let u32_at = |i: usize| u32::from_le_bytes(zip[i..i + 4].try_into().unwrap()) as usize;
+    let end = zip.len() - 22;
+    assert_eq!(
+        u32_at(end),
+        0x0605_4b50,
+        "no end of central directory record"
+    );
+    let (n, mut at) = (u16_at(end + 10), u32_at(end + 16));
+    let mut out = Vec::new();
+    for _ in 0..n {
+        assert_eq!(u32_at(at), 0x0201_4b50, "central directory entry");
+        let (method, crc) = (u16_at(at + 10), u32_at(at + 16) as u32);
+        let (csize, nl, xl, cl) = (
+            u32_at(at + 20),
+            u16_at(at + 28),
+            u16_at(at + 30),
+            u16_at(at + 32),
+        );
+        let name = String::from_utf8(zip[at + 46..at + 46 + nl].to_vec()).unwrap();
+        let local = u32_at(at + 42);
+        assert_eq!(u32_at(local), 0x0403_4b50, "local header of {name}");
+        let data_at = local + 30 + u16_at(local + 26) + u16_at(local + 28);
+        let raw = &zip[data_at..data_at + csize];
+        let bytes = match method {
+            0 => raw.to_vec(),
+            8 => {
+                let mut v = Vec::new();
+                flate2::read::DeflateDecoder::new(raw)
+                    .read_to_end(&mut v)
+                    .unwrap();
+                v
+            }
+            m => panic!("{name}: compression method {m}"),
+        };
+        let mut c = flate2::Crc::new();
+        c.update(&bytes);
+        assert_eq!(c.sum(), crc, "CRC of {name}");
+        out.push((name, bytes));
+        at += 46 + nl + xl + cl;
+    }
+    out
 }

@@ -170,6 +170,23 @@ impl UserStore for BlockingStore {
 }
 
 #[async_trait]
+impl comfyume_store::AuditStore for BlockingStore {
+    async fn append_audit(
+        &self,
+        e: comfyume_store::NewAudit,
+    ) -> Result<comfyume_store::AuditEntry, StoreError> {
+        blocking!(self, |s| s.append_audit(e).await)
+    }
+    async fn list_audit(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<comfyume_store::AuditEntry>, StoreError> {
+        blocking!(self, |s| s.list_audit(before, limit).await)
+    }
+}
+
+#[async_trait]
 impl MetaStore for BlockingStore {
     async fn get_meta(&self, key: &str) -> Result<Option<MetaEntry>, StoreError> {
         let k = key.to_string();
@@ -201,6 +218,14 @@ impl JobStore for BlockingStore {
     async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
         let i = id.to_string();
         blocking!(self, |s| s.get_job(&i).await)
+    }
+    async fn get_user_job(
+        &self,
+        user: &str,
+        prompt_id: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let (u, p) = (user.to_string(), prompt_id.to_string());
+        blocking!(self, |s| s.get_user_job(&u, &p).await)
     }
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
         let q = q.clone();

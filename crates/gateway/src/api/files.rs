@@ -113,6 +113,17 @@ async fn save_upload(
     let folder = resolve_within(&base, &up.subfolder)
         .await
         .map_err(|e| ApiError::path(e, ApiError::Empty(StatusCode::BAD_REQUEST)))?;
+    // Held until the file is written: two uploads at once cannot share the room left.
+    let quota = state.settings.user_quota_bytes;
+    let lock = crate::quota::lock_for(&who.name);
+    let _guard = match quota {
+        Some(_) => Some(lock.lock().await),
+        None => None,
+    };
+    if quota.is_some() {
+        let used = crate::quota::usage(state, &who.name).await.total();
+        crate::quota::check(quota, used, bytes.len() as u64)?;
+    }
     let created = fsx::create_dirs(&folder).await?;
     match fsx::publish_upload(&folder, &up.name, bytes, up.overwrite).await {
         Ok((final_name, duplicate)) => {
@@ -361,7 +372,14 @@ pub async fn user_files(state: &AppState, user: &str) -> comfyume_wire::object_i
             .cloned()
             .collect()
     };
+    // A result reused as an input (`x.png [output]`) names one of these.
+    let outputs = list_files(&dirs.outputs)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     comfyume_wire::object_info::UserFiles {
+        outputs,
         images: by_ext(&[
             ".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff",
         ]),

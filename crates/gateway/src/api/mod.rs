@@ -1,6 +1,7 @@
 //! The participant-facing ComfyUI API. ComfyUI registers each route twice, at
 //! `/X` and at `/api/X`; so do we.
 
+pub mod assets;
 pub mod files;
 pub mod object_info;
 pub mod queue;
@@ -46,6 +47,10 @@ pub fn routes() -> Router<AppState> {
             "/experiment/models/{folder}",
             get(system::experiment_models_folder),
         )
+        .route(
+            "/experiment/models/preview/{folder}/{index}/{file}",
+            get(system::model_preview),
+        )
         .route("/global_subgraphs", get(system::empty_object))
         .route("/global_subgraphs/{id}", get(system::not_found))
         .route("/workflow_templates", get(system::empty_object))
@@ -54,7 +59,7 @@ pub fn routes() -> Router<AppState> {
         .route("/upload/image", post(files::upload_image))
         .route("/upload/mask", post(files::upload_mask))
         .route("/view", get(files::view))
-        .route("/view_metadata/{folder}", get(system::not_found))
+        .route("/view_metadata/{folder}", get(system::view_metadata))
         .route("/prompt", get(queue::get_prompt).post(queue::post_prompt))
         .route("/queue", get(queue::get_queue).post(queue::post_queue))
         .route(
@@ -67,6 +72,15 @@ pub fn routes() -> Router<AppState> {
         // Declared as /api/jobs in ComfyUI, so they also answer at /api/api/jobs.
         .route("/api/jobs", get(queue::get_jobs))
         .route("/api/jobs/{id}", get(queue::get_job))
+}
+
+/// ComfyUI's asset API (`app/assets`): added to the app directly, so at `/api/...` only.
+pub fn assets_routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/assets", get(assets::list))
+        .route("/api/assets/{id}", get(assets::get_one))
+        .route("/api/assets/{id}/content", get(assets::content))
+        .route("/api/tags", get(assets::tags_list))
 }
 
 /// ComfyUI's `/internal` sub-app: at the root only, never under `/api`.

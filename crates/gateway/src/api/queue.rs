@@ -94,6 +94,13 @@ pub async fn post_prompt(
         Err(e) => return prompt_error(e),
     };
     drop(defs);
+    // A participant at their storage quota gets no new job (it would never reach a GPU).
+    if let Some(quota) = state.settings.user_quota_bytes {
+        let used = crate::quota::usage(&state, &who.name).await.total();
+        if let Err(e) = crate::quota::check(Some(quota), used, 0) {
+            return prompt_error(PromptError::rejected("quota_exceeded", &e.message(), ""));
+        }
+    }
     valid.stamp_create_time(now_ms());
     let num = valid.priority(counter.unwrap_or(0));
     // A client-chosen id is a UUID (checked above), as ComfyUI's clients send.
@@ -174,10 +181,19 @@ pub async fn get_prompt(State(state): State<AppState>, who: Participant) -> Json
     ))
 }
 
+/// The id the participant knows a job by (see [`JobRecord::prompt_id`]).
+pub fn public_id(r: &JobRecord) -> &str {
+    if r.prompt_id.is_empty() {
+        &r.id
+    } else {
+        &r.prompt_id
+    }
+}
+
 fn queue_item(r: &JobRecord) -> Value {
     shapes::queue::queue_item(
         &number(r.number),
-        &r.id,
+        public_id(r),
         &r.prompt,
         &r.extra_data,
         &r.outputs_to_execute,
@@ -279,6 +295,12 @@ pub fn history_record(r: &JobRecord) -> HistoryRecord {
                     // Errors come from the GPU servers (tracebacks, file names):
                     // participants see file names, never the servers' paths.
                     strip_server_paths_in(&mut data);
+                    // Named by the id the participant knows (the backend saw the internal one).
+                    if let Some(p) = data.get_mut("prompt_id")
+                        && p.as_str() == Some(r.id.as_str())
+                    {
+                        *p = Value::String(public_id(r).to_string());
+                    }
                     Some((a.first()?.as_str()?.to_string(), data))
                 })
                 .collect()
@@ -299,7 +321,7 @@ pub fn history_record(r: &JobRecord) -> HistoryRecord {
     };
     HistoryRecord {
         number: number(r.number),
-        prompt_id: r.id.clone(),
+        prompt_id: public_id(r).to_string(),
         prompt: r.prompt.clone(),
         extra_data: r.extra_data.clone(),
         outputs_to_execute: r.outputs_to_execute.clone(),
@@ -368,9 +390,10 @@ pub async fn get_history_one(
     who: Participant,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    // Another participant's id answers exactly like an unknown one: 200 {}.
-    match state.store.get_job(&id).await? {
-        Some(r) if r.user == who.name && HISTORY_STATES.contains(&r.state) => {
+    // Looked up among the caller's own jobs only: another participant's id answers
+    // exactly like an unknown one, 200 {}.
+    match state.store.get_user_job(&who.name, &id).await? {
+        Some(r) if HISTORY_STATES.contains(&r.state) => {
             let rec = history_record(&r);
             Ok(Json(shapes::queue::history_response([&rec])))
         }
@@ -398,7 +421,7 @@ fn job_source_entry(r: &JobRecord, detail: bool) -> Value {
     let num = number(r.number);
     let q = QueuedJob {
         number: &num,
-        prompt_id: &r.id,
+        prompt_id: public_id(r),
         extra_data: &r.extra_data,
     };
     let rec;
@@ -497,8 +520,8 @@ pub async fn get_job(
     who: Participant,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    match state.store.get_job(&id).await? {
-        Some(r) if r.user == who.name && r.state != JobState::Cancelled => {
+    match state.store.get_user_job(&who.name, &id).await? {
+        Some(r) if r.state != JobState::Cancelled => {
             Ok(Json(job_source_entry(&r, true)).into_response())
         }
         _ => Ok((StatusCode::NOT_FOUND, Json(shapes::jobs::job_not_found())).into_response()),
@@ -517,7 +540,21 @@ pub async fn post_interrupt(
             .and_then(Value::as_str)
             .map(str::to_string)
     });
-    let n = state.queue.interrupt(&who.name, prompt_id.as_deref());
+    // The participant names the job by their prompt_id; the queue knows its internal id.
+    let internal = match prompt_id {
+        None => None,
+        Some(p) => match state.store.get_user_job(&who.name, &p).await {
+            Ok(Some(r)) => Some(r.id),
+            // Not theirs, or unknown: like ComfyUI, an interrupt of a prompt that is not
+            // running does nothing.
+            Ok(None) => return StatusCode::OK,
+            Err(e) => {
+                tracing::warn!(user = %who.name, error = %e, "could not look up the job to interrupt");
+                return StatusCode::OK;
+            }
+        },
+    };
+    let n = state.queue.interrupt(&who.name, internal.as_deref());
     if n > 0 {
         tracing::info!(user = %who.name, jobs = n, "interrupt requested");
     }

@@ -1,7 +1,7 @@
 //! The small, mostly constant routes the frontend reads at start.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -14,29 +14,7 @@ pub const FRONTEND_VERSION: &str = "1.37.11";
 pub const TEMPLATES_VERSION: &str = "0.8.24";
 
 /// ComfyUI's model folder keys (`GET /models`).
-pub const MODEL_FOLDERS: &[&str] = &[
-    "checkpoints",
-    "configs",
-    "loras",
-    "vae",
-    "text_encoders",
-    "diffusion_models",
-    "clip_vision",
-    "style_models",
-    "embeddings",
-    "diffusers",
-    "vae_approx",
-    "controlnet",
-    "gligen",
-    "upscale_models",
-    "latent_upscale_models",
-    "custom_nodes",
-    "hypernetworks",
-    "photomaker",
-    "classifiers",
-    "model_patches",
-    "audio_encoders",
-];
+pub use comfyume_wire::models::MODEL_FOLDERS;
 
 async fn meminfo() -> (u64, u64) {
     // /proc/meminfo is Linux-only; elsewhere report zeros rather than fail.
@@ -114,11 +92,23 @@ pub async fn models() -> Json<Value> {
     Json(json!(MODEL_FOLDERS))
 }
 
-pub async fn models_folder(Path(folder): Path<String>) -> Response {
-    if MODEL_FOLDERS.contains(&folder.as_str()) {
-        Json(json!([])).into_response()
-    } else {
-        StatusCode::NOT_FOUND.into_response()
+/// The model files of `folder` the backends have; `None` for a folder ComfyUI does not have.
+fn folder_files(state: &AppState, folder: &str) -> Option<Vec<String>> {
+    MODEL_FOLDERS.contains(&folder).then(|| {
+        state
+            .object_info()
+            .models
+            .get(folder)
+            .cloned()
+            .unwrap_or_default()
+    })
+}
+
+/// `/models/{folder}`: the file names, as ComfyUI lists them; an unknown folder is a 404.
+pub async fn models_folder(State(state): State<AppState>, Path(folder): Path<String>) -> Response {
+    match folder_files(&state, &folder) {
+        Some(files) => Json(json!(files)).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
@@ -133,8 +123,77 @@ pub async fn experiment_models() -> Json<Value> {
     ))
 }
 
-pub async fn experiment_models_folder(Path(folder): Path<String>) -> Response {
-    models_folder(Path(folder)).await
+/// `/experiment/models/{folder}` (the Model Library): `[{name, pathIndex}]`. The files are
+/// on the GPU servers, so their sizes and times are not known here and not made up.
+pub async fn experiment_models_folder(
+    State(state): State<AppState>,
+    Path(folder): Path<String>,
+) -> Response {
+    match folder_files(&state, &folder) {
+        Some(files) => Json(Value::Array(
+            files
+                .into_iter()
+                .map(|name| json!({"name": name, "pathIndex": 0}))
+                .collect(),
+        ))
+        .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+/// `/experiment/models/preview/{folder}/{index}/{file}.webp`: the Model Library's picture of
+/// a model. ComfyUI sends a preview image found beside the weights (404 without one); the
+/// weights are on the GPU servers, so a model they have gets a title card with its name
+/// and folder (a PNG, so labelled), anything else 404.
+pub async fn model_preview(
+    State(state): State<AppState>,
+    Path((folder, index, file)): Path<(String, String, String)>,
+) -> Response {
+    let Some(stem) = file.strip_suffix(".webp").filter(|_| index == "0") else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let known = folder_files(&state, &folder).is_some_and(|files| {
+        files
+            .iter()
+            .any(|f| f.rsplit_once('.').map(|(s, _)| s) == Some(stem))
+    });
+    if !known {
+        return StatusCode::NOT_FOUND.into_response();
+    }
+    let png = crate::templates::generated_thumbnail(&format!("{stem} - {folder}")).await;
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "image/png"),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        png,
+    )
+        .into_response()
+}
+
+#[derive(serde::Deserialize)]
+pub struct MetadataQuery {
+    filename: Option<String>,
+}
+
+/// `/view_metadata/{folder}?filename=`: ComfyUI answers a known `.safetensors` file's
+/// `__metadata__` and 404 for anything else. The weights are on the GPU servers, whose
+/// metadata this server has not read: a file the backends have answers `{}` (no metadata
+/// known, which the Model Library shows as the bare file name); everything else 404.
+pub async fn view_metadata(
+    State(state): State<AppState>,
+    Path(folder): Path<String>,
+    Query(q): Query<MetadataQuery>,
+) -> Response {
+    let known = q.filename.as_deref().is_some_and(|f| {
+        f.ends_with(".safetensors")
+            && folder_files(&state, &folder).is_some_and(|files| files.iter().any(|x| x == f))
+    });
+    if known {
+        Json(json!({})).into_response()
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
 }
 
 pub async fn not_found() -> StatusCode {

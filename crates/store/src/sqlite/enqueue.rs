@@ -39,6 +39,8 @@ pub(super) struct Request {
     outputs_to_execute: String,
     workflow_id: Option<String>,
     created_at_ms: i64,
+    /// The internal id the job gets if its prompt_id is already another job's id.
+    fresh_id: String,
     limits: EnqueueLimits,
     claim: Arc<AtomicU8>,
     reply: Reply,
@@ -52,11 +54,12 @@ impl Request {
             .is_ok()
     }
 
-    fn record(self, seq: i64) -> (Reply, JobRecord) {
+    fn record(self, seq: i64, id: String) -> (Reply, JobRecord) {
         let j = self.job;
         let rec = JobRecord {
             seq,
-            id: j.id,
+            id,
+            prompt_id: j.id,
             user: j.user,
             number: j.number,
             priority: j.priority,
@@ -125,6 +128,7 @@ impl Enqueuer {
             workflow_id: crate::workflow_id_of(&job.extra_data).map(str::to_owned),
             job,
             created_at_ms,
+            fresh_id: uuid::Uuid::new_v4().to_string(),
             limits,
             claim: claim.clone(),
             reply,
@@ -202,7 +206,7 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
             continue; // the caller gave up: not a word of it may be written
         }
         match insert(&mut tx, &req).await {
-            Ok(Some(seq)) => inserted.push((req, seq)),
+            Ok(Some(row)) => inserted.push((req, row)),
             Ok(None) => match refusal(&mut tx, &req).await {
                 Ok(why) => {
                     let _ = req.reply.send(Err(why));
@@ -239,8 +243,8 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
     };
     match failure {
         None => {
-            for (req, seq) in inserted {
-                let (reply, rec) = req.record(seq);
+            for (req, (seq, id)) in inserted {
+                let (reply, rec) = req.record(seq, id);
                 let n = counts.get(&rec.user).copied().unwrap_or(1);
                 let _ = reply.send(Ok((rec, n)));
             }
@@ -258,7 +262,7 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
 
 async fn unfinished_by_user(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    inserted: &[(Request, i64)],
+    inserted: &[(Request, (i64, String))],
 ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
     let users: Vec<&str> = inserted.iter().map(|(r, _)| r.job.user.as_str()).collect();
     let users = serde_json::to_string(&users).map_err(|e| StoreError::Other(e.to_string()))?;
@@ -274,21 +278,24 @@ async fn unfinished_by_user(
     Ok(rows.into_iter().map(|(u, n)| (u, count_u64(n))).collect())
 }
 
-/// The checks and the insert in one statement; `None` when a check refused it.
+/// The checks and the insert in one statement; (seq, internal id), or `None` when a check
+/// refused it. The prompt_id must be new among the owner's jobs; the internal id is the
+/// prompt_id unless some job (anyone's) has that id already, then the request's fresh one.
 async fn insert(
     tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
     r: &Request,
-) -> Result<Option<i64>, StoreError> {
-    sqlx::query_scalar(
-        "INSERT INTO jobs (id, user_name, number, priority, prompt, extra_data, \
+) -> Result<Option<(i64, String)>, StoreError> {
+    sqlx::query_as(
+        "INSERT INTO jobs (id, prompt_id, user_name, number, priority, prompt, extra_data, \
          outputs_to_execute, client_id, workflow_id, state, created_at_ms) \
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', ?10 \
-         WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE id = ?1) \
+         SELECT CASE WHEN EXISTS (SELECT 1 FROM jobs WHERE id = ?1) THEN ?13 ELSE ?1 END, \
+         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'queued', ?10 \
+         WHERE NOT EXISTS (SELECT 1 FROM jobs WHERE user_name = ?2 AND prompt_id = ?1) \
          AND (?11 = 0 OR (SELECT COUNT(*) FROM jobs WHERE user_name = ?2 \
              AND state IN ('queued', 'dispatched')) < ?11) \
          AND (?12 = 0 OR (SELECT SUM(n) FROM job_state_counts \
              WHERE state IN ('queued', 'dispatched')) < ?12) \
-         RETURNING seq",
+         RETURNING seq, id",
     )
     .bind(&r.job.id)
     .bind(&r.job.user)
@@ -302,6 +309,7 @@ async fn insert(
     .bind(r.created_at_ms)
     .bind(i64::from(r.limits.max_queued_per_user))
     .bind(i64::from(r.limits.max_queue_depth))
+    .bind(&r.fresh_id)
     .fetch_optional(&mut **tx)
     .await
     .db()
@@ -313,7 +321,7 @@ async fn refusal(
     r: &Request,
 ) -> Result<StoreError, StoreError> {
     let counts: Result<(Option<i64>, i64, Option<i64>), _> = sqlx::query_as(
-        "SELECT (SELECT seq FROM jobs WHERE id = ?1), \
+        "SELECT (SELECT seq FROM jobs WHERE user_name = ?2 AND prompt_id = ?1), \
          (SELECT COUNT(*) FROM jobs WHERE user_name = ?2 \
              AND state IN ('queued', 'dispatched')), \
          (SELECT SUM(n) FROM job_state_counts WHERE state IN ('queued', 'dispatched'))",

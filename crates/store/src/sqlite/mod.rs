@@ -26,9 +26,10 @@ use sqlx::{Connection, QueryBuilder, Row, Sqlite};
 use crate::password::{self, Hasher, Verified};
 use crate::session_cache::SessionCache;
 use crate::{
-    AccountChange, AccountChangeKind, EnqueueLimits, JobOrder, JobPatch, JobQuery, JobRecord,
-    JobState, JobStore, MetaEntry, MetaStore, NewJob, PasswordScheme, Role, StoreError, User,
-    UserStore, now_ms, valid_user_name,
+    AccountChange, AccountChangeKind, AuditEntry, AuditStore, EnqueueLimits, JobOrder, JobPatch,
+    JobQuery, JobRecord, JobState, JobStore, JobSummary, MetaEntry, MetaStore, NewAudit, NewJob,
+    PasswordScheme, Role, StoreError, SummaryOrder, SummaryQuery, User, UserJobStats, UserStore,
+    now_ms, valid_user_name,
 };
 
 mod enqueue;
@@ -296,12 +297,13 @@ impl SqliteStore {
         Ok(())
     }
 
-    /// Moves that user's queued jobs (all, or those among `ids`) to cancelled.
+    /// Moves that user's queued jobs (all, or those whose prompt_ids are among `ids`) to
+    /// cancelled; answers (seq, internal id, prompt_id) of each.
     async fn cancel_queued(
         &self,
         user: &str,
         ids: Option<&[String]>,
-    ) -> Result<Vec<(i64, String)>, StoreError> {
+    ) -> Result<Vec<Cancelled>, StoreError> {
         let now = now_ms();
         let mut tx = self.begin().await?;
         let mut cancelled = Vec::new();
@@ -318,9 +320,13 @@ impl SqliteStore {
             if ids.is_some() {
                 push_id_list(&mut qb, chunk);
             }
-            qb.push(" RETURNING seq, id");
+            qb.push(" RETURNING seq, id, prompt_id");
             for r in qb.build().fetch_all(&mut *tx).await.db()? {
-                cancelled.push((r.try_get("seq").db()?, r.try_get("id").db()?));
+                cancelled.push((
+                    r.try_get("seq").db()?,
+                    r.try_get("id").db()?,
+                    r.try_get::<Option<String>, _>("prompt_id").db()?,
+                ));
             }
         }
         tx.commit().await.db()?;
@@ -347,6 +353,9 @@ impl SqliteStore {
         Ok(n)
     }
 }
+
+/// A job [`SqliteStore::cancel_queued`] cancelled: (seq, internal id, prompt_id).
+type Cancelled = (i64, String, Option<String>);
 
 /// Keeps each `IN (...)` well under SQLite's bound-parameter limit.
 const ID_CHUNK: usize = 500;
@@ -421,8 +430,9 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
         })
 }
 
+/// ` AND prompt_id IN (...)`: the ids a participant names their jobs by.
 fn push_id_list(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
-    qb.push(" AND id IN (");
+    qb.push(" AND prompt_id IN (");
     let mut sep = qb.separated(", ");
     for id in ids {
         sep.push_bind(id.clone());
@@ -508,8 +518,8 @@ fn user_from_row(r: &SqliteRow) -> Result<User, StoreError> {
 
 macro_rules! job_cols {
     () => {
-        "seq, id, user_name, number, priority, prompt, extra_data, outputs_to_execute, \
-         client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
+        "seq, id, COALESCE(prompt_id, id) AS prompt_id, user_name, number, priority, prompt, \
+         extra_data, outputs_to_execute, client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
          error, outputs, messages, meta"
     };
 }
@@ -528,6 +538,7 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
     Ok(JobRecord {
         seq: r.try_get("seq").db()?,
         id: r.try_get("id").db()?,
+        prompt_id: r.try_get("prompt_id").db()?,
         user: r.try_get("user_name").db()?,
         number: r.try_get("number").db()?,
         priority: priority
@@ -552,6 +563,47 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         outputs: json_col(r, "outputs")?,
         messages: json_col(r, "messages")?,
         meta: json_col(r, "meta")?,
+    })
+}
+
+const SUMMARY_COLS: &str = "seq, id, user_name, state, priority, attempts, created_at_ms, \
+     started_at_ms, finished_at_ms, backend, error, outputs";
+
+fn summary_from_row(r: &SqliteRow) -> Result<JobSummary, StoreError> {
+    let state: String = r.try_get("state").db()?;
+    let priority: Option<i64> = r.try_get("priority").db()?;
+    let attempts: i64 = r.try_get("attempts").db()?;
+    let error: Option<String> = r.try_get("error").db()?;
+    Ok(JobSummary {
+        seq: r.try_get("seq").db()?,
+        id: r.try_get("id").db()?,
+        user: r.try_get("user_name").db()?,
+        state: state.parse().map_err(|_| corrupt("state"))?,
+        priority: priority
+            .map(u8::try_from)
+            .transpose()
+            .map_err(|_| corrupt("priority"))?,
+        attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        created_at_ms: r.try_get("created_at_ms").db()?,
+        started_at_ms: r.try_get("started_at_ms").db()?,
+        finished_at_ms: r.try_get("finished_at_ms").db()?,
+        backend: r.try_get("backend").db()?,
+        error: error
+            .map(|e| serde_json::from_str(&e))
+            .transpose()
+            .map_err(|_| corrupt("error"))?,
+        outputs: json_col(r, "outputs")?,
+    })
+}
+
+fn audit_from_row(r: &SqliteRow) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        seq: r.try_get("seq").db()?,
+        at_ms: r.try_get("at_ms").db()?,
+        actor: r.try_get("actor").db()?,
+        action: r.try_get("action").db()?,
+        target: r.try_get("target").db()?,
+        detail: json_col(r, "detail")?,
     })
 }
 
@@ -995,6 +1047,27 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn get_user_job(
+        &self,
+        user: &str,
+        prompt_id: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        self.timed("get_user_job", async {
+            let row = sqlx::query(concat!(
+                "SELECT ",
+                job_cols!(),
+                " FROM jobs WHERE user_name = ? AND prompt_id = ?"
+            ))
+            .bind(user)
+            .bind(prompt_id)
+            .fetch_optional(&self.read)
+            .await
+            .db()?;
+            row.as_ref().map(job_from_row).transpose()
+        })
+        .await
+    }
+
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
         fn filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
             qb.push(" FROM jobs WHERE 1 = 1");
@@ -1139,10 +1212,13 @@ impl JobStore for SqliteStore {
         let cancelled = self
             .timed("delete_queued", self.cancel_queued(user, Some(ids)))
             .await?;
-        let mut hit: std::collections::HashSet<String> =
-            cancelled.into_iter().map(|(_, id)| id).collect();
-        // In the caller's order, each id once.
-        Ok(ids.iter().filter(|id| hit.remove(*id)).cloned().collect())
+        // prompt_id -> internal id (a row from before prompt_ids were stored has only an id).
+        let mut hit: std::collections::HashMap<String, String> = cancelled
+            .into_iter()
+            .map(|(_, id, pid)| (pid.unwrap_or_else(|| id.clone()), id))
+            .collect();
+        // In the caller's order, each job once.
+        Ok(ids.iter().filter_map(|pid| hit.remove(pid)).collect())
     }
 
     async fn clear_queued(&self, user: &str) -> Result<Vec<String>, StoreError> {
@@ -1150,7 +1226,7 @@ impl JobStore for SqliteStore {
             .timed("clear_queued", self.cancel_queued(user, None))
             .await?;
         cancelled.sort_unstable();
-        Ok(cancelled.into_iter().map(|(_, id)| id).collect())
+        Ok(cancelled.into_iter().map(|(_, id, _)| id).collect())
     }
 
     async fn delete_history(&self, user: &str, ids: &[String]) -> Result<u64, StoreError> {
@@ -1210,5 +1286,122 @@ impl JobStore for SqliteStore {
                 (state, n)
             })
             .collect())
+    }
+
+    async fn job_summaries(&self, q: &SummaryQuery) -> Result<Vec<JobSummary>, StoreError> {
+        self.timed("job_summaries", async {
+            let mut qb =
+                QueryBuilder::<Sqlite>::new(format!("SELECT {SUMMARY_COLS} FROM jobs WHERE 1 = 1"));
+            if !q.states.is_empty() {
+                push_state_list(&mut qb, &q.states);
+            }
+            if let Some(t) = q.created_since_ms {
+                qb.push(" AND created_at_ms >= ").push_bind(t);
+            }
+            qb.push(match q.order {
+                SummaryOrder::SeqAsc => " ORDER BY seq ASC",
+                // NULLs (unfinished) sort first in DESC order; they go last here.
+                SummaryOrder::FinishedDesc => {
+                    " ORDER BY finished_at_ms IS NULL, finished_at_ms DESC, seq DESC"
+                }
+            });
+            qb.push(" LIMIT ").push_bind(q.limit.map_or(-1, clamp_i64));
+            qb.build()
+                .fetch_all(&self.read)
+                .await
+                .db()?
+                .iter()
+                .map(summary_from_row)
+                .collect()
+        })
+        .await
+    }
+
+    async fn user_job_stats(&self) -> Result<Vec<UserJobStats>, StoreError> {
+        self.timed("user_job_stats", async {
+            let rows = sqlx::query(
+                "SELECT user_name, state, COUNT(*) AS n, \
+                 COALESCE(SUM(CASE WHEN started_at_ms IS NOT NULL AND finished_at_ms IS NOT NULL \
+                     AND finished_at_ms > started_at_ms \
+                     THEN finished_at_ms - started_at_ms ELSE 0 END), 0) AS gpu_ms, \
+                 MAX(MAX(created_at_ms, COALESCE(started_at_ms, 0), COALESCE(finished_at_ms, 0))) AS last \
+                 FROM jobs GROUP BY user_name, state ORDER BY user_name",
+            )
+            .fetch_all(&self.read)
+            .await
+            .db()?;
+            let mut out: Vec<UserJobStats> = Vec::new();
+            for r in &rows {
+                let user: String = r.try_get("user_name").db()?;
+                let state: String = r.try_get("state").db()?;
+                let state: JobState = state.parse().map_err(|_| corrupt("state"))?;
+                let n: i64 = r.try_get("n").db()?;
+                let gpu: i64 = r.try_get("gpu_ms").db()?;
+                let last: i64 = r.try_get("last").db()?;
+                if out.last().is_none_or(|u| u.user != user) {
+                    out.push(UserJobStats {
+                        user,
+                        ..Default::default()
+                    });
+                }
+                let e = out.last_mut().expect("just pushed");
+                *e.counts.entry(state).or_default() += count_u64(n);
+                // Only finished jobs have both times; the CASE leaves the others at 0.
+                e.gpu_ms += count_u64(gpu);
+                e.last_activity_ms = e.last_activity_ms.max(last);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl AuditStore for SqliteStore {
+    async fn append_audit(&self, e: NewAudit) -> Result<AuditEntry, StoreError> {
+        let detail = if e.detail.is_null() {
+            "{}".to_string()
+        } else {
+            e.detail.to_string()
+        };
+        let now = now_ms();
+        self.timed("append_audit", async {
+            let row = sqlx::query(
+                "INSERT INTO audit_log (at_ms, actor, action, target, detail) \
+                 VALUES (?, ?, ?, ?, ?) RETURNING seq, at_ms, actor, action, target, detail",
+            )
+            .bind(now)
+            .bind(&e.actor)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(&detail)
+            .fetch_one(&self.write)
+            .await
+            .db()?;
+            audit_from_row(&row)
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        self.timed("list_audit", async {
+            sqlx::query(
+                "SELECT seq, at_ms, actor, action, target, detail FROM audit_log \
+                 WHERE seq < ? ORDER BY seq DESC LIMIT ?",
+            )
+            .bind(before.unwrap_or(i64::MAX))
+            .bind(i64::from(limit))
+            .fetch_all(&self.read)
+            .await
+            .db()?
+            .iter()
+            .map(audit_from_row)
+            .collect()
+        })
+        .await
     }
 }
