@@ -9,6 +9,7 @@ mod overhead;
 mod pick;
 mod submit;
 mod ui_load;
+mod workshop;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ enum Command {
     GpuGap(gpu_gap::Args),
     /// The same jobs straight at the simulator and through `comfyume serve`.
     Overhead(overhead::Args),
+    /// A workshop day of faults: participants, several simulators, scripted failures.
+    Workshop(workshop::Args),
 }
 
 fn main() -> Result<()> {
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
             Command::DispatchLatency(a) => dispatch_latency::run(a).await,
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
+            Command::Workshop(a) => workshop::run(a).await,
         }
     })
 }
