@@ -236,6 +236,25 @@ pub fn proc_name((sim, inc): Process) -> String {
     format!("sim{}#{}", sim + 1, inc + 1)
 }
 
+/// A failure reason with its numbers (file names, counts, seconds) blanked,
+/// so that the same cause groups together.
+pub fn reason_kind(reason: &str) -> String {
+    let mut out = String::with_capacity(reason.len());
+    let mut in_digits = false;
+    for c in reason.chars() {
+        if c.is_ascii_digit() {
+            if !in_digits {
+                out.push('#');
+            }
+            in_digits = true;
+        } else {
+            in_digits = false;
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Jain's fairness index of the shares `xs`: 1 when all are equal, 1/n when
 /// one gets everything; `None` without shares or when all are zero.
 pub fn jain(xs: &[f64]) -> Option<f64> {
@@ -259,37 +278,72 @@ pub struct Window {
     pub start_ms: i64,
     /// Participants with a job waiting or running at some point of the window.
     pub active: usize,
+    /// Of those, the ones with a job waiting or running all through the window.
+    pub backlogged: usize,
     /// Jobs that succeeded within the window.
     pub done: usize,
-    /// Jain's index of the completions of the active participants.
+    /// Jain's index of the completions of the active participants (it also
+    /// reflects how much each one asked for).
     pub jain: Option<f64>,
+    /// The same among the backlogged participants only (each could have taken
+    /// a GPU at any moment: what they got is the scheduler's doing).
+    pub jain_backlogged: Option<f64>,
 }
 
-/// Jobs completed per participant per window, among the participants who
-/// wanted something in that window (an idle participant is not treated unfairly).
+/// From when to when a job waited or ran (ms).
+type Span = (i64, i64);
+
+/// Whether the union of `spans` covers `[start, end]`.
+fn covers(spans: &mut [Span], start: i64, end: i64) -> bool {
+    spans.sort();
+    let mut reach = start;
+    for &(a, b) in spans.iter() {
+        if a > reach {
+            break;
+        }
+        reach = reach.max(b);
+        if reach >= end {
+            return true;
+        }
+    }
+    false
+}
+
+/// Jobs completed per participant per full window, among the participants who
+/// wanted something in that window (an idle participant is not treated
+/// unfairly), and among those who wanted something all through it.
 pub fn fairness(jobs: &[JobSpan], from_ms: i64, to_ms: i64, window_ms: i64) -> Vec<Window> {
     let mut out = Vec::new();
     let mut start = from_ms;
-    while start < to_ms && window_ms > 0 {
-        let end = (start + window_ms).min(to_ms);
-        let mut per: BTreeMap<&str, f64> = BTreeMap::new();
+    while window_ms > 0 && start + window_ms <= to_ms {
+        let end = start + window_ms;
+        // Per participant: jobs done in the window, and when they had work.
+        let mut per: BTreeMap<&str, (f64, Vec<Span>)> = BTreeMap::new();
         let mut done = 0;
         for j in jobs {
             let active = j.created_ms < end && j.ended_ms.is_none_or(|e| e > start);
             if active {
-                let n = per.entry(j.user.as_str()).or_insert(0.0);
+                let (n, spans) = per.entry(j.user.as_str()).or_default();
+                spans.push((j.created_ms, j.ended_ms.unwrap_or(i64::MAX)));
                 if j.succeeded && j.ended_ms.is_some_and(|e| e > start && e <= end) {
                     *n += 1.0;
                     done += 1;
                 }
             }
         }
-        let xs: Vec<f64> = per.values().copied().collect();
+        let xs: Vec<f64> = per.values().map(|(n, _)| *n).collect();
+        let busy: Vec<f64> = per
+            .values_mut()
+            .filter_map(|(n, spans)| covers(spans, start, end).then_some(*n))
+            .collect();
         out.push(Window {
             start_ms: start,
             active: xs.len(),
+            backlogged: busy.len(),
             done,
             jain: jain(&xs),
+            // One participant alone is trivially treated fairly.
+            jain_backlogged: if busy.len() > 1 { jain(&busy) } else { None },
         });
         start = end;
     }
@@ -448,6 +502,17 @@ mod tests {
     }
 
     #[test]
+    fn reasons_group_without_their_numbers() {
+        assert_eq!(
+            reason_kind(
+                "cannot save output flux2_00061_.png: No space left (os error 28). Gave up after 3 attempts."
+            ),
+            "cannot save output flux#_#_.png: No space left (os error #). Gave up after # attempts."
+        );
+        assert_eq!(reason_kind("plain"), "plain");
+    }
+
+    #[test]
     fn jain_index() {
         assert_eq!(jain(&[]), None);
         assert_eq!(jain(&[0.0, 0.0]), None);
@@ -477,16 +542,37 @@ mod tests {
             // d only shows up in the second window.
             span("d", 12, Some(14), false),
         ];
-        let w = fairness(&jobs, 0, 20, 10);
+        // The last, partial window (20-25) is left out.
+        let w = fairness(&jobs, 0, 25, 10);
         assert_eq!(w.len(), 2);
         assert_eq!((w[0].active, w[0].done), (3, 3));
         // a: 2, b: 1, c: 0 -> 9 / (3 * 5)
         assert!((w[0].jain.unwrap() - 0.6).abs() < 1e-9);
+        // All through 0-10: a (0-5, 6-8 leaves a gap) is not, c (2-15) neither
+        // (it arrived at 2); nobody was.
+        assert_eq!((w[0].backlogged, w[0].jain_backlogged), (0, None));
         assert_eq!((w[1].active, w[1].done), (2, 1));
         assert!((w[1].jain.unwrap() - 0.5).abs() < 1e-9);
-        // A job still open counts as waiting.
+        // A job still open counts as waiting, all through.
         let open = fairness(&[span("a", 0, None, false)], 0, 10, 10);
-        assert_eq!((open[0].active, open[0].jain), (1, None));
+        assert_eq!(
+            (open[0].active, open[0].backlogged, open[0].jain),
+            (1, 1, None)
+        );
+        assert_eq!(open[0].jain_backlogged, None);
+        // Two participants waiting all through, served 3 and 1.
+        let busy = vec![
+            span("p", -5, Some(3), true),
+            span("p", 3, Some(6), true),
+            span("p", 6, Some(9), true),
+            span("p", 9, Some(30), false),
+            span("q", -5, Some(8), true),
+            span("q", 8, None, false),
+        ];
+        let w = fairness(&busy, 0, 10, 10);
+        assert_eq!((w[0].backlogged, w[0].done), (2, 4));
+        // 16 / (2 * 10)
+        assert!((w[0].jain_backlogged.unwrap() - 0.8).abs() < 1e-9);
     }
 
     #[test]

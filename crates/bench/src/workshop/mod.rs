@@ -837,7 +837,9 @@ impl Report {
             *states.entry(j.status.clone()).or_default() += 1;
             if j.status != "completed" {
                 let r = j.reason.clone().unwrap_or_else(|| j.status.clone());
-                *reasons.entry(format!("{}: {r}", j.status)).or_default() += 1;
+                *reasons
+                    .entry(format!("{}: {}", j.status, analysis::reason_kind(&r)))
+                    .or_default() += 1;
             }
         }
         let unacked = jobs
@@ -892,9 +894,23 @@ impl Report {
             m.run_end_ms,
             (a.window_secs * 1000) as i64,
         );
+        let min_mean = |v: &[f64]| {
+            let min = v.iter().copied().fold(f64::NAN, f64::min);
+            // NaN (null in the JSON) without any window.
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            (min, mean, v.len())
+        };
         let jains: Vec<f64> = windows.iter().filter_map(|w| w.jain).collect();
-        let jain_min = jains.iter().copied().fold(f64::NAN, f64::min);
-        let jain_mean = jains.iter().sum::<f64>() / jains.len().max(1) as f64;
+        let (jain_min, jain_mean, _) = min_mean(&jains);
+        let busy_jains: Vec<f64> = windows.iter().filter_map(|w| w.jain_backlogged).collect();
+        let (busy_min, busy_mean, busy_n) = min_mean(&busy_jains);
+        let r3 = |v: f64| {
+            if v.is_nan() {
+                Value::Null
+            } else {
+                json!((v * 1000.0).round() / 1000.0)
+            }
+        };
 
         let mut violations = Vec::new();
         if !lost.is_empty() {
@@ -1022,11 +1038,19 @@ impl Report {
             ],
             vec![
                 format!(
-                    "Jain's fairness index per {} s window (min / mean)",
+                    "Jain's index of jobs done per participant per {} s window (min / mean)",
                     a.window_secs
                 ),
-                format!("{:.3} / {:.3}", jain_min, jain_mean),
-                format!("{} windows with completions", jains.len()),
+                fmt_min_mean(jain_min, jain_mean),
+                format!(
+                    "{} windows; among participants with a job waiting or running",
+                    jains.len()
+                ),
+            ],
+            vec![
+                "  the same among participants waiting all through the window".into(),
+                fmt_min_mean(busy_min, busy_mean),
+                format!("{busy_n} windows with two or more of them"),
             ],
             vec![
                 "serve RSS peak (sampled 1/s) / VmHWM / at the end".into(),
@@ -1117,6 +1141,18 @@ impl Report {
             .map(|(msg, c)| vec![msg.to_string(), c.to_string()])
             .collect();
 
+        let fairness = json!({
+            "window_s": a.window_secs,
+            "jain_min": r3(jain_min),
+            "jain_mean": r3(jain_mean),
+            "jain_backlogged_min": r3(busy_min),
+            "jain_backlogged_mean": r3(busy_mean),
+            "windows": windows.iter().map(|w| json!({
+                "t_s": (w.start_ms - m.run_start_ms) / 1000, "active": w.active,
+                "backlogged": w.backlogged, "done": w.done,
+                "jain": w.jain.map(r3), "jain_backlogged": w.jain_backlogged.map(r3),
+            })).collect::<Vec<_>>(),
+        });
         let summary = json!({
             "bench": "workshop",
             "machine": common::machine(),
@@ -1155,15 +1191,7 @@ impl Report {
             "requests_by_kind": per_kind.iter().map(|(k, s)| (k.name().to_string(), s.json_ms())).collect::<serde_json::Map<_, _>>(),
             "requests_unanswered": errors,
             "ws": {"connects": l.ws_connects, "drops": l.ws_drops, "ends_seen": l.ended_ws.len(), "ends_reread": l.ended_resync.len()},
-            "fairness": {
-                "window_s": a.window_secs,
-                "jain_min": if jain_min.is_nan() { Value::Null } else { json!((jain_min * 1000.0).round() / 1000.0) },
-                "jain_mean": (jain_mean * 1000.0).round() / 1000.0,
-                "windows": windows.iter().map(|w| json!({
-                    "t_s": (w.start_ms - m.run_start_ms) / 1000, "active": w.active, "done": w.done,
-                    "jain": w.jain.map(|j| (j * 1000.0).round() / 1000.0),
-                })).collect::<Vec<_>>(),
-            },
+            "fairness": fairness,
             "serve": {
                 "rss_peak_mib": pct(mib(m.rss_peak_kib)), "vmhwm_mib": pct(mib(m.hwm_kib)),
                 "rss_end_mib": m.rss_end_kib.map(|k| pct(mib(k))),
@@ -1239,6 +1267,13 @@ impl Report {
         common::print_table("workshop", &["figure", "value", "goal / note"], &self.rows);
         println!("{}", self.summary);
     }
+}
+
+fn fmt_min_mean(min: f64, mean: f64) -> String {
+    if min.is_nan() {
+        return "-".into();
+    }
+    format!("{min:.3} / {mean:.3}")
 }
 
 fn fmt_hist(h: &BTreeMap<usize, usize>) -> String {
