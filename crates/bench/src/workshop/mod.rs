@@ -198,33 +198,55 @@ struct Rig {
     data: PathBuf,
     tmpfs: Option<Tmpfs>,
     tmpfs_refused: Option<String>,
+    /// The simulator the previous fault hit.
+    last_hit: Option<usize>,
 }
 
 impl Rig {
     /// A simulator running a job now (waiting up to 10 s for one), else the
-    /// `fallback`-th; with `busy` false, one that is idle if there is one.
-    async fn pick(&self, busy: bool, fallback: usize) -> (usize, Option<String>) {
+    /// `fallback`-th; with `busy` false, one that is idle if there is one. The
+    /// one the previous fault hit is taken only if no other fits: serve passes
+    /// over a backend that just failed, so a fault there would meet no traffic.
+    async fn pick(&mut self, busy: bool, fallback: usize) -> (usize, Option<String>) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let n = self.sims.len();
+        let chosen = loop {
             let mut idle = None;
+            let mut found = None;
             for (i, s) in self.sims.iter().enumerate() {
                 if !s.running() {
                     continue;
                 }
+                let again = self.last_hit == Some(i) && n > 1;
                 match s.current_job(&self.client).await {
-                    Some(job) if busy => return (i, Some(job)),
-                    None if !busy => idle = idle.or(Some(i)),
+                    Some(job) if busy && (!again || found.is_none()) => {
+                        found = Some((i, Some(job)));
+                        if !again {
+                            break;
+                        }
+                    }
+                    None if !busy && (!again || idle.is_none()) => {
+                        idle = Some(i);
+                        if !again {
+                            break;
+                        }
+                    }
                     _ => {}
                 }
             }
+            if let Some(f) = found {
+                break f;
+            }
             if let Some(i) = idle {
-                return (i, None);
+                break (i, None);
             }
             if Instant::now() > deadline {
-                return (fallback % self.sims.len(), None);
+                break (fallback % n, None);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        };
+        self.last_hit = Some(chosen.0);
+        chosen
     }
 
     async fn inject(&mut self, step: &Step, index: usize) -> Result<(String, Option<String>)> {
@@ -674,6 +696,7 @@ async fn run_inner(a: Args) -> Result<()> {
         data: data.clone(),
         tmpfs,
         tmpfs_refused,
+        last_hit: None,
     };
     let script = tokio::spawn(drive_faults(rig, steps, t0));
     tokio::time::sleep_until((t0 + run).into()).await;
