@@ -137,6 +137,9 @@ impl Tab {
     }
 }
 
+/// How long a participant still waits for its jobs once submissions stop.
+const AFTER_STOP_WAIT: Duration = Duration::from_secs(30);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -508,7 +511,8 @@ impl Participant {
     /// Waits for the end of `ids` (their end markers on the socket; re-reads
     /// the jobs after a reconnect and every 15 s), bounded by the wait limit.
     async fn wait_ends(&self, ids: &[String]) -> Vec<String> {
-        let deadline = Instant::now() + self.sh.wait_limit;
+        let mut deadline = Instant::now() + self.sh.wait_limit;
+        let mut stop_seen = false;
         let mut open: Vec<String> = ids.to_vec();
         let mut ended = Vec::new();
         let mut last_read = Instant::now();
@@ -529,6 +533,12 @@ impl Participant {
             }
             if open.is_empty() {
                 return ended;
+            }
+            // After the run the participant leaves soon; the final read-back
+            // decides what is stuck.
+            if self.sh.stopped() && !stop_seen {
+                stop_seen = true;
+                deadline = deadline.min(Instant::now() + AFTER_STOP_WAIT);
             }
             if Instant::now() > deadline {
                 let o = open.clone();
