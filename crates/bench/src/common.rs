@@ -256,6 +256,18 @@ impl Serve {
         frontend: &Path,
         env: &[(&str, String)],
     ) -> Result<Serve> {
+        Serve::start_on(bin, data_dir, frontend, env, "127.0.0.1:0").await
+    }
+
+    /// `comfyume serve` listening on `listen` (a fixed port: a restart where the
+    /// clients already are).
+    pub async fn start_on(
+        bin: &Path,
+        data_dir: &Path,
+        frontend: &Path,
+        env: &[(&str, String)],
+        listen: &str,
+    ) -> Result<Serve> {
         let workdir = data_dir.parent().unwrap_or(data_dir).to_path_buf();
         let log = workdir.join(format!(
             "serve-{}.log",
@@ -269,7 +281,7 @@ impl Serve {
         cmd.arg("--data-dir")
             .arg(data_dir)
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--listen", listen, "--metrics-listen", "127.0.0.1:0"])
             .arg("--frontend-dir")
             .arg(frontend)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

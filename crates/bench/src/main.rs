@@ -14,6 +14,7 @@ mod pick;
 mod serverless;
 mod submit;
 mod ui_load;
+mod workshop;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -52,6 +53,8 @@ enum Command {
     Dashboard(dashboard::Args),
     /// "Download my work" of gigabytes of outputs against `cp -r`, and the server's memory.
     Export(export::Args),
+    /// A workshop day of faults: participants, several simulators, scripted failures.
+    Workshop(workshop::Args),
 }
 
 fn main() -> Result<()> {
@@ -72,6 +75,7 @@ fn main() -> Result<()> {
             Command::Instrumentation(a) => instrumentation::run(a).await,
             Command::Dashboard(a) => dashboard::run(a).await,
             Command::Export(a) => export::run(a).await,
+            Command::Workshop(a) => workshop::run(a).await,
         }
     })
 }

@@ -109,7 +109,7 @@ fn api_calls() -> (Vec<Call>, Vec<Call>) {
 }
 
 /// `href="…"` and `src="…"` targets of index.html, relative to the page.
-fn referenced_assets(html: &str) -> Vec<String> {
+pub(crate) fn referenced_assets(html: &str) -> Vec<String> {
     let mut out = Vec::new();
     for attr in ["href=\"", "src=\""] {
         let mut rest = html;
