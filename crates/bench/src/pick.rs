@@ -155,7 +155,7 @@ async fn queue_reps(policy: Policy, a: &Args) -> Result<StoreFigures> {
         for _ in 0..a.store_ops {
             let t = Instant::now();
             let (rec, claim) = q
-                .take_next(|_| Some("bench".to_string()))
+                .take_next(|| true, |_| Some("bench".to_string()))
                 .await?
                 .context("a job is always waiting")?;
             let dt = t.elapsed();

@@ -134,6 +134,7 @@ impl ComfyUiBackend {
             BackendError::Timeout(_) => "timeout",
             BackendError::Protocol(_) => "protocol",
             BackendError::Rejected(_) => "rejected",
+            BackendError::Storage(_) => "storage",
         };
         metrics::counter!(BACKEND_CALL_ERRORS, "backend" => self.name.clone(), "call" => what.to_owned(), "kind" => kind)
             .increment(1);

@@ -100,11 +100,15 @@ pub enum BackendError {
     /// another attempt would be refused too.
     #[error("the GPU server refused the workflow")]
     Rejected(Value),
+    /// Our own side could not keep the job's output (the data disk is full, ...):
+    /// another GPU would fail the same way, so it is not retried.
+    #[error("the server could not save the job's output: {0}")]
+    Storage(String),
 }
 
 impl BackendError {
     pub fn retryable(&self) -> bool {
-        !matches!(self, BackendError::Rejected(_))
+        !matches!(self, BackendError::Rejected(_) | BackendError::Storage(_))
     }
 }
 

@@ -736,9 +736,7 @@ impl JobRun<'_> {
                 resp.status()
             )));
         }
-        let local_err = |e: std::io::Error| {
-            BackendError::Protocol(format!("cannot save output {filename}: {e}"))
-        };
+        let local_err = |e: std::io::Error| BackendError::Storage(format!("{filename}: {e}"));
         let mut out = outputs::NewOutput::create(dir).await.map_err(local_err)?;
         while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(what, limit, e))? {
             out.write(&chunk).await.map_err(local_err)?;

@@ -312,10 +312,15 @@ impl Dispatcher {
     }
 
     async fn reconcile_loop(self: &Arc<Self>) {
+        // Reconciles that keep finding trouble (a store that cannot be written: every
+        // orphan adopted fails to record again) back off, up to `reconcile_every`,
+        // instead of spinning; a clean one resets the pace.
+        let mut gap = RECONCILE_MIN_GAP;
         loop {
             self.queue.reconcile_due(self.cfg.reconcile_every).await;
-            match self.queue.reconcile().await {
+            let troubled = match self.queue.reconcile().await {
                 Ok(r) => {
+                    let troubled = !r.orphans.is_empty();
                     if !r.added.is_empty() || !r.removed.is_empty() || !r.orphans.is_empty() {
                         tracing::warn!(
                             added = ?r.added,
@@ -327,13 +332,20 @@ impl Dispatcher {
                     for rec in r.orphans {
                         self.adopt(rec, "the server lost track of the job");
                     }
+                    troubled
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not reconcile the queue with the store; retrying soon");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
                     self.queue.reconcile_soon();
+                    true
                 }
-            }
+            };
+            gap = if troubled {
+                (gap * 2).min(self.cfg.reconcile_every.max(RECONCILE_MIN_GAP))
+            } else {
+                RECONCILE_MIN_GAP
+            };
+            tokio::time::sleep(gap).await;
         }
     }
 
@@ -349,13 +361,10 @@ impl Dispatcher {
                 let freed = self.slot_freed.notified();
                 tokio::pin!(freed);
                 freed.as_mut().enable();
-                if self
-                    .backends
-                    .iter()
-                    .any(|b| b.active.load(Ordering::SeqCst) < b.backend.slots())
-                {
+                if !self.eligible(now_ms()).is_empty() {
                     break;
                 }
+                // Also wakes when a failed backend's cooldown ends.
                 let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
             }
             // The backend is chosen before the job is marked dispatched, so one
@@ -367,7 +376,8 @@ impl Dispatcher {
                 *lock(&chosen) = Some((slot, models.to_vec()));
                 Some(name)
             };
-            let (rec, claim) = match self.queue.wait_next(place).await {
+            let ready = || !self.eligible(now_ms()).is_empty();
+            let (rec, claim) = match self.queue.wait_next(ready, place).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = %e, "could not take the next job; retrying shortly");
@@ -402,20 +412,47 @@ impl Dispatcher {
         }
     }
 
-    /// The least busy backend with a free slot, preferring one that has not
-    /// just failed a job, then one that last ran the same model files.
-    fn choose(&self, models: &[String]) -> Arc<Slotted> {
-        let now = now_ms();
+    /// The backends a job may go to now: those with a free slot that have not
+    /// failed a job lately. While any backend is in good standing, a failed one
+    /// gets nothing (a job waits for a healthy slot rather than spend its attempts
+    /// on a dead server in milliseconds); when every backend has failed lately,
+    /// each takes one job at a time to probe it.
+    fn eligible(&self, now: i64) -> Vec<Arc<Slotted>> {
+        let suspect = |b: &Slotted| {
+            let failed = b.failed_at_ms.load(Ordering::SeqCst);
+            failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS
+        };
+        let free = |b: &&Arc<Slotted>| b.active.load(Ordering::SeqCst) < b.backend.slots();
+        let healthy: Vec<Arc<Slotted>> = self
+            .backends
+            .iter()
+            .filter(free)
+            .filter(|b| !suspect(b))
+            .cloned()
+            .collect();
+        if !healthy.is_empty() || self.backends.iter().any(|b| !suspect(b)) {
+            return healthy;
+        }
         self.backends
             .iter()
-            .filter(|b| b.active.load(Ordering::SeqCst) < b.backend.slots())
-            .min_by_key(|b| {
-                let failed = b.failed_at_ms.load(Ordering::SeqCst);
-                let suspect = failed > 0 && now - failed < FAILED_BACKEND_COOLDOWN_MS;
-                let same = !models.is_empty() && *lock(&b.last_models) == models;
-                (suspect, b.active.load(Ordering::SeqCst), !same)
-            })
-            .or_else(|| self.backends.first())
+            .filter(|b| b.active.load(Ordering::SeqCst) == 0 && b.backend.slots() > 0)
+            .cloned()
+            .collect()
+    }
+
+    /// Among the eligible backends, the least busy, then the one that last ran
+    /// the same model files (they are still in its memory).
+    fn choose(&self, models: &[String]) -> Arc<Slotted> {
+        let rank = |b: &&Arc<Slotted>| {
+            let same = !models.is_empty() && *lock(&b.last_models) == models;
+            (b.active.load(Ordering::SeqCst), !same)
+        };
+        let eligible = self.eligible(now_ms());
+        eligible
+            .iter()
+            .min_by_key(rank)
+            // Only if a slot went elsewhere since the dispatch loop looked.
+            .or_else(|| self.backends.iter().min_by_key(rank))
             .cloned()
             .expect("at least one backend")
     }
@@ -568,18 +605,24 @@ impl Dispatcher {
             }
             Ended::Finished(Err(e)) => {
                 failed(error_reason(&e));
-                tracing::warn!(error = %e, "backend refused the job");
-                let detail = match &e {
-                    BackendError::Rejected(body) => body["error"]["message"]
-                        .as_str()
-                        .unwrap_or("the workflow was refused")
-                        .to_string(),
-                    other => other.to_string(),
+                let (detail, kind) = match &e {
+                    BackendError::Rejected(body) => (
+                        body["error"]["message"]
+                            .as_str()
+                            .unwrap_or("the workflow was refused")
+                            .to_string(),
+                        "ComfyUMe.BackendRejected",
+                    ),
+                    // Not the GPU's fault: the slot stays in good standing.
+                    BackendError::Storage(_) => (
+                        format!("{e}. Ask the instructor: the workshop server's disk may be full."),
+                        "ComfyUMe.OutputNotSaved",
+                    ),
+                    other => (other.to_string(), "ComfyUMe.BackendRejected"),
                 };
+                tracing::warn!(error = %e, "the job failed for good");
                 lease.slot.note_error(&rec, &detail);
-                let _ = self
-                    .finish_failed(&Owner::of(&rec), &detail, "ComfyUMe.BackendRejected")
-                    .await;
+                let _ = self.finish_failed(&Owner::of(&rec), &detail, kind).await;
             }
             Ended::NeverStarted => {
                 lease.slot.failed_at_ms.store(now_ms(), Ordering::SeqCst);
@@ -689,11 +732,13 @@ impl Dispatcher {
                 // Abandoned: dropping the run closes its socket and stops its reader.
                 drop(run);
                 if wound_down.is_none() {
-                    // Told once more, in the background: a hung backend must not
-                    // hold the slot or the owner's cap past the grace.
+                    // Told again in the background until it confirms (a hung backend
+                    // that recovers must not run the job we gave up on): the slot and
+                    // the owner's cap are free at once.
                     let (id, grace) = (rec.id.clone(), self.cfg.stop_grace);
                     tokio::spawn(
-                        async move { stop_on(&backend, &id, grace).await }.in_current_span(),
+                        async move { stop_until_confirmed(&backend, &id, grace).await }
+                            .in_current_span(),
                     );
                 }
                 match timed_out {
@@ -911,7 +956,31 @@ fn error_reason(e: &BackendError) -> &'static str {
         BackendError::Timeout(_) => "timeout",
         BackendError::Protocol(_) => "protocol",
         BackendError::Rejected(_) => "rejected",
+        BackendError::Storage(_) => "storage",
     }
+}
+
+/// Between two reconciles at least this long (and twice as long after each troubled one).
+const RECONCILE_MIN_GAP: Duration = Duration::from_secs(1);
+/// How long an abandoned job is asked to stop before we give up asking.
+const STOP_RETRY_FOR: Duration = Duration::from_secs(15 * 60);
+
+/// [`stop_on`] again and again (5 s, 10 s, ... 60 s apart) until the backend
+/// confirms, for at most [`STOP_RETRY_FOR`].
+async fn stop_until_confirmed(backend: &Arc<dyn Backend>, id: &str, limit: Duration) {
+    let until = tokio::time::Instant::now() + STOP_RETRY_FOR;
+    let mut pause = Duration::from_secs(5);
+    while tokio::time::Instant::now() < until {
+        if matches!(
+            tokio::time::timeout(limit, backend.stop(id)).await,
+            Ok(Ok(()))
+        ) {
+            return;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(60));
+    }
+    tracing::warn!(job_id = %id, backend = %backend.name(), "the backend never confirmed that an abandoned job stopped");
 }
 
 /// Tells a backend, best effort and bounded, to stop a job we no longer follow.
@@ -1287,9 +1356,28 @@ mod tests {
         d.backends[1].active.store(0, Ordering::SeqCst);
         d.backends[1].failed_at_ms.store(now_ms(), Ordering::SeqCst);
         assert_eq!(d.choose(&flux).backend.name(), "gpu-a");
-        // Full backends are never chosen while another has a free slot.
+        // A healthy backend that is full: the failed one still gets nothing; the
+        // job waits for a healthy slot instead of spending an attempt on it.
         d.backends[0].active.store(2, Ordering::SeqCst);
-        assert_eq!(d.choose(&flux).backend.name(), "gpu-b");
+        assert!(d.eligible(now_ms()).is_empty());
+        // Once its cooldown is over it is in good standing again.
+        d.backends[1]
+            .failed_at_ms
+            .store(now_ms() - FAILED_BACKEND_COOLDOWN_MS - 1, Ordering::SeqCst);
+        let names = |v: Vec<Arc<Slotted>>| {
+            v.iter()
+                .map(|b| b.backend.name().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(d.eligible(now_ms())), ["gpu-b"]);
+        // Every backend failed lately: each takes one job at a time, to probe it.
+        d.backends[0].active.store(0, Ordering::SeqCst);
+        for b in &d.backends {
+            b.failed_at_ms.store(now_ms(), Ordering::SeqCst);
+        }
+        assert_eq!(names(d.eligible(now_ms())), ["gpu-a", "gpu-b"]);
+        d.backends[0].active.store(1, Ordering::SeqCst);
+        assert_eq!(names(d.eligible(now_ms())), ["gpu-b"]);
     }
 
     #[test]

@@ -600,14 +600,16 @@ impl Queue {
 
     /// The next job for a free backend slot, claimed and marked `dispatched`
     /// in the store (one transaction: attempt counted, backend recorded);
-    /// `None` when nothing may run now. `place` gets the job's model files and
+    /// `None` when nothing may run now (paused, `ready` says no slot, no job may go). `place` gets the job's model files and
     /// names the backend it will run on (`None`: none recorded).
     pub async fn take_next(
         self: &Arc<Self>,
+        ready: impl Fn() -> bool,
         place: impl Fn(&[String]) -> Option<String>,
     ) -> Result<Option<(JobRecord, Claim)>, QueueError> {
         loop {
-            if self.is_paused() {
+            // Asked before every pick: the backends may have filled up meanwhile.
+            if self.is_paused() || !ready() {
                 return Ok(None);
             }
             let Some(job) = self.sched().pick(now_ms()) else {
@@ -687,13 +689,14 @@ impl Queue {
     /// polling delay); the timeout only guards against a missed wake-up.
     pub async fn wait_next(
         self: &Arc<Self>,
+        ready: impl Fn() -> bool,
         place: impl Fn(&[String]) -> Option<String>,
     ) -> Result<(JobRecord, Claim), QueueError> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(j) = self.take_next(&place).await? {
+            if let Some(j) = self.take_next(&ready, &place).await? {
                 return Ok(j);
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;

@@ -37,7 +37,7 @@ pub const DISPATCH_FAILURES: &str = "comfyume_dispatch_failures_total";
 /// Why an attempt failed: the backend's error kinds, `never_started` (no start within
 /// `JOB_START_TIMEOUT`), `job_timeout` (ran past `JOB_TIMEOUT`), `crashed` (a bug in the
 /// dispatcher).
-pub const FAILURE_REASONS: [&str; 8] = [
+pub const FAILURE_REASONS: [&str; 9] = [
     "unreachable",
     "lost",
     "timeout",
@@ -46,6 +46,7 @@ pub const FAILURE_REASONS: [&str; 8] = [
     "never_started",
     "job_timeout",
     "crashed",
+    "storage",
 ];
 
 // ---- backends -----------------------------------------------------------------------------

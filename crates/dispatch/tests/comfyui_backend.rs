@@ -889,3 +889,29 @@ async fn a_cancel_on_a_hung_backend_still_ends_as_interrupted() {
     sim.clear_faults();
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_output_that_cannot_be_saved_here_is_a_storage_error_not_the_gpus_fault() {
+    let sim = sim(0).await;
+    let b = arc(backend(&sim));
+    let f = folders();
+    // The participant's output folder cannot be made (a file stands where it should be),
+    // as when the data disk is full: another GPU would not help.
+    std::fs::write(&f.outputs, b"not a folder").unwrap();
+    let err = ends(run(
+        &b,
+        job(
+            "job-nodisk",
+            "user001",
+            workflow("nomodel.json"),
+            &["3"],
+            &f,
+        ),
+    ))
+    .await
+    .0
+    .unwrap_err();
+    assert!(matches!(err, BackendError::Storage(_)), "{err:?}");
+    assert!(!err.retryable());
+    sim.shutdown().await;
+}

@@ -373,3 +373,99 @@ async fn a_relayed_execution_error_names_no_server_paths() {
         "{text}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_backend_does_not_burn_a_jobs_attempts_while_a_healthy_one_is_busy() {
+    let journal = Arc::new(Journal::default());
+    let dead = Scripted::new("gpu-a", 2, Script::Unreachable, &journal);
+    let busy = Scripted::new(
+        "gpu-b",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(5),
+        },
+        &journal,
+    )
+    .script(
+        "long",
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(60),
+        },
+    );
+    // gpu-b first, so the long job lands there (both idle: the first wins).
+    let r = rig(
+        vec![Arc::new(busy), Arc::new(dead)],
+        production(),
+        QueueConfig::default(),
+        journal.clone(),
+    )
+    .await;
+    // gpu-b busy for a minute; gpu-a has free slots but refuses everything.
+    r.queue.submit(new_job("long", "u2")).await.unwrap();
+    r.at(SECS(1)).await;
+    r.queue.submit(new_job("job", "u1")).await.unwrap();
+    r.at(SECS(30)).await;
+    // One attempt lost on the dead server, then it waits for the healthy one.
+    assert_eq!(runs_of(&journal, "job"), ["gpu-a"]);
+    assert_eq!(r.state("job").await, JobState::Queued);
+    r.at(SECS(70)).await;
+    let job = r.job("job").await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(runs_of(&journal, "job"), ["gpu-a", "gpu-b"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_data_disk_fails_the_job_once_with_its_reason_and_runs_it_nowhere_else() {
+    let journal = Arc::new(Journal::default());
+    let a = Scripted::new("gpu-a", 1, Script::DiskFull, &journal);
+    let b = Scripted::new("gpu-b", 1, Script::DiskFull, &journal);
+    let r = rig(
+        vec![Arc::new(a), Arc::new(b)],
+        production(),
+        QueueConfig::default(),
+        journal.clone(),
+    )
+    .await;
+    r.queue.submit(new_job("job", "u1")).await.unwrap();
+    r.at(SECS(10)).await;
+    let job = r.job("job").await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(error_type(&job), "ComfyUMe.OutputNotSaved");
+    let msg = job.error.as_ref().unwrap()["exception_message"].to_string();
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert_eq!(runs_of(&journal, "job").len(), 1, "not run again elsewhere");
+    // Not the GPU's fault: both stay in good standing.
+    r.queue.submit(new_job("next", "u1")).await.unwrap();
+    r.at(SECS(20)).await;
+    assert_eq!(runs_of(&journal, "next").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_job_is_told_to_stop_until_its_backend_confirms() {
+    let journal = Arc::new(Journal::default());
+    let b = Scripted::new(
+        "gpu",
+        1,
+        Script::Run {
+            wait: SECS(0),
+            run: SECS(1),
+        },
+        &journal,
+    )
+    .script("hang", Script::HangAfterStart);
+    // The server does not answer the first three requests to stop it, then does.
+    b.stop_failures
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    let r = one_backend(b, journal.clone()).await;
+    r.queue.submit(new_job("hang", "u1")).await.unwrap();
+    r.at(SECS(600 + 15 + 5 + 10 + 20 + 40 + 60)).await;
+    let stops = journal
+        .calls()
+        .iter()
+        .filter(|(_, _, c)| *c == Call::Stop { job: "hang".into() })
+        .count();
+    assert_eq!(stops, 4, "asked until it confirmed, then no more");
+    assert_eq!(r.state("hang").await, JobState::Failed);
+}

@@ -25,9 +25,12 @@ pub enum FileError {
     /// The worker broke the protocol (wrong order, size or digest).
     #[error("{0}")]
     Protocol(String),
-    /// Our side could not store it (disk, object store).
+    /// The object store could not be reached or answered wrongly.
     #[error("{0}")]
     Local(String),
+    /// Our own disk could not take it (full, ...): not worth another GPU.
+    #[error("{0}")]
+    Disk(String),
 }
 
 /// An inline file being received.
@@ -50,7 +53,7 @@ impl Incoming {
         }
         let out = NewOutput::create(dir)
             .await
-            .map_err(|e| FileError::Local(format!("cannot save output {}: {e}", file.filename)))?;
+            .map_err(|e| FileError::Disk(format!("cannot save output {}: {e}", file.filename)))?;
         Ok(Incoming {
             file,
             out,
@@ -80,7 +83,7 @@ impl Incoming {
         }
         self.hash.update(&bytes);
         self.out.write(&bytes).await.map_err(|e| {
-            FileError::Local(format!("cannot save output {}: {e}", self.file.filename))
+            FileError::Disk(format!("cannot save output {}: {e}", self.file.filename))
         })?;
         self.next_index += 1;
         Ok(())
@@ -116,7 +119,7 @@ impl Incoming {
         self.out
             .publish(&self.file.filename, job_id)
             .await
-            .map_err(|e| FileError::Local(format!("cannot save output {}: {e}", file.filename)))
+            .map_err(|e| FileError::Disk(format!("cannot save output {}: {e}", file.filename)))
     }
 }
 
@@ -312,7 +315,7 @@ impl ObjectFetcher {
         }
         let mut out = NewOutput::create(dir)
             .await
-            .map_err(|e| FileError::Local(format!("cannot save output {}: {e}", file.filename)))?;
+            .map_err(|e| FileError::Disk(format!("cannot save output {}: {e}", file.filename)))?;
         let mut hash = Sha256::new();
         let mut written = 0u64;
         let mut stream = got.into_stream();
@@ -327,7 +330,7 @@ impl ObjectFetcher {
             }
             hash.update(&chunk);
             out.write(&chunk).await.map_err(|e| {
-                FileError::Local(format!("cannot save output {}: {e}", file.filename))
+                FileError::Disk(format!("cannot save output {}: {e}", file.filename))
             })?;
         }
         let digest = hex::encode(hash.finalize());
@@ -339,7 +342,7 @@ impl ObjectFetcher {
         }
         out.publish(&file.filename, job_id)
             .await
-            .map_err(|e| FileError::Local(format!("cannot save output {}: {e}", file.filename)))
+            .map_err(|e| FileError::Disk(format!("cannot save output {}: {e}", file.filename)))
     }
 }
 

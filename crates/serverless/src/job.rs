@@ -913,7 +913,10 @@ impl<'a> Attempt<'a> {
     }
 
     fn file_err(&self, e: FileError) -> BackendError {
-        BackendError::Protocol(format!("{}: {e}", self.ep.name()))
+        match e {
+            FileError::Disk(m) => BackendError::Storage(m),
+            e => BackendError::Protocol(format!("{}: {e}", self.ep.name())),
+        }
     }
 }
 

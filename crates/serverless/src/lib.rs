@@ -520,6 +520,7 @@ impl ServerlessBackend {
                     BackendError::Timeout(_) => "timeout",
                     BackendError::Protocol(_) => "protocol",
                     BackendError::Rejected(_) => "rejected",
+                    BackendError::Storage(_) => "storage",
                 };
                 comfyume_dispatch::telemetry::endpoint_failure(ep.name(), reason);
                 if ep.failed(&msg, self.cfg.fail_threshold) {

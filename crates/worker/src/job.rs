@@ -499,6 +499,8 @@ impl Job {
                     BackendError::Protocol(_) | BackendError::Rejected(_) => {
                         AbortReason::ComfyuiProtocol
                     }
+                    // The worker's own disk: this replica cannot keep outputs.
+                    BackendError::Storage(_) => AbortReason::Internal,
                 };
                 return Err(Stop::Abort(reason, format!("{e}; retry elsewhere")));
             }

@@ -293,6 +293,10 @@ pub enum Script {
     /// Started, then a node raises: ComfyUI's `execution_error` with a traceback
     /// naming the server's files.
     RaiseWithTraceback,
+    /// Refused at once: the server cannot be reached.
+    Unreachable,
+    /// Ran, but our side could not save the output (the data disk is full).
+    DiskFull,
 }
 
 /// A call the backend saw, in order, with the virtual time it came at.
@@ -328,6 +332,8 @@ pub struct Scripted {
     pub default: Script,
     /// Whether `stop` answers at all (a hung server does not).
     pub stop_answers: bool,
+    /// How many `stop` calls fail before one succeeds (a server that comes back).
+    pub stop_failures: std::sync::atomic::AtomicU32,
     pub journal: Arc<Journal>,
     pub t0: tokio::time::Instant,
 }
@@ -340,6 +346,7 @@ impl Scripted {
             scripts: Mutex::new(HashMap::new()),
             default,
             stop_answers: true,
+            stop_failures: Default::default(),
             journal: journal.clone(),
             t0: tokio::time::Instant::now(),
         }
@@ -448,6 +455,13 @@ impl Backend for Scripted {
                 ))
             }
             Script::Panic => panic!("scripted backend panics"),
+            Script::Unreachable => Err(BackendError::Unreachable("connection refused".into())),
+            Script::DiskFull => {
+                start(events.clone(), id.clone()).await;
+                Err(BackendError::Storage(
+                    "out_00001_.png: No space left on device (os error 28)".into(),
+                ))
+            }
             Script::RaiseWithTraceback => {
                 start(events.clone(), id.clone()).await;
                 let data = json!({
@@ -474,6 +488,14 @@ impl Backend for Scripted {
         );
         if !self.stop_answers {
             std::future::pending::<()>().await;
+        }
+        use std::sync::atomic::Ordering;
+        let failing = self
+            .stop_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(BackendError::Unreachable("still down".into()));
         }
         Ok(())
     }
