@@ -1,15 +1,14 @@
 //! `export`: "Download my work" of a participant with gigabytes of outputs, through the real
 //! `comfyume serve`, against `cp -r` of the same files in the same run (alternating). The
-//! zip is read by the client as a browser would save it (written to a file on the same
-//! disk as cp's copy), the server's resident memory sampled every 20 ms while it streams.
+//! zip is saved by curl as a browser would save it (to a file on the same disk as cp's
+//! copy); the server's resident memory is sampled every 20 ms while it streams, and the CPU
+//! time of cp, the server and curl is taken.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use futures_util::StreamExt;
+use anyhow::{Result, bail};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
 
 use crate::common::{self, Serve};
 
@@ -30,6 +29,11 @@ pub struct Args {
     /// The installed frontend (serve wants one; this benchmark loads no page).
     #[arg(long, default_value = "target/test-data/frontend/1.37.11")]
     pub frontend: PathBuf,
+    /// `sync` after each copy and each download, so both count the time their bytes take to
+    /// reach the disk (`false`: both end in the page cache, which leaves the CPU cost).
+    /// Either way each starts after an untimed `sync` and a read of the files.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub sync: bool,
     /// Where the data directory, cp's copies and the downloaded zips go (one disk for all;
     /// default: the system's temporary directory). Needs about 2x the data free.
     #[arg(long)]
@@ -84,27 +88,86 @@ async fn sampled<T>(
     Ok((out?, before, peak.max(before).max(after), after))
 }
 
-/// Downloads the participant's zip into `to`; its size in bytes.
-async fn download(client: &reqwest::Client, url: &str, cookie: &str, to: &Path) -> Result<u64> {
-    let resp = client
-        .get(url)
-        .header("cookie", cookie)
-        .timeout(Duration::from_secs(3600))
-        .send()
-        .await?;
-    if resp.status() != 200 {
-        bail!("GET {url}: {}", resp.status());
+/// Runs `program args…` to completion; its CPU time (user + system, through GNU time where
+/// there is one).
+async fn run_timed(program: &str, args: &[&std::ffi::OsStr], times: &Path) -> Result<Option<f64>> {
+    let gnu_time = Path::new("/usr/bin/time").exists();
+    let mut cmd = if gnu_time {
+        let mut c = tokio::process::Command::new("/usr/bin/time");
+        c.args(["-f", "%U %S", "-o"]).arg(times).arg(program);
+        c
+    } else {
+        tokio::process::Command::new(program)
+    };
+    let st = cmd.args(args).status().await?;
+    if !st.success() {
+        bail!("{program} failed: {st}");
     }
-    let mut file = tokio::fs::File::create(to).await?;
-    let mut body = resp.bytes_stream();
-    let mut n = 0u64;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.context("the zip stream broke off")?;
-        n += chunk.len() as u64;
-        file.write_all(&chunk).await?;
+    Ok(std::fs::read_to_string(times).ok().and_then(|s| {
+        let v: Vec<f64> = s
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        (v.len() == 2).then(|| v[0] + v[1])
+    }))
+}
+
+/// Downloads the participant's zip into `to` with curl (a client that costs little, as a
+/// browser saving a download does; this benchmark's own HTTP client spent more CPU than the
+/// server); curl's CPU time.
+async fn download(url: &str, cookie: &str, to: &Path, times: &Path) -> Result<Option<f64>> {
+    let header = format!("Cookie: {cookie}");
+    run_timed(
+        "curl",
+        &[
+            "--silent".as_ref(),
+            "--show-error".as_ref(),
+            "--fail".as_ref(),
+            "--max-time".as_ref(),
+            "3600".as_ref(),
+            "-H".as_ref(),
+            header.as_ref(),
+            "-o".as_ref(),
+            to.as_os_str(),
+            url.as_ref(),
+        ],
+        times,
+    )
+    .await
+}
+
+/// `sync`, then every file under `dir` read once (so both sides start from the page cache).
+async fn settle(dir: &Path) -> Result<()> {
+    sync().await?;
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        fn read_all(d: &Path) -> Result<()> {
+            for e in std::fs::read_dir(d)? {
+                let p = e?.path();
+                if p.is_dir() {
+                    read_all(&p)?;
+                } else {
+                    std::io::copy(&mut std::fs::File::open(&p)?, &mut std::io::sink())?;
+                }
+            }
+            Ok(())
+        }
+        read_all(&dir)
+    })
+    .await??;
+    Ok(())
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map(|c| format!("{c:.2}")).unwrap_or_else(|| "-".into())
+}
+
+async fn sync() -> Result<()> {
+    let st = tokio::process::Command::new("sync").status().await?;
+    if !st.success() {
+        bail!("sync failed: {st}");
     }
-    file.flush().await?;
-    Ok(n)
+    Ok(())
 }
 
 /// The end of central directory record: its entry count (the zip is complete).
@@ -159,64 +222,74 @@ pub async fn run(a: Args) -> Result<()> {
     let mut rows = Vec::new();
     let mut cp_s = Vec::new();
     let mut zip_s = Vec::new();
+    let mut cpu = Vec::new();
     let mut peaks = Vec::new();
     let mut growth = Vec::new();
     let idle = serve.mem()?.rss_kib;
     for round in 0..a.rounds {
         let copy = root.path().join(format!("copy-{round}"));
         let zip = root.path().join(format!("work-{round}.zip"));
+        // Each timed operation starts alike, untimed: the disk settled (the previous one's
+        // writes flushed) and the files just read (in the page cache; else the second of a
+        // pair pays for the first one's writes having pushed them out).
         let cp = || async {
+            settle(&outputs).await?;
+            let times = root.path().join("cp-times");
             let t = Instant::now();
-            let st = tokio::process::Command::new("cp")
-                .arg("-r")
-                .arg(&outputs)
-                .arg(&copy)
-                .status()
-                .await?;
-            if !st.success() {
-                bail!("cp failed: {st}");
-            }
+            let cpu = run_timed(
+                "cp",
+                &["-r".as_ref(), outputs.as_os_str(), copy.as_os_str()],
+                &times,
+            )
+            .await?;
             // The copy's bytes are on disk, as the zip's are after its download.
-            let st = tokio::process::Command::new("sync").status().await?;
-            if !st.success() {
-                bail!("sync failed: {st}");
+            if a.sync {
+                sync().await?;
             }
-            Ok(t.elapsed())
+            let took = t.elapsed();
+            // Gone before the other side runs, so both meet the same free memory.
+            std::fs::remove_dir_all(&copy)?;
+            anyhow::Ok((took, cpu))
         };
         let dl = || async {
+            settle(&outputs).await?;
+            let server0 = common::cpu_ms(serve.pid)?;
             let t = Instant::now();
-            let n = download(&client, &url, &cookie, &zip).await?;
-            let st = tokio::process::Command::new("sync").status().await?;
-            if !st.success() {
-                bail!("sync failed: {st}");
+            let client_cpu = download(&url, &cookie, &zip, &root.path().join("curl-times")).await?;
+            let cpu = ((common::cpu_ms(serve.pid)? - server0) / 1000.0, client_cpu);
+            let n = std::fs::metadata(&zip)?.len();
+            if a.sync {
+                sync().await?;
             }
-            Ok((t.elapsed(), n))
+            let took = t.elapsed();
+            // The outputs, and the workflows every new participant gets.
+            let entries = zip_entries(&zip)?;
+            if entries < a.files as u64 || n < total {
+                bail!(
+                    "the zip has {entries} entries and {n} bytes; wanted {}+ files, {total}+ bytes",
+                    a.files
+                );
+            }
+            std::fs::remove_file(&zip)?;
+            Ok((took, cpu))
         };
-        let (cp_t, (zip_t, bytes), before, peak, after) = if round % 2 == 0 {
-            let c = cp().await?;
-            let ((z, n), b, p, af) = sampled(serve.pid, dl()).await?;
-            (c, (z, n), b, p, af)
-        } else {
-            let ((z, n), b, p, af) = sampled(serve.pid, dl()).await?;
-            let c = cp().await?;
-            (c, (z, n), b, p, af)
-        };
-        let entries = zip_entries(&zip)?;
-        // The outputs, and the workflows every new participant gets.
-        if entries < a.files as u64 || bytes < total {
-            bail!(
-                "the zip has {entries} entries and {bytes} bytes; wanted {}+ files, {total}+ bytes",
-                a.files
-            );
-        }
-        let _ = std::fs::remove_dir_all(&copy);
-        let _ = std::fs::remove_file(&zip);
+        let ((cp_t, cp_cpu), (zip_t, (server_cpu, client_cpu)), before, peak, after) =
+            if round % 2 == 0 {
+                let c = cp().await?;
+                let (z, b, p, af) = sampled(serve.pid, dl()).await?;
+                (c, z, b, p, af)
+            } else {
+                let (z, b, p, af) = sampled(serve.pid, dl()).await?;
+                let c = cp().await?;
+                (c, z, b, p, af)
+            };
         let mbs = |t: Duration| total as f64 / (1u64 << 20) as f64 / t.as_secs_f64();
         rows.push(vec![
             format!("{}", round + 1),
             format!("{:.2} s ({:.0} MiB/s)", cp_t.as_secs_f64(), mbs(cp_t)),
             format!("{:.2} s ({:.0} MiB/s)", zip_t.as_secs_f64(), mbs(zip_t)),
             format!("{:.2}", zip_t.as_secs_f64() / cp_t.as_secs_f64()),
+            format!("{} / {server_cpu:.2} / {}", secs(cp_cpu), secs(client_cpu)),
             format!(
                 "{:.1} / {:.1} / {:.1}",
                 before as f64 / 1024.0,
@@ -225,6 +298,7 @@ pub async fn run(a: Args) -> Result<()> {
             ),
         ]);
         cp_s.push(cp_t.as_secs_f64());
+        cpu.push(json!({"cp": cp_cpu, "server": server_cpu, "client": client_cpu}));
         zip_s.push(zip_t.as_secs_f64());
         peaks.push(peak as f64 / 1024.0);
         growth.push((peak as f64 - before as f64) / 1024.0);
@@ -233,15 +307,21 @@ pub async fn run(a: Args) -> Result<()> {
     serve.stop().await;
     common::print_table(
         &format!(
-            "export: {} files, {:.2} GiB, cp -r vs GET /api/comfyume/export.zip (saved to a file), each then sync",
+            "export: {} files, {:.2} GiB, cp -r vs GET /api/comfyume/export.zip (saved to a file){}",
             a.files,
-            total as f64 / (1u64 << 30) as f64
+            total as f64 / (1u64 << 30) as f64,
+            if a.sync {
+                ", each then sync"
+            } else {
+                ", no sync"
+            }
         ),
         &[
             "round",
             "cp -r",
             "zip download",
             "zip / cp",
+            "CPU s: cp / server / curl",
             "server RSS MiB before / peak / after",
         ],
         &rows,
@@ -249,8 +329,10 @@ pub async fn run(a: Args) -> Result<()> {
     let cp_med = common::median(&mut cp_s.clone());
     let zip_med = common::median(&mut zip_s.clone());
     let ratio = zip_med / cp_med;
+    let mut per_round: Vec<f64> = zip_s.iter().zip(&cp_s).map(|(z, c)| z / c).collect();
+    let round_med = common::median(&mut per_round);
     println!(
-        "median: cp {cp_med:.2} s, zip {zip_med:.2} s, ratio {ratio:.2} (goal <= 1.5); server RSS idle {:.1} MiB, peak while streaming {:.1} MiB (+{:.1}), VmHWM {:.1} MiB",
+        "median: cp {cp_med:.2} s, zip {zip_med:.2} s, ratio {ratio:.2} (median of the rounds' ratios {round_med:.2}; goal <= 1.5); server RSS idle {:.1} MiB, peak while streaming {:.1} MiB (+{:.1}), VmHWM {:.1} MiB",
         idle as f64 / 1024.0,
         peaks.iter().cloned().fold(0.0, f64::max),
         growth.iter().cloned().fold(0.0, f64::max),
@@ -266,6 +348,9 @@ pub async fn run(a: Args) -> Result<()> {
             "cp_s": cp_s,
             "zip_s": zip_s,
             "ratio_median": ratio,
+            "ratio_median_of_rounds": round_med,
+            "cpu_s": cpu,
+            "sync": a.sync,
             "rss_idle_mib": idle as f64 / 1024.0,
             "rss_peak_mib": peaks,
             "rss_growth_mib": growth,

@@ -680,6 +680,13 @@ async fn a_prompt_id_is_each_participants_own() {
         assert!(msgs.iter().any(|m| m["type"] == "execution_success"));
         for m in msgs.iter().filter(|m| m["data"]["prompt_id"].is_string()) {
             assert_eq!(m["data"]["prompt_id"], json!(id), "{m}");
+            for node in m["data"]["nodes"]
+                .as_object()
+                .into_iter()
+                .flat_map(|n| n.values())
+            {
+                assert_eq!(node["prompt_id"], json!(id), "{m}");
+            }
         }
     }
     assert_eq!(sim.state().jobs_succeeded, 2, "both ran");

@@ -1085,14 +1085,28 @@ impl Owner {
     }
 }
 
-/// ComfyUI messages name the job by `data.prompt_id`; the participant's copy names it by the
-/// id they know (only differs when another job had their chosen id first).
+/// ComfyUI messages name the job by `data.prompt_id` (and `progress_state` each node by
+/// `data.nodes.*.prompt_id`); the participant's copy names it by the id they know (only
+/// differs when another job had their chosen id first).
 fn to_public(v: &mut Value, internal: &str, public: &str) {
-    if internal != public
-        && let Some(p) = v.get_mut("data").and_then(|d| d.get_mut("prompt_id"))
-        && p.as_str() == Some(internal)
-    {
-        *p = Value::String(public.to_string());
+    if internal == public {
+        return;
+    }
+    let swap = |p: Option<&mut Value>| {
+        if let Some(p) = p
+            && p.as_str() == Some(internal)
+        {
+            *p = Value::String(public.to_string());
+        }
+    };
+    let Some(data) = v.get_mut("data") else {
+        return;
+    };
+    swap(data.get_mut("prompt_id"));
+    if let Some(nodes) = data.get_mut("nodes").and_then(Value::as_object_mut) {
+        for node in nodes.values_mut() {
+            swap(node.get_mut("prompt_id"));
+        }
     }
 }
 
@@ -1378,6 +1392,38 @@ mod tests {
         assert_eq!(names(d.eligible(now_ms())), ["gpu-a", "gpu-b"]);
         d.backends[0].active.store(1, Ordering::SeqCst);
         assert_eq!(names(d.eligible(now_ms())), ["gpu-b"]);
+    }
+
+    #[test]
+    fn messages_name_the_job_by_its_owners_id() {
+        let mut v = json!({"type": "progress_state", "data": {"prompt_id": "in", "nodes": {
+            "1": {"state": "running", "prompt_id": "in"}, "2": {"prompt_id": "other"}}}});
+        to_public(&mut v, "in", "mine");
+        assert_eq!(v["data"]["prompt_id"], "mine");
+        assert_eq!(v["data"]["nodes"]["1"]["prompt_id"], "mine");
+        assert_eq!(v["data"]["nodes"]["2"]["prompt_id"], "other");
+        let mut e = json!({"type": "execution_cached", "data": {"nodes": [], "prompt_id": "in"}});
+        to_public(&mut e, "in", "mine");
+        assert_eq!(e["data"]["prompt_id"], "mine");
+        let meta = br#"{"node_id":"4","prompt_id":"in","image_type":"image/png"}"#;
+        let mut f = Vec::new();
+        f.extend_from_slice(&4u32.to_be_bytes());
+        f.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        f.extend_from_slice(meta);
+        f.extend_from_slice(b"\x89PNG");
+        let out = frame_to_public(Bytes::from(f.clone()), "in", "mine");
+        use comfyume_wire::shapes::ws::BinaryFrame;
+        match BinaryFrame::decode(&out).unwrap() {
+            BinaryFrame::PreviewImageWithMetadata { metadata, image } => {
+                assert_eq!(metadata["prompt_id"], "mine");
+                assert_eq!(image, b"\x89PNG");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            frame_to_public(Bytes::from(f.clone()), "in", "in"),
+            Bytes::from(f)
+        );
     }
 
     #[test]

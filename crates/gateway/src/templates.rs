@@ -373,7 +373,11 @@ pub async fn generated_thumbnail(title: &str) -> Bytes {
         return b.clone();
     }
     let (big, rest) = match title.split_once(" - ") {
-        Some((a, b)) => (a.to_string(), vec![b.to_string()]),
+        // "text to video (distilled)": the parenthesis on a line of its own, whole.
+        Some((a, b)) => match b.split_once(" (") {
+            Some((b1, b2)) => (a.to_string(), vec![b1.to_string(), format!("({b2}")]),
+            None => (a.to_string(), vec![b.to_string()]),
+        },
         None => (title.to_string(), Vec::new()),
     };
     let seed = title.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
