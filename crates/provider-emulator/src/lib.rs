@@ -312,6 +312,11 @@ pub async fn run(
         stop.cancel();
     });
     let stop = emu.shutdown.clone();
+    // The re-framed stream is small writes: TCP_NODELAY, as in the worker.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;

@@ -253,6 +253,12 @@ pub async fn serve(
         }
     };
     let app = http::router(shared.clone());
+    // Events are small writes: without TCP_NODELAY each waits for the reader's
+    // delayed ACK (~40 ms a job, measured in comfyume-bench serverless).
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(drained);
     // A reader that stopped reading must not keep the process past the provider's grace.
     let hard_limit = {
