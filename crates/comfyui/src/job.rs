@@ -72,6 +72,26 @@ pub struct Outcome {
     pub meta: Map<String, Value>,
 }
 
+impl Outcome {
+    /// ComfyUI's interrupt outcome without node details: a job stopped before it ran,
+    /// or whose backend could not confirm that it stopped.
+    pub fn cancelled(id: &str) -> Outcome {
+        let data = serde_json::json!({
+            "prompt_id": id,
+            "node_id": null,
+            "node_type": null,
+            "executed": [],
+            "timestamp": crate::client::now_ms(),
+        });
+        Outcome {
+            messages: vec![serde_json::json!(["execution_interrupted", data.clone()])],
+            kind: OutcomeKind::Interrupted(data),
+            outputs: Map::new(),
+            meta: Map::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutcomeKind {
     Success,

@@ -17,17 +17,6 @@ pub use job::{
 
 use serde_json::Value;
 
-/// File endings of model weights, for [`model_files`].
-const MODEL_EXTENSIONS: &[&str] = &[
-    ".safetensors",
-    ".ckpt",
-    ".pt",
-    ".pth",
-    ".bin",
-    ".gguf",
-    ".sft",
-];
-
 /// The model files a prompt loads: string input values that name weights,
 /// sorted and de-duplicated. The dispatcher prefers the backend that last ran
 /// the same set (its models are still in VRAM).
@@ -39,10 +28,7 @@ pub fn model_files(prompt: &Value) -> Vec<String> {
         .filter_map(|node| node.get("inputs").and_then(Value::as_object))
         .flat_map(|inputs| inputs.values())
         .filter_map(Value::as_str)
-        .filter(|s| {
-            let lower = s.to_ascii_lowercase();
-            MODEL_EXTENSIONS.iter().any(|ext| lower.ends_with(ext))
-        })
+        .filter(|s| comfyume_wire::models::is_weights(s))
         .map(str::to_owned)
         .collect();
     out.sort();

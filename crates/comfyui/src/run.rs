@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::client::{ComfyUiBackend, Remote, http_error, now_ms};
+use crate::client::{ComfyUiBackend, Remote, http_error};
 use crate::job::{BackendError, BackendEvent, EventTx, JobSpec, Outcome, OutcomeKind};
 use crate::outputs;
 use crate::socket::{Subscription, WsEvent};
@@ -188,19 +188,7 @@ impl JobRun<'_> {
     /// An interrupt outcome without node details: the job was cancelled
     /// before it ran here, or the backend could not confirm that it stopped.
     fn cancelled(&self) -> Outcome {
-        let data = json!({
-            "prompt_id": self.job.id,
-            "node_id": null,
-            "node_type": null,
-            "executed": [],
-            "timestamp": now_ms(),
-        });
-        Outcome {
-            messages: vec![json!(["execution_interrupted", data.clone()])],
-            kind: OutcomeKind::Interrupted(data),
-            outputs: Map::new(),
-            meta: Map::new(),
-        }
+        Outcome::cancelled(&self.job.id)
     }
 
     /// Uploads the participant's input files into `comfyume/<user>/` on the

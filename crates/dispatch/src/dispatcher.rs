@@ -998,7 +998,7 @@ async fn stop_on(backend: &Arc<dyn Backend>, id: &str, limit: Duration) {
 
 /// Runs a task for the life of the process: restarted (after a pause) if it
 /// ends or panics, and logged each time.
-fn supervise<F, Fut>(what: &'static str, make: F) -> tokio::task::JoinHandle<()>
+pub fn supervise<F, Fut>(what: &'static str, make: F) -> tokio::task::JoinHandle<()>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,

@@ -13,6 +13,6 @@ pub use backend::{
 pub use comfyui::ComfyUiBackend;
 /// The ComfyUI client, job state machine and output storage (its own crate, shared with the worker).
 pub use comfyume_comfyui as comfyui;
-pub use dispatcher::{BackendStatus, DispatchConfig, Dispatcher, ErrorNote};
+pub use dispatcher::{BackendStatus, DispatchConfig, Dispatcher, ErrorNote, supervise};
 pub use events::EventSink;
 pub use queue::{CancelOutcome, LiveProgress, Queue, QueueConfig, QueueError, QueueSettings};

@@ -934,19 +934,7 @@ async fn interrupted(rx: &mut watch::Receiver<bool>) {
 
 /// ComfyUI's interrupt outcome for a job stopped before or while it ran here.
 pub(crate) fn cancelled(id: &str) -> Outcome {
-    let data = json!({
-        "prompt_id": id,
-        "node_id": null,
-        "node_type": null,
-        "executed": [],
-        "timestamp": now_ms(),
-    });
-    Outcome {
-        messages: vec![json!(["execution_interrupted", data.clone()])],
-        kind: OutcomeKind::Interrupted(data),
-        outputs: Map::new(),
-        meta: Map::new(),
-    }
+    Outcome::cancelled(id)
 }
 
 /// ComfyUI's error body shape.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{Local, NaiveTime, TimeZone};
+use comfyume_dispatch::supervise;
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -34,26 +35,6 @@ pub(crate) fn start(b: &Arc<ServerlessBackend>) {
             async move { warmup_loop(me, h, m).await }
         });
     }
-}
-
-/// Runs a task for the life of the process: restarted (after a pause) if it ends or
-/// panics, and logged each time.
-fn supervise<F, Fut>(what: &'static str, make: F)
-where
-    F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            match tokio::spawn(make()).await {
-                Ok(()) => tracing::error!(task = what, "background task ended; restarting it"),
-                Err(e) => {
-                    tracing::error!(task = what, error = %e, "background task crashed; restarting it")
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    });
 }
 
 async fn poll_loop(b: Arc<ServerlessBackend>) {

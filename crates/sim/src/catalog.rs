@@ -49,16 +49,6 @@ const MODEL_INPUTS: &[(&str, &str)] = &[
     ("LTXVAudioVAELoader", "ckpt_name"),
     ("LoraLoader", "lora_name"),
 ];
-const MODEL_EXTENSIONS: &[&str] = &[
-    ".safetensors",
-    ".sft",
-    ".ckpt",
-    ".pt",
-    ".pt2",
-    ".pth",
-    ".bin",
-    ".gguf",
-];
 
 #[derive(Debug)]
 pub struct Catalog {
@@ -308,8 +298,7 @@ impl Catalog {
 }
 
 fn looks_like_model(file: &str) -> bool {
-    let lower = file.to_ascii_lowercase();
-    MODEL_EXTENSIONS.iter().any(|ext| lower.ends_with(ext))
+    comfyume_wire::models::is_weights(file)
 }
 
 /// Append `choice` to a combo input's list.

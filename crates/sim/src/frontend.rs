@@ -24,29 +24,7 @@ type S = State<Arc<Shared>>;
 type Q = Query<HashMap<String, String>>;
 
 /// ComfyUI's model folder keys (`GET /models`).
-pub const MODEL_FOLDERS: &[&str] = &[
-    "checkpoints",
-    "configs",
-    "loras",
-    "vae",
-    "text_encoders",
-    "diffusion_models",
-    "clip_vision",
-    "style_models",
-    "embeddings",
-    "diffusers",
-    "vae_approx",
-    "controlnet",
-    "gligen",
-    "upscale_models",
-    "latent_upscale_models",
-    "custom_nodes",
-    "hypernetworks",
-    "photomaker",
-    "classifiers",
-    "model_patches",
-    "audio_encoders",
-];
+pub use comfyume_wire::models::MODEL_FOLDERS;
 
 const SETTINGS: &str = "comfy.settings.json";
 

@@ -75,9 +75,8 @@ pub const MODEL_LOADERS: &[(&str, &str, &str)] = &[
     ("photomaker", "PhotoMakerLoader", "photomaker_model_name"),
 ];
 
-/// File endings of model weights and configs. Loader lists also hold entries that are no
-/// files (`VAELoader`'s `pixel_space`, `taesd`): those are left out.
-const MODEL_EXTENSIONS: &[&str] = &[
+/// File endings of model weights.
+pub const WEIGHT_EXTENSIONS: &[&str] = &[
     ".safetensors",
     ".sft",
     ".ckpt",
@@ -86,14 +85,22 @@ const MODEL_EXTENSIONS: &[&str] = &[
     ".pth",
     ".bin",
     ".gguf",
-    ".onnx",
-    ".yaml",
-    ".json",
 ];
 
+/// Model files that are not weights but live in model folders too.
+const CONFIG_EXTENSIONS: &[&str] = &[".onnx", ".yaml", ".json"];
+
+/// Whether `name` is a model's weights (by its ending, any case).
+pub fn is_weights(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    WEIGHT_EXTENSIONS.iter().any(|e| lower.ends_with(e))
+}
+
+/// Whether `name` is a file a model folder holds: weights or a config. Loader lists also
+/// hold entries that are no files (`VAELoader`'s `pixel_space`, `taesd`): those are not.
 fn is_model_file(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    MODEL_EXTENSIONS.iter().any(|e| lower.ends_with(e))
+    is_weights(name) || CONFIG_EXTENSIONS.iter().any(|e| lower.ends_with(e))
 }
 
 /// Every folder's model files (sorted, each once) from the loaders' choices in `info`.
