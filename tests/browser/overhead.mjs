@@ -1,6 +1,8 @@
 // Benchmark, not a test: Run -> result in the stock frontend, straight at a ComfyUI (the
 // simulator serving the frontend itself, `comfyume-sim --front-end-root`) against the same
-// workflow through `comfyume serve` in front of that same ComfyUI, in alternating pairs.
+// workflow through `comfyume serve` in front of a ComfyUI of the same build and settings, in
+// alternating pairs. (Not the same one: ComfyUI sends its queue `status` to every socket, and
+// the idle straight tab would fetch the queue, history and newest image on every job serve ran.)
 //
 //   DIRECT_URL=http://127.0.0.1:P1 BASE_URL=http://127.0.0.1:P2 USER1=user001 PASS1=... \
 //     PAIRS=5 TEMPLATE="Flux.2 Klein 4B - text to image" node tests/browser/overhead.mjs
@@ -9,7 +11,8 @@
 // before, so nothing comes from ComfyUI's cache), presses the real Run button, and takes the time
 // in the page's clock from the press to the Save Image node showing the loaded result image.
 // Pairs alternate which path goes first. Prints a JSON summary with every pair and the median
-// ratio (through ComfyUMe / straight).
+// ratio (through ComfyUMe / straight). TRACE=1 logs every request and WebSocket frame of each
+// run (stderr), in Node's clock from the press of Run.
 
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
@@ -50,6 +53,20 @@ function freshGraph() {
   return g;
 }
 
+/** TRACE=1: every request and WebSocket frame of each run, in Node's clock from the press. */
+const TRACE = env.TRACE === '1';
+let traceLog = null;
+function traced(page) {
+  if (!TRACE) return;
+  const at = () => (traceLog ? (performance.now() - traceLog.t0).toFixed(1) : null);
+  const put = (what) => traceLog && traceLog.lines.push(`${at()} ${what}`);
+  page.on('request', (r) => put(`-> ${r.method()} ${r.url().replace(/^https?:\/\/[^/]+/, '')}`));
+  page.on('requestfinished', (r) => put(`<- ${r.url().replace(/^https?:\/\/[^/]+/, '')}`));
+  page.on('websocket', (ws) =>
+    ws.on('framereceived', (f) => put(`ws ${typeof f.payload === 'string' ? f.payload.slice(0, 90) : `binary ${f.payload.length}`}`)),
+  );
+}
+
 async function prepare(page) {
   await page.evaluate(() => {
     window.__bench = { clickedAt: null, shownAt: null, file: null, startAt: null, executedAt: null };
@@ -74,6 +91,7 @@ async function once(page, label) {
     await window.app.loadGraphData(g);
     Object.assign(window.__bench, { clickedAt: null, file: null, startAt: null, executedAt: null });
   }, graph);
+  if (TRACE) traceLog = { t0: performance.now(), lines: [] };
   await page.getByRole('button', { name: 'Run', exact: true }).click();
   try {
     await page.waitForFunction(
@@ -107,6 +125,10 @@ async function once(page, label) {
     return out;
   });
   if (!(r.total > 0)) fail(`${label}: no pointer press was seen before the result`);
+  if (TRACE) {
+    log(`${label}: ${r.total.toFixed(1)} ms\n  ${traceLog.lines.join('\n  ')}`);
+    traceLog = null;
+  }
   phases[label].push(r);
   return r.total;
 }
@@ -119,11 +141,13 @@ const median = (xs) => {
 
 runStory(async (browser, summary) => {
   const direct = (await newParticipant(browser, 'direct')).page;
+  traced(direct);
   await step('the frontend straight from the ComfyUI loads', async () => {
     await direct.goto(`${DIRECT}/`, { waitUntil: 'domcontentloaded', timeout: cfg.TIMEOUT });
     await waitForComfy(direct, 'direct');
   });
   const through = (await newParticipant(browser, 'comfyume')).page;
+  traced(through);
   await step('the frontend through ComfyUMe loads', async () => {
     await login(through, 'comfyume', env.USER1, env.PASS1);
     await waitForComfy(through, 'comfyume');

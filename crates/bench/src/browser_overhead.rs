@@ -1,8 +1,10 @@
 //! `browser-overhead`: Run -> result in the stock frontend in headless Chromium,
 //! straight at a ComfyUI (the simulator serving the frontend itself, as
 //! ComfyUI's `--front-end-root` does) against the same workflow through the real
-//! `comfyume serve` in front of that same simulator; alternating pairs, in the
-//! same run (tests/browser/overhead.mjs does the clicking and the timing).
+//! `comfyume serve` in front of a second simulator of the same build and settings;
+//! alternating pairs, in the same run (tests/browser/overhead.mjs does the clicking
+//! and the timing; `TRACE=1` prints every request and WebSocket frame of each run, and
+//! `RUST_LOG` reaches serve's log).
 
 use std::path::{Path, PathBuf};
 
@@ -105,16 +107,24 @@ pub async fn run(a: Args) -> Result<()> {
 
 async fn one_run(a: &Args, bin: &Path, frontend: &Path, script: &Path) -> Result<Value> {
     let dir = tempfile::tempdir()?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let sim = comfyume_sim::try_spawn(
-        comfyume_sim::SimConfig {
-            step_ms: a.step_ms,
-            front_end_root: Some(frontend.to_path_buf()),
-            ..Default::default()
-        },
-        listener,
-    )
-    .await?;
+    // Two simulators of one build and configuration: the straight tab's, and serve's. On one
+    // shared ComfyUI the idle straight tab would react to every job serve runs (ComfyUI sends
+    // its queue `status` to every socket, and the frontend then fetches the queue, the history
+    // and the newest result's image), loading this machine during the through-serve runs only.
+    let sim_with = || async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        comfyume_sim::try_spawn(
+            comfyume_sim::SimConfig {
+                step_ms: a.step_ms,
+                front_end_root: Some(frontend.to_path_buf()),
+                ..Default::default()
+            },
+            listener,
+        )
+        .await
+    };
+    let sim = sim_with().await?;
+    let direct = sim_with().await?;
     let data = dir.path().join("data");
     let users = common::create_workshop(bin, &data, 1).await?;
     let (user, pass) = users[0].clone();
@@ -130,7 +140,7 @@ async fn one_run(a: &Args, bin: &Path, frontend: &Path, script: &Path) -> Result
     .await?;
     let out = tokio::process::Command::new("node")
         .arg(script)
-        .env("DIRECT_URL", sim.url())
+        .env("DIRECT_URL", direct.url())
         .env("BASE_URL", &serve.base)
         .env("USER1", &user)
         .env("PASS1", &pass)
@@ -147,12 +157,11 @@ async fn one_run(a: &Args, bin: &Path, frontend: &Path, script: &Path) -> Result
         )?;
     serve.stop().await;
     sim.shutdown().await;
+    direct.shutdown().await;
+    // Its log (with TRACE=1, every request and frame of each run), on stderr.
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
-        bail!(
-            "the browser run failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("the browser run failed ({}); its log is above", out.status);
     }
     serde_json::from_slice(&out.stdout).context("the browser run printed no JSON summary")
 }

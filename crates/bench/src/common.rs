@@ -165,7 +165,8 @@ pub fn print_machine() {
 /// PATH/HOME/TMPDIR, so a stray `INFERENCE_MODE` or `.env` cannot change a figure.
 fn base_env(cmd: &mut tokio::process::Command) {
     cmd.env_clear();
-    for k in ["PATH", "HOME", "TMPDIR"] {
+    // RUST_LOG too: a bench's server can be asked for its debug log.
+    for k in ["PATH", "HOME", "TMPDIR", "RUST_LOG"] {
         if let Ok(v) = std::env::var(k) {
             cmd.env(k, v);
         }

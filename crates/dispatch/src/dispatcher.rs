@@ -1265,7 +1265,7 @@ impl Relay {
                     }.in_current_span());
                     queue.touch();
                     // ComfyUI's order: its queue's `status` before `execution_start`.
-                    queue.broadcast_status(user).await;
+                    queue.broadcast_status_now(user);
                 }
                 self.ended |= is_end_message(kind);
                 queue.live_note(&self.id, kind, v.get("data"));

@@ -987,6 +987,22 @@ impl Queue {
         self.send_status(user, None).await;
     }
 
+    /// [`Self::broadcast_status`] counted in memory (waiting and taken jobs of this
+    /// process) instead of read from the store: for the `status` ComfyUI sends just before
+    /// a job's `execution_start`, which must not wait behind the database (a job starting
+    /// changes no count; the store's own count follows with the next `status`).
+    pub fn broadcast_status_now(&self, user: &str) {
+        if !self.events.listening(user) {
+            return;
+        }
+        let remaining = {
+            let s = self.sched();
+            s.queued_for(user) as u64 + u64::from(s.running_for(user))
+        };
+        let msg = comfyume_wire::shapes::status_message(remaining, None);
+        self.events.to_user(user, &msg.to_string());
+    }
+
     /// [`Self::broadcast_status`] with the count when the caller already has it.
     async fn send_status(&self, user: &str, known: Option<u64>) {
         // Counting costs a database read: not for a participant with no tab open (their

@@ -119,17 +119,30 @@ function render() {
 
 async function refresh() {
   try {
-    const r = await api.fetchApi("/comfyume/status");
+    // Serverless GPUs only (nulls otherwise): a cold start under way, GPU time today.
+    const [r, g] = await Promise.all([api.fetchApi("/comfyume/status"), api.fetchApi("/comfyume/gpu")]);
     if (!r.ok) return;
     last = await r.json();
-    // Serverless GPUs only (nulls otherwise): a cold start under way, GPU time today.
-    const g = await api.fetchApi("/comfyume/gpu");
     gpu = g.ok ? await g.json() : null;
     notice = null;
     render();
   } catch (_) {
     // The banner is informational; the UI works without it.
   }
+}
+
+/** How long a burst of queue `status` messages is gathered into one banner refresh. */
+const REFRESH_AFTER_MS = 300;
+let refreshTimer = null;
+
+/** A refresh after the burst: ComfyUI sends `status` two or three times around each job,
+ *  and the banner's fetches should not compete with the job's own events and images. */
+function refreshSoon() {
+  if (refreshTimer !== null) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    refresh();
+  }, REFRESH_AFTER_MS);
 }
 
 app.registerExtension({
@@ -147,7 +160,7 @@ app.registerExtension({
   menuCommands: [{ path: ["Workflow"], commands: [DOWNLOAD_COMMAND] }],
   async setup() {
     await refresh();
-    api.addEventListener("status", refresh);
+    api.addEventListener("status", refreshSoon);
     api.addEventListener("comfyume", (e) => {
       if (e.detail && "broadcast" in e.detail) showBroadcast(e.detail.broadcast);
       if (e.detail && e.detail.message) {
