@@ -2,7 +2,8 @@
 //! JOB_START_TIMEOUT 600 s, a 15 s grace, a reconcile every 30 s), in virtual
 //! time: a hanging backend, a backend that never starts the job, a backend
 //! whose stop never answers, a lost backend, a panic, a submission whose caller
-//! went away, and a store answer that was lost after it committed. Every
+//! went away, a store answer that was lost after it committed, and a store that
+//! cannot record a job's end. Every
 //! accepted job ends, once, within a bounded time, and its slot and its
 //! owner's cap are free again.
 
@@ -440,6 +441,53 @@ async fn a_full_data_disk_fails_the_job_once_with_its_reason_and_runs_it_nowhere
     r.queue.submit(new_job("next", "u1")).await.unwrap();
     r.at(SECS(20)).await;
     assert_eq!(runs_of(&journal, "next").len(), 1);
+}
+
+/// A store that cannot record a job's end (a full disk): the job is found again by the
+/// reconciler and re-attached, but at a pace that slows down (1 s, 2 s, 4 s, ... up to
+/// the 30 s reconcile), not hundreds of times a second; once the store can write again,
+/// the job ends, once.
+#[tokio::test(start_paused = true)]
+async fn a_store_that_cannot_record_endings_is_retried_at_a_growing_pace() {
+    let journal = Arc::new(Journal::default());
+    let r = one_backend(
+        Scripted::new(
+            "gpu-a",
+            1,
+            Script::Run {
+                wait: SECS(0),
+                run: SECS(1),
+            },
+            &journal,
+        ),
+        journal.clone(),
+    )
+    .await;
+    r.store.faults.lock().unwrap().endings_fail = true;
+    r.queue.submit(new_job("job", "u1")).await.unwrap();
+    r.at(SECS(120)).await;
+    let runs = runs_of(&journal, "job").len();
+    // First run, then a re-attach per reconcile: after 1+2+4+8+16+30+30 s about 7-8.
+    assert!(
+        (2..=10).contains(&runs),
+        "{runs} runs in 120 s while the store could not write"
+    );
+    r.store.faults.lock().unwrap().endings_fail = false;
+    r.at(SECS(180)).await;
+    let job = r.job("job").await;
+    assert_eq!(
+        job.state,
+        JobState::Succeeded,
+        "{job:?} {:?}",
+        journal.calls()
+    );
+    let settled = runs_of(&journal, "job").len();
+    r.at(SECS(300)).await;
+    assert_eq!(
+        runs_of(&journal, "job").len(),
+        settled,
+        "nothing after it ended"
+    );
 }
 
 #[tokio::test(start_paused = true)]

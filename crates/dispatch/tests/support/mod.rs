@@ -40,6 +40,8 @@ pub struct Faults {
     pub dispatch_commits_then_times_out: bool,
     /// Every enqueue commits, then its answer takes this long (virtual time).
     pub enqueue_answer_delay: Option<Duration>,
+    /// No job's end (nor its requeue) can be written: a full disk under the store.
+    pub endings_fail: bool,
 }
 
 impl BlockingStore {
@@ -241,6 +243,12 @@ impl JobStore for BlockingStore {
         to: JobState,
         patch: JobPatch,
     ) -> Result<JobRecord, StoreError> {
+        let ending = !matches!(to, JobState::Dispatched | JobState::Running);
+        if ending && self.faults().endings_fail {
+            return Err(StoreError::Unavailable(
+                "database or disk is full (injected)".into(),
+            ));
+        }
         let (i, f) = (id.to_string(), from.to_vec());
         let r = blocking!(self, |s| s.transition(&i, &f, to, patch).await);
         let ambiguous = to == JobState::Dispatched
@@ -358,6 +366,13 @@ impl Scripted {
     }
 }
 
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 fn msg(kind: &str, data: Value) -> BackendEvent {
     BackendEvent::Message(json!({"type": kind, "data": data}))
 }
@@ -422,7 +437,9 @@ impl Backend for Scripted {
             let _ = events
                 .send(msg(
                     "execution_start",
-                    json!({"prompt_id": id, "timestamp": 0}),
+                    // Wall-clock milliseconds, as ComfyUI sends (a re-attached job's
+                    // JOB_TIMEOUT counts from it).
+                    json!({"prompt_id": id, "timestamp": wall_ms()}),
                 ))
                 .await;
         };
