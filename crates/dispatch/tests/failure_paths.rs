@@ -3,9 +3,8 @@
 //! time: a hanging backend, a backend that never starts the job, a backend
 //! whose stop never answers, a lost backend, a panic, a submission whose caller
 //! went away, a store answer that was lost after it committed, and a store that
-//! cannot record a job's end. Every
-//! accepted job ends, once, within a bounded time, and its slot and its
-//! owner's cap are free again.
+//! cannot record a job's end. Every accepted job ends, once, within a bounded
+//! time, and its slot and its owner's cap are free again.
 
 mod support;
 
