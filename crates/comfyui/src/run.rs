@@ -25,6 +25,8 @@ use comfyume_wire::shapes::ws::{BinaryFrame, ws_message};
 /// WebSocket re-connection attempts after a drop, before the backend is
 /// considered gone.
 const RECONNECT_TRIES: u32 = 5;
+/// An input file is read and sent in pieces of this size.
+const UPLOAD_PIECE: usize = 256 * 1024;
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
 
@@ -210,7 +212,13 @@ impl JobRun<'_> {
                 Some((_, f)) => (None, f),
                 None => (None, rel),
             };
-            let data = tokio::fs::read(&input.local).await.map_err(|e| {
+            // Streamed from disk as it is sent: a participant's video is never held
+            // in memory whole (one piece per file in flight).
+            let opened = match tokio::fs::File::open(&input.local).await {
+                Ok(f) => f.metadata().await.map(|m| (f, m.len())),
+                Err(e) => Err(e),
+            };
+            let (file_handle, len) = opened.map_err(|e| {
                 // The participant's own file is missing: another backend
                 // would not find it either.
                 BackendError::Rejected(json!({
@@ -227,10 +235,15 @@ impl JobRun<'_> {
                 Some(d) => format!("{user_dir}/{d}"),
                 None => user_dir.clone(),
             };
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                file_handle,
+                UPLOAD_PIECE,
+            ));
             let form = reqwest::multipart::Form::new()
                 .part(
                     "image",
-                    reqwest::multipart::Part::bytes(data).file_name(file.to_owned()),
+                    reqwest::multipart::Part::stream_with_length(body, len)
+                        .file_name(file.to_owned()),
                 )
                 .text("subfolder", subfolder)
                 .text("type", "input")

@@ -383,6 +383,55 @@ async fn uploaded_inputs_land_in_per_participant_subfolders() {
     sim.shutdown().await;
 }
 
+/// An input of several upload pieces (streamed from disk, never read whole) arrives byte
+/// for byte; an input that is gone is the participant's error, not the GPU's.
+#[tokio::test]
+async fn a_large_input_is_uploaded_whole_and_a_missing_one_is_refused() {
+    let sim = sim(0).await;
+    let b = arc(backend(&sim));
+    let f = folders();
+    // 3 MiB and a bit, not a multiple of any buffer size; not all zeros.
+    let big: Vec<u8> = (0..3 * 1024 * 1024 + 4321u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(f.inputs.join("big.png"), &big).unwrap();
+    let prompt = json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "big.png"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "big"}}
+    });
+    let mut spec = job("big", "user003", prompt.clone(), &["2"], &f);
+    spec.inputs = vec![InputFile {
+        local: f.inputs.join("big.png"),
+        name: "big.png".into(),
+    }];
+    // Not a real picture: how the run ends does not matter here, the upload does.
+    let _ = run(&b, spec).await;
+    let on_backend = sim
+        .input_dir()
+        .join("comfyume")
+        .join("user003")
+        .join("big.png");
+    assert!(
+        read(&on_backend) == big,
+        "the backend has the file, byte for byte"
+    );
+
+    let mut gone = job("gone", "user003", prompt, &["2"], &f);
+    gone.inputs = vec![InputFile {
+        local: f.inputs.join("missing.png"),
+        name: "big.png".into(),
+    }];
+    match run(&b, gone).await.0 {
+        Err(BackendError::Rejected(v)) => {
+            assert_eq!(
+                v["error"]["message"],
+                "Input file big.png could not be read"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn runtime_error_is_an_execution_error_outcome() {
     let sim = sim(0).await;
