@@ -91,7 +91,7 @@ async function once(page, label) {
     await window.app.loadGraphData(g);
     Object.assign(window.__bench, { clickedAt: null, file: null, startAt: null, executedAt: null });
   }, graph);
-  if (TRACE) traceLog = { t0: performance.now(), lines: [] };
+  if (TRACE) traceLog = { t0: performance.now(), wall: Date.now(), lines: [] };
   await page.getByRole('button', { name: 'Run', exact: true }).click();
   try {
     await page.waitForFunction(
@@ -126,7 +126,7 @@ async function once(page, label) {
   });
   if (!(r.total > 0)) fail(`${label}: no pointer press was seen before the result`);
   if (TRACE) {
-    log(`${label}: ${r.total.toFixed(1)} ms\n  ${traceLog.lines.join('\n  ')}`);
+    log(`${label}: ${r.total.toFixed(1)} ms (pressed at ${new Date(traceLog.wall).toISOString()})\n  ${traceLog.lines.join('\n  ')}`);
     traceLog = null;
   }
   phases[label].push(r);

@@ -32,6 +32,9 @@ pub struct Args {
     pub frontend: PathBuf,
     #[arg(long, default_value = "tests/browser/overhead.mjs")]
     pub script: PathBuf,
+    /// Keep serve's log of each run here (`PATH.1`, `PATH.2`, ...), e.g. with `RUST_LOG=debug`.
+    #[arg(long)]
+    pub serve_log: Option<PathBuf>,
 }
 
 pub async fn run(a: Args) -> Result<()> {
@@ -43,7 +46,7 @@ pub async fn run(a: Args) -> Result<()> {
     let mut phase_rows = Vec::new();
     let mut runs = Vec::new();
     for r in 0..a.runs {
-        let out = one_run(&a, &bin, &frontend, &script).await?;
+        let out = one_run(&a, &bin, &frontend, &script, r + 1).await?;
         let ratio = out["median_ratio"].as_f64().context("no median_ratio")?;
         let direct = out["median_direct_ms"].as_f64().unwrap_or(0.0);
         let through = out["median_comfyume_ms"].as_f64().unwrap_or(0.0);
@@ -105,7 +108,13 @@ pub async fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-async fn one_run(a: &Args, bin: &Path, frontend: &Path, script: &Path) -> Result<Value> {
+async fn one_run(
+    a: &Args,
+    bin: &Path,
+    frontend: &Path,
+    script: &Path,
+    run: usize,
+) -> Result<Value> {
     let dir = tempfile::tempdir()?;
     // Two simulators of one build and configuration: the straight tab's, and serve's. On one
     // shared ComfyUI the idle straight tab would react to every job serve runs (ComfyUI sends
@@ -155,7 +164,13 @@ async fn one_run(a: &Args, bin: &Path, frontend: &Path, script: &Path) -> Result
         .context(
             "running node (tests/browser must have its npm packages: scripts/install-test-deps.sh)",
         )?;
+    let log = serve.log.clone();
     serve.stop().await;
+    if let Some(keep) = &a.serve_log {
+        let to = PathBuf::from(format!("{}.{run}", keep.display()));
+        std::fs::copy(&log, &to)
+            .with_context(|| format!("keeping serve's log as {}", to.display()))?;
+    }
     sim.shutdown().await;
     direct.shutdown().await;
     // Its log (with TRACE=1, every request and frame of each run), on stderr.
