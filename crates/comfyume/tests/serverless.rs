@@ -19,43 +19,9 @@ type Ws =
 
 const ADMIN: &str = "teacher";
 
-/// A binary of another workspace package, built if missing or older than its sources
-/// (`cargo test -p comfyume` builds only this package's binaries).
-fn workspace_bin(package: &str, bin: &str, crates: &[&str]) -> PathBuf {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _once = BUILD.lock().unwrap_or_else(|e| e.into_inner());
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().unwrap().parent().unwrap().join(bin);
-    let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let stale = built.is_none()
-        || crates
-            .iter()
-            .any(|c| newest(&root.join("crates").join(c).join("src")) > built);
-    if stale {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", package, "--bin", bin])
-            .current_dir(&root)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cargo build -p {package} failed");
-    }
-    path
-}
-
-fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-    let mut out = None;
-    for e in std::fs::read_dir(dir).ok()?.flatten() {
-        let p = e.path();
-        let t = if p.is_dir() {
-            newest(&p)
-        } else {
-            e.metadata().and_then(|m| m.modified()).ok()
-        };
-        out = out.max(t);
-    }
-    out
-}
+#[path = "../../../tests/support/workspace_bin.rs"]
+mod workspace_bin;
+use workspace_bin::workspace_bin;
 
 /// Kills a process group (the emulator and the replicas it started).
 fn kill_group(pid: u32) {

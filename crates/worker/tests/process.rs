@@ -3,6 +3,8 @@
 //! its configured grace and exits.
 
 mod helpers;
+#[path = "../../../tests/support/workspace_bin.rs"]
+mod workspace_bin;
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -10,6 +12,7 @@ use std::time::Duration;
 use helpers::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use workspace_bin::workspace_bin;
 
 /// A worker process; killed (its process group) when dropped.
 struct WorkerProcess {
