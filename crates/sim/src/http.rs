@@ -2,7 +2,9 @@
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, Multipart, Path as UrlPath, Query, RawQuery, Request, State,
+};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -14,6 +16,10 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use comfyume_wire::shapes::jobs::{
+    JobSource, JobsQuery, QueuedJob, job_detail, job_entry, job_not_found,
+};
+use comfyume_wire::shapes::queue::HistoryRecord;
 use comfyume_wire::shapes::{
     history_window, prompt_accepted, prompt_info, queue_response, to_python_json,
 };
@@ -123,6 +129,9 @@ fn api_routes() -> Router<Arc<Shared>> {
         .route("/free", post(post_free))
         .route("/history", get(get_history).post(post_history))
         .route("/history/{id}", get(get_history_id))
+        // Declared with their prefix in ComfyUI: so also under `/api/api/jobs`.
+        .route("/api/jobs", get(get_jobs))
+        .route("/api/jobs/{id}", get(get_job))
         .route("/view", get(view))
         .route("/upload/image", post(upload_image))
         .route("/object_info", get(object_info))
@@ -395,6 +404,69 @@ async fn get_history_id(State(shared): S, UrlPath(id): UrlPath<String>) -> Respo
         out.insert(id, v.clone());
     }
     json_response(StatusCode::OK, &Value::Object(out))
+}
+
+/// The queue and the history as the jobs API sees them: running, pending, then history.
+fn job_views(inner: &crate::state::Inner, detail: bool, only: Option<&str>) -> Vec<Value> {
+    let render = |src: &JobSource<'_>| {
+        if detail {
+            job_detail(src)
+        } else {
+            job_entry(src)
+        }
+    };
+    let wanted = |id: &str| only.is_none_or(|o| o == id);
+    let mut out = Vec::new();
+    let queued = |item: &QueueItem, running: bool| {
+        let extra = Value::Object(item.extra_data.clone());
+        let q = QueuedJob {
+            number: &item.number,
+            prompt_id: &item.prompt_id,
+            extra_data: &extra,
+        };
+        render(&if running {
+            JobSource::InProgress(q)
+        } else {
+            JobSource::Pending(q)
+        })
+    };
+    if let Some(item) = inner.running.as_ref().filter(|i| wanted(&i.prompt_id)) {
+        out.push(queued(item, true));
+    }
+    for item in inner.pending.iter().filter(|i| wanted(&i.prompt_id)) {
+        out.push(queued(item, false));
+    }
+    for (id, item) in inner.history.iter().filter(|(id, _)| wanted(id)) {
+        if let Some(r) = HistoryRecord::from_item(id, item) {
+            out.push(render(&JobSource::Finished(&r)));
+        }
+    }
+    out
+}
+
+/// `GET /api/jobs`: filtered, sorted and paged as ComfyUI's jobs API does; bad
+/// parameters get its 400 `{"error": ...}`.
+async fn get_jobs(State(shared): S, RawQuery(raw): RawQuery) -> Response {
+    let q = match JobsQuery::parse(raw.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+            return json_response(status, &e.body());
+        }
+    };
+    let jobs = job_views(&lock(&shared.inner), false, None);
+    json_response(StatusCode::OK, &q.apply(jobs))
+}
+
+/// `GET /api/jobs/{id}`: one job with its outputs, status and workflow; 404 when unknown.
+async fn get_job(State(shared): S, UrlPath(id): UrlPath<String>) -> Response {
+    let found = job_views(&lock(&shared.inner), true, Some(&id))
+        .into_iter()
+        .next();
+    match found {
+        Some(job) => json_response(StatusCode::OK, &job),
+        None => json_response(StatusCode::NOT_FOUND, &job_not_found()),
+    }
 }
 
 async fn post_history(State(shared): S, body: Bytes) -> Response {

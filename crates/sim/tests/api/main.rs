@@ -4,6 +4,7 @@ mod faults;
 mod files;
 mod frontend;
 mod helpers;
+mod jobs;
 mod protocol;
 mod templates;
 mod workflows;

@@ -98,6 +98,50 @@ pub fn meta_entry(
     json!({"node_id": node_id, "display_node": display_node, "parent_node": parent_node, "real_node_id": real_node_id})
 }
 
+impl HistoryRecord {
+    /// The record behind a history item as [`history_item`] renders it (`GET /history/{id}`
+    /// values); `None` when `item` does not have that shape.
+    pub fn from_item(prompt_id: &str, item: &Value) -> Option<HistoryRecord> {
+        let p = item.get("prompt")?.as_array()?;
+        let status = match item.get("status") {
+            None | Some(Value::Null) => None,
+            Some(s) => Some(ExecStatus {
+                status_str: match s.get("status_str")?.as_str()? {
+                    "success" => StatusStr::Success,
+                    "error" => StatusStr::Error,
+                    _ => return None,
+                },
+                completed: s.get("completed")?.as_bool()?,
+                messages: s
+                    .get("messages")?
+                    .as_array()?
+                    .iter()
+                    .map(|m| Some((m.get(0)?.as_str()?.to_owned(), m.get(1)?.clone())))
+                    .collect::<Option<_>>()?,
+            }),
+        };
+        Some(HistoryRecord {
+            number: p.first()?.as_number()?.clone(),
+            prompt_id: prompt_id.to_owned(),
+            prompt: p.get(2)?.clone(),
+            extra_data: p.get(3)?.clone(),
+            outputs_to_execute: p
+                .get(4)?
+                .as_array()?
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()?,
+            outputs: item.get("outputs")?.as_object()?.clone(),
+            status,
+            meta: item
+                .get("meta")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
+}
+
 /// A history item (`GET /history/{id}` values): `{"prompt", "outputs", "status", "meta"}`.
 pub fn history_item(record: &HistoryRecord) -> Value {
     json!({
@@ -156,32 +200,27 @@ pub(crate) mod tests {
     pub(crate) fn fixture_record() -> HistoryRecord {
         let all: Value = serde_json::from_str(FIXTURE).unwrap();
         let (id, item) = all.as_object().unwrap().iter().next().unwrap();
-        let p = item["prompt"].as_array().unwrap();
-        let status = &item["status"];
-        HistoryRecord {
-            number: p[0].as_number().unwrap().clone(),
-            prompt_id: id.clone(),
-            prompt: p[2].clone(),
-            extra_data: p[3].clone(),
-            outputs_to_execute: p[4]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect(),
-            outputs: item["outputs"].as_object().unwrap().clone(),
-            status: Some(ExecStatus {
-                status_str: StatusStr::Success,
-                completed: status["completed"].as_bool().unwrap(),
-                messages: status["messages"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| (m[0].as_str().unwrap().to_owned(), m[1].clone()))
-                    .collect(),
-            }),
-            meta: Map::from_iter([("3".to_owned(), meta_entry("3", "3", None, "3"))]),
-        }
+        HistoryRecord::from_item(id, item).unwrap()
+    }
+
+    #[test]
+    fn a_history_item_reads_back_as_its_record() {
+        let r = fixture_record();
+        assert_eq!(r.status.as_ref().unwrap().status_str, StatusStr::Success);
+        assert_eq!(r.meta["3"], meta_entry("3", "3", None, "3"));
+        let item = history_item(&r);
+        assert_eq!(
+            HistoryRecord::from_item(&r.prompt_id, &item),
+            Some(r.clone())
+        );
+        let mut pending = r.clone();
+        pending.status = None;
+        let item = history_item(&pending);
+        assert_eq!(HistoryRecord::from_item("x", &item).unwrap().status, None);
+        assert_eq!(HistoryRecord::from_item("x", &json!({"prompt": 1})), None);
+        let mut odd = history_item(&r);
+        odd["status"]["status_str"] = json!("maybe");
+        assert_eq!(HistoryRecord::from_item("x", &odd), None);
     }
 
     #[test]
