@@ -1062,6 +1062,34 @@ async fn view_answers_range_requests_for_scrubbing() {
     );
 }
 
+/// A video far past the size read in bigger pieces: whole, byte for byte, and in ranges
+/// that cross those pieces, with the media type its bytes have.
+#[tokio::test]
+async fn view_serves_a_big_video_whole_and_in_ranges() {
+    let app = spawn_app().await;
+    let dir = app.dirs(U).outputs.join("video");
+    std::fs::create_dir_all(&dir).unwrap();
+    // An MP4's `ftyp` box, then 3 MiB and a bit of varied bytes.
+    let mut bytes = b"\0\0\0\x18ftypisom\0\0\x02\0isomiso2".to_vec();
+    bytes.extend((0..3 * 1024 * 1024 + 777u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8));
+    std::fs::write(dir.join("clip.mp4"), &bytes).unwrap();
+    let q = "filename=clip.mp4&subfolder=video&type=output";
+    let r = app.get(U, &view_path(q)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type").as_deref(), Some("video/mp4"));
+    assert!(r.body == bytes, "the whole file, byte for byte");
+    let (from, to) = (256 * 1024 - 3, 3 * 256 * 1024 + 5);
+    let r = app
+        .get_with(
+            U,
+            &view_path(q),
+            &[("range", &format!("bytes={from}-{to}"))],
+        )
+        .await;
+    assert_eq!(r.status, 206);
+    assert!(r.body == bytes[from..=to], "the range, byte for byte");
+}
+
 #[tokio::test]
 async fn view_never_renders_markup_on_this_origin() {
     // An uploaded page must not run as this origin's page (it would act with

@@ -46,13 +46,34 @@ pub async fn blocking<T: Send + 'static>(
         .unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
-/// Up to `n` leading bytes of a file (for content sniffing).
-pub async fn read_head(path: &Path, n: usize) -> io::Result<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let f = tokio::fs::File::open(path).await?;
-    let mut buf = Vec::with_capacity(n);
-    f.take(n as u64).read_to_end(&mut buf).await?;
-    Ok(buf)
+/// Up to `n` leading bytes of a file (for content sniffing), and its length.
+pub async fn read_head(path: &Path, n: usize) -> io::Result<(Vec<u8>, u64)> {
+    let path = path.to_owned();
+    blocking(move || {
+        use std::io::Read;
+        let f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        let mut buf = Vec::with_capacity(n);
+        f.take(n as u64).read_to_end(&mut buf)?;
+        Ok((buf, len))
+    })
+    .await
+}
+
+/// Files at least this long are sent in [`crate::export::CHUNK`]-sized reads.
+const BIG_FILE: u64 = 4 * crate::export::CHUNK as u64;
+
+/// tower-http's file service (ranges, conditional requests) for a file of `len` bytes.
+/// Big files (videos) are read in 256 KiB pieces: a 2 GB `/view` took 0.87-1.14 s instead
+/// of 1.41-1.88 s with the default 64 KiB. Small files keep the default, so an image view
+/// does not reserve a buffer many times its size.
+pub fn serve_file(path: &Path, len: u64) -> tower_http::services::ServeFile {
+    let service = tower_http::services::ServeFile::new(path);
+    if len >= BIG_FILE {
+        service.with_buf_chunk_size(crate::export::CHUNK)
+    } else {
+        service
+    }
 }
 
 /// Seconds since the epoch, as ComfyUI reports file times.

@@ -340,14 +340,11 @@ pub async fn content(
     if fsx::kind(&path).await != fsx::Kind::File {
         return not_found(&id);
     }
-    let head = fsx::read_head(&path, sniff::HEAD_LEN)
+    let (head, len) = fsx::read_head(&path, sniff::HEAD_LEN)
         .await
         .unwrap_or_default();
     let media = sniff::media_type(&head, &a.name);
-    let mut resp = match tower_http::services::ServeFile::new(&path)
-        .oneshot(req)
-        .await
-    {
+    let mut resp = match fsx::serve_file(&path, len).oneshot(req).await {
         Ok(r) => r.map(Body::new),
         Err(e) => match e {},
     };

@@ -289,10 +289,10 @@ pub async fn view(
         }
     }
     // Inline only as the media type its bytes are, whatever it is called.
-    let head = fsx::read_head(&path, sniff::HEAD_LEN).await?;
+    let (head, len) = fsx::read_head(&path, sniff::HEAD_LEN).await?;
     let media = sniff::media_type(&head, &base_name);
     // The plain file, with Range support (video scrubbing) from tower-http.
-    let mut resp = tower_http::services::ServeFile::new(&path)
+    let mut resp = fsx::serve_file(&path, len)
         .oneshot(req)
         .await
         .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
