@@ -568,7 +568,12 @@ fn fit(s: &str, max: usize) -> String {
     while !s.is_char_boundary(cut) {
         cut -= 1;
     }
-    format!("{}{ext}", &s[..cut])
+    // The cut may land after a space or a dot, which Windows drops from a name's end.
+    let head = s[..cut].trim_end_matches(['.', ' ']);
+    if head.is_empty() && ext.is_empty() {
+        return "_".to_string();
+    }
+    format!("{head}{ext}")
 }
 
 /// The names given so far, compared without regard to case (Windows and macOS file
@@ -586,8 +591,17 @@ impl Names {
         let mut parts: Vec<String> = name.split('/').map(str::to_string).collect();
         let last = parts.len() - 1;
         for i in 0..last {
+            let base = parts[i].clone();
+            let mut k = 1;
             while self.files.contains(&parts[..=i].join("/").to_lowercase()) {
-                parts[i] = fit(&format!("{}_", parts[i]), MAX_COMPONENT);
+                // `a_`, `a_2`, ...: each try differs, even for a name at the length limit.
+                let suffix = if k == 1 {
+                    "_".to_string()
+                } else {
+                    format!("_{k}")
+                };
+                parts[i] = format!("{}{suffix}", fit(&base, MAX_COMPONENT - suffix.len()));
+                k += 1;
             }
         }
         let dir = parts[..last].join("/");
@@ -965,6 +979,18 @@ mod tests {
         let long = format!("{}.png", "é".repeat(200));
         let s = safe_name(&long);
         assert!(s.len() <= 255 && s.ends_with(".png"), "{s}");
+        // Cut where a space or a dot ends up last (found by the property below).
+        let spaced = format!("{} tail", "ab ".repeat(100));
+        let s = safe_name(&spaced);
+        assert!(
+            s.len() <= 255 && !s.ends_with(' ') && s.starts_with("ab ab"),
+            "{s:?}"
+        );
+        let dotted = safe_name(&format!("a{}", ". ".repeat(200)));
+        assert_eq!(
+            dotted, "a",
+            "nothing but dots and spaces after the first letter"
+        );
     }
 
     #[test]
@@ -978,9 +1004,35 @@ mod tests {
         assert_eq!(n.claim("x/y"), "x_/y");
         assert_eq!(n.claim("noext"), "noext");
         assert_eq!(n.claim("NOEXT"), "NOEXT (2)");
+        // A folder named like earlier files, at the length limit: shortened, never stuck.
+        let long = "d".repeat(MAX_COMPONENT);
+        assert_eq!(n.claim(&long), long);
+        let folder = n.claim(&format!("{long}/f.png"));
+        assert_eq!(folder, format!("{}_/f.png", &long[..MAX_COMPONENT - 1]));
+        assert_eq!(
+            n.claim(&format!("{}_", &long[..MAX_COMPONENT - 1])),
+            format!("{} (2)", &long[..MAX_COMPONENT - 4])
+        );
+        let again = n.claim(&format!("{long}/g.png"));
+        assert_eq!(again, format!("{}_/g.png", &long[..MAX_COMPONENT - 1]));
     }
 
     proptest::proptest! {
+        #[test]
+        fn claimed_names_are_unique_and_stay_within_limits(
+            names in proptest::collection::vec("(d{1,3}|[aA.]{1,300})(/[aA. ]{1,300}){0,2}", 1..24)
+        ) {
+            let mut n = Names::default();
+            let mut seen = HashSet::new();
+            for name in names {
+                let got = n.claim(&safe_name(&name));
+                proptest::prop_assert!(seen.insert(got.to_lowercase()), "{got} twice");
+                for part in got.split('/') {
+                    proptest::prop_assert!(!part.is_empty() && part.len() <= MAX_COMPONENT);
+                }
+            }
+        }
+
         #[test]
         fn any_name_becomes_a_safe_relative_path(name in "\\PC{0,300}") {
             let s = safe_name(&name);
