@@ -498,13 +498,20 @@ pub fn tiny_prompt(color: u64) -> Value {
     })
 }
 
-/// `shared/comfyui/workflows/nomodel.json` (64×64 image, inverted, saved) with its colour varied.
+/// The captured no-model workflow (tests/fixtures/comfyui/workflows/nomodel.json: a 64×64
+/// image, inverted, saved) with its colour varied.
 pub fn nomodel_prompt(color: u64) -> Value {
-    json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color % 16_777_216}},
-        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "nomodel"}}
-    })
+    static NOMODEL: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let mut p = NOMODEL
+        .get_or_init(|| {
+            serde_json::from_str(include_str!(
+                "../../../tests/fixtures/comfyui/workflows/nomodel.json"
+            ))
+            .expect("the captured workflow is JSON")
+        })
+        .clone();
+    p["1"]["inputs"]["color"] = json!(color % 16_777_216);
+    p
 }
 
 /// A Flux.2 text-to-image graph of the workshop template kind: `steps` sampler

@@ -11,6 +11,9 @@
 //! tests too); with `cargo test -p comfyume-bench` alone, build them first
 //! (`cargo build -p comfyume -p comfyume-sim`).
 
+#[path = "../../../tests/support/frontend.rs"]
+mod frontend;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -35,11 +38,7 @@ fn binary(name: &str) -> PathBuf {
 /// The real frontend when the suite installed it, else a minimal stand-in
 /// (the participants load index.html and the files it names).
 fn frontend(tmp: &Path) -> PathBuf {
-    let installed = std::env::var_os("COMFYUME_TEST_FRONTEND_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/test-data/frontend/1.37.11")
-        });
+    let installed = frontend::installed_frontend();
     if installed.join("index.html").is_file() {
         return installed;
     }

@@ -6,28 +6,13 @@
 mod helpers;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
-fn frontend_dir() -> PathBuf {
-    let dir = std::env::var_os("COMFYUME_TEST_FRONTEND_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target/test-data/frontend/1.37.11"));
-    assert!(
-        dir.join("index.html").is_file(),
-        "the real frontend is not at {}: run scripts/install-frontend.sh target/test-data (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
+#[path = "../../../tests/support/frontend.rs"]
+mod frontend;
+use frontend::{frontend_dir, repo};
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_comfyume")

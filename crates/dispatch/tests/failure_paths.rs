@@ -36,6 +36,17 @@ async fn one_backend(b: Scripted, journal: Arc<Journal>) -> Rig {
     .await
 }
 
+/// Two backends in this order (both idle: a job lands on the first), production timeouts.
+async fn two_backends(a: Scripted, b: Scripted, journal: &Arc<Journal>) -> Rig {
+    rig(
+        vec![Arc::new(a) as Arc<dyn Backend>, Arc::new(b)],
+        production(),
+        QueueConfig::default(),
+        journal.clone(),
+    )
+    .await
+}
+
 fn runs_of(journal: &Journal, job: &str) -> Vec<String> {
     journal
         .calls()
@@ -54,16 +65,8 @@ fn error_type(rec: &comfyume_store::JobRecord) -> String {
 #[tokio::test(start_paused = true)]
 async fn a_hanging_backend_whose_stop_never_answers_frees_slot_and_cap_within_timeout_plus_grace() {
     let journal = Arc::new(Journal::default());
-    let mut b = Scripted::new(
-        "gpu",
-        2,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    )
-    .script("hang", Script::HangAfterStart);
+    let mut b = Scripted::new("gpu", 2, Script::runs(SECS(1)), &journal)
+        .script("hang", Script::HangAfterStart);
     b.stop_answers = false;
     let r = one_backend(b, journal.clone()).await;
     // The same participant's second job waits for their running cap (1).
@@ -112,29 +115,15 @@ async fn job_timeout_counts_from_the_start_not_from_the_hand_over() {
     let journal = Arc::new(Journal::default());
     // Two slots: the second job is handed over in advance and waits 595 s in
     // the GPU's own queue behind the first, then runs 100 s.
-    let b = Scripted::new(
-        "gpu",
-        2,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    )
-    .script(
-        "first",
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(595),
-        },
-    )
-    .script(
-        "second",
-        Script::Run {
-            wait: SECS(595),
-            run: SECS(100),
-        },
-    );
+    let b = Scripted::new("gpu", 2, Script::runs(SECS(1)), &journal)
+        .script("first", Script::runs(SECS(595)))
+        .script(
+            "second",
+            Script::Run {
+                wait: SECS(595),
+                run: SECS(100),
+            },
+        );
     let r = one_backend(b, journal).await;
     r.queue.submit(new_job("first", "u1")).await.unwrap();
     r.queue.submit(new_job("second", "u2")).await.unwrap();
@@ -157,22 +146,8 @@ async fn a_job_a_backend_never_starts_is_retried_elsewhere_after_the_start_timeo
     let journal = Arc::new(Journal::default());
     let mut stuck = Scripted::new("gpu-a", 1, Script::NeverStart, &journal);
     stuck.stop_answers = false;
-    let good = Scripted::new(
-        "gpu-b",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(5),
-        },
-        &journal,
-    );
-    let r = rig(
-        vec![Arc::new(stuck), Arc::new(good)],
-        production(),
-        QueueConfig::default(),
-        journal.clone(),
-    )
-    .await;
+    let good = Scripted::new("gpu-b", 1, Script::runs(SECS(5)), &journal);
+    let r = two_backends(stuck, good, &journal).await;
     // Both idle: the job lands on the first, gpu-a; another participant's on gpu-b.
     r.queue.submit(new_job("job", "u1")).await.unwrap();
     r.queue.submit(new_job("busy", "u2")).await.unwrap();
@@ -203,22 +178,8 @@ async fn a_job_a_backend_never_starts_is_retried_elsewhere_after_the_start_timeo
 async fn a_lost_backend_is_told_to_stop_the_job_before_it_runs_elsewhere() {
     let journal = Arc::new(Journal::default());
     let flaky = Scripted::new("gpu-a", 1, Script::LoseAfter(SECS(3)), &journal);
-    let good = Scripted::new(
-        "gpu-b",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(5),
-        },
-        &journal,
-    );
-    let r = rig(
-        vec![Arc::new(flaky), Arc::new(good)],
-        production(),
-        QueueConfig::default(),
-        journal.clone(),
-    )
-    .await;
+    let good = Scripted::new("gpu-b", 1, Script::runs(SECS(5)), &journal);
+    let r = two_backends(flaky, good, &journal).await;
     r.queue.submit(new_job("job", "u1")).await.unwrap();
     r.at(SECS(60)).await;
     assert_eq!(r.state("job").await, JobState::Succeeded);
@@ -253,16 +214,7 @@ async fn a_lost_backend_is_told_to_stop_the_job_before_it_runs_elsewhere() {
 #[tokio::test(start_paused = true)]
 async fn a_panic_in_a_job_fails_it_and_frees_slot_and_cap() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new(
-        "gpu",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    )
-    .script("boom", Script::Panic);
+    let b = Scripted::new("gpu", 1, Script::runs(SECS(1)), &journal).script("boom", Script::Panic);
     let r = one_backend(b, journal).await;
     r.queue.submit(new_job("boom", "u1")).await.unwrap();
     r.queue.submit(new_job("after", "u1")).await.unwrap();
@@ -277,15 +229,7 @@ async fn a_panic_in_a_job_fails_it_and_frees_slot_and_cap() {
 #[tokio::test(start_paused = true)]
 async fn a_submission_whose_caller_went_away_after_the_commit_still_runs() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new(
-        "gpu",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    );
+    let b = Scripted::new("gpu", 1, Script::runs(SECS(1)), &journal);
     let r = one_backend(b, journal.clone()).await;
     r.store.faults.lock().unwrap().enqueue_answer_delay = Some(SECS(2));
     // The tab closes while the store's answer is on its way: the job is committed.
@@ -301,15 +245,7 @@ async fn a_submission_whose_caller_went_away_after_the_commit_still_runs() {
 #[tokio::test(start_paused = true)]
 async fn a_dispatch_whose_commit_answer_was_lost_runs_exactly_once() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new(
-        "gpu",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    );
+    let b = Scripted::new("gpu", 1, Script::runs(SECS(1)), &journal);
     let r = one_backend(b, journal.clone()).await;
     r.store
         .faults
@@ -330,15 +266,7 @@ async fn a_dispatch_whose_commit_answer_was_lost_runs_exactly_once() {
 #[tokio::test(start_paused = true)]
 async fn a_queued_job_the_scheduler_never_heard_of_is_picked_up_by_the_periodic_reconcile() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new(
-        "gpu",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    );
+    let b = Scripted::new("gpu", 1, Script::runs(SECS(1)), &journal);
     let r = one_backend(b, journal.clone()).await;
     // Committed behind the queue's back (as a lost hand-over would leave it).
     use comfyume_store::JobStore;
@@ -378,30 +306,10 @@ async fn a_relayed_execution_error_names_no_server_paths() {
 async fn a_dead_backend_does_not_burn_a_jobs_attempts_while_a_healthy_one_is_busy() {
     let journal = Arc::new(Journal::default());
     let dead = Scripted::new("gpu-a", 2, Script::Unreachable, &journal);
-    let busy = Scripted::new(
-        "gpu-b",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(5),
-        },
-        &journal,
-    )
-    .script(
-        "long",
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(60),
-        },
-    );
+    let busy = Scripted::new("gpu-b", 1, Script::runs(SECS(5)), &journal)
+        .script("long", Script::runs(SECS(60)));
     // gpu-b first, so the long job lands there (both idle: the first wins).
-    let r = rig(
-        vec![Arc::new(busy), Arc::new(dead)],
-        production(),
-        QueueConfig::default(),
-        journal.clone(),
-    )
-    .await;
+    let r = two_backends(busy, dead, &journal).await;
     // gpu-b busy for a minute; gpu-a has free slots but refuses everything.
     r.queue.submit(new_job("long", "u2")).await.unwrap();
     r.at(SECS(1)).await;
@@ -421,13 +329,7 @@ async fn a_full_data_disk_fails_the_job_once_with_its_reason_and_runs_it_nowhere
     let journal = Arc::new(Journal::default());
     let a = Scripted::new("gpu-a", 1, Script::DiskFull, &journal);
     let b = Scripted::new("gpu-b", 1, Script::DiskFull, &journal);
-    let r = rig(
-        vec![Arc::new(a), Arc::new(b)],
-        production(),
-        QueueConfig::default(),
-        journal.clone(),
-    )
-    .await;
+    let r = two_backends(a, b, &journal).await;
     r.queue.submit(new_job("job", "u1")).await.unwrap();
     r.at(SECS(10)).await;
     let job = r.job("job").await;
@@ -450,15 +352,7 @@ async fn a_full_data_disk_fails_the_job_once_with_its_reason_and_runs_it_nowhere
 async fn a_store_that_cannot_record_endings_is_retried_at_a_growing_pace() {
     let journal = Arc::new(Journal::default());
     let r = one_backend(
-        Scripted::new(
-            "gpu-a",
-            1,
-            Script::Run {
-                wait: SECS(0),
-                run: SECS(1),
-            },
-            &journal,
-        ),
+        Scripted::new("gpu-a", 1, Script::runs(SECS(1)), &journal),
         journal.clone(),
     )
     .await;
@@ -492,16 +386,8 @@ async fn a_store_that_cannot_record_endings_is_retried_at_a_growing_pace() {
 #[tokio::test(start_paused = true)]
 async fn an_abandoned_job_is_told_to_stop_until_its_backend_confirms() {
     let journal = Arc::new(Journal::default());
-    let b = Scripted::new(
-        "gpu",
-        1,
-        Script::Run {
-            wait: SECS(0),
-            run: SECS(1),
-        },
-        &journal,
-    )
-    .script("hang", Script::HangAfterStart);
+    let b = Scripted::new("gpu", 1, Script::runs(SECS(1)), &journal)
+        .script("hang", Script::HangAfterStart);
     // The server does not answer the first three requests to stop it, then does.
     b.stop_failures
         .store(3, std::sync::atomic::Ordering::SeqCst);

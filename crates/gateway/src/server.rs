@@ -315,6 +315,12 @@ mod tests {
         (start.elapsed(), buf)
     }
 
+    /// Closed at `limit`, within the second after it (virtual time).
+    fn assert_closed_at(waited: Duration, limit: Duration) {
+        assert!(waited >= limit, "{waited:?}");
+        assert!(waited < limit + Duration::from_secs(1), "{waited:?}");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn half_sent_headers_are_cut_off_at_the_header_timeout() {
         let (addr, _stop) = start(limits()).await;
@@ -327,11 +333,7 @@ mod tests {
             answer.is_empty() || answer.starts_with(b"HTTP/1.1 408"),
             "{answer:?}"
         );
-        assert!(waited >= DEFAULT_HEADER_READ_TIMEOUT, "{waited:?}");
-        assert!(
-            waited < DEFAULT_HEADER_READ_TIMEOUT + Duration::from_secs(1),
-            "{waited:?}"
-        );
+        assert_closed_at(waited, DEFAULT_HEADER_READ_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
@@ -339,11 +341,7 @@ mod tests {
         let (addr, _stop) = start(limits()).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
         let (waited, _) = closed_after(&mut s).await;
-        assert!(waited >= DEFAULT_HEADER_READ_TIMEOUT, "{waited:?}");
-        assert!(
-            waited < DEFAULT_HEADER_READ_TIMEOUT + Duration::from_secs(1),
-            "{waited:?}"
-        );
+        assert_closed_at(waited, DEFAULT_HEADER_READ_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
@@ -355,11 +353,7 @@ mod tests {
             .unwrap();
         let (waited, answer) = closed_after(&mut s).await;
         assert!(answer.starts_with(b"HTTP/1.1 200"), "answered first");
-        assert!(waited >= DEFAULT_HEADER_READ_TIMEOUT, "{waited:?}");
-        assert!(
-            waited < DEFAULT_HEADER_READ_TIMEOUT + Duration::from_secs(1),
-            "{waited:?}"
-        );
+        assert_closed_at(waited, DEFAULT_HEADER_READ_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]
@@ -374,11 +368,7 @@ mod tests {
             !answer.starts_with(b"HTTP/1.1 200"),
             "never answered as complete"
         );
-        assert!(waited >= DEFAULT_IDLE_TIMEOUT, "{waited:?}");
-        assert!(
-            waited < DEFAULT_IDLE_TIMEOUT + Duration::from_secs(1),
-            "{waited:?}"
-        );
+        assert_closed_at(waited, DEFAULT_IDLE_TIMEOUT);
     }
 
     #[tokio::test(start_paused = true)]

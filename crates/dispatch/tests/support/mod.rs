@@ -307,6 +307,16 @@ pub enum Script {
     DiskFull,
 }
 
+impl Script {
+    /// Starts at once and succeeds after `run`.
+    pub fn runs(run: Duration) -> Script {
+        Script::Run {
+            wait: Duration::ZERO,
+            run,
+        }
+    }
+}
+
 /// A call the backend saw, in order, with the virtual time it came at.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {

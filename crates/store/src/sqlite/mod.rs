@@ -529,37 +529,54 @@ fn json_col(r: &SqliteRow, col: &str) -> Result<serde_json::Value, StoreError> {
     serde_json::from_str(&s).map_err(|_| corrupt(col))
 }
 
-fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
+/// The columns a job record and a job summary share, each checked.
+fn state_col(r: &SqliteRow) -> Result<JobState, StoreError> {
     let state: String = r.try_get("state").db()?;
+    state.parse().map_err(|_| corrupt("state"))
+}
+
+fn priority_col(r: &SqliteRow) -> Result<Option<u8>, StoreError> {
     let priority: Option<i64> = r.try_get("priority").db()?;
+    priority
+        .map(u8::try_from)
+        .transpose()
+        .map_err(|_| corrupt("priority"))
+}
+
+fn attempts_col(r: &SqliteRow) -> Result<u32, StoreError> {
     let attempts: i64 = r.try_get("attempts").db()?;
-    let outputs_to_execute: String = r.try_get("outputs_to_execute").db()?;
+    u32::try_from(attempts).map_err(|_| corrupt("attempts"))
+}
+
+fn error_col(r: &SqliteRow) -> Result<Option<serde_json::Value>, StoreError> {
     let error: Option<String> = r.try_get("error").db()?;
+    error
+        .map(|e| serde_json::from_str(&e))
+        .transpose()
+        .map_err(|_| corrupt("error"))
+}
+
+fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
+    let outputs_to_execute: String = r.try_get("outputs_to_execute").db()?;
     Ok(JobRecord {
         seq: r.try_get("seq").db()?,
         id: r.try_get("id").db()?,
         prompt_id: r.try_get("prompt_id").db()?,
         user: r.try_get("user_name").db()?,
         number: r.try_get("number").db()?,
-        priority: priority
-            .map(u8::try_from)
-            .transpose()
-            .map_err(|_| corrupt("priority"))?,
+        priority: priority_col(r)?,
         prompt: json_col(r, "prompt")?,
         extra_data: json_col(r, "extra_data")?,
         outputs_to_execute: serde_json::from_str(&outputs_to_execute)
             .map_err(|_| corrupt("outputs_to_execute"))?,
         client_id: r.try_get("client_id").db()?,
-        state: state.parse().map_err(|_| corrupt("state"))?,
-        attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        state: state_col(r)?,
+        attempts: attempts_col(r)?,
         created_at_ms: r.try_get("created_at_ms").db()?,
         started_at_ms: r.try_get("started_at_ms").db()?,
         finished_at_ms: r.try_get("finished_at_ms").db()?,
         backend: r.try_get("backend").db()?,
-        error: error
-            .map(|e| serde_json::from_str(&e))
-            .transpose()
-            .map_err(|_| corrupt("error"))?,
+        error: error_col(r)?,
         outputs: json_col(r, "outputs")?,
         messages: json_col(r, "messages")?,
         meta: json_col(r, "meta")?,
@@ -570,28 +587,18 @@ const SUMMARY_COLS: &str = "seq, id, user_name, state, priority, attempts, creat
      started_at_ms, finished_at_ms, backend, error, outputs";
 
 fn summary_from_row(r: &SqliteRow) -> Result<JobSummary, StoreError> {
-    let state: String = r.try_get("state").db()?;
-    let priority: Option<i64> = r.try_get("priority").db()?;
-    let attempts: i64 = r.try_get("attempts").db()?;
-    let error: Option<String> = r.try_get("error").db()?;
     Ok(JobSummary {
         seq: r.try_get("seq").db()?,
         id: r.try_get("id").db()?,
         user: r.try_get("user_name").db()?,
-        state: state.parse().map_err(|_| corrupt("state"))?,
-        priority: priority
-            .map(u8::try_from)
-            .transpose()
-            .map_err(|_| corrupt("priority"))?,
-        attempts: u32::try_from(attempts).map_err(|_| corrupt("attempts"))?,
+        state: state_col(r)?,
+        priority: priority_col(r)?,
+        attempts: attempts_col(r)?,
         created_at_ms: r.try_get("created_at_ms").db()?,
         started_at_ms: r.try_get("started_at_ms").db()?,
         finished_at_ms: r.try_get("finished_at_ms").db()?,
         backend: r.try_get("backend").db()?,
-        error: error
-            .map(|e| serde_json::from_str(&e))
-            .transpose()
-            .map_err(|_| corrupt("error"))?,
+        error: error_col(r)?,
         outputs: json_col(r, "outputs")?,
     })
 }
