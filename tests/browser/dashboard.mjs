@@ -191,9 +191,14 @@ runStory(async (browser, summary) => {
     const caption = await dash.locator(`#pane-results figure[data-job="${hostileId}"] .fname`).first().textContent();
     if (!caption.includes(HOSTILE)) fail(`the hostile file name shows as ${JSON.stringify(caption)}`);
     if ((await dash.locator('#pane-results img[src="x"]').count()) > 0) fail('a file name became an <img>');
-    const loaded = await dash.locator(`#pane-results figure[data-job="${resultId}"] img`).first()
-      .evaluate((img) => img.complete && img.naturalWidth > 0);
-    if (!loaded) fail('the thumbnail did not load');
+    // The <img> is in the page as soon as the result is; its bytes arrive a moment later
+    // (on a loaded 2-core machine, more than a moment): wait for them, bounded.
+    // Asked afresh on each poll: a live update may replace the element.
+    await dash.waitForFunction((id) => {
+      const img = document.querySelector(`#pane-results figure[data-job="${id}"] img`);
+      return img && img.complete && img.naturalWidth > 0;
+    }, resultId, { timeout: 10_000 })
+      .catch(() => fail('the thumbnail did not load'));
     await dash.locator(`#pane-results figure[data-job="${resultId}"] .room-btn`).first().click();
     await room.locator('.room-main .pinned img').waitFor({ timeout: 5_000 }).catch(() => fail('the room view did not show the pinned result'));
     await shot(room, 'room-pinned');

@@ -342,6 +342,7 @@
     dlg.showModal();
   }
 
+  let resultCards = new Map();
   function renderResults() {
     const pane = panes.results;
     const results = state.sections.results;
@@ -352,14 +353,24 @@
       room ? h('span', {}, `Room view shows ${room.user} · ${room.file.filename} `) : h('span', { class: 'muted' }, 'Room view shows the latest results '),
       room ? button('Show latest instead', () => api('DELETE', '/admin/api/room')) : null));
     const grid = h('div', { class: 'grid' });
+    // A finished result never changes, so its card is kept across renders: a new result
+    // arriving does not make every thumbnail load (and flicker) again.
+    const kept = new Map();
     for (const r of results) {
-      for (const f of r.files) {
-        grid.append(h('figure', { class: `card ${f.kind}`, dataset: { job: r.id }, onclick: () => openFull(r, f), tabindex: 0 },
-          media(f, false),
-          h('figcaption', {}, h('b', {}, r.user), ` · ${clock(r.finished_at_ms)}`, h('br'), h('span', { class: 'fname' }, f.filename)),
-          button('Room view', () => api('PUT', '/admin/api/room', { job_id: r.id, file: r.files.indexOf(f) }).then(() => toast('On the room view')), { class: 'room-btn' })));
-      }
+      r.files.forEach((f, i) => {
+        const key = `${r.id}\u0000${i}\u0000${f.url}`;
+        let card = resultCards.get(key);
+        if (!card) {
+          card = h('figure', { class: `card ${f.kind}`, dataset: { job: r.id }, onclick: () => openFull(r, f), tabindex: 0 },
+            media(f, false),
+            h('figcaption', {}, h('b', {}, r.user), ` · ${clock(r.finished_at_ms)}`, h('br'), h('span', { class: 'fname' }, f.filename)),
+            button('Room view', () => api('PUT', '/admin/api/room', { job_id: r.id, file: i }).then(() => toast('On the room view')), { class: 'room-btn' }));
+        }
+        kept.set(key, card);
+        grid.append(card);
+      });
     }
+    resultCards = kept;
     if (!results.length) grid.append(h('p', { class: 'muted' }, 'No results yet.'));
     pane.append(grid);
   }
