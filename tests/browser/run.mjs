@@ -200,6 +200,11 @@ runStory(async (browser, summary) => {
     (r) => r.request().method() === 'POST' && new URL(r.url()).pathname === promptPath,
     { timeout: cfg.TIMEOUT },
   );
+  const storageText = () =>
+    // The banner's text node (its links follow it).
+    page.evaluate(() => /Storage: [^·]*/.exec(document.getElementById('comfyume-banner')?.firstChild?.textContent ?? '')?.[0]?.trim() ?? null);
+  const storageBefore = await storageText();
+  if (!storageBefore) fail(`${LABEL}: the banner shows no storage line before Run`);
   const t0 = Date.now();
   const { promptId, promptNodes } = await step(`${LABEL} presses Run`, async () => {
     await page.getByRole('button', { name: 'Run', exact: true }).click();
@@ -296,6 +301,22 @@ runStory(async (browser, summary) => {
     if (!own.length || bad.length) fail(`${LABEL}: the page's own loads of ${image.filename}: ${JSON.stringify(own)}`);
     summary.run.page_loads = own.map((v) => `${v.status} ${v.type} ${v.url}`);
     await shot(page, `${LABEL}-result-on-canvas`);
+  });
+
+  await step(`${LABEL}'s banner counts the new output in their storage, after the job`, async () => {
+    // The banner waits for the job's events to go quiet, then refreshes once.
+    await page
+      .waitForFunction(
+        ([before, user]) => {
+          const text = document.getElementById('comfyume-banner')?.firstChild?.textContent ?? '';
+          const now = /Storage: [^·]*/.exec(text)?.[0]?.trim();
+          return text.includes(`Signed in as ${user}`) && now && now !== before;
+        },
+        [storageBefore, USER],
+        { timeout: 5_000 },
+      )
+      .catch(async () => fail(`${LABEL}: the banner still says ${JSON.stringify(await storageText())} (before Run: ${JSON.stringify(storageBefore)})`));
+    summary.run.banner_storage = [storageBefore, await storageText()];
   });
 
   await step(`${LABEL} sees the result in the Assets sidebar`, async () => {

@@ -131,19 +131,35 @@ async function refresh() {
   }
 }
 
-/** How long a burst of queue `status` messages is gathered into one banner refresh. */
-const REFRESH_AFTER_MS = 300;
-let refreshTimer = null;
+/** The banner refreshes once the socket has been quiet this long after a queue `status`... */
+const QUIET_MS = 300;
+/** ...or this long after the first `status`, if the socket never goes quiet (a long job's progress). */
+const AT_MOST_MS = 2000;
+let quietTimer = null;
+let firstStatusAt = null;
 
-/** A refresh after the burst: ComfyUI sends `status` two or three times around each job,
- *  and the banner's fetches should not compete with the job's own events and images. */
-function refreshSoon() {
-  if (refreshTimer !== null) return;
-  refreshTimer = setTimeout(() => {
-    refreshTimer = null;
-    refresh();
-  }, REFRESH_AFTER_MS);
+function refreshNow() {
+  clearTimeout(quietTimer);
+  quietTimer = null;
+  firstStatusAt = null;
+  refresh();
 }
+
+/** ComfyUI sends `status` two or three times around each job. The banner's two fetches wait
+ *  until the job's own events, and the result image they make the page fetch, are through:
+ *  every later event of the job pushes the refresh back, up to AT_MOST_MS. */
+function onStatus() {
+  firstStatusAt ??= performance.now();
+  rearm();
+}
+function rearm() {
+  if (firstStatusAt === null) return; // no refresh pending
+  clearTimeout(quietTimer);
+  const left = firstStatusAt + AT_MOST_MS - performance.now();
+  quietTimer = setTimeout(refreshNow, Math.max(0, Math.min(QUIET_MS, left)));
+}
+/** The events of a running job that postpone a pending refresh. */
+const JOB_EVENTS = ["execution_start", "executing", "progress", "progress_state", "executed", "execution_success", "b_preview"];
 
 app.registerExtension({
   name: "comfyume.banner",
@@ -160,7 +176,8 @@ app.registerExtension({
   menuCommands: [{ path: ["Workflow"], commands: [DOWNLOAD_COMMAND] }],
   async setup() {
     await refresh();
-    api.addEventListener("status", refreshSoon);
+    api.addEventListener("status", onStatus);
+    for (const type of JOB_EVENTS) api.addEventListener(type, rearm);
     api.addEventListener("comfyume", (e) => {
       if (e.detail && "broadcast" in e.detail) showBroadcast(e.detail.broadcast);
       if (e.detail && e.detail.message) {
