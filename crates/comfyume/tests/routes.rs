@@ -1062,6 +1062,35 @@ async fn view_answers_range_requests_for_scrubbing() {
     );
 }
 
+/// An image (sent from memory in one read) answers as the file service does for big files:
+/// its length, `Accept-Ranges`, a `Last-Modified` that a conditional request is held to,
+/// and a HEAD with the length and no body.
+#[tokio::test]
+async fn view_of_a_small_file_keeps_http_file_semantics() {
+    let app = spawn_app().await;
+    let bytes = write_output(&app);
+    let path = view_path("filename=nomodel_00001_.png");
+    let r = app.get(U, &path).await;
+    assert_eq!((r.status.as_u16(), &r.body), (200, &bytes));
+    assert_eq!(r.header("content-length"), Some(bytes.len().to_string()));
+    assert_eq!(r.header("accept-ranges").as_deref(), Some("bytes"));
+    assert_eq!(r.header("content-type").as_deref(), Some("image/png"));
+    let modified = r.header("last-modified").expect("Last-Modified");
+    let r = app
+        .get_with(U, &path, &[("if-modified-since", &modified)])
+        .await;
+    assert_eq!(r.status, 304, "not changed since");
+    assert!(r.body.is_empty());
+    let r = TestApp::send(
+        app.request(Method::HEAD, &path)
+            .basic_auth(U, Some(helpers::PASSWORD)),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some(bytes.len().to_string()));
+    assert!(r.body.is_empty(), "HEAD has no body");
+}
+
 /// A video far past the size read in bigger pieces: whole, byte for byte, and in ranges
 /// that cross those pieces, with the media type its bytes have.
 #[tokio::test]

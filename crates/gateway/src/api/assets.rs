@@ -8,13 +8,11 @@
 //! caller's own files).
 
 use axum::Json;
-use axum::body::Body;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use tower::ServiceExt;
 
 use crate::auth::Participant;
 use crate::scope::Scope;
@@ -334,20 +332,11 @@ pub async fn content(
     };
     // Listed from this folder a moment ago; resolved again so a link put there since
     // cannot lead out.
-    let Ok(path) = crate::paths::resolve_within(&base, &a.rel).await else {
+    let Ok(Some(file)) = fsx::open_within(&base, "", &a.rel).await else {
         return not_found(&id);
     };
-    if fsx::kind(&path).await != fsx::Kind::File {
-        return not_found(&id);
-    }
-    let (head, len) = fsx::read_head(&path, sniff::HEAD_LEN)
-        .await
-        .unwrap_or_default();
-    let media = sniff::media_type(&head, &a.name);
-    let mut resp = match fsx::serve_file(&path, len).oneshot(req).await {
-        Ok(r) => r.map(Body::new),
-        Err(e) => match e {},
-    };
+    let media = sniff::media_type(file.head(), &a.name);
+    let mut resp = fsx::send(file, req).await;
     headers::participant_file(resp.headers_mut(), media, &a.name);
     if last(&pairs, "disposition") != Some("inline") {
         let name =

@@ -7,13 +7,12 @@ use std::path::{Path as FsPath, PathBuf};
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Multipart, Query, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
@@ -249,31 +248,32 @@ pub async fn view(
     }
     let dirs = state.user_dirs(&who.name);
     let base = type_dir(&dirs, &kind).ok_or(ApiError::Empty(StatusCode::BAD_REQUEST))?;
-    let folder = resolve_within(&base, q.subfolder.as_deref().unwrap_or(""))
-        .await
-        .map_err(|e| ApiError::path(e, ApiError::forbidden()))?;
-    let path = resolve_within(&folder, &filename)
-        .await
-        .map_err(|e| match e {
-            // A backslash or NUL in the name: a malformed request.
-            PathError::Invalid => ApiError::Empty(StatusCode::BAD_REQUEST),
-            // Through a link out of the participant's folder.
-            PathError::Traversal => ApiError::forbidden(),
-            limit => ApiError::path(limit, ApiError::Empty(StatusCode::BAD_REQUEST)),
-        })?;
-    if fsx::kind(&path).await != fsx::Kind::File {
-        return Err(ApiError::not_found());
-    }
     let base_name = FsPath::new(&filename)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let found = fsx::open_within(&base, q.subfolder.as_deref().unwrap_or(""), &filename)
+        .await
+        .map_err(|e| match e {
+            fsx::OpenError::Subfolder(e) => ApiError::path(e, ApiError::forbidden()),
+            // A backslash or NUL in the name: a malformed request.
+            fsx::OpenError::Name(PathError::Invalid) => ApiError::Empty(StatusCode::BAD_REQUEST),
+            // Through a link out of the participant's folder.
+            fsx::OpenError::Name(PathError::Traversal) => ApiError::forbidden(),
+            fsx::OpenError::Name(limit) => {
+                ApiError::path(limit, ApiError::Empty(StatusCode::BAD_REQUEST))
+            }
+            fsx::OpenError::Io(e) => ApiError::Io(e),
+        })?;
+    let Some(file) = found else {
+        return Err(ApiError::not_found());
+    };
 
     if let Some(preview) = q.preview.as_deref() {
         let (fmt, quality) = preview.split_once(';').unwrap_or((preview, "90"));
         let quality: u8 = quality.parse().unwrap_or(90).clamp(1, 100);
         if let Some((ct, bytes)) =
-            convert(&path, Conversion::Preview(fmt.to_string(), quality)).await
+            convert(&file.path, Conversion::Preview(fmt.to_string(), quality)).await
         {
             return Ok(image_response(ct, bytes, &base_name));
         }
@@ -284,19 +284,14 @@ pub async fn view(
         } else {
             Conversion::Alpha
         };
-        if let Some((ct, bytes)) = convert(&path, conv).await {
+        if let Some((ct, bytes)) = convert(&file.path, conv).await {
             return Ok(image_response(ct, bytes, &base_name));
         }
     }
     // Inline only as the media type its bytes are, whatever it is called.
-    let (head, len) = fsx::read_head(&path, sniff::HEAD_LEN).await?;
-    let media = sniff::media_type(&head, &base_name);
-    // The plain file, with Range support (video scrubbing) from tower-http.
-    let mut resp = fsx::serve_file(&path, len)
-        .oneshot(req)
-        .await
-        .map_err(|e| ApiError::Io(std::io::Error::other(e)))?
-        .map(Body::new);
+    let media = sniff::media_type(file.head(), &base_name);
+    // The plain file; Range requests (video scrubbing) go to tower-http.
+    let mut resp = fsx::send(file, req).await;
     headers::participant_file(resp.headers_mut(), media, &base_name);
     Ok(resp)
 }
