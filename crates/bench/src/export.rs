@@ -1,8 +1,9 @@
 //! `export`: "Download my work" of a participant with gigabytes of outputs, through the real
-//! `comfyume serve`, against `cp -r` of the same files in the same run (alternating). The
-//! zip is saved by curl as a browser would save it (to a file on the same disk as cp's
-//! copy); the server's resident memory is sampled every 20 ms while it streams, and the CPU
-//! time of cp, the server and curl is taken.
+//! `comfyume serve`, against `cp -r` of the same files in the same run (in rotating order).
+//! The zip is saved to a file on the same disk as cp's copy by two clients: curl, and
+//! `comfyume-bench save` (1 MiB reads; curl's 16 KiB reads cost more CPU than the server
+//! spends, on the same two cores). The server's resident memory is sampled every 20 ms
+//! while it streams, and the CPU time of cp, the server and each client is taken.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -20,7 +21,7 @@ pub struct Args {
     /// Size of each, in MiB (20 x 100 MiB: 2 GiB in all by default).
     #[arg(long, default_value_t = 100)]
     pub file_mib: usize,
-    /// Rounds, each one `cp -r` and one zip download (alternating which goes first).
+    /// Rounds, each one `cp -r` and two zip downloads (curl, `save`), in rotating order.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// The `comfyume` binary to measure.
@@ -112,28 +113,69 @@ async fn run_timed(program: &str, args: &[&std::ffi::OsStr], times: &Path) -> Re
     }))
 }
 
-/// Downloads the participant's zip into `to` with curl (a client that costs little, as a
-/// browser saving a download does; this benchmark's own HTTP client spent more CPU than the
-/// server); curl's CPU time.
-async fn download(url: &str, cookie: &str, to: &Path, times: &Path) -> Result<Option<f64>> {
-    let header = format!("Cookie: {cookie}");
-    run_timed(
-        "curl",
-        &[
-            "--silent".as_ref(),
-            "--show-error".as_ref(),
-            "--fail".as_ref(),
-            "--max-time".as_ref(),
-            "3600".as_ref(),
-            "-H".as_ref(),
-            header.as_ref(),
-            "-o".as_ref(),
-            to.as_os_str(),
-            url.as_ref(),
-        ],
-        times,
-    )
-    .await
+/// The client a download is saved with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Client {
+    Curl,
+    /// `comfyume-bench save`.
+    Save,
+}
+
+impl Client {
+    fn name(self) -> &'static str {
+        match self {
+            Client::Curl => "curl",
+            Client::Save => "save",
+        }
+    }
+}
+
+/// Downloads the participant's zip into `to` with `client`; the client's CPU time.
+async fn download(
+    client: Client,
+    url: &str,
+    cookie: &str,
+    to: &Path,
+    times: &Path,
+) -> Result<Option<f64>> {
+    match client {
+        Client::Curl => {
+            let header = format!("Cookie: {cookie}");
+            run_timed(
+                "curl",
+                &[
+                    "--silent".as_ref(),
+                    "--show-error".as_ref(),
+                    "--fail".as_ref(),
+                    "--max-time".as_ref(),
+                    "3600".as_ref(),
+                    "-H".as_ref(),
+                    header.as_ref(),
+                    "-o".as_ref(),
+                    to.as_os_str(),
+                    url.as_ref(),
+                ],
+                times,
+            )
+            .await
+        }
+        Client::Save => {
+            let me = std::env::current_exe()?;
+            run_timed(
+                &me.to_string_lossy(),
+                &[
+                    "save".as_ref(),
+                    url.as_ref(),
+                    "--cookie".as_ref(),
+                    cookie.as_ref(),
+                    "--out".as_ref(),
+                    to.as_os_str(),
+                ],
+                times,
+            )
+            .await
+        }
+    }
 }
 
 /// `sync`, then every file under `dir` read once (so both sides start from the page cache).
@@ -221,11 +263,12 @@ pub async fn run(a: Args) -> Result<()> {
 
     let mut rows = Vec::new();
     let mut cp_s = Vec::new();
-    let mut zip_s = Vec::new();
+    let mut zip_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut cpu = Vec::new();
     let mut peaks = Vec::new();
     let mut growth = Vec::new();
     let idle = serve.mem()?.rss_kib;
+    let clients = [Client::Curl, Client::Save];
     for round in 0..a.rounds {
         let copy = root.path().join(format!("copy-{round}"));
         let zip = root.path().join(format!("work-{round}.zip"));
@@ -251,63 +294,86 @@ pub async fn run(a: Args) -> Result<()> {
             std::fs::remove_dir_all(&copy)?;
             anyhow::Ok((took, cpu))
         };
-        let dl = || async {
-            settle(&outputs).await?;
-            let server0 = common::cpu_ms(serve.pid)?;
-            let t = Instant::now();
-            let client_cpu = download(&url, &cookie, &zip, &root.path().join("curl-times")).await?;
-            let cpu = ((common::cpu_ms(serve.pid)? - server0) / 1000.0, client_cpu);
-            let n = std::fs::metadata(&zip)?.len();
-            if a.sync {
-                sync().await?;
+        let dl = |client: Client| {
+            let (zip, url, cookie, outputs) = (&zip, &url, &cookie, &outputs);
+            let times = root.path().join("client-times");
+            async move {
+                settle(outputs).await?;
+                let server0 = common::cpu_ms(serve.pid)?;
+                let t = Instant::now();
+                let client_cpu = download(client, url, cookie, zip, &times).await?;
+                let server_cpu = (common::cpu_ms(serve.pid)? - server0) / 1000.0;
+                let n = std::fs::metadata(zip)?.len();
+                if a.sync {
+                    sync().await?;
+                }
+                let took = t.elapsed();
+                // The outputs, and the workflows every new participant gets.
+                let entries = zip_entries(zip)?;
+                if entries < a.files as u64 || n < total {
+                    bail!(
+                        "{}: the zip has {entries} entries and {n} bytes; wanted {}+ files, {total}+ bytes",
+                        client.name(),
+                        a.files
+                    );
+                }
+                std::fs::remove_file(zip)?;
+                Ok((took, server_cpu, client_cpu))
             }
-            let took = t.elapsed();
-            // The outputs, and the workflows every new participant gets.
-            let entries = zip_entries(&zip)?;
-            if entries < a.files as u64 || n < total {
-                bail!(
-                    "the zip has {entries} entries and {n} bytes; wanted {}+ files, {total}+ bytes",
-                    a.files
-                );
-            }
-            std::fs::remove_file(&zip)?;
-            Ok((took, cpu))
         };
-        let ((cp_t, cp_cpu), (zip_t, (server_cpu, client_cpu)), before, peak, after) =
-            if round % 2 == 0 {
-                let c = cp().await?;
-                let (z, b, p, af) = sampled(serve.pid, dl()).await?;
-                (c, z, b, p, af)
-            } else {
-                let (z, b, p, af) = sampled(serve.pid, dl()).await?;
-                let c = cp().await?;
-                (c, z, b, p, af)
-            };
+        // Three sides in rotating order: cp, then curl, then save, shifted by the round.
+        let mut cp_side = None;
+        let mut zip_side: [Option<(Duration, f64, Option<f64>)>; 2] = [None, None];
+        for k in 0..3 {
+            match (round + k) % 3 {
+                0 => cp_side = Some(cp().await?),
+                i => {
+                    let (z, before, peak, _) = sampled(serve.pid, dl(clients[i - 1])).await?;
+                    peaks.push(peak as f64 / 1024.0);
+                    growth.push((peak as f64 - before as f64) / 1024.0);
+                    zip_side[i - 1] = Some(z);
+                }
+            }
+        }
+        let (Some((cp_t, cp_cpu)), [Some(curl), Some(save)]) = (cp_side, zip_side) else {
+            bail!("round {round}: a side did not run");
+        };
         let mbs = |t: Duration| total as f64 / (1u64 << 20) as f64 / t.as_secs_f64();
-        rows.push(vec![
+        let mut row = vec![
             format!("{}", round + 1),
             format!("{:.2} s ({:.0} MiB/s)", cp_t.as_secs_f64(), mbs(cp_t)),
-            format!("{:.2} s ({:.0} MiB/s)", zip_t.as_secs_f64(), mbs(zip_t)),
-            format!("{:.2}", zip_t.as_secs_f64() / cp_t.as_secs_f64()),
-            format!("{} / {server_cpu:.2} / {}", secs(cp_cpu), secs(client_cpu)),
-            format!(
-                "{:.1} / {:.1} / {:.1}",
-                before as f64 / 1024.0,
-                peak as f64 / 1024.0,
-                after as f64 / 1024.0
-            ),
-        ]);
+        ];
+        for (t, _, _) in [curl, save] {
+            row.push(format!(
+                "{:.2} s ({:.0} MiB/s), {:.2}x",
+                t.as_secs_f64(),
+                mbs(t),
+                t.as_secs_f64() / cp_t.as_secs_f64()
+            ));
+        }
+        row.push(format!(
+            "{} / {:.2} + {} / {:.2} + {}",
+            secs(cp_cpu),
+            curl.1,
+            secs(curl.2),
+            save.1,
+            secs(save.2)
+        ));
+        rows.push(row);
         cp_s.push(cp_t.as_secs_f64());
-        cpu.push(json!({"cp": cp_cpu, "server": server_cpu, "client": client_cpu}));
-        zip_s.push(zip_t.as_secs_f64());
-        peaks.push(peak as f64 / 1024.0);
-        growth.push((peak as f64 - before as f64) / 1024.0);
+        cpu.push(json!({
+            "cp": cp_cpu,
+            "curl": {"server": curl.1, "client": curl.2},
+            "save": {"server": save.1, "client": save.2},
+        }));
+        zip_s[0].push(curl.0.as_secs_f64());
+        zip_s[1].push(save.0.as_secs_f64());
     }
     let hwm = serve.mem()?.hwm_kib;
     serve.stop().await;
     common::print_table(
         &format!(
-            "export: {} files, {:.2} GiB, cp -r vs GET /api/comfyume/export.zip (saved to a file){}",
+            "export: {} files, {:.2} GiB, cp -r vs GET /api/comfyume/export.zip saved to a file by curl and by `comfyume-bench save`{}",
             a.files,
             total as f64 / (1u64 << 30) as f64,
             if a.sync {
@@ -319,20 +385,27 @@ pub async fn run(a: Args) -> Result<()> {
         &[
             "round",
             "cp -r",
-            "zip download",
-            "zip / cp",
-            "CPU s: cp / server / curl",
-            "server RSS MiB before / peak / after",
+            "zip, curl (/ cp)",
+            "zip, save (/ cp)",
+            "CPU s: cp / server + curl / server + save",
         ],
         &rows,
     );
     let cp_med = common::median(&mut cp_s.clone());
-    let zip_med = common::median(&mut zip_s.clone());
-    let ratio = zip_med / cp_med;
-    let mut per_round: Vec<f64> = zip_s.iter().zip(&cp_s).map(|(z, c)| z / c).collect();
-    let round_med = common::median(&mut per_round);
+    let mut ratios = Vec::new();
+    for (i, client) in clients.iter().enumerate() {
+        let zip_med = common::median(&mut zip_s[i].clone());
+        let mut per_round: Vec<f64> = zip_s[i].iter().zip(&cp_s).map(|(z, c)| z / c).collect();
+        let round_med = common::median(&mut per_round);
+        println!(
+            "{}: median cp {cp_med:.2} s, zip {zip_med:.2} s, ratio {:.2} (median of the rounds' ratios {round_med:.2}; goal <= 1.5)",
+            client.name(),
+            zip_med / cp_med
+        );
+        ratios.push(json!({"client": client.name(), "zip_s": zip_s[i], "ratio_median": zip_med / cp_med, "ratio_median_of_rounds": round_med}));
+    }
     println!(
-        "median: cp {cp_med:.2} s, zip {zip_med:.2} s, ratio {ratio:.2} (median of the rounds' ratios {round_med:.2}; goal <= 1.5); server RSS idle {:.1} MiB, peak while streaming {:.1} MiB (+{:.1}), VmHWM {:.1} MiB",
+        "server RSS idle {:.1} MiB, peak while streaming {:.1} MiB (+{:.1}), VmHWM {:.1} MiB",
         idle as f64 / 1024.0,
         peaks.iter().cloned().fold(0.0, f64::max),
         growth.iter().cloned().fold(0.0, f64::max),
@@ -346,9 +419,7 @@ pub async fn run(a: Args) -> Result<()> {
             "files": a.files,
             "bytes": total,
             "cp_s": cp_s,
-            "zip_s": zip_s,
-            "ratio_median": ratio,
-            "ratio_median_of_rounds": round_med,
+            "zip": ratios,
             "cpu_s": cpu,
             "sync": a.sync,
             "rss_idle_mib": idle as f64 / 1024.0,

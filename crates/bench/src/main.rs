@@ -11,6 +11,7 @@ mod gpu_gap;
 mod instrumentation;
 mod overhead;
 mod pick;
+mod save;
 mod serverless;
 mod submit;
 mod ui_load;
@@ -55,10 +56,16 @@ enum Command {
     Export(export::Args),
     /// A workshop day of faults: participants, several simulators, scripted failures.
     Workshop(workshop::Args),
+    /// The download client `export` measures with (1 MiB reads): GET a URL into a file.
+    Save(save::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // A client process of its own (timed by `export`): no runtime, no threads.
+    if let Command::Save(a) = cli.command {
+        return save::run(a);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -76,6 +83,7 @@ fn main() -> Result<()> {
             Command::Dashboard(a) => dashboard::run(a).await,
             Command::Export(a) => export::run(a).await,
             Command::Workshop(a) => workshop::run(a).await,
+            Command::Save(_) => unreachable!("run before the runtime"),
         }
     })
 }
