@@ -113,8 +113,8 @@ pub async fn open_within(
 /// Opens `path` for [`send`]: `None` when it is not a regular file (links followed: the
 /// caller resolved the path within the participant's folder first). Blocking.
 fn open_blocking(path: PathBuf) -> io::Result<Option<Opened>> {
-    let head = crate::sniff::HEAD_LEN;
     use std::io::Read;
+    let head = crate::sniff::HEAD_LEN;
     // Asked before opening: opening a FIFO would wait for a writer.
     match std::fs::metadata(&path) {
         Ok(md) if md.is_file() => {}
