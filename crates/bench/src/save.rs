@@ -135,7 +135,11 @@ pub fn save(url: &str, cookie: Option<&str>, out: &std::path::Path) -> Result<u6
         .context("only http:// URLs (loopback)")?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let mut sock = TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)?
+        .next()
+        .with_context(|| format!("{host} names no address"))?;
+    let mut sock = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .with_context(|| format!("connecting to {host}"))?;
     sock.set_read_timeout(Some(Duration::from_secs(60)))?;
     sock.set_write_timeout(Some(Duration::from_secs(60)))?;
     let cookie = cookie
@@ -254,6 +258,69 @@ mod tests {
                 assert!(got == body, "piece {piece}, split {split}: the body");
             }
         }
+    }
+
+    /// A one-request server on loopback that answers `response`; its URL.
+    fn answering(response: Vec<u8>) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!(
+            "http://{}/user001/api/comfyume/export.zip",
+            listener.local_addr().unwrap()
+        );
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut req = Vec::new();
+            let mut b = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                let n = s.read(&mut b).unwrap();
+                assert!(n > 0, "the request ended early");
+                req.extend_from_slice(&b[..n]);
+            }
+            let req = String::from_utf8(req).unwrap();
+            assert!(
+                req.starts_with("GET /user001/api/comfyume/export.zip HTTP/1.1\r\n"),
+                "{req}"
+            );
+            assert!(req.contains("\r\nCookie: s=1\r\n"), "{req}");
+            s.write_all(&response).unwrap();
+        });
+        url
+    }
+
+    #[test]
+    fn saves_a_chunked_or_sized_body_and_refuses_an_error_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("work.zip");
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let mut chunked_resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        chunked_resp.extend(chunked(&body, 65_536));
+        let url = answering(chunked_resp);
+        assert_eq!(save(&url, Some("s=1"), &out).unwrap(), body.len() as u64);
+        assert!(
+            std::fs::read(&out).unwrap() == body,
+            "the chunked body, byte for byte"
+        );
+
+        let mut sized =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        sized.extend_from_slice(&body);
+        let url = answering(sized);
+        assert_eq!(save(&url, Some("s=1"), &out).unwrap(), body.len() as u64);
+        assert!(
+            std::fs::read(&out).unwrap() == body,
+            "the sized body, byte for byte"
+        );
+
+        let url = answering(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n".to_vec());
+        let err = save(&url, Some("s=1"), &out).unwrap_err().to_string();
+        assert!(err.contains("HTTP 401"), "{err}");
+
+        // Cut short: the chunked body never ends.
+        let mut cut = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        cut.extend(&chunked(&body, 65_536)[..100_000]);
+        let url = answering(cut);
+        let err = save(&url, Some("s=1"), &out).unwrap_err().to_string();
+        assert!(err.contains("closed after"), "{err}");
     }
 
     #[test]
