@@ -145,6 +145,17 @@ async fn the_owner_sees_comfyuis_sequence_and_gets_the_image() {
         })
         .collect();
     assert_eq!(remaining, [0, 1, 1, 0], "status counts as in the capture");
+    // Our banner's line follows the job's start, so the progress UI gets it first.
+    let at = |pred: &dyn Fn(&Value) -> bool| msgs.iter().position(pred);
+    let started = at(&|m| m["type"] == "execution_start").expect("execution_start");
+    let running = at(&|m| {
+        m["type"] == "comfyume"
+            && m["data"]["message"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Running on"))
+    })
+    .expect("the Running notice");
+    assert_eq!(running, started + 1, "{msgs:#?}");
     for m in msgs
         .iter()
         .filter(|m| m["type"] != "status" && m["type"] != "comfyume")

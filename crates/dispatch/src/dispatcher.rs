@@ -1150,6 +1150,8 @@ struct Relay {
     ended: bool,
     /// The prompt's node classes (node id -> class), for the dashboard's progress.
     classes: HashMap<String, String>,
+    /// "Running on …", held until the event after `Started` has been relayed.
+    running_notice: Option<String>,
 }
 
 impl Relay {
@@ -1163,6 +1165,7 @@ impl Relay {
             client_id: rec.client_id.clone(),
             backend: backend.to_string(),
             ended: false,
+            running_notice: None,
             classes: rec
                 .prompt
                 .as_object()
@@ -1222,12 +1225,10 @@ impl Relay {
         match ev {
             BackendEvent::Submitted => {}
             BackendEvent::Started => {
-                notice(
-                    queue,
-                    user,
-                    &self.prompt_id,
-                    &format!("Running on {}", self.backend),
-                );
+                // Sent after the job's next event (its `execution_start`): the page's
+                // progress comes first, the banner's line right after.
+                self.running_notice = Some(format!("Running on {}", self.backend));
+                return;
             }
             BackendEvent::Message(mut v) => {
                 if v.get("type").and_then(Value::as_str) == Some("execution_error")
@@ -1288,6 +1289,9 @@ impl Relay {
                 }
             }
             BackendEvent::Notice(text) => notice(queue, user, &self.prompt_id, &text),
+        }
+        if let Some(text) = self.running_notice.take() {
+            notice(queue, user, &self.prompt_id, &text);
         }
     }
 }
