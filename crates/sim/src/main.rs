@@ -78,6 +78,11 @@ async fn main() -> anyhow::Result<()> {
         config.base_path = comfyume_sim::normalize_base_path(&base)?;
     }
     let config_has_frontend = config.front_end_root.is_some();
+    // Before anything answers: a SIGTERM that follows the first answer must find the
+    // handler in place (not the default action, which kills the process).
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let sim = comfyume_sim::try_spawn(config, listener).await?;
     if let Some(addr) = args.control_listen {
@@ -90,9 +95,8 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("comfyume-sim: open {}/ in a browser", sim.url());
     }
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
         _ = sim.stopped() => {}
     }
