@@ -238,7 +238,15 @@ impl Rig {
             if let Some(f) = found {
                 break f;
             }
-            if let Some(i) = idle {
+            // An idle pick ends the process (garbage_backend): only once the simulator has
+            // been quiet for a while, or a job it finished a moment ago would lose its
+            // results while serve still collects them, and its re-run elsewhere would count
+            // as a job run twice (seen once in CI, RELIABILITY R4).
+            if let Some(i) = idle
+                && self.sims[i]
+                    .settled(&self.client, Duration::from_millis(1500))
+                    .await
+            {
                 break (i, None);
             }
             if Instant::now() > deadline {

@@ -180,6 +180,25 @@ impl SimProc {
             .await?)
     }
 
+    /// Whether it has been idle for `quiet`: no job running or waiting at both ends of it,
+    /// and none started in between. A job that ended just before is then no longer being
+    /// collected by serve (its history and outputs read), so a fault that ends this process
+    /// cannot take a finished job's results with it.
+    pub async fn settled(&self, client: &reqwest::Client, quiet: Duration) -> bool {
+        let idle = |s: &Value| s["current_job"].is_null() && s["queue_pending"] == 0;
+        let Ok(before) = self.state(client).await else {
+            return false;
+        };
+        if !idle(&before) {
+            return false;
+        }
+        tokio::time::sleep(quiet).await;
+        let Ok(after) = self.state(client).await else {
+            return false;
+        };
+        idle(&after) && after["jobs_run"] == before["jobs_run"]
+    }
+
     /// The job it runs now, if any.
     pub async fn current_job(&self, client: &reqwest::Client) -> Option<String> {
         let s = self.state(client).await.ok()?;
