@@ -61,7 +61,10 @@ pub struct SqliteOptions {
 impl Default for SqliteOptions {
     fn default() -> Self {
         SqliteOptions {
-            busy_timeout: Duration::from_secs(5),
+            // Shorter than `op_timeout`: a write that waits for another process's lock is
+            // refused by SQLite before its caller gives up, so it never commits later (see
+            // `SqliteStore::transition`).
+            busy_timeout: Duration::from_secs(4),
             op_timeout: Duration::from_secs(5),
             synchronous: Synchronous::Normal,
             read_connections: 4,
@@ -79,6 +82,9 @@ pub struct SqliteStore {
     /// Background tasks stop once every clone of the store is gone.
     _alive: std::sync::Arc<()>,
     op_timeout: Duration,
+    /// SQLite stops waiting for a lock before a call times out (`busy_timeout <
+    /// op_timeout`): a one-statement write may then run without `BEGIN IMMEDIATE`.
+    lock_wait_bounded: bool,
     hasher: Hasher,
     enqueuer: enqueue::Enqueuer,
     sessions: std::sync::Arc<SessionCache>,
@@ -131,6 +137,7 @@ impl SqliteStore {
             checkpoint: Some(checkpoint),
             _alive: alive,
             op_timeout: opts.op_timeout,
+            lock_wait_bounded: opts.busy_timeout < opts.op_timeout,
             hasher: Hasher::new(),
             sessions: Default::default(),
         })
@@ -156,6 +163,8 @@ impl SqliteStore {
             checkpoint: None,
             _alive: std::sync::Arc::new(()),
             op_timeout: opts.op_timeout,
+            // Nothing else can lock a private in-memory database.
+            lock_wait_bounded: true,
             hasher: Hasher::new(),
             sessions: Default::default(),
         })
@@ -412,6 +421,11 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
         .acquire_timeout(acquire_timeout)
         .idle_timeout(None)
         .max_lifetime(None)
+        // sqlx pings every connection it hands out, a round trip to the connection's worker
+        // thread before each call (on a busy machine, a wait for a core each time). A SQLite
+        // connection is a file in this process: nothing can hang up on it. A broken one
+        // fails its statement instead, and `after_release` drops one left in a transaction.
+        .test_before_acquire(false)
         .after_release(|conn, _| {
             Box::pin(async move {
                 // After SQLITE_FULL/IOERR SQLite may have rolled the transaction back itself;
@@ -1156,13 +1170,10 @@ impl JobStore for SqliteStore {
         // The states it may leave, as a JSON array for `json_each`.
         let from_json = serde_json::to_string(&from.iter().map(|s| s.as_str()).collect::<Vec<_>>())
             .map_err(|e| StoreError::Other(e.to_string()))?;
-        self.timed("transition", async {
-            // BEGIN IMMEDIATE waits for the write lock on its own (a call that times out
-            // there never commits later); then compare-and-set in one statement, one round
-            // trip to the connection's worker thread. Only when it matched nothing does a
-            // second read tell an unknown job from one in another state.
-            let mut tx = self.begin().await?;
-            let row = sqlx::query(concat!(
+        // The compare-and-set is one statement; only when it matched nothing does a second
+        // read tell an unknown job from one in another state.
+        let update = || {
+            sqlx::query(concat!(
                 "UPDATE jobs SET state = ?1, attempts = attempts + ?2, \
                  backend = COALESCE(?3, backend), \
                  started_at_ms = COALESCE(?4, started_at_ms), \
@@ -1189,24 +1200,53 @@ impl JobStore for SqliteStore {
             .bind(patch.priority.is_some())
             .bind(patch.priority.flatten().map(i64::from))
             .bind(&from_json)
-            .fetch_optional(&mut *tx)
-            .await
-            .db()?;
-            if let Some(row) = row {
-                let rec = job_from_row(&row)?;
-                tx.commit().await.db()?;
-                return Ok(rec);
+        };
+        let explain = |current: Option<String>| match current {
+            None => StoreError::NotFound,
+            Some(current) => {
+                StoreError::Conflict(format!("job {id} is {current}, not one of {from:?}"))
             }
-            let current: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
-            match current {
-                None => Err(StoreError::NotFound),
-                Some(current) => Err(StoreError::Conflict(format!(
-                    "job {id} is {current}, not one of {from:?}"
-                ))),
+        };
+        const STATE: &str = "SELECT state FROM jobs WHERE id = ?";
+        if self.lock_wait_bounded {
+            // One round trip to the connection's thread instead of three (BEGIN, UPDATE,
+            // COMMIT): on a busy machine each is a wait for a core, and this is on the path
+            // of every hand-over. SQLite gives up waiting for another process's lock before
+            // this call times out, so a call that timed out waiting has not committed, as
+            // with BEGIN IMMEDIATE below.
+            return self
+                .timed("transition", async {
+                    let mut conn = self.write.acquire().await.db()?;
+                    match update().fetch_optional(&mut *conn).await.db()? {
+                        Some(row) => job_from_row(&row),
+                        None => Err(explain(
+                            sqlx::query_scalar(STATE)
+                                .bind(id)
+                                .fetch_optional(&mut *conn)
+                                .await
+                                .db()?,
+                        )),
+                    }
+                })
+                .await;
+        }
+        self.timed("transition", async {
+            // BEGIN IMMEDIATE waits for the write lock on its own: a call that times out
+            // there never commits later.
+            let mut tx = self.begin().await?;
+            match update().fetch_optional(&mut *tx).await.db()? {
+                Some(row) => {
+                    let rec = job_from_row(&row)?;
+                    tx.commit().await.db()?;
+                    Ok(rec)
+                }
+                None => Err(explain(
+                    sqlx::query_scalar(STATE)
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .db()?,
+                )),
             }
         })
         .await

@@ -33,7 +33,9 @@ async fn pragmas_and_layout() {
         .fetch_one(&s.write)
         .await
         .unwrap();
-    assert_eq!(busy, 5000);
+    assert_eq!(busy, 4000);
+    // SQLite gives up on a lock before a call times out (see `transition`).
+    assert!(s.lock_wait_bounded);
     // Readers cannot write.
     let err = sqlx::query("INSERT INTO meta VALUES ('k', 'v', 0, 's')")
         .execute(&s.read)
@@ -204,7 +206,13 @@ async fn full_disk_is_unavailable_and_atomic() {
 #[tokio::test]
 async fn locked_database_is_unavailable() {
     let (_dir, path) = temp_db();
-    SqliteStore::open(&path).await.unwrap().close().await;
+    {
+        let s = SqliteStore::open(&path).await.unwrap();
+        s.enqueue(new_job("q", "u"), EnqueueLimits::default())
+            .await
+            .unwrap();
+        s.close().await;
+    }
     let short_busy = SqliteStore::open_with(
         &path,
         SqliteOptions {
@@ -253,9 +261,42 @@ async fn locked_database_is_unavailable() {
     }
     assert!(t0.elapsed() < Duration::from_secs(3));
     // Reads go on while a writer holds the lock (WAL).
-    assert_eq!(short_op.count_jobs(None, &[]).await.unwrap(), 0);
+    assert_eq!(short_op.count_jobs(None, &[]).await.unwrap(), 1);
+
+    // A transition too, on both paths: one statement when SQLite gives up on the lock
+    // first (`short_busy`), BEGIN IMMEDIATE when the call would time out first.
+    let claim = |s: &SqliteStore, id: &'static str| {
+        let s = s.clone();
+        async move {
+            s.transition(
+                id,
+                &[JobState::Queued],
+                JobState::Dispatched,
+                JobPatch {
+                    attempts_inc: true,
+                    ..Default::default()
+                },
+            )
+            .await
+        }
+    };
+    match claim(&short_busy, "q").await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("locked"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    let t0 = std::time::Instant::now();
+    match claim(&short_op, "q").await {
+        Err(StoreError::Unavailable(msg)) => assert!(msg.contains("timed out"), "{msg}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(3));
 
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    // Neither refused transition commits once the lock is free.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let q = short_op.get_job("q").await.unwrap().unwrap();
+    assert_eq!((q.state, q.attempts), (JobState::Queued, 0));
+    assert_eq!(claim(&short_busy, "q").await.unwrap().attempts, 1);
     short_busy
         .enqueue(new_job("a", "u"), EnqueueLimits::default())
         .await
@@ -264,7 +305,7 @@ async fn locked_database_is_unavailable() {
         .enqueue(new_job("b", "u"), EnqueueLimits::default())
         .await
         .unwrap();
-    assert_eq!(short_op.count_jobs(None, &[]).await.unwrap(), 2);
+    assert_eq!(short_op.count_jobs(None, &[]).await.unwrap(), 3);
 }
 
 #[tokio::test]
