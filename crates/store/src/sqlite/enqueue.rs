@@ -90,15 +90,28 @@ pub(super) struct Enqueuer {
     op_timeout: Duration,
 }
 
+/// How the writer may commit a batch of one.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Alone {
+    /// In its own transaction, like any batch.
+    Transaction,
+    /// As one statement, without `BEGIN IMMEDIATE` (see [`write_one`]): only when SQLite
+    /// gives up waiting for another process's lock before a caller gives up on its job.
+    Statement,
+}
+
 impl Enqueuer {
     /// Starts the writer task on `write` (supervised: a panic is logged and it restarts).
-    pub(super) fn start(write: SqlitePool, op_timeout: Duration) -> Self {
+    pub(super) fn start(write: SqlitePool, op_timeout: Duration, alone: Alone) -> Self {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let rx = Arc::new(Mutex::new(rx));
         tokio::spawn(async move {
             loop {
                 let (rx, write) = (rx.clone(), write.clone());
-                match tokio::spawn(async move { writer(&mut *rx.lock().await, &write).await }).await
+                match tokio::spawn(
+                    async move { writer(&mut *rx.lock().await, &write, alone).await },
+                )
+                .await
                 {
                     Ok(()) => break, // every sender is gone: the store was dropped
                     Err(e) => {
@@ -164,11 +177,44 @@ impl Enqueuer {
     }
 }
 
-async fn writer(rx: &mut mpsc::Receiver<Request>, write: &SqlitePool) {
+async fn writer(rx: &mut mpsc::Receiver<Request>, write: &SqlitePool, alone: Alone) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        write_batch(write, &mut batch).await;
+        match (alone, batch.len()) {
+            (Alone::Statement, 1) => write_one(write, batch.remove(0)).await,
+            _ => write_batch(write, &mut batch).await,
+        }
         batch.clear();
+    }
+}
+
+/// A submission that arrived alone (the usual case: a room's Run presses rarely meet within
+/// a commit): the checks, the insert and the owner's count are one statement, committed on
+/// its own. That is one round trip to the connection's thread instead of four (BEGIN,
+/// INSERT, count, COMMIT), each a wait for a core on a busy machine, on the path of every
+/// Run. The claim is taken before the statement waits for the write lock; SQLite gives that
+/// wait up before the caller would, so a caller never hears "timed out" for a job that is
+/// committed later (the caller waits for the claimed job's answer instead).
+async fn write_one(write: &SqlitePool, req: Request) {
+    if !req.take() {
+        return; // the caller gave up: not a word of it may be written
+    }
+    let answer = async {
+        let mut conn = write.acquire().await.db()?;
+        match insert(&mut conn, &req).await? {
+            Some(row) => Ok(row),
+            None => Err(refusal(&mut conn, &req).await.unwrap_or_else(|e| e)),
+        }
+    }
+    .await;
+    match answer {
+        Ok((seq, id, n)) => {
+            let (reply, rec) = req.record(seq, id);
+            let _ = reply.send(Ok((rec, count_u64(n))));
+        }
+        Err(e) => {
+            let _ = req.reply.send(Err(e));
+        }
     }
 }
 
@@ -199,6 +245,9 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
         }
     };
     let mut inserted = Vec::with_capacity(batch.len());
+    // Each owner's unfinished jobs as committed, for the `status` message they are sent: the
+    // count after their last insert of the batch (only inserts happen in this transaction).
+    let mut counts = std::collections::HashMap::new();
     let mut failure = None;
     let mut pending = batch.drain(..);
     for req in pending.by_ref() {
@@ -206,7 +255,11 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
             continue; // the caller gave up: not a word of it may be written
         }
         match insert(&mut tx, &req).await {
-            Ok(Some(row)) => inserted.push((req, row)),
+            Ok(Some((seq, id, n))) => {
+                let c = counts.entry(req.job.user.clone()).or_insert(0);
+                *c = count_u64(n).max(*c);
+                inserted.push((req, (seq, id)));
+            }
             Ok(None) => match refusal(&mut tx, &req).await {
                 Ok(why) => {
                     let _ = req.reply.send(Err(why));
@@ -222,15 +275,6 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
                 failure = Some(e);
                 break;
             }
-        }
-    }
-    // Each owner's unfinished jobs as committed, for the `status` message they are sent
-    // (one statement for the batch instead of one read per job afterwards).
-    let mut counts = std::collections::HashMap::new();
-    if failure.is_none() && !inserted.is_empty() {
-        match unfinished_by_user(&mut tx, &inserted).await {
-            Ok(c) => counts = c,
-            Err(e) => failure = Some(e),
         }
     }
     let failure = match failure {
@@ -260,31 +304,15 @@ async fn write_batch(write: &SqlitePool, batch: &mut Vec<Request>) {
     }
 }
 
-async fn unfinished_by_user(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    inserted: &[(Request, (i64, String))],
-) -> Result<std::collections::HashMap<String, u64>, StoreError> {
-    let users: Vec<&str> = inserted.iter().map(|(r, _)| r.job.user.as_str()).collect();
-    let users = serde_json::to_string(&users).map_err(|e| StoreError::Other(e.to_string()))?;
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT user_name, COUNT(*) FROM jobs \
-         WHERE user_name IN (SELECT value FROM json_each(?1)) \
-         AND state IN ('queued', 'dispatched', 'running') GROUP BY user_name",
-    )
-    .bind(users)
-    .fetch_all(&mut **tx)
-    .await
-    .db()?;
-    Ok(rows.into_iter().map(|(u, n)| (u, count_u64(n))).collect())
-}
-
-/// The checks and the insert in one statement; (seq, internal id), or `None` when a check
-/// refused it. The prompt_id must be new among the owner's jobs; the internal id is the
-/// prompt_id unless some job (anyone's) has that id already, then the request's fresh one.
+/// The checks and the insert in one statement; (seq, internal id, the owner's unfinished
+/// jobs with this one), or `None` when a check refused it. The prompt_id must be new among
+/// the owner's jobs; the internal id is the prompt_id unless some job (anyone's) has that id
+/// already, then the request's fresh one. (RETURNING is evaluated after the row is
+/// inserted: its count includes the new job.)
 async fn insert(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
+    conn: &mut sqlx::SqliteConnection,
     r: &Request,
-) -> Result<Option<(i64, String)>, StoreError> {
+) -> Result<Option<(i64, String, i64)>, StoreError> {
     sqlx::query_as(
         "INSERT INTO jobs (id, prompt_id, user_name, number, priority, prompt, extra_data, \
          outputs_to_execute, client_id, workflow_id, state, created_at_ms) \
@@ -295,7 +323,8 @@ async fn insert(
              AND state IN ('queued', 'dispatched')) < ?11) \
          AND (?12 = 0 OR (SELECT SUM(n) FROM job_state_counts \
              WHERE state IN ('queued', 'dispatched')) < ?12) \
-         RETURNING seq, id",
+         RETURNING seq, id, (SELECT COUNT(*) FROM jobs WHERE user_name = ?2 \
+             AND state IN ('queued', 'dispatched', 'running'))",
     )
     .bind(&r.job.id)
     .bind(&r.job.user)
@@ -310,16 +339,13 @@ async fn insert(
     .bind(i64::from(r.limits.max_queued_per_user))
     .bind(i64::from(r.limits.max_queue_depth))
     .bind(&r.fresh_id)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(conn)
     .await
     .db()
 }
 
 /// Why `insert` refused the job (same transaction, so the same view of the queue).
-async fn refusal(
-    tx: &mut sqlx::Transaction<'static, sqlx::Sqlite>,
-    r: &Request,
-) -> Result<StoreError, StoreError> {
+async fn refusal(conn: &mut sqlx::SqliteConnection, r: &Request) -> Result<StoreError, StoreError> {
     let counts: Result<(Option<i64>, i64, Option<i64>), _> = sqlx::query_as(
         "SELECT (SELECT seq FROM jobs WHERE user_name = ?2 AND prompt_id = ?1), \
          (SELECT COUNT(*) FROM jobs WHERE user_name = ?2 \
@@ -328,7 +354,7 @@ async fn refusal(
     )
     .bind(&r.job.id)
     .bind(&r.job.user)
-    .fetch_one(&mut **tx)
+    .fetch_one(conn)
     .await;
     let (exists, mine, all) = counts.db()?;
     let limits = r.limits;

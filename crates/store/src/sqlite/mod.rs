@@ -128,16 +128,25 @@ impl SqliteStore {
             .await
             .db()?;
         let alive = std::sync::Arc::new(());
+        let lock_wait_bounded = opts.busy_timeout < opts.op_timeout;
         start_checkpointer(checkpoint.clone(), std::sync::Arc::downgrade(&alive));
         tracing::debug!(path = %path.display(), "sqlite store open");
         Ok(SqliteStore {
-            enqueuer: enqueue::Enqueuer::start(write.clone(), opts.op_timeout),
+            enqueuer: enqueue::Enqueuer::start(
+                write.clone(),
+                opts.op_timeout,
+                if lock_wait_bounded {
+                    enqueue::Alone::Statement
+                } else {
+                    enqueue::Alone::Transaction
+                },
+            ),
             write,
             read,
             checkpoint: Some(checkpoint),
             _alive: alive,
             op_timeout: opts.op_timeout,
-            lock_wait_bounded: opts.busy_timeout < opts.op_timeout,
+            lock_wait_bounded,
             hasher: Hasher::new(),
             sessions: Default::default(),
         })
@@ -157,7 +166,11 @@ impl SqliteStore {
             .db()?;
         MIGRATOR.run(&pool).await.map_err(migrate_error)?;
         Ok(SqliteStore {
-            enqueuer: enqueue::Enqueuer::start(pool.clone(), opts.op_timeout),
+            enqueuer: enqueue::Enqueuer::start(
+                pool.clone(),
+                opts.op_timeout,
+                enqueue::Alone::Statement,
+            ),
             write: pool.clone(),
             read: pool,
             checkpoint: None,

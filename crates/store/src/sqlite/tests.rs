@@ -501,6 +501,40 @@ async fn a_shared_commit_refuses_only_the_jobs_that_break_a_rule() {
     counters_match_the_table(&s).await;
 }
 
+/// Each submission is answered with its owner's unfinished count as committed, whether it
+/// was written alone (one statement) or in a shared transaction.
+#[tokio::test]
+async fn every_submission_hears_its_owners_count_as_committed() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    let (_, n) = s
+        .enqueue_counted(new_job("first", "a"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(n, Some(1));
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let s = s.clone();
+        let user = if i % 2 == 0 { "a" } else { "b" };
+        calls.push(tokio::spawn(async move {
+            let (rec, n) = s
+                .enqueue_counted(new_job(&format!("j{i}"), user), EnqueueLimits::default())
+                .await
+                .unwrap();
+            (rec.user, n.unwrap())
+        }));
+    }
+    let mut most = std::collections::HashMap::new();
+    for c in calls {
+        let (user, n) = c.await.unwrap();
+        let m = most.entry(user).or_insert(0);
+        *m = n.max(*m);
+    }
+    // The last commit of each owner counted all of their jobs, none of the other's.
+    assert_eq!(most["a"], 21);
+    assert_eq!(most["b"], 20);
+}
+
 /// A batch that hits a full disk stores none of its jobs and tells every caller.
 #[tokio::test]
 async fn a_shared_commit_that_fails_stores_none_of_its_jobs() {
