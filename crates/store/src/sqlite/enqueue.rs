@@ -339,9 +339,13 @@ async fn insert(
     .bind(i64::from(r.limits.max_queued_per_user))
     .bind(i64::from(r.limits.max_queue_depth))
     .bind(&r.fresh_id)
-    .fetch_optional(conn)
+    // Run to its end, not stopped after the first row: out of a transaction (`write_one`)
+    // the commit happens at the statement's last step, and only there does a failed commit
+    // (a full disk) show as an error.
+    .fetch_all(conn)
     .await
     .db()
+    .map(|rows| rows.into_iter().next())
 }
 
 /// Why `insert` refused the job (same transaction, so the same view of the queue).

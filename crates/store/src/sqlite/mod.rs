@@ -833,9 +833,12 @@ impl UserStore for SqliteStore {
             .bind(rehash.as_deref())
             .bind(&old)
             .bind(name)
-            .fetch_optional(&self.write)
+            // To its end: the commit (and a failed one) is at the statement's last step.
+            .fetch_all(&self.write)
             .await
-            .db()?;
+            .db()?
+            .into_iter()
+            .next();
             row.as_ref().map(user_from_row).transpose()
         })
         .await
@@ -1230,7 +1233,11 @@ impl JobStore for SqliteStore {
             return self
                 .timed("transition", async {
                     let mut conn = self.write.acquire().await.db()?;
-                    match update().fetch_optional(&mut *conn).await.db()? {
+                    // Run to its end, not stopped after the first row: out of a
+                    // transaction the commit happens at the statement's last step, and only
+                    // there does a failed commit (a full disk) show as an error.
+                    let rows = update().fetch_all(&mut *conn).await.db()?;
+                    match rows.into_iter().next() {
                         Some(row) => job_from_row(&row),
                         None => Err(explain(
                             sqlx::query_scalar(STATE)
@@ -1435,9 +1442,13 @@ impl AuditStore for SqliteStore {
             .bind(&e.action)
             .bind(&e.target)
             .bind(&detail)
-            .fetch_one(&self.write)
+            // To its end: the commit (and a failed one) is at the statement's last step.
+            .fetch_all(&self.write)
             .await
-            .db()?;
+            .db()?
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Other("the audit insert returned no row".into()))?;
             audit_from_row(&row)
         })
         .await

@@ -627,3 +627,103 @@ async fn cached_sessions_end_with_their_account() {
     server.delete_session(&token).await.unwrap();
     assert!(server.session_user(&token).await.unwrap().is_none());
 }
+
+/// A file system of its own, filled up: `mount -t tmpfs` (root only; `None` elsewhere).
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(mib: u64) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .is_ok_and(|o| o.status.success());
+        ok.then_some(SmallDisk(dir))
+    }
+
+    /// Writes zeros until the disk refuses; the filler file's path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.0.path().join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        // The last pages: a block at a time fails before a byte at a time does.
+        while f.write_all(&[0]).is_ok() {}
+        let _ = f.flush();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// The data disk full when a write commits: the one-statement submission and transition (no
+/// BEGIN ... COMMIT, so the commit is at the statement's last step) answer Unavailable and
+/// store nothing, as a transaction's failed COMMIT does. (A statement stopped after its first
+/// row would commit when reset, where the failure is not reported: the job was acknowledged
+/// but lost.)
+#[tokio::test]
+async fn a_commit_on_a_full_disk_is_refused_not_lost() {
+    let Some(disk) = SmallDisk::mount(4) else {
+        eprintln!("SKIPPED: mount -t tmpfs is not permitted here");
+        return;
+    };
+    let path = disk.0.path().join("comfyume.db");
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert!(
+        s.lock_wait_bounded,
+        "the one-statement paths are under test"
+    );
+    s.enqueue(new_job("before", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    let filler = disk.fill();
+    let mut refused = 0;
+    for i in 0..20 {
+        let mut j = new_job(&format!("full{i}"), "u");
+        j.prompt = big(20_000);
+        match s.enqueue(j, EnqueueLimits::default()).await {
+            Err(StoreError::Unavailable(_)) => refused += 1,
+            Err(e) => panic!("full{i}: {e:?}"),
+            // Fitted in space SQLite already had; it must be there.
+            Ok(r) => assert!(s.get_job(&r.id).await.unwrap().is_some()),
+        }
+    }
+    assert!(refused > 0, "the disk never filled");
+    let moved = s
+        .transition(
+            "before",
+            &[JobState::Queued],
+            JobState::Succeeded,
+            JobPatch {
+                outputs: Some(big(200_000)),
+                ..JobPatch::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(moved, Err(StoreError::Unavailable(_))),
+        "{moved:?}"
+    );
+    std::fs::remove_file(filler).unwrap();
+    let before = s.get_job("before").await.unwrap().unwrap();
+    assert_eq!(before.state, JobState::Queued);
+    let stored = s.count_jobs(None, &[]).await.unwrap();
+    assert_eq!(stored, 1 + 20 - refused, "every acknowledged job, no other");
+    s.enqueue(new_job("after", "u"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    s.close().await;
+    // And what the file holds after a restart.
+    let s = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(s.count_jobs(None, &[]).await.unwrap(), stored + 1);
+    s.close().await;
+}
