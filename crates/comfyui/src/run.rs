@@ -20,6 +20,7 @@ use crate::client::{ComfyUiBackend, Remote, http_error};
 use crate::job::{BackendError, BackendEvent, EventTx, JobSpec, Outcome, OutcomeKind};
 use crate::outputs;
 use crate::socket::{Subscription, WsEvent};
+use comfyume_wire::shapes::queue::meta_entry;
 use comfyume_wire::shapes::ws::{BinaryFrame, ws_message};
 
 /// WebSocket re-connection attempts after a drop, before the backend is
@@ -68,6 +69,7 @@ impl ComfyUiBackend {
             events,
             fetched: HashMap::new(),
             relayed: HashSet::new(),
+            seen: Seen::default(),
             started: false,
             ws_error: None,
             ws_interrupted: None,
@@ -120,6 +122,19 @@ enum Cancel {
     Stopping,
 }
 
+/// What the socket showed of a job's run: enough to record a success whose history the
+/// server no longer has.
+#[derive(Default)]
+struct Seen {
+    start: Option<Value>,
+    cached: Option<Value>,
+    success: Option<Value>,
+    /// `executed` outputs, node -> ui with the participant's own file names.
+    outputs: Map<String, Value>,
+    /// node -> its `display_node`.
+    display: HashMap<String, String>,
+}
+
 /// State of one job on this backend.
 struct JobRun<'a> {
     b: &'a ComfyUiBackend,
@@ -131,6 +146,8 @@ struct JobRun<'a> {
     fetched: HashMap<(String, String, String), String>,
     /// Nodes whose `executed` was relayed.
     relayed: HashSet<String>,
+    /// The job's story as the socket told it (see [`JobRun::seen_outcome`]).
+    seen: Seen,
     started: bool,
     ws_error: Option<Value>,
     ws_interrupted: Option<Value>,
@@ -530,14 +547,27 @@ impl JobRun<'_> {
                     return Ok(Step::Continue(false));
                 }
             }
-            "execution_start" => self.mark_started().await,
+            "execution_start" => {
+                self.seen.start = msg.get("data").cloned();
+                self.mark_started().await
+            }
+            "execution_cached" => self.seen.cached = msg.get("data").cloned(),
+            "execution_success" => self.seen.success = msg.get("data").cloned(),
             "executed" => {
                 if let Some(data) = msg.get_mut("data").and_then(Value::as_object_mut) {
-                    if let Some(node) = data.get("node").and_then(Value::as_str) {
-                        self.relayed.insert(node.to_owned());
+                    let node = data.get("node").and_then(Value::as_str).map(str::to_owned);
+                    if let Some(node) = &node {
+                        self.relayed.insert(node.clone());
+                        let display = data.get("display_node").and_then(Value::as_str);
+                        self.seen
+                            .display
+                            .insert(node.clone(), display.unwrap_or(node).to_owned());
                     }
                     if let Some(output) = data.get("output").cloned() {
                         let local = self.localize_ui(&output).await?;
+                        if let Some(node) = node {
+                            self.seen.outputs.insert(node, local.clone());
+                        }
                         data.insert("output".into(), local);
                     }
                 }
@@ -565,18 +595,62 @@ impl JobRun<'_> {
         true
     }
 
-    /// After the end marker: the outcome as `/history` records it.
+    /// After the end marker: the outcome as `/history` records it. A server that lost the
+    /// history meanwhile (it restarted, or a fresh replica answers) may still have shown the
+    /// whole success on the socket (see [`Self::seen_outcome`]).
     async fn finish(&mut self) -> Result<Outcome, BackendError> {
         let id = self.job.id.clone();
-        if let Some(entry) = self.b.history(&id).await? {
-            return self.collect(entry).await;
+        let lost = match self.b.history(&id).await {
+            Ok(Some(entry)) => return self.collect(entry).await,
+            Ok(None) => {
+                // A proxy in front of several replicas may lag; ask once more.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                match self.b.history(&id).await {
+                    Ok(Some(entry)) => return self.collect(entry).await,
+                    Ok(None) => forgot(),
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
+        };
+        match self.seen_outcome() {
+            Some(outcome) => {
+                tracing::warn!(job_id = %id, backend = %self.b.name, error = %lost, "the GPU server lost the job's history after it ended; its success and every output were seen on the socket, so it is recorded from those and not run again");
+                Ok(outcome)
+            }
+            None => Err(lost),
         }
-        // A proxy in front of several replicas may lag; ask once more.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        match self.b.history(&id).await? {
-            Some(entry) => self.collect(entry).await,
-            None => Err(forgot()),
+    }
+
+    /// The outcome as the socket showed it: a success, with every output as `executed`
+    /// brought it (and so in the participant's folder already). ComfyUI sends `executed`
+    /// for a node answered from its cache too, with the cached output, so the socket shows
+    /// every output the history would.
+    fn seen_outcome(&self) -> Option<Outcome> {
+        let success = self.seen.success.clone()?;
+        let mut messages = Vec::new();
+        if let Some(start) = &self.seen.start {
+            messages.push(json!(["execution_start", start]));
         }
+        if let Some(c) = &self.seen.cached {
+            messages.push(json!(["execution_cached", c]));
+        }
+        messages.push(json!(["execution_success", success]));
+        let meta = self
+            .seen
+            .outputs
+            .keys()
+            .map(|node| {
+                let display = self.seen.display.get(node).map_or(node.as_str(), |d| d);
+                (node.clone(), meta_entry(node, display, None, node))
+            })
+            .collect();
+        Some(Outcome {
+            kind: OutcomeKind::Success,
+            outputs: self.seen.outputs.clone(),
+            messages,
+            meta,
+        })
     }
 
     /// Builds the outcome from a history entry, fetching every output.

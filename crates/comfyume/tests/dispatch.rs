@@ -595,6 +595,27 @@ async fn a_backend_that_forgets_a_waiting_job_gets_it_again() {
     sim.shutdown().await;
 }
 
+/// The GPU server ends the job and then loses its history (a restart right after it): the
+/// participant's job is done with its output, and not run a second time elsewhere.
+#[tokio::test]
+async fn a_job_whose_history_the_gpu_server_lost_after_it_ended_is_not_run_again() {
+    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
+    let app = spawn_full(with_backends(vec![backend])).await;
+    let mut ws = tab(&app, U1, "tab").await;
+    sim.set_fault(Fault::ForgetNextHistory);
+    let id = app.submit(U1, "tab", &nomodel(8)).await;
+    let msgs = until_end(&mut ws, &id, 15).await;
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
+    assert_eq!(app.job_status(U1, &id).await, "completed");
+    assert_eq!(app.output_files(U1), executed_files(&msgs));
+    assert_eq!(app.output_files(U1).len(), 1);
+    assert_eq!(sim.state().prompts_accepted, 1, "run once");
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn slow_downloads_still_deliver_the_output() {
     let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;

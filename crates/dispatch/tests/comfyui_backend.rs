@@ -750,6 +750,108 @@ async fn a_backend_that_forgot_the_job_lost_it() {
     sim.shutdown().await;
 }
 
+/// The server ends the job, shows it on the socket, then loses its history (a restart right
+/// after it): the success and its output, already in the participant's folder, are the
+/// outcome. Running it again elsewhere would run it twice (docs/RELIABILITY.md R4).
+#[tokio::test]
+async fn a_success_seen_on_the_socket_outlives_a_lost_history() {
+    let sim = sim(0).await;
+    let b = arc(backend(&sim));
+    let f = folders();
+    sim.set_fault(Fault::ForgetNextHistory);
+    let (res, events) = run(
+        &b,
+        job(
+            "job-forgot-after",
+            "user001",
+            workflow("nomodel.json"),
+            &["3"],
+            &f,
+        ),
+    )
+    .await;
+    let outcome = res.unwrap();
+    assert_eq!(outcome.kind, OutcomeKind::Success);
+    let local = json!({"filename": "nomodel_00001_.png", "subfolder": "", "type": "output"});
+    assert_eq!(outcome.outputs["3"]["images"][0], local);
+    assert_eq!(
+        read(f.outputs.join("nomodel_00001_.png")),
+        read(sim.output_dir().join("nomodel_00001_.png"))
+    );
+    let kinds: Vec<&str> = outcome
+        .messages
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["execution_start", "execution_cached", "execution_success"]
+    );
+    assert_eq!(outcome.meta["3"]["display_node"], "3");
+    assert!(types(&events).contains(&"executed".to_string()));
+    // The server really had forgotten it, and ran it once.
+    let h: Value = reqwest::get(format!("{}/history/job-forgot-after", sim.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h, json!({}));
+    assert_eq!(sim.state().prompts_received, 1);
+    sim.shutdown().await;
+}
+
+/// The same for a rerun answered from the server's cache: ComfyUI sends `executed` for a
+/// cached output node too, with its cached output, so the rerun still delivers it.
+#[tokio::test]
+async fn a_cached_rerun_with_a_lost_history_still_delivers_its_output() {
+    let sim = sim(0).await;
+    let b = arc(backend(&sim));
+    let f = folders();
+    let (first, _) = run(
+        &b,
+        job(
+            "job-cache-1",
+            "user001",
+            workflow("nomodel.json"),
+            &["3"],
+            &f,
+        ),
+    )
+    .await;
+    assert_eq!(first.unwrap().kind, OutcomeKind::Success);
+    sim.set_fault(Fault::ForgetNextHistory);
+    let (res, events) = run(
+        &b,
+        job(
+            "job-cache-2",
+            "user001",
+            workflow("nomodel.json"),
+            &["3"],
+            &f,
+        ),
+    )
+    .await;
+    let outcome = res.unwrap();
+    let cached = messages(&events)
+        .into_iter()
+        .find(|m| m["type"] == "execution_cached")
+        .unwrap()["data"]["nodes"]
+        .clone();
+    assert!(cached.as_array().unwrap().contains(&json!("3")), "{cached}");
+    let file = outcome.outputs["3"]["images"][0]["filename"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(file, "nomodel_00001_.png", "a file of its own");
+    assert_eq!(
+        read(f.outputs.join(&file)),
+        read(sim.output_dir().join("nomodel_00001_.png"))
+    );
+    assert_eq!(sim.state().prompts_received, 2);
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn slow_downloads_still_succeed_within_the_transfer_limit() {
     let sim = sim(0).await;

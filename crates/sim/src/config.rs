@@ -157,6 +157,9 @@ pub enum Fault {
     },
     /// Act like a fresh replica: history and pending queue are dropped at once.
     ForgetHistory,
+    /// One-shot: the next job to end runs and reports as usual on the socket, but is not
+    /// kept in the history (as if the server restarted right after it, outputs kept on disk).
+    ForgetNextHistory,
     /// Delay every `/view` answer by `ms` (0 switches it off).
     SlowView { ms: u64 },
     /// One-shot: at the next point inside a running job the server stops abruptly (listener and
@@ -187,6 +190,7 @@ impl FromStr for Fault {
             "drop-websocket" | "drop-ws" if arg.is_none() => Fault::DropWebsocket,
             "hang" => Fault::Hang { for_ms: ms(arg)? },
             "forget-history" if arg.is_none() => Fault::ForgetHistory,
+            "forget-next-history" if arg.is_none() => Fault::ForgetNextHistory,
             "slow-view" => Fault::SlowView {
                 ms: ms(arg)?.ok_or_else(bad)?,
             },
@@ -207,6 +211,8 @@ pub struct ActiveFaults {
     pub slow_view_ms: u64,
     /// Armed and not yet fired.
     pub die_mid_job: bool,
+    /// Armed and not yet fired.
+    pub forget_next_history: bool,
 }
 
 impl ActiveFaults {

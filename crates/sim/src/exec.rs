@@ -597,9 +597,16 @@ async fn run_job(shared: &Arc<Shared>, item: QueueItem) -> Result<(), Died> {
     });
 
     let elapsed = started.elapsed();
+    let forget = shared.faults.borrow().forget_next_history;
+    if forget {
+        shared.faults.send_modify(|f| f.forget_next_history = false);
+        tracing::warn!(prompt_id = %item.prompt_id, "not keeping the job in the history (fault)");
+    }
     {
         let mut inner = lock(&shared.inner);
-        inner.add_history(item.prompt_id.clone(), entry);
+        if !forget {
+            inner.add_history(item.prompt_id.clone(), entry);
+        }
         inner.running = None;
         inner.exec_client = None;
         inner.last_node = None;

@@ -412,6 +412,9 @@ impl Shared {
             Fault::ForgetHistory => {
                 self.forget();
             }
+            Fault::ForgetNextHistory => {
+                self.faults.send_modify(|f| f.forget_next_history = true);
+            }
             Fault::SlowView { ms } => {
                 self.faults.send_modify(|f| f.slow_view_ms = ms);
             }

@@ -206,6 +206,42 @@ async fn drop_websocket_cuts_sockets_mid_job_and_the_job_finishes() {
 }
 
 #[tokio::test]
+async fn forget_next_history_drops_one_finished_job_from_the_history() {
+    let t = quick_sim().await;
+    let mut ws = t.ws(Some("f")).await;
+    ws.next().await;
+    t.sim.set_fault(Fault::ForgetNextHistory);
+    assert!(t.sim.state().faults.forget_next_history);
+    let id = t.queue_ok(&flux_workflow(5, 1, 32), Some("f")).await;
+    let mut seen = Vec::new();
+    loop {
+        let f = ws.next_within(WAIT).await.unwrap();
+        let end = f.ty() == "executing" && f.json().is_some_and(|v| v["data"]["node"].is_null());
+        seen.push(f.ty());
+        if end {
+            break;
+        }
+    }
+    // The socket told the whole run; the history does not have it; the fault was one-shot.
+    assert!(seen.contains(&"executed".to_string()), "{seen:?}");
+    assert!(seen.contains(&"execution_success".to_string()), "{seen:?}");
+    let h: Value = reqwest::get(t.url(&format!("/history/{id}")))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h, json!({}));
+    assert!(!t.sim.state().faults.forget_next_history);
+    let next = t.queue_ok(&flux_workflow(5, 2, 32), Some("f")).await;
+    assert_eq!(
+        t.wait_history(&next).await["status"]["status_str"],
+        "success"
+    );
+    t.sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn die_mid_job_stops_the_server_abruptly() {
     let scratch = Scratch::new();
     let t = spawn_sim(SimConfig {
