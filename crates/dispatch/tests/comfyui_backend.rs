@@ -148,6 +148,20 @@ async fn run(
     start(backend, spec).finish().await
 }
 
+/// `nomodel.json` (its output node "3") as user001's job `id`.
+fn nomodel_job(id: &str, f: &Folders) -> JobSpec {
+    job(id, "user001", workflow("nomodel.json"), &["3"], f)
+}
+
+/// The kinds of an outcome's status messages, in order.
+fn message_kinds(outcome: &Outcome) -> Vec<&str> {
+    outcome
+        .messages
+        .iter()
+        .map(|m| m[0].as_str().unwrap())
+        .collect()
+}
+
 fn messages(events: &[BackendEvent]) -> Vec<&Value> {
     events
         .iter()
@@ -187,17 +201,7 @@ async fn nomodel_job_relays_the_trace_downloads_and_confirms_in_history() {
     let sim = sim(0).await;
     let b = arc(backend(&sim));
     let f = folders();
-    let (res, events) = run(
-        &b,
-        job(
-            "job-nomodel-1",
-            "user001",
-            workflow("nomodel.json"),
-            &["3"],
-            &f,
-        ),
-    )
-    .await;
+    let (res, events) = run(&b, nomodel_job("job-nomodel-1", &f)).await;
     let outcome = res.unwrap();
 
     // ws_owner.txt minus `status` and the final `executing: null`.
@@ -241,13 +245,8 @@ async fn nomodel_job_relays_the_trace_downloads_and_confirms_in_history() {
 
     assert_eq!(outcome.kind, OutcomeKind::Success);
     assert_eq!(outcome.outputs["3"]["images"][0], local);
-    let kinds: Vec<&str> = outcome
-        .messages
-        .iter()
-        .map(|m| m[0].as_str().unwrap())
-        .collect();
     assert_eq!(
-        kinds,
+        message_kinds(&outcome),
         ["execution_start", "execution_cached", "execution_success"]
     );
     assert_eq!(outcome.meta["3"]["display_node"], "3");
@@ -759,17 +758,7 @@ async fn a_success_seen_on_the_socket_outlives_a_lost_history() {
     let b = arc(backend(&sim));
     let f = folders();
     sim.set_fault(Fault::ForgetNextHistory);
-    let (res, events) = run(
-        &b,
-        job(
-            "job-forgot-after",
-            "user001",
-            workflow("nomodel.json"),
-            &["3"],
-            &f,
-        ),
-    )
-    .await;
+    let (res, events) = run(&b, nomodel_job("job-forgot-after", &f)).await;
     let outcome = res.unwrap();
     assert_eq!(outcome.kind, OutcomeKind::Success);
     let local = json!({"filename": "nomodel_00001_.png", "subfolder": "", "type": "output"});
@@ -778,13 +767,8 @@ async fn a_success_seen_on_the_socket_outlives_a_lost_history() {
         read(f.outputs.join("nomodel_00001_.png")),
         read(sim.output_dir().join("nomodel_00001_.png"))
     );
-    let kinds: Vec<&str> = outcome
-        .messages
-        .iter()
-        .map(|m| m[0].as_str().unwrap())
-        .collect();
     assert_eq!(
-        kinds,
+        message_kinds(&outcome),
         ["execution_start", "execution_cached", "execution_success"]
     );
     assert_eq!(outcome.meta["3"]["display_node"], "3");
@@ -808,30 +792,10 @@ async fn a_cached_rerun_with_a_lost_history_still_delivers_its_output() {
     let sim = sim(0).await;
     let b = arc(backend(&sim));
     let f = folders();
-    let (first, _) = run(
-        &b,
-        job(
-            "job-cache-1",
-            "user001",
-            workflow("nomodel.json"),
-            &["3"],
-            &f,
-        ),
-    )
-    .await;
+    let (first, _) = run(&b, nomodel_job("job-cache-1", &f)).await;
     assert_eq!(first.unwrap().kind, OutcomeKind::Success);
     sim.set_fault(Fault::ForgetNextHistory);
-    let (res, events) = run(
-        &b,
-        job(
-            "job-cache-2",
-            "user001",
-            workflow("nomodel.json"),
-            &["3"],
-            &f,
-        ),
-    )
-    .await;
+    let (res, events) = run(&b, nomodel_job("job-cache-2", &f)).await;
     let outcome = res.unwrap();
     let cached = messages(&events)
         .into_iter()

@@ -457,6 +457,18 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
         })
 }
 
+/// A job's state, if the job exists.
+async fn state_of(
+    conn: &mut sqlx::SqliteConnection,
+    id: &str,
+) -> Result<Option<String>, StoreError> {
+    sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+        .db()
+}
+
 /// ` AND prompt_id IN (...)`: the ids a participant names their jobs by.
 fn push_id_list(qb: &mut QueryBuilder<Sqlite>, ids: &[String]) {
     qb.push(" AND prompt_id IN (");
@@ -1223,7 +1235,6 @@ impl JobStore for SqliteStore {
                 StoreError::Conflict(format!("job {id} is {current}, not one of {from:?}"))
             }
         };
-        const STATE: &str = "SELECT state FROM jobs WHERE id = ?";
         if self.lock_wait_bounded {
             // One round trip to the connection's thread instead of three (BEGIN, UPDATE,
             // COMMIT): on a busy machine each is a wait for a core, and this is on the path
@@ -1239,13 +1250,7 @@ impl JobStore for SqliteStore {
                     let rows = update().fetch_all(&mut *conn).await.db()?;
                     match rows.into_iter().next() {
                         Some(row) => job_from_row(&row),
-                        None => Err(explain(
-                            sqlx::query_scalar(STATE)
-                                .bind(id)
-                                .fetch_optional(&mut *conn)
-                                .await
-                                .db()?,
-                        )),
+                        None => Err(explain(state_of(&mut conn, id).await?)),
                     }
                 })
                 .await;
@@ -1260,13 +1265,7 @@ impl JobStore for SqliteStore {
                     tx.commit().await.db()?;
                     Ok(rec)
                 }
-                None => Err(explain(
-                    sqlx::query_scalar(STATE)
-                        .bind(id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .db()?,
-                )),
+                None => Err(explain(state_of(&mut tx, id).await?)),
             }
         })
         .await
