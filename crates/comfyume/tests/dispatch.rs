@@ -55,6 +55,21 @@ async fn until_end(ws: &mut Ws, id: &str, secs: u64) -> Vec<Value> {
     messages_until(ws, secs, |v| is_end_of(v, id)).await
 }
 
+/// One no-model job of user001's on a 2-slot simulator, with `fault` set just before it is
+/// submitted: the simulator, the app, the job's id, and what the tab saw until its end.
+async fn one_job_under(
+    fault: Fault,
+    color: u32,
+) -> (comfyume_sim::SimHandle, TestApp, String, Vec<Value>) {
+    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
+    let app = spawn_full(with_backends(vec![backend])).await;
+    let mut ws = tab(&app, U1, "tab").await;
+    sim.set_fault(fault);
+    let id = app.submit(U1, "tab", &nomodel(color)).await;
+    let msgs = until_end(&mut ws, &id, 15).await;
+    (sim, app, id, msgs)
+}
+
 /// Our own notices (type `comfyume`, ignored by the stock frontend), in order.
 fn notices(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
@@ -405,12 +420,7 @@ async fn a_job_waiting_on_the_gpu_can_be_stopped_by_its_owner_only() {
 
 #[tokio::test]
 async fn a_dropped_backend_socket_does_not_lose_the_job() {
-    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
-    let app = spawn_full(with_backends(vec![backend])).await;
-    let mut ws = tab(&app, U1, "tab").await;
-    sim.set_fault(Fault::DropWebsocket);
-    let id = app.submit(U1, "tab", &nomodel(1)).await;
-    let msgs = until_end(&mut ws, &id, 15).await;
+    let (sim, app, id, msgs) = one_job_under(Fault::DropWebsocket, 1).await;
     assert!(!sim.state().faults.drop_websocket, "the fault fired");
     assert!(
         msgs.iter().any(|m| m["type"] == "executed"),
@@ -599,12 +609,7 @@ async fn a_backend_that_forgets_a_waiting_job_gets_it_again() {
 /// participant's job is done with its output, and not run a second time elsewhere.
 #[tokio::test]
 async fn a_job_whose_history_the_gpu_server_lost_after_it_ended_is_not_run_again() {
-    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
-    let app = spawn_full(with_backends(vec![backend])).await;
-    let mut ws = tab(&app, U1, "tab").await;
-    sim.set_fault(Fault::ForgetNextHistory);
-    let id = app.submit(U1, "tab", &nomodel(8)).await;
-    let msgs = until_end(&mut ws, &id, 15).await;
+    let (sim, app, id, msgs) = one_job_under(Fault::ForgetNextHistory, 8).await;
     assert!(
         msgs.iter().any(|m| m["type"] == "execution_success"),
         "{msgs:#?}"
@@ -618,12 +623,7 @@ async fn a_job_whose_history_the_gpu_server_lost_after_it_ended_is_not_run_again
 
 #[tokio::test]
 async fn slow_downloads_still_deliver_the_output() {
-    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
-    let app = spawn_full(with_backends(vec![backend])).await;
-    let mut ws = tab(&app, U1, "tab").await;
-    sim.set_fault(Fault::SlowView { ms: 400 });
-    let id = app.submit(U1, "tab", &nomodel(8)).await;
-    let msgs = until_end(&mut ws, &id, 15).await;
+    let (sim, app, id, msgs) = one_job_under(Fault::SlowView { ms: 400 }, 8).await;
     let file = msgs.iter().find(|m| m["type"] == "executed").unwrap()["data"]["output"]["images"]
         [0]["filename"]
         .as_str()
