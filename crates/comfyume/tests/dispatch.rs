@@ -70,6 +70,18 @@ async fn one_job_under(
     (sim, app, id, msgs)
 }
 
+/// user001's job `id` succeeded (its tab saw it), is completed, and its one output is in the
+/// participant's folder under the name the tab was given.
+async fn assert_completed_with_its_output(app: &TestApp, id: &str, msgs: &[Value]) {
+    assert!(
+        msgs.iter().any(|m| m["type"] == "execution_success"),
+        "{msgs:#?}"
+    );
+    assert_eq!(app.job_status(U1, id).await, "completed");
+    assert_eq!(app.output_files(U1), executed_files(msgs));
+    assert_eq!(app.output_files(U1).len(), 1);
+}
+
 /// Our own notices (type `comfyume`, ignored by the stock frontend), in order.
 fn notices(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
@@ -426,13 +438,7 @@ async fn a_dropped_backend_socket_does_not_lose_the_job() {
         msgs.iter().any(|m| m["type"] == "executed"),
         "the output still reached the tab: {msgs:#?}"
     );
-    assert!(
-        msgs.iter().any(|m| m["type"] == "execution_success"),
-        "{msgs:#?}"
-    );
-    assert_eq!(app.job_status(U1, &id).await, "completed");
-    assert_eq!(app.output_files(U1), executed_files(&msgs));
-    assert_eq!(app.output_files(U1).len(), 1);
+    assert_completed_with_its_output(&app, &id, &msgs).await;
     assert_eq!(
         sim.state().prompts_received,
         1,
@@ -610,13 +616,7 @@ async fn a_backend_that_forgets_a_waiting_job_gets_it_again() {
 #[tokio::test]
 async fn a_job_whose_history_the_gpu_server_lost_after_it_ended_is_not_run_again() {
     let (sim, app, id, msgs) = one_job_under(Fault::ForgetNextHistory, 8).await;
-    assert!(
-        msgs.iter().any(|m| m["type"] == "execution_success"),
-        "{msgs:#?}"
-    );
-    assert_eq!(app.job_status(U1, &id).await, "completed");
-    assert_eq!(app.output_files(U1), executed_files(&msgs));
-    assert_eq!(app.output_files(U1).len(), 1);
+    assert_completed_with_its_output(&app, &id, &msgs).await;
     assert_eq!(sim.state().prompts_accepted, 1, "run once");
     sim.shutdown().await;
 }
