@@ -8,6 +8,7 @@ mod dashboard;
 mod dispatch_latency;
 mod export;
 mod gpu_gap;
+mod history_page;
 mod instrumentation;
 mod overhead;
 mod pick;
@@ -44,6 +45,8 @@ enum Command {
     GpuGap(gpu_gap::Args),
     /// The same jobs straight at the simulator and through `comfyume serve`.
     Overhead(overhead::Args),
+    /// In-process: a participant's history page read, shaped and written as JSON.
+    HistoryPage(history_page::Args),
     /// Run -> result in the stock frontend (Chromium), straight and through `comfyume serve`.
     BrowserOverhead(browser_overhead::Args),
     /// The worker path against the local path; replicas busy under a backlog; spot eviction.
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
             Command::DispatchLatency(a) => dispatch_latency::run(a).await,
             Command::GpuGap(a) => gpu_gap::run(a).await,
             Command::Overhead(a) => overhead::run(a).await,
+            Command::HistoryPage(a) => history_page::run(a).await,
             Command::BrowserOverhead(a) => browser_overhead::run(a).await,
             Command::Serverless(a) => serverless::run(a).await,
             Command::Instrumentation(a) => instrumentation::run(a).await,

@@ -16,7 +16,7 @@ use comfyume_wire::{
     validate_prompt_with_files,
 };
 use serde::Deserialize;
-use serde_json::{Number, Value, json};
+use serde_json::{Map, Number, Value, json};
 
 use crate::auth::Participant;
 use crate::error::{ApiError, ApiResult};
@@ -284,6 +284,12 @@ fn queue_error(e: comfyume_dispatch::QueueError) -> ApiError {
 
 /// A finished job as ComfyUI's history keeps it.
 pub fn history_record(r: &JobRecord) -> HistoryRecord {
+    into_history_record(r.clone())
+}
+
+/// [`history_record`] of a record that is not needed after: its prompt and workflow (the
+/// bulk of it) are moved, not copied.
+pub fn into_history_record(mut r: JobRecord) -> HistoryRecord {
     let messages = r
         .messages
         .as_array()
@@ -299,7 +305,7 @@ pub fn history_record(r: &JobRecord) -> HistoryRecord {
                     if let Some(p) = data.get_mut("prompt_id")
                         && p.as_str() == Some(r.id.as_str())
                     {
-                        *p = Value::String(public_id(r).to_string());
+                        *p = Value::String(public_id(&r).to_string());
                     }
                     Some((a.first()?.as_str()?.to_string(), data))
                 })
@@ -319,15 +325,19 @@ pub fn history_record(r: &JobRecord) -> HistoryRecord {
         }),
         _ => None,
     };
+    let object = |v: Value| match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
     HistoryRecord {
         number: number(r.number),
-        prompt_id: public_id(r).to_string(),
-        prompt: r.prompt.clone(),
-        extra_data: r.extra_data.clone(),
-        outputs_to_execute: r.outputs_to_execute.clone(),
-        outputs: r.outputs.as_object().cloned().unwrap_or_default(),
+        prompt_id: public_id(&r).to_string(),
+        prompt: r.prompt.take(),
+        extra_data: r.extra_data.take(),
+        outputs_to_execute: std::mem::take(&mut r.outputs_to_execute),
+        outputs: object(r.outputs.take()),
         status,
-        meta: r.meta.as_object().cloned().unwrap_or_default(),
+        meta: object(r.meta.take()),
     }
 }
 
@@ -346,7 +356,7 @@ pub async fn get_history(
     State(state): State<AppState>,
     who: Participant,
     Query(q): Query<HistoryQuery>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Response> {
     let max_items = match q.max_items.as_deref() {
         None | Some("") => None,
         Some(s) => Some(
@@ -367,7 +377,7 @@ pub async fn get_history(
         .await? as usize;
     let window = shapes::queue::history_window(total, max_items, offset);
     if window.is_empty() {
-        return Ok(Json(json!({})));
+        return Ok(Json(json!({})).into_response());
     }
     // Paged in the store: only the window is loaded, whatever the history's size.
     let (jobs, _) = state
@@ -381,8 +391,9 @@ pub async fn get_history(
             ..Default::default()
         })
         .await?;
-    let records: Vec<HistoryRecord> = jobs.iter().map(history_record).collect();
-    Ok(Json(shapes::queue::history_response(records.iter())))
+    // Moved, not copied, and written out without building a JSON value of the whole page.
+    let records = jobs.into_iter().map(into_history_record).collect();
+    Ok(Json(shapes::queue::HistoryBody(records)).into_response())
 }
 
 pub async fn get_history_one(

@@ -158,6 +158,46 @@ pub fn history_item(record: &HistoryRecord) -> Value {
     })
 }
 
+/// `GET /history` as [`history_response`] renders it, written straight from the records:
+/// no copy of their prompts and workflows (the bulk of a history) is made on the way.
+pub struct HistoryBody(pub Vec<HistoryRecord>);
+
+impl serde::Serialize for HistoryBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for r in &self.0 {
+            map.serialize_entry(&r.prompt_id, &HistoryItem(r))?;
+        }
+        map.end()
+    }
+}
+
+/// One item of [`HistoryBody`], in [`history_item`]'s shape.
+struct HistoryItem<'a>(&'a HistoryRecord);
+
+impl serde::Serialize for HistoryItem<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let r = self.0;
+        let mut map = s.serialize_map(Some(4))?;
+        map.serialize_entry(
+            "prompt",
+            &(
+                &r.number,
+                &r.prompt_id,
+                &r.prompt,
+                &r.extra_data,
+                &r.outputs_to_execute,
+            ),
+        )?;
+        map.serialize_entry("outputs", &r.outputs)?;
+        map.serialize_entry("status", &r.status.as_ref().map(ExecStatus::to_json))?;
+        map.serialize_entry("meta", &r.meta)?;
+        map.end()
+    }
+}
+
 /// `GET /history`: `{prompt_id: item}` in the given (insertion) order.
 pub fn history_response<'a>(records: impl IntoIterator<Item = &'a HistoryRecord>) -> Value {
     let mut out = Map::new();
@@ -231,6 +271,31 @@ pub(crate) mod tests {
         assert_eq!(
             serde_json::to_string(&got).unwrap(),
             serde_json::to_string(&expected).unwrap()
+        );
+    }
+
+    /// The body written straight from the records is the same text as the one built as a
+    /// JSON value, entry order, nulls and numbers included.
+    #[test]
+    fn the_streamed_history_body_is_the_built_one() {
+        let mut records = vec![fixture_record()];
+        let mut second = fixture_record();
+        second.prompt_id = "second".into();
+        second.status = None;
+        second.number = Number::from_f64(7.5).unwrap();
+        second.meta = Map::new();
+        records.push(second);
+        let mut third = fixture_record();
+        third.prompt_id = "third".into();
+        third.status.as_mut().unwrap().status_str = StatusStr::Error;
+        third.outputs = Map::new();
+        records.push(third);
+        let built = serde_json::to_string(&history_response(records.iter())).unwrap();
+        let streamed = serde_json::to_string(&HistoryBody(records)).unwrap();
+        assert_eq!(streamed, built);
+        assert_eq!(
+            serde_json::to_string(&HistoryBody(Vec::new())).unwrap(),
+            "{}"
         );
     }
 
