@@ -131,8 +131,8 @@ struct Seen {
     success: Option<Value>,
     /// `executed` outputs, node -> ui with the participant's own file names.
     outputs: Map<String, Value>,
-    /// node -> its `display_node`.
-    display: HashMap<String, String>,
+    /// Their history `meta` entries.
+    meta: Map<String, Value>,
 }
 
 /// State of one job on this backend.
@@ -558,14 +558,13 @@ impl JobRun<'_> {
                     let node = data.get("node").and_then(Value::as_str).map(str::to_owned);
                     if let Some(node) = &node {
                         self.relayed.insert(node.clone());
-                        let display = data.get("display_node").and_then(Value::as_str);
-                        self.seen
-                            .display
-                            .insert(node.clone(), display.unwrap_or(node).to_owned());
                     }
                     if let Some(output) = data.get("output").cloned() {
                         let local = self.localize_ui(&output).await?;
                         if let Some(node) = node {
+                            let display = data.get("display_node").and_then(Value::as_str);
+                            let meta = meta_entry(&node, display.unwrap_or(&node), None, &node);
+                            self.seen.meta.insert(node.clone(), meta);
                             self.seen.outputs.insert(node, local.clone());
                         }
                         data.insert("output".into(), local);
@@ -636,20 +635,11 @@ impl JobRun<'_> {
             messages.push(json!(["execution_cached", c]));
         }
         messages.push(json!(["execution_success", success]));
-        let meta = self
-            .seen
-            .outputs
-            .keys()
-            .map(|node| {
-                let display = self.seen.display.get(node).map_or(node.as_str(), |d| d);
-                (node.clone(), meta_entry(node, display, None, node))
-            })
-            .collect();
         Some(Outcome {
             kind: OutcomeKind::Success,
             outputs: self.seen.outputs.clone(),
             messages,
-            meta,
+            meta: self.seen.meta.clone(),
         })
     }
 

@@ -90,27 +90,20 @@ pub(super) struct Enqueuer {
     op_timeout: Duration,
 }
 
-/// How the writer may commit a batch of one.
-#[derive(Debug, Clone, Copy)]
-pub(super) enum Alone {
-    /// In its own transaction, like any batch.
-    Transaction,
-    /// As one statement, without `BEGIN IMMEDIATE` (see [`write_one`]): only when SQLite
-    /// gives up waiting for another process's lock before a caller gives up on its job.
-    Statement,
-}
-
 impl Enqueuer {
     /// Starts the writer task on `write` (supervised: a panic is logged and it restarts).
-    pub(super) fn start(write: SqlitePool, op_timeout: Duration, alone: Alone) -> Self {
+    /// `lock_wait_bounded` (SQLite gives up waiting for another process's lock before a
+    /// caller gives up on its job): a submission that arrives alone is one statement
+    /// ([`write_one`]); otherwise every batch is a transaction.
+    pub(super) fn start(write: SqlitePool, op_timeout: Duration, lock_wait_bounded: bool) -> Self {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let rx = Arc::new(Mutex::new(rx));
         tokio::spawn(async move {
             loop {
                 let (rx, write) = (rx.clone(), write.clone());
-                match tokio::spawn(
-                    async move { writer(&mut *rx.lock().await, &write, alone).await },
-                )
+                match tokio::spawn(async move {
+                    writer(&mut *rx.lock().await, &write, lock_wait_bounded).await
+                })
                 .await
                 {
                     Ok(()) => break, // every sender is gone: the store was dropped
@@ -177,12 +170,13 @@ impl Enqueuer {
     }
 }
 
-async fn writer(rx: &mut mpsc::Receiver<Request>, write: &SqlitePool, alone: Alone) {
+async fn writer(rx: &mut mpsc::Receiver<Request>, write: &SqlitePool, lock_wait_bounded: bool) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        match (alone, batch.len()) {
-            (Alone::Statement, 1) => write_one(write, batch.remove(0)).await,
-            _ => write_batch(write, &mut batch).await,
+        if lock_wait_bounded && batch.len() == 1 {
+            write_one(write, batch.remove(0)).await
+        } else {
+            write_batch(write, &mut batch).await
         }
         batch.clear();
     }

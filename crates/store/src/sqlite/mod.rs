@@ -132,15 +132,7 @@ impl SqliteStore {
         start_checkpointer(checkpoint.clone(), std::sync::Arc::downgrade(&alive));
         tracing::debug!(path = %path.display(), "sqlite store open");
         Ok(SqliteStore {
-            enqueuer: enqueue::Enqueuer::start(
-                write.clone(),
-                opts.op_timeout,
-                if lock_wait_bounded {
-                    enqueue::Alone::Statement
-                } else {
-                    enqueue::Alone::Transaction
-                },
-            ),
+            enqueuer: enqueue::Enqueuer::start(write.clone(), opts.op_timeout, lock_wait_bounded),
             write,
             read,
             checkpoint: Some(checkpoint),
@@ -166,17 +158,13 @@ impl SqliteStore {
             .db()?;
         MIGRATOR.run(&pool).await.map_err(migrate_error)?;
         Ok(SqliteStore {
-            enqueuer: enqueue::Enqueuer::start(
-                pool.clone(),
-                opts.op_timeout,
-                enqueue::Alone::Statement,
-            ),
+            // Nothing else can lock a private in-memory database.
+            enqueuer: enqueue::Enqueuer::start(pool.clone(), opts.op_timeout, true),
             write: pool.clone(),
             read: pool,
             checkpoint: None,
             _alive: std::sync::Arc::new(()),
             op_timeout: opts.op_timeout,
-            // Nothing else can lock a private in-memory database.
             lock_wait_bounded: true,
             hasher: Hasher::new(),
             sessions: Default::default(),
@@ -455,6 +443,21 @@ fn pool_options(max: u32, acquire_timeout: Duration) -> SqlitePoolOptions {
                 Ok(!conn.is_in_transaction())
             })
         })
+}
+
+/// The row a one-statement write returns, outside a transaction, read to its end: SQLite
+/// commits such a statement at its last step, and only there does a failed commit (a full
+/// disk) show as an error; sqlx's `fetch_optional` and `fetch_one` stop after the first row
+/// and the failure is lost (docs/RELIABILITY.md R5).
+async fn write_returning<'q, 'c, E>(
+    q: sqlx::query::Query<'q, Sqlite, <Sqlite as sqlx::Database>::Arguments>,
+    conn: E,
+) -> Result<Option<sqlx::sqlite::SqliteRow>, StoreError>
+where
+    E: sqlx::Executor<'c, Database = Sqlite> + 'q,
+    'c: 'q,
+{
+    Ok(q.fetch_all(conn).await.db()?.into_iter().next())
 }
 
 /// A job's state, if the job exists.
@@ -834,7 +837,7 @@ impl UserStore for SqliteStore {
         self.account_change("verify_password", async {
             // The rehash only replaces the exact hash that was verified, so a concurrent
             // set_password is never overwritten.
-            let row = sqlx::query(
+            let update = sqlx::query(
                 "UPDATE users SET last_login_ms = ?1, \
                  password_hash = CASE WHEN ?2 IS NOT NULL AND password_hash = ?3 \
                                       THEN ?2 ELSE password_hash END \
@@ -844,13 +847,8 @@ impl UserStore for SqliteStore {
             .bind(now)
             .bind(rehash.as_deref())
             .bind(&old)
-            .bind(name)
-            // To its end: the commit (and a failed one) is at the statement's last step.
-            .fetch_all(&self.write)
-            .await
-            .db()?
-            .into_iter()
-            .next();
+            .bind(name);
+            let row = write_returning(update, &self.write).await?;
             row.as_ref().map(user_from_row).transpose()
         })
         .await
@@ -1244,11 +1242,7 @@ impl JobStore for SqliteStore {
             return self
                 .timed("transition", async {
                     let mut conn = self.write.acquire().await.db()?;
-                    // Run to its end, not stopped after the first row: out of a
-                    // transaction the commit happens at the statement's last step, and only
-                    // there does a failed commit (a full disk) show as an error.
-                    let rows = update().fetch_all(&mut *conn).await.db()?;
-                    match rows.into_iter().next() {
+                    match write_returning(update(), &mut *conn).await? {
                         Some(row) => job_from_row(&row),
                         None => Err(explain(state_of(&mut conn, id).await?)),
                     }
@@ -1432,7 +1426,7 @@ impl AuditStore for SqliteStore {
         };
         let now = now_ms();
         self.timed("append_audit", async {
-            let row = sqlx::query(
+            let insert = sqlx::query(
                 "INSERT INTO audit_log (at_ms, actor, action, target, detail) \
                  VALUES (?, ?, ?, ?, ?) RETURNING seq, at_ms, actor, action, target, detail",
             )
@@ -1440,14 +1434,10 @@ impl AuditStore for SqliteStore {
             .bind(&e.actor)
             .bind(&e.action)
             .bind(&e.target)
-            .bind(&detail)
-            // To its end: the commit (and a failed one) is at the statement's last step.
-            .fetch_all(&self.write)
-            .await
-            .db()?
-            .into_iter()
-            .next()
-            .ok_or_else(|| StoreError::Other("the audit insert returned no row".into()))?;
+            .bind(&detail);
+            let row = write_returning(insert, &self.write)
+                .await?
+                .ok_or_else(|| StoreError::Other("the audit insert returned no row".into()))?;
             audit_from_row(&row)
         })
         .await

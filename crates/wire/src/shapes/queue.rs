@@ -144,18 +144,7 @@ impl HistoryRecord {
 
 /// A history item (`GET /history/{id}` values): `{"prompt", "outputs", "status", "meta"}`.
 pub fn history_item(record: &HistoryRecord) -> Value {
-    json!({
-        "prompt": queue_item(
-            &record.number,
-            &record.prompt_id,
-            &record.prompt,
-            &record.extra_data,
-            &record.outputs_to_execute,
-        ),
-        "outputs": record.outputs,
-        "status": record.status.as_ref().map(ExecStatus::to_json),
-        "meta": record.meta,
-    })
+    serde_json::to_value(HistoryItem(record)).expect("a history item is JSON")
 }
 
 /// `GET /history` as [`history_response`] renders it, written straight from the records:
@@ -173,7 +162,8 @@ impl serde::Serialize for HistoryBody {
     }
 }
 
-/// One item of [`HistoryBody`], in [`history_item`]'s shape.
+/// A history item's shape, written from its record: the one definition behind
+/// [`history_item`] and [`HistoryBody`].
 struct HistoryItem<'a>(&'a HistoryRecord);
 
 impl serde::Serialize for HistoryItem<'_> {
