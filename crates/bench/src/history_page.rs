@@ -1,8 +1,8 @@
 //! `history-page`: what serve does for `GET /api/history?max_items=N` once the request is
 //! authenticated, in-process on a real SQLite store: the page read from the store, turned
-//! into ComfyUI's history shape and written out as JSON (not the HTTP or the gzip). The
-//! path before 2026-12-07 (each record's prompt and workflow copied twice, the whole page
-//! built as a JSON value) against the current one (moved, then written straight from the
+//! into ComfyUI's history shape and written out as JSON (not the HTTP or the gzip). The way
+//! it was done until 2026-12-07 (each record copied, the whole page built as a JSON value
+//! with `history_response`) against serve's way now (moved, then written straight from the
 //! records), alternating, in the same run.
 
 use std::time::{Duration, Instant};
