@@ -1,16 +1,17 @@
 //! `history-page`: what serve does for `GET /api/history?max_items=N` once the request is
 //! authenticated, in-process on a real SQLite store: the page read from the store, turned
 //! into ComfyUI's history shape and written out as JSON (not the HTTP or the gzip). The way
-//! it was done until 2026-12-07 (each record copied, the whole page built as a JSON value
-//! with `history_response`) against serve's way now (moved, then written straight from the
-//! records), alternating, in the same run.
+//! it was done until the second change of 2026-12-07 (each job's prompt and workflow parsed
+//! from the store into JSON values, then written again) against serve's way now (their stored
+//! JSON text written out unparsed), alternating, in the same run; both write the page straight
+//! from the records.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use comfyume_gateway::api::queue::{history_record, into_history_record};
+use comfyume_gateway::api::queue::{history_record_of_text, into_history_record};
 use comfyume_store::{EnqueueLimits, JobOrder, JobPatch, JobQuery, JobState, JobStore, NewJob};
-use comfyume_wire::shapes::queue::{HistoryBody, history_response};
+use comfyume_wire::shapes::queue::HistoryBody;
 use serde_json::{Value, json};
 
 use crate::common;
@@ -90,31 +91,46 @@ pub async fn run(a: Args) -> Result<()> {
         limit: Some(a.jobs as u64),
         ..Default::default()
     };
-    let page = || async { store.list_jobs(&query).await.map(|(jobs, _)| jobs) };
     let (mut before, mut now, mut read) = (Vec::new(), Vec::new(), Vec::new());
-    let mut bytes = (0, 0);
+    let mut pages = (Vec::new(), Vec::new());
     for _ in 0..a.rounds {
         let t = Instant::now();
         for _ in 0..a.iters {
-            let jobs = page().await?;
-            let records: Vec<_> = jobs.iter().map(history_record).collect();
-            bytes.0 = serde_json::to_vec(&history_response(records.iter()))?.len();
+            let (jobs, _) = store.list_jobs(&query).await?;
+            let records = jobs.into_iter().map(into_history_record).collect();
+            pages.0 = serde_json::to_vec(&HistoryBody(records))?;
         }
         before.push(t.elapsed() / a.iters as u32);
         let t = Instant::now();
         for _ in 0..a.iters {
-            let jobs = page().await?;
-            let records = jobs.into_iter().map(into_history_record).collect();
-            bytes.1 = serde_json::to_vec(&HistoryBody(records))?.len();
+            let (jobs, _) = store.list_jobs_text(&query).await?;
+            let records = jobs.into_iter().map(history_record_of_text).collect();
+            pages.1 = serde_json::to_vec(&HistoryBody(records))?;
         }
         now.push(t.elapsed() / a.iters as u32);
         let t = Instant::now();
         for _ in 0..a.iters {
-            std::hint::black_box(page().await?);
+            std::hint::black_box(store.list_jobs_text(&query).await?);
         }
         read.push(t.elapsed() / a.iters as u32);
     }
-    anyhow::ensure!(bytes.0 == bytes.1, "the two paths wrote different pages");
+    anyhow::ensure!(pages.0 == pages.1, "the two paths wrote different pages");
+    // What gzip adds to the page (serve compresses JSON answers for browsers that accept it),
+    // at the two levels one would choose between.
+    let mut gzip = Vec::new();
+    for (name, level) in [
+        ("default (6)", flate2::Compression::default()),
+        ("fast (1)", flate2::Compression::fast()),
+    ] {
+        let t = Instant::now();
+        let mut size = 0;
+        for _ in 0..a.iters {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), level);
+            std::io::Write::write_all(&mut enc, &pages.1)?;
+            size = enc.finish()?.len();
+        }
+        gzip.push((name, t.elapsed() / a.iters as u32, size));
+    }
     let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
     let median = |v: &[Duration]| {
         let mut s: Vec<f64> = v.iter().map(ms).collect();
@@ -135,7 +151,7 @@ pub async fn run(a: Args) -> Result<()> {
     common::print_table(
         &format!(
             "GET /api/history?max_items={}: a page of {} Flux.2 jobs ({} bytes of JSON), per page",
-            a.jobs, a.jobs, bytes.1
+            a.jobs, a.jobs, pages.1.len()
         ),
         &[
             "round",
@@ -146,9 +162,15 @@ pub async fn run(a: Args) -> Result<()> {
         ],
         &rows,
     );
+    for (name, took, size) in &gzip {
+        println!(
+            "gzip of the page, level {name}: {:.2} ms, {size} bytes",
+            ms(took)
+        );
+    }
     println!(
         "{}",
-        json!({"bench": "history-page", "jobs": a.jobs, "bytes": bytes.1, "before_ms_median": median(&before), "now_ms_median": median(&now), "store_read_ms_median": median(&read), "machine": common::machine()})
+        json!({"bench": "history-page", "gzip": gzip.iter().map(|(n, t, b)| json!({"level": n, "ms": ms(t), "bytes": b})).collect::<Vec<_>>(), "jobs": a.jobs, "bytes": pages.1.len(), "before_ms_median": median(&before), "now_ms_median": median(&now), "store_read_ms_median": median(&read), "machine": common::machine()})
     );
     store.close().await;
     Ok(())

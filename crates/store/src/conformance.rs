@@ -688,6 +688,9 @@ pub async fn enqueue_roundtrip(b: &dyn Backend) {
     assert_eq!(r.priority, Some(3));
     assert_eq!(r.prompt, nj.prompt);
     assert_eq!(r.extra_data, nj.extra_data);
+    let (texts, _) = s.list_jobs_text(&JobQuery::default()).await.unwrap();
+    let text: serde_json::Value = serde_json::from_str(texts[0].prompt.get()).unwrap();
+    assert_eq!(text, nj.prompt);
     assert_eq!(r.outputs_to_execute, ["1"]);
     assert_eq!(r.client_id.as_deref(), Some("c"));
     assert_eq!(r.state, JobState::Queued);
@@ -1280,6 +1283,33 @@ pub async fn listing(b: &dyn Backend) {
         .await
         .unwrap();
     assert!(p.is_empty());
+
+    // The same pages with the prompt and workflow as text: the same jobs, the same total,
+    // and the text is the JSON of the value.
+    for query in [
+        JobQuery::default(),
+        q(&|q| {
+            q.user = Some("u1".into());
+            q.states = vec![JobState::Succeeded, JobState::Failed];
+            q.offset = 1;
+            q.limit = Some(3);
+        }),
+        q(&|q| q.workflow_id = Some("special".into())),
+        q(&|q| q.offset = 100),
+    ] {
+        let (values, total) = s.list_jobs(&query).await.unwrap();
+        let (texts, text_total) = s.list_jobs_text(&query).await.unwrap();
+        assert_eq!(text_total, total);
+        assert_eq!(texts.len(), values.len());
+        for (t, v) in texts.iter().zip(&values) {
+            let mut bare = v.clone();
+            bare.prompt = json!(null);
+            bare.extra_data = json!(null);
+            assert_eq!(t.job, bare);
+            assert_eq!(t.prompt.get(), v.prompt.to_string());
+            assert_eq!(t.extra_data.get(), v.extra_data.to_string());
+        }
+    }
 }
 
 pub async fn delete_and_clear_isolation(b: &dyn Backend) {

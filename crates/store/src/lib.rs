@@ -295,6 +295,15 @@ pub struct JobRecord {
     pub meta: serde_json::Value,
 }
 
+/// A job from [`JobStore::list_jobs_text`]: its prompt and workflow as JSON text (checked to
+/// be JSON); `job.prompt` and `job.extra_data` are `Null`, not loaded.
+#[derive(Debug)]
+pub struct JobWithText {
+    pub job: JobRecord,
+    pub prompt: Box<serde_json::value::RawValue>,
+    pub extra_data: Box<serde_json::value::RawValue>,
+}
+
 impl JobRecord {
     /// The workflow id ComfyUI's `/api/jobs?workflow_id=` filters on
     /// (`extra_data.extra_pnginfo.workflow.id`).
@@ -463,6 +472,10 @@ pub trait JobStore: Send + Sync {
     }
     /// One page and the total number of matching jobs.
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError>;
+    /// [`list_jobs`](JobStore::list_jobs) for a page that is only written out again
+    /// (`GET /history`): each job's prompt and workflow, the bulk of a history, stay the JSON
+    /// text the store holds instead of being parsed.
+    async fn list_jobs_text(&self, q: &JobQuery) -> Result<(Vec<JobWithText>, u64), StoreError>;
     /// Queued, dispatched and running jobs in seq order.
     async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
     /// Compare-and-set: `Conflict` if the current state is not in `from`, `NotFound` if no job.

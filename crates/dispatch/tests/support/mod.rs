@@ -17,8 +17,8 @@ use comfyume_dispatch::backend::{
 use comfyume_dispatch::{DispatchConfig, Dispatcher, EventSink, Queue, QueueConfig};
 use comfyume_store::sqlite::SqliteStore;
 use comfyume_store::{
-    AccountChange, EnqueueLimits, JobPatch, JobQuery, JobRecord, JobState, JobStore, MetaEntry,
-    MetaStore, NewJob, PasswordScheme, Role, Store, StoreError, User, UserStore,
+    AccountChange, EnqueueLimits, JobPatch, JobQuery, JobRecord, JobState, JobStore, JobWithText,
+    MetaEntry, MetaStore, NewJob, PasswordScheme, Role, Store, StoreError, User, UserStore,
 };
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
@@ -232,6 +232,10 @@ impl JobStore for BlockingStore {
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
         let q = q.clone();
         blocking!(self, |s| s.list_jobs(&q).await)
+    }
+    async fn list_jobs_text(&self, q: &JobQuery) -> Result<(Vec<JobWithText>, u64), StoreError> {
+        let q = q.clone();
+        blocking!(self, |s| s.list_jobs_text(&q).await)
     }
     async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
         blocking!(self, |s| s.unfinished_jobs().await)

@@ -7,7 +7,9 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, RawQuery, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use comfyume_store::{JobOrder, JobQuery, JobRecord, JobState, LimitKind, NewJob, StoreError};
+use comfyume_store::{
+    JobOrder, JobQuery, JobRecord, JobState, JobWithText, LimitKind, NewJob, StoreError,
+};
 use comfyume_wire::shapes::jobs::{JobSort, JobSource, JobStatus, JobsQuery, QueuedJob};
 use comfyume_wire::shapes::queue::{ExecStatus, HistoryRecord, StatusStr};
 use comfyume_wire::shapes::{self};
@@ -16,6 +18,7 @@ use comfyume_wire::{
     validate_prompt_with_files,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value, json};
 
 use crate::auth::Participant;
@@ -290,6 +293,18 @@ pub fn history_record(r: &JobRecord) -> HistoryRecord {
 /// [`history_record`] of a record that is not needed after: its prompt and workflow (the
 /// bulk of it) are moved, not copied.
 pub fn into_history_record(mut r: JobRecord) -> HistoryRecord {
+    let (prompt, extra_data) = (r.prompt.take(), r.extra_data.take());
+    history_record_with(r, prompt, extra_data)
+}
+
+/// A history record of a job read with its prompt and workflow as the stored JSON text, for
+/// a page that writes them out unparsed.
+pub fn history_record_of_text(j: JobWithText) -> HistoryRecord<Box<RawValue>> {
+    history_record_with(j.job, j.prompt, j.extra_data)
+}
+
+/// `r`'s history record with the given prompt and workflow (`r`'s own are not read).
+fn history_record_with<J>(mut r: JobRecord, prompt: J, extra_data: J) -> HistoryRecord<J> {
     let messages = r
         .messages
         .as_array()
@@ -332,8 +347,8 @@ pub fn into_history_record(mut r: JobRecord) -> HistoryRecord {
     HistoryRecord {
         number: number(r.number),
         prompt_id: public_id(&r).to_string(),
-        prompt: r.prompt.take(),
-        extra_data: r.extra_data.take(),
+        prompt,
+        extra_data,
         outputs_to_execute: std::mem::take(&mut r.outputs_to_execute),
         outputs: object(r.outputs.take()),
         status,
@@ -382,7 +397,7 @@ pub async fn get_history(
     // Paged in the store: only the window is loaded, whatever the history's size.
     let (jobs, _) = state
         .store
-        .list_jobs(&JobQuery {
+        .list_jobs_text(&JobQuery {
             user: Some(who.name.clone()),
             states: HISTORY_STATES.to_vec(),
             order: JobOrder::SeqAsc,
@@ -391,8 +406,9 @@ pub async fn get_history(
             ..Default::default()
         })
         .await?;
-    // Moved, not copied, and written out without building a JSON value of the whole page.
-    let records = jobs.into_iter().map(into_history_record).collect();
+    // The prompts and workflows (the bulk of a page) go from the store's text to the answer
+    // unparsed, and the page is written without building a JSON value of it.
+    let records = jobs.into_iter().map(history_record_of_text).collect();
     Ok(Json(shapes::queue::HistoryBody(records)).into_response())
 }
 

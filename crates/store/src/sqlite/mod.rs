@@ -27,9 +27,9 @@ use crate::password::{self, Hasher, Verified};
 use crate::session_cache::SessionCache;
 use crate::{
     AccountChange, AccountChangeKind, AuditEntry, AuditStore, EnqueueLimits, JobOrder, JobPatch,
-    JobQuery, JobRecord, JobState, JobStore, JobSummary, MetaEntry, MetaStore, NewAudit, NewJob,
-    PasswordScheme, Role, StoreError, SummaryOrder, SummaryQuery, User, UserJobStats, UserStore,
-    now_ms, valid_user_name,
+    JobQuery, JobRecord, JobState, JobStore, JobSummary, JobWithText, MetaEntry, MetaStore,
+    NewAudit, NewJob, PasswordScheme, Role, StoreError, SummaryOrder, SummaryQuery, User,
+    UserJobStats, UserStore, now_ms, valid_user_name,
 };
 
 mod enqueue;
@@ -91,6 +91,14 @@ pub struct SqliteStore {
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+macro_rules! job_cols {
+    () => {
+        "seq, id, COALESCE(prompt_id, id) AS prompt_id, user_name, number, priority, prompt, \
+         extra_data, outputs_to_execute, client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
+         error, outputs, messages, meta"
+    };
+}
 
 impl SqliteStore {
     /// Opens (creating if missing) the database file and applies pending migrations.
@@ -197,6 +205,54 @@ impl SqliteStore {
         };
         crate::telemetry::record(what, started.elapsed(), &res);
         res
+    }
+
+    /// One page of jobs, each made by `row`, and the number of jobs matching `q`.
+    async fn job_page<T>(
+        &self,
+        q: &JobQuery,
+        row: fn(&SqliteRow) -> Result<T, StoreError>,
+    ) -> Result<(Vec<T>, u64), StoreError> {
+        fn filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
+            qb.push(" FROM jobs WHERE 1 = 1");
+            if let Some(u) = &q.user {
+                qb.push(" AND user_name = ").push_bind(u.clone());
+            }
+            if !q.states.is_empty() {
+                push_state_list(qb, &q.states);
+            }
+            if let Some(w) = &q.workflow_id {
+                qb.push(" AND workflow_id = ").push_bind(w.clone());
+            }
+        }
+        // Both statements run in one read transaction, so total and page agree.
+        let mut tx = self.read.begin().await.db()?;
+        let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*)");
+        filters(&mut count, q);
+        let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.db()?;
+
+        let mut page = QueryBuilder::<Sqlite>::new(concat!("SELECT ", job_cols!()));
+        filters(&mut page, q);
+        page.push(match q.order {
+            JobOrder::CreatedAsc => " ORDER BY created_at_ms ASC, seq ASC",
+            JobOrder::CreatedDesc => " ORDER BY created_at_ms DESC, seq DESC",
+            JobOrder::DurationAsc => {
+                " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) ASC, seq ASC"
+            }
+            JobOrder::DurationDesc => {
+                " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) DESC, seq DESC"
+            }
+            JobOrder::SeqAsc => " ORDER BY seq ASC",
+        });
+        // SQLite needs a LIMIT before OFFSET; -1 means none.
+        page.push(" LIMIT ")
+            .push_bind(q.limit.map_or(-1, clamp_i64))
+            .push(" OFFSET ")
+            .push_bind(clamp_i64(q.offset));
+        let rows = page.build().fetch_all(&mut *tx).await.db()?;
+        let jobs = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
+        tx.commit().await.db()?;
+        Ok((jobs, count_u64(total)))
     }
 
     /// [`Self::timed`] for a change to accounts or sessions: cached session lookups are
@@ -558,14 +614,6 @@ fn user_from_row(r: &SqliteRow) -> Result<User, StoreError> {
     })
 }
 
-macro_rules! job_cols {
-    () => {
-        "seq, id, COALESCE(prompt_id, id) AS prompt_id, user_name, number, priority, prompt, \
-         extra_data, outputs_to_execute, client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
-         error, outputs, messages, meta"
-    };
-}
-
 fn json_col(r: &SqliteRow, col: &str) -> Result<serde_json::Value, StoreError> {
     let s: String = r.try_get(col).db()?;
     serde_json::from_str(&s).map_err(|_| corrupt(col))
@@ -599,6 +647,28 @@ fn error_col(r: &SqliteRow) -> Result<Option<serde_json::Value>, StoreError> {
 }
 
 fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
+    let mut job = job_without_bulk(r)?;
+    job.prompt = json_col(r, "prompt")?;
+    job.extra_data = json_col(r, "extra_data")?;
+    Ok(job)
+}
+
+fn job_with_text(r: &SqliteRow) -> Result<JobWithText, StoreError> {
+    let text = |col: &str| {
+        let s: String = r.try_get(col).db()?;
+        // Checked (a scan, no values built), so a corrupt row is an error here as in
+        // `job_from_row`, not broken JSON sent to a browser.
+        serde_json::value::RawValue::from_string(s).map_err(|_| corrupt(col))
+    };
+    Ok(JobWithText {
+        job: job_without_bulk(r)?,
+        prompt: text("prompt")?,
+        extra_data: text("extra_data")?,
+    })
+}
+
+/// A job record from its row, but for its prompt and workflow (left `Null`).
+fn job_without_bulk(r: &SqliteRow) -> Result<JobRecord, StoreError> {
     let outputs_to_execute: String = r.try_get("outputs_to_execute").db()?;
     Ok(JobRecord {
         seq: r.try_get("seq").db()?,
@@ -607,8 +677,8 @@ fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
         user: r.try_get("user_name").db()?,
         number: r.try_get("number").db()?,
         priority: priority_col(r)?,
-        prompt: json_col(r, "prompt")?,
-        extra_data: json_col(r, "extra_data")?,
+        prompt: serde_json::Value::Null,
+        extra_data: serde_json::Value::Null,
         outputs_to_execute: serde_json::from_str(&outputs_to_execute)
             .map_err(|_| corrupt("outputs_to_execute"))?,
         client_id: r.try_get("client_id").db()?,
@@ -1116,52 +1186,13 @@ impl JobStore for SqliteStore {
     }
 
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
-        fn filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
-            qb.push(" FROM jobs WHERE 1 = 1");
-            if let Some(u) = &q.user {
-                qb.push(" AND user_name = ").push_bind(u.clone());
-            }
-            if !q.states.is_empty() {
-                push_state_list(qb, &q.states);
-            }
-            if let Some(w) = &q.workflow_id {
-                qb.push(" AND workflow_id = ").push_bind(w.clone());
-            }
-        }
-        self.timed("list_jobs", async {
-            // Both statements run in one read transaction, so total and page agree.
-            let mut tx = self.read.begin().await.db()?;
-            let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*)");
-            filters(&mut count, q);
-            let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.db()?;
+        self.timed("list_jobs", self.job_page(q, job_from_row))
+            .await
+    }
 
-            let mut page = QueryBuilder::<Sqlite>::new(concat!("SELECT ", job_cols!()));
-            filters(&mut page, q);
-            page.push(match q.order {
-                JobOrder::CreatedAsc => " ORDER BY created_at_ms ASC, seq ASC",
-                JobOrder::CreatedDesc => " ORDER BY created_at_ms DESC, seq DESC",
-                JobOrder::DurationAsc => {
-                    " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) ASC, seq ASC"
-                }
-                JobOrder::DurationDesc => {
-                    " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) DESC, seq DESC"
-                }
-                JobOrder::SeqAsc => " ORDER BY seq ASC",
-            });
-            // SQLite needs a LIMIT before OFFSET; -1 means none.
-            page.push(" LIMIT ")
-                .push_bind(q.limit.map_or(-1, clamp_i64))
-                .push(" OFFSET ")
-                .push_bind(clamp_i64(q.offset));
-            let rows = page.build().fetch_all(&mut *tx).await.db()?;
-            let jobs = rows
-                .iter()
-                .map(job_from_row)
-                .collect::<Result<Vec<_>, _>>()?;
-            tx.commit().await.db()?;
-            Ok((jobs, count_u64(total)))
-        })
-        .await
+    async fn list_jobs_text(&self, q: &JobQuery) -> Result<(Vec<JobWithText>, u64), StoreError> {
+        self.timed("list_jobs_text", self.job_page(q, job_with_text))
+            .await
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {

@@ -727,3 +727,33 @@ async fn a_commit_on_a_full_disk_is_refused_not_lost() {
     assert_eq!(s.count_jobs(None, &[]).await.unwrap(), stored + 1);
     s.close().await;
 }
+
+/// A row whose prompt is not JSON (a damaged file, a hand edit) is an error for the pages
+/// that parse it and for the one that writes its text out unparsed alike: never broken JSON
+/// on to a participant's browser.
+#[tokio::test]
+async fn a_corrupt_prompt_is_an_error_in_either_page() {
+    let (_dir, path) = temp_db();
+    let s = SqliteStore::open(&path).await.unwrap();
+    s.enqueue(new_job("ok", "u1"), EnqueueLimits::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.list_jobs_text(&JobQuery::default())
+            .await
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
+    sqlx::query("UPDATE jobs SET prompt = '{\"3\": ' WHERE id = 'ok'")
+        .execute(&s.write)
+        .await
+        .unwrap();
+    for err in [
+        s.list_jobs(&JobQuery::default()).await.unwrap_err(),
+        s.list_jobs_text(&JobQuery::default()).await.unwrap_err(),
+    ] {
+        assert!(err.to_string().contains("prompt"), "{err}");
+    }
+}

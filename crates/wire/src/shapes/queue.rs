@@ -70,15 +70,17 @@ impl ExecStatus {
     }
 }
 
-/// A finished prompt, as kept in history.
+/// A finished prompt, as kept in history. `J` holds its prompt and workflow: a JSON value,
+/// or (for a page written straight out, `J = Box<RawValue>`) the JSON text as stored, so the
+/// bulk of a history is never parsed only to be written again.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HistoryRecord {
+pub struct HistoryRecord<J = Value> {
     /// The queue priority.
     pub number: Number,
     pub prompt_id: String,
-    pub prompt: Value,
+    pub prompt: J,
     /// Without sensitive keys.
-    pub extra_data: Value,
+    pub extra_data: J,
     pub outputs_to_execute: Vec<String>,
     /// node id -> ui output (`{"images": [...]}`, `{"text": [...]}`, ...).
     pub outputs: Map<String, Value>,
@@ -149,9 +151,9 @@ pub fn history_item(record: &HistoryRecord) -> Value {
 
 /// `GET /history` as [`history_response`] renders it, written straight from the records:
 /// no copy of their prompts and workflows (the bulk of a history) is made on the way.
-pub struct HistoryBody(pub Vec<HistoryRecord>);
+pub struct HistoryBody<J = Value>(pub Vec<HistoryRecord<J>>);
 
-impl serde::Serialize for HistoryBody {
+impl<J: serde::Serialize> serde::Serialize for HistoryBody<J> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(Some(self.0.len()))?;
@@ -164,9 +166,9 @@ impl serde::Serialize for HistoryBody {
 
 /// A history item's shape, written from its record: the one definition behind
 /// [`history_item`] and [`HistoryBody`].
-struct HistoryItem<'a>(&'a HistoryRecord);
+struct HistoryItem<'a, J>(&'a HistoryRecord<J>);
 
-impl serde::Serialize for HistoryItem<'_> {
+impl<J: serde::Serialize> serde::Serialize for HistoryItem<'_, J> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let r = self.0;
@@ -284,8 +286,37 @@ pub(crate) mod tests {
         let streamed = serde_json::to_string(&HistoryBody(records)).unwrap();
         assert_eq!(streamed, built);
         assert_eq!(
-            serde_json::to_string(&HistoryBody(Vec::new())).unwrap(),
+            serde_json::to_string(&HistoryBody::<Value>(Vec::new())).unwrap(),
             "{}"
+        );
+    }
+
+    /// A page whose prompts and workflows are the stored JSON text is written as the one
+    /// whose prompts and workflows are values.
+    #[test]
+    fn a_history_body_of_json_text_is_the_one_of_values() {
+        use serde_json::value::{RawValue, to_raw_value};
+        let mut records = vec![fixture_record()];
+        let mut second = fixture_record();
+        second.prompt_id = "second".into();
+        second.extra_data = json!({"client_id": "ü ✓ \"q\"", "n": [1.5, -0.0, 1e300]});
+        records.push(second);
+        let text: Vec<HistoryRecord<Box<RawValue>>> = records
+            .iter()
+            .map(|r| HistoryRecord {
+                number: r.number.clone(),
+                prompt_id: r.prompt_id.clone(),
+                prompt: to_raw_value(&r.prompt).unwrap(),
+                extra_data: to_raw_value(&r.extra_data).unwrap(),
+                outputs_to_execute: r.outputs_to_execute.clone(),
+                outputs: r.outputs.clone(),
+                status: r.status.clone(),
+                meta: r.meta.clone(),
+            })
+            .collect();
+        assert_eq!(
+            serde_json::to_string(&HistoryBody(text)).unwrap(),
+            serde_json::to_string(&HistoryBody(records)).unwrap()
         );
     }
 
