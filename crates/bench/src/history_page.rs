@@ -151,7 +151,9 @@ pub async fn run(a: Args) -> Result<()> {
     common::print_table(
         &format!(
             "GET /api/history?max_items={}: a page of {} Flux.2 jobs ({} bytes of JSON), per page",
-            a.jobs, a.jobs, pages.1.len()
+            a.jobs,
+            a.jobs,
+            pages.1.len()
         ),
         &[
             "round",

@@ -48,29 +48,77 @@ impl NewOutput {
     /// background (see the module docs). Returns the name.
     pub async fn publish(mut self, filename: &str, job_id: &str) -> std::io::Result<String> {
         self.file.flush().await?;
-        let base = local_basename(filename);
-        for candidate in candidates(&base, job_id) {
-            let target = self.dir.join(&candidate);
-            if publish(&self.part.0, &target).await? {
-                let (file, dir) = (self.file, self.dir);
-                tokio::spawn(async move {
-                    let synced = async {
-                        file.sync_all().await?;
-                        // The new name itself: the directory entry.
-                        tokio::fs::File::open(&dir).await?.sync_all().await
-                    };
-                    if let Err(e) = synced.await {
-                        tracing::warn!(file = %target.display(), error = %e, "could not sync an output to disk");
-                    }
-                });
-                return Ok(candidate);
-            }
-        }
-        Err(std::io::Error::new(
-            std::io::ErrorKind::AlreadyExists,
-            "every candidate name is taken",
-        ))
+        let file = self.file.into_std().await;
+        let (dir, part) = (self.dir, self.part);
+        let (filename, job_id) = (filename.to_owned(), job_id.to_owned());
+        blocking(move || publish_named(&dir, part, file, &filename, &job_id)).await
     }
+}
+
+/// A whole small file from a GPU server saved as [`NewOutput`] would save it, in one trip to
+/// the blocking pool instead of one per step (create, write, flush, link, remove): on a busy
+/// machine each trip waits for a thread, and the participant's `executed` waits for this.
+pub async fn save_whole(
+    dir: &Path,
+    data: bytes::Bytes,
+    filename: &str,
+    job_id: &str,
+) -> std::io::Result<String> {
+    let dir = dir.to_path_buf();
+    let (filename, job_id) = (filename.to_owned(), job_id.to_owned());
+    blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        let part =
+            PartFile::new(dir.join(format!(".comfyume-{}.part", uuid::Uuid::new_v4().simple())));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&part.0)?;
+        std::io::Write::write_all(&mut file, &data)?;
+        publish_named(&dir, part, file, &filename, &job_id)
+    })
+    .await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Gives the complete data in `part` its name (see [`NewOutput::publish`]), and starts
+/// its sync to the disk in the background. Blocking.
+fn publish_named(
+    dir: &Path,
+    part: PartFile,
+    file: std::fs::File,
+    filename: &str,
+    job_id: &str,
+) -> std::io::Result<String> {
+    let base = local_basename(filename);
+    for candidate in candidates(&base, job_id) {
+        let target = dir.join(&candidate);
+        if publish(&part.0, &target)? {
+            drop(part);
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                let synced = file
+                    .sync_all()
+                    // The new name itself: the directory entry.
+                    .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+                if let Err(e) = synced {
+                    tracing::warn!(file = %target.display(), error = %e, "could not sync an output to disk");
+                }
+            });
+            return Ok(candidate);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AlreadyExists,
+        "every candidate name is taken",
+    ))
 }
 
 /// A downloaded file not yet given its name; removed if the job stops first.
@@ -90,25 +138,24 @@ impl Drop for PartFile {
 
 /// Gives the finished file `target`'s name without ever replacing a file:
 /// `Ok(false)` if the name is taken.
-async fn publish(part: &Path, target: &Path) -> std::io::Result<bool> {
+fn publish(part: &Path, target: &Path) -> std::io::Result<bool> {
     // A hard link appears complete and fails if the name exists.
-    match tokio::fs::hard_link(part, target).await {
+    match std::fs::hard_link(part, target) {
         Ok(()) => return Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(_) => {}
     }
     // Filesystems without hard links: claim the name, then move the data in.
-    match tokio::fs::OpenOptions::new()
+    match std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(target)
-        .await
     {
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
         Err(e) => return Err(e),
     }
-    tokio::fs::rename(part, target).await?;
+    std::fs::rename(part, target)?;
     Ok(true)
 }
 
@@ -205,6 +252,57 @@ mod tests {
         assert_eq!(local_basename("video/../x.mp4"), "x.mp4");
         assert_eq!(local_basename(".."), "output");
         assert_eq!(safe_segment("../al ice"), "_al_ice");
+    }
+
+    /// Saved whole or written piece by piece, an output gets the same names, never
+    /// replaces a file, and leaves no part file behind.
+    #[tokio::test]
+    async fn a_whole_output_is_saved_as_a_streamed_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("video");
+        let first = save_whole(
+            &sub,
+            bytes::Bytes::from_static(b"one"),
+            "x/clip.mp4",
+            "abcdef0123",
+        )
+        .await
+        .unwrap();
+        assert_eq!(first, "clip.mp4");
+        let mut streamed = NewOutput::create(&sub).await.unwrap();
+        streamed.write(b"tw").await.unwrap();
+        streamed.write(b"o").await.unwrap();
+        let second = streamed.publish("clip.mp4", "abcdef0123").await.unwrap();
+        assert_eq!(second, "clip_abcdef01.mp4");
+        let third = save_whole(
+            &sub,
+            bytes::Bytes::from_static(b"three"),
+            "clip.mp4",
+            "abcdef0123",
+        )
+        .await
+        .unwrap();
+        assert_eq!(third, "clip_abcdef01_2.mp4");
+        let mut names: Vec<String> = std::fs::read_dir(&sub)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["clip.mp4", "clip_abcdef01.mp4", "clip_abcdef01_2.mp4"]
+        );
+        assert_eq!(std::fs::read(sub.join(&first)).unwrap(), b"one");
+        assert_eq!(std::fs::read(sub.join(&second)).unwrap(), b"two");
+        assert_eq!(std::fs::read(sub.join(&third)).unwrap(), b"three");
+        // A folder that cannot be made: an error, and nothing written.
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let blocked = dir.path().join("file").join("sub");
+        assert!(
+            save_whole(&blocked, bytes::Bytes::from_static(b"x"), "a.png", "j")
+                .await
+                .is_err()
+        );
     }
 
     #[test]

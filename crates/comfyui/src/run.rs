@@ -96,6 +96,48 @@ impl ComfyUiBackend {
     }
 }
 
+/// The largest output read whole before it is saved (see `JobRun::download`).
+const WHOLE_OUTPUT_MAX: u64 = 4 << 20;
+
+/// The body of `POST /prompt`, written from the job as it is: a prompt and workflow are
+/// the bulk of it and are not copied on the way.
+#[derive(serde::Serialize)]
+struct PromptBody<'a> {
+    prompt: &'a Value,
+    client_id: &'a str,
+    prompt_id: &'a str,
+    extra_data: ExtraData<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partial_execution_targets: Option<Vec<String>>,
+}
+
+/// The job's `extra_data` with our socket's `client_id` (in its place if it had one, else
+/// last), so the server's messages about the job come to that socket.
+struct ExtraData<'a> {
+    extra: Option<&'a Map<String, Value>>,
+    client_id: &'a str,
+}
+
+impl serde::Serialize for ExtraData<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let entries = self.extra.into_iter().flatten();
+        let had = self.extra.is_some_and(|m| m.contains_key("client_id"));
+        let mut map = s.serialize_map(None)?;
+        for (k, v) in entries {
+            if k == "client_id" {
+                map.serialize_entry(k, self.client_id)?;
+            } else {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        if !had {
+            map.serialize_entry("client_id", self.client_id)?;
+        }
+        map.end()
+    }
+}
+
 fn outcome_label(kind: &OutcomeKind) -> &'static str {
     match kind {
         OutcomeKind::Success => "success",
@@ -188,11 +230,12 @@ impl JobRun<'_> {
         }
         // Subscribed before the prompt exists there, so no message is missed.
         let ws = self.subscribe().await?;
-        let prompt = self.upload_inputs().await?;
+        let uploaded = self.upload_inputs().await?;
         if *interrupt.borrow_and_update() {
             return Ok(self.cancelled());
         }
-        self.submit(prompt).await?;
+        self.submit(uploaded.as_ref().unwrap_or(&self.job.prompt))
+            .await?;
         self.emit(BackendEvent::Submitted).await;
         self.watch(ws, interrupt, false).await.map_err(mid_job)
     }
@@ -214,7 +257,11 @@ impl JobRun<'_> {
     /// backend and points the prompt at them there. A result reused as an input (named
     /// `video/x.png [output]` in the prompt) goes to `comfyume-out/<user>/video/`, apart
     /// from the inputs (the backend's own outputs are another job's, not this one's).
-    async fn upload_inputs(&self) -> Result<Value, BackendError> {
+    /// `None` when there is nothing to upload: the job's prompt goes as it is.
+    async fn upload_inputs(&self) -> Result<Option<Value>, BackendError> {
+        if self.job.inputs.is_empty() {
+            return Ok(None);
+        }
         let mut prompt = self.job.prompt.clone();
         let user = outputs::safe_segment(&self.job.user);
         for input in &self.job.inputs {
@@ -285,24 +332,20 @@ impl JobRun<'_> {
             };
             replace_input(&mut prompt, &input.name, &uploaded);
         }
-        Ok(prompt)
+        Ok(Some(prompt))
     }
 
-    async fn submit(&self, prompt: Value) -> Result<(), BackendError> {
-        let mut extra = match &self.job.extra_data {
-            Value::Object(m) => m.clone(),
-            _ => Map::new(),
+    async fn submit(&self, prompt: &Value) -> Result<(), BackendError> {
+        let body = PromptBody {
+            prompt,
+            client_id: &self.client_id,
+            prompt_id: &self.job.id,
+            extra_data: ExtraData {
+                extra: self.job.extra_data.as_object(),
+                client_id: &self.client_id,
+            },
+            partial_execution_targets: self.partial_targets(prompt).await,
         };
-        extra.insert("client_id".into(), json!(self.client_id));
-        let mut body = json!({
-            "prompt": prompt,
-            "client_id": self.client_id,
-            "prompt_id": self.job.id,
-            "extra_data": extra,
-        });
-        if let Some(targets) = self.partial_targets(&prompt).await {
-            body["partial_execution_targets"] = json!(targets);
-        }
         let what = "POST /prompt";
         let limit = self.b.timeouts.request;
         let req = self.b.http.post(self.b.url(&["prompt"])).json(&body);
@@ -802,6 +845,14 @@ impl JobRun<'_> {
             )));
         }
         let local_err = |e: std::io::Error| BackendError::Storage(format!("{filename}: {e}"));
+        // An image (the common case) is read whole and saved in one step; a file that may
+        // be big (a video) is written as it arrives, never held in memory whole.
+        if resp.content_length().is_some_and(|n| n <= WHOLE_OUTPUT_MAX) {
+            let data = resp.bytes().await.map_err(|e| http_error(what, limit, e))?;
+            return outputs::save_whole(dir, data, filename, &self.job.id)
+                .await
+                .map_err(local_err);
+        }
         let mut out = outputs::NewOutput::create(dir).await.map_err(local_err)?;
         while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(what, limit, e))? {
             out.write(&chunk).await.map_err(local_err)?;
@@ -848,6 +899,54 @@ fn mid_job(e: BackendError) -> BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The body is what ComfyUI's own clients send: the job's `extra_data` with our
+    /// `client_id` in its place (or last), key order kept; the targets only when given.
+    #[test]
+    fn the_prompt_body_carries_the_jobs_extra_data_and_our_client_id() {
+        let prompt = json!({"1": {"class_type": "SaveImage", "inputs": {"x": 1.5}}});
+        let cases = [
+            (
+                json!({"extra_pnginfo": {"workflow": {"id": "w"}}, "client_id": "tab", "z": 1}),
+                r#"{"extra_pnginfo":{"workflow":{"id":"w"}},"client_id":"ours","z":1}"#,
+            ),
+            (
+                json!({"extra_pnginfo": {"workflow": {}}}),
+                r#"{"extra_pnginfo":{"workflow":{}},"client_id":"ours"}"#,
+            ),
+            (Value::Null, r#"{"client_id":"ours"}"#),
+        ];
+        for (extra, want) in cases {
+            let body = PromptBody {
+                prompt: &prompt,
+                client_id: "ours",
+                prompt_id: "p",
+                extra_data: ExtraData {
+                    extra: extra.as_object(),
+                    client_id: "ours",
+                },
+                partial_execution_targets: None,
+            };
+            assert_eq!(
+                serde_json::to_string(&body).unwrap(),
+                format!(
+                    r#"{{"prompt":{{"1":{{"class_type":"SaveImage","inputs":{{"x":1.5}}}}}},"client_id":"ours","prompt_id":"p","extra_data":{want}}}"#
+                )
+            );
+        }
+        let body = PromptBody {
+            prompt: &prompt,
+            client_id: "ours",
+            prompt_id: "p",
+            extra_data: ExtraData {
+                extra: None,
+                client_id: "ours",
+            },
+            partial_execution_targets: Some(vec!["9".into()]),
+        };
+        let v = serde_json::to_value(&body).unwrap();
+        assert_eq!(v["partial_execution_targets"], json!(["9"]));
+    }
 
     #[test]
     fn inputs_are_rewritten_where_named() {

@@ -494,10 +494,11 @@ impl Dispatcher {
         );
     }
 
-    /// The participant's files the prompt names: inputs (`x.png`, `x.png [input]`), and
+    /// The participant's files the prompt may name: inputs (`x.png`, `x.png [input]`), and
     /// results reused as inputs (`video/x.png [output]`, kept whole as the name: the
-    /// backend client uploads them apart from the inputs).
-    fn input_files(&self, rec: &JobRecord) -> Vec<InputFile> {
+    /// backend client uploads them apart from the inputs). Each is only a candidate until
+    /// [`existing`] finds it on disk.
+    fn input_candidates(&self, rec: &JobRecord) -> Vec<InputFile> {
         let base = self.data_dir.join("inputs").join(&rec.user);
         let outputs = self.data_dir.join("outputs").join(&rec.user);
         let mut out: Vec<InputFile> = Vec::new();
@@ -521,16 +522,14 @@ impl Dispatcher {
                     || rel.contains("..")
                     || rel.starts_with('/')
                     || rel.contains('\\')
+                    || out.iter().any(|f| f.name == name)
                 {
                     continue;
                 }
-                let local = local_base.join(rel);
-                if local.is_file() && !out.iter().any(|f| f.name == name) {
-                    out.push(InputFile {
-                        local,
-                        name: name.to_string(),
-                    });
-                }
+                out.push(InputFile {
+                    local: local_base.join(rel),
+                    name: name.to_string(),
+                });
             }
         }
         out
@@ -540,9 +539,9 @@ impl Dispatcher {
         let backend = lease.slot.backend.clone();
         let (id, user) = (rec.id.clone(), rec.user.clone());
         let data_dir = self.data_dir.clone();
-        let me = self.clone();
-        let r = rec.clone();
-        let inputs = tokio::task::spawn_blocking(move || me.input_files(&r))
+        // Only the candidates go to the blocking pool, not a copy of the whole prompt.
+        let candidates = self.input_candidates(&rec);
+        let inputs = tokio::task::spawn_blocking(move || existing(candidates))
             .await
             .unwrap_or_default();
         let spec = JobSpec {
@@ -935,6 +934,12 @@ impl Dispatcher {
             &end.to_string(),
         );
     }
+}
+
+/// The candidates that are files.
+fn existing(mut candidates: Vec<InputFile>) -> Vec<InputFile> {
+    candidates.retain(|f| f.local.is_file());
+    candidates
 }
 
 /// The span every log line about one attempt of a job runs in.

@@ -116,10 +116,11 @@ pub async fn post_prompt(
         user: who.name.clone(),
         number: num.as_f64().unwrap_or(0.0),
         priority: None,
-        prompt: valid.prompt.clone(),
-        extra_data: Value::Object(valid.extra_data.clone()),
-        outputs_to_execute: valid.outputs_to_execute.clone(),
-        client_id: valid.client_id.clone(),
+        // Moved: only the node errors are answered from here on.
+        prompt: std::mem::take(&mut valid.prompt),
+        extra_data: Value::Object(std::mem::take(&mut valid.extra_data)),
+        outputs_to_execute: std::mem::take(&mut valid.outputs_to_execute),
+        client_id: valid.client_id.take(),
     };
     match state.queue.submit(job).await {
         Ok(_) => Json(valid.response(&prompt_id, &num)).into_response(),
