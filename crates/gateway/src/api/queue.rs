@@ -194,41 +194,37 @@ pub fn public_id(r: &JobRecord) -> &str {
     }
 }
 
-fn queue_item(r: &JobRecord) -> Value {
-    shapes::queue::queue_item(
-        &number(r.number),
-        public_id(r),
-        &r.prompt,
-        &r.extra_data,
-        &r.outputs_to_execute,
-    )
-}
-
-async fn own_jobs(state: &AppState, user: &str, states: &[JobState]) -> ApiResult<Vec<JobRecord>> {
+pub async fn get_queue(State(state): State<AppState>, who: Participant) -> ApiResult<Response> {
+    // One read of the caller's unfinished jobs (running and pending are one snapshot), their
+    // prompts and workflows written out as the store's text.
     let (jobs, _) = state
         .store
-        .list_jobs(&JobQuery {
-            user: Some(user.to_string()),
-            states: states.to_vec(),
+        .list_jobs_text(&JobQuery {
+            user: Some(who.name.clone()),
+            states: JobState::UNFINISHED.to_vec(),
             order: JobOrder::SeqAsc,
             ..Default::default()
         })
         .await?;
-    Ok(jobs)
-}
-
-pub async fn get_queue(State(state): State<AppState>, who: Participant) -> ApiResult<Json<Value>> {
-    let running = own_jobs(
-        &state,
-        &who.name,
-        &[JobState::Dispatched, JobState::Running],
-    )
-    .await?;
-    let pending = own_jobs(&state, &who.name, &[JobState::Queued]).await?;
-    Ok(Json(shapes::queue::queue_response(
-        running.iter().map(queue_item).collect(),
-        pending.iter().map(queue_item).collect(),
-    )))
+    let mut body = shapes::queue::QueueBody {
+        running: Vec::new(),
+        pending: Vec::new(),
+    };
+    for j in jobs {
+        let list = if j.job.state == JobState::Queued {
+            &mut body.pending
+        } else {
+            &mut body.running
+        };
+        list.push(shapes::queue::QueueEntry {
+            number: number(j.job.number),
+            prompt_id: public_id(&j.job).to_owned(),
+            prompt: j.prompt,
+            extra_data: j.extra_data,
+            outputs_to_execute: j.job.outputs_to_execute,
+        });
+    }
+    Ok(Json(body).into_response())
 }
 
 #[derive(Deserialize, Default)]

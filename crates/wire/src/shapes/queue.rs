@@ -33,6 +33,48 @@ pub fn queue_response(running: Vec<Value>, pending: Vec<Value>) -> Value {
     json!({"queue_running": running, "queue_pending": pending})
 }
 
+/// A queue item's parts ([`queue_item`]'s), its prompt and workflow held as `J` (see
+/// [`HistoryRecord`]).
+#[derive(Debug, Clone)]
+pub struct QueueEntry<J = Value> {
+    pub number: Number,
+    pub prompt_id: String,
+    pub prompt: J,
+    pub extra_data: J,
+    pub outputs_to_execute: Vec<String>,
+}
+
+/// `GET /queue` as [`queue_response`] renders it, written straight from its entries.
+pub struct QueueBody<J = Value> {
+    pub running: Vec<QueueEntry<J>>,
+    pub pending: Vec<QueueEntry<J>>,
+}
+
+impl<J: serde::Serialize> serde::Serialize for QueueEntry<J> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(
+            &(
+                &self.number,
+                &self.prompt_id,
+                &self.prompt,
+                &self.extra_data,
+                &self.outputs_to_execute,
+            ),
+            s,
+        )
+    }
+}
+
+impl<J: serde::Serialize> serde::Serialize for QueueBody<J> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("queue_running", &self.running)?;
+        map.serialize_entry("queue_pending", &self.pending)?;
+        map.end()
+    }
+}
+
 /// `status.status_str`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusStr {
@@ -343,6 +385,49 @@ pub(crate) mod tests {
         let mut r = fixture_record();
         r.status = None;
         assert_eq!(history_item(&r)["status"], Value::Null);
+    }
+
+    /// The queue written from entries holding the stored text is the built one.
+    #[test]
+    fn the_queue_body_is_the_built_queue() {
+        use serde_json::value::{RawValue, to_raw_value};
+        let r = fixture_record();
+        let entry = |id: &str, n: f64| QueueEntry {
+            number: Number::from_f64(n).unwrap(),
+            prompt_id: id.to_owned(),
+            prompt: to_raw_value(&r.prompt).unwrap(),
+            extra_data: to_raw_value(&r.extra_data).unwrap(),
+            outputs_to_execute: r.outputs_to_execute.clone(),
+        };
+        let built = |e: &QueueEntry<Box<RawValue>>| {
+            queue_item(
+                &e.number,
+                &e.prompt_id,
+                &r.prompt,
+                &r.extra_data,
+                &e.outputs_to_execute,
+            )
+        };
+        let body = QueueBody {
+            running: vec![entry("a", 1.0)],
+            pending: vec![entry("b", 2.5), entry("c", 3.0)],
+        };
+        let want = queue_response(
+            body.running.iter().map(built).collect(),
+            body.pending.iter().map(built).collect(),
+        );
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            serde_json::to_string(&want).unwrap()
+        );
+        let empty = QueueBody::<Value> {
+            running: vec![],
+            pending: vec![],
+        };
+        assert_eq!(
+            serde_json::to_string(&empty).unwrap(),
+            r#"{"queue_running":[],"queue_pending":[]}"#
+        );
     }
 
     #[test]
