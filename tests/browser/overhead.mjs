@@ -33,6 +33,8 @@ const TEMPLATES_DIR = env.TEMPLATES_DIR
   : path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../crates/templates/workflows');
 const workflow = JSON.parse(readFileSync(path.join(TEMPLATES_DIR, `${TEMPLATE}.json`), 'utf8'));
 const DIRECT = env.DIRECT_URL.replace(/\/+$/, '');
+/** CONTROL_URL: a second ComfyUI the "through" tab opens straight instead of ComfyUMe. */
+const CONTROL = env.CONTROL_URL ? env.CONTROL_URL.replace(/\/+$/, '') : null;
 
 /** Every run's phases, by path. */
 const phases = { direct: [], comfyume: [] };
@@ -148,10 +150,19 @@ runStory(async (browser, summary) => {
   });
   const through = (await newParticipant(browser, 'comfyume')).page;
   traced(through);
-  await step('the frontend through ComfyUMe loads', async () => {
-    await login(through, 'comfyume', env.USER1, env.PASS1);
-    await waitForComfy(through, 'comfyume');
-  });
+  if (CONTROL) {
+    // The control: the second tab straight at the other ComfyUI too, so both paths are the
+    // same and every difference between them is the measurement's own noise.
+    await step('the second tab straight from the other ComfyUI loads (control)', async () => {
+      await through.goto(`${CONTROL}/`, { waitUntil: 'domcontentloaded', timeout: cfg.TIMEOUT });
+      await waitForComfy(through, 'comfyume');
+    });
+  } else {
+    await step('the frontend through ComfyUMe loads', async () => {
+      await login(through, 'comfyume', env.USER1, env.PASS1);
+      await waitForComfy(through, 'comfyume');
+    });
+  }
   await prepare(direct);
   await prepare(through);
   for (let i = 0; i < WARMUP; i++) {

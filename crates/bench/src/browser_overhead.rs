@@ -35,6 +35,10 @@ pub struct Args {
     /// Keep serve's log of each run here (`PATH.1`, `PATH.2`, ...), e.g. with `RUST_LOG=debug`.
     #[arg(long)]
     pub serve_log: Option<PathBuf>,
+    /// The control (A/A): the second tab opens serve's simulator straight instead of serve,
+    /// so both tabs take the same path and the ratios show the measurement's own spread.
+    #[arg(long)]
+    pub control: bool,
 }
 
 pub async fn run(a: Args) -> Result<()> {
@@ -83,8 +87,15 @@ pub async fn run(a: Args) -> Result<()> {
     }
     common::print_table(
         &format!(
-            "Run -> result on Save Image, {} ({} pairs a run, {} ms a step)",
-            a.template, a.pairs, a.step_ms
+            "Run -> result on Save Image, {} ({} pairs a run, {} ms a step){}",
+            a.template,
+            a.pairs,
+            a.step_ms,
+            if a.control {
+                "; CONTROL: the \"through serve\" tab is straight at the other simulator"
+            } else {
+                ""
+            }
         ),
         &[
             "run",
@@ -103,7 +114,7 @@ pub async fn run(a: Args) -> Result<()> {
     );
     println!(
         "{}",
-        json!({"bench": "browser-overhead", "template": a.template, "step_ms": a.step_ms, "runs": runs, "machine": common::machine()})
+        json!({"bench": "browser-overhead", "control": a.control, "template": a.template, "step_ms": a.step_ms, "runs": runs, "machine": common::machine()})
     );
     Ok(())
 }
@@ -150,6 +161,10 @@ async fn one_run(
     let out = tokio::process::Command::new("node")
         .arg(script)
         .env("DIRECT_URL", direct.url())
+        .env(
+            "CONTROL_URL",
+            if a.control { sim.url() } else { String::new() },
+        )
         .env("BASE_URL", &serve.base)
         .env("USER1", &user)
         .env("PASS1", &pass)
