@@ -103,7 +103,7 @@ pub async fn run(a: Args) -> Result<()> {
         before.push(t.elapsed() / a.iters as u32);
         let t = Instant::now();
         for _ in 0..a.iters {
-            let (jobs, _) = store.list_jobs_text(&query).await?;
+            let jobs = store.list_jobs_text(&query).await?;
             let records = jobs.into_iter().map(history_record_of_text).collect();
             pages.1 = serde_json::to_vec(&HistoryBody(records))?;
         }

@@ -688,7 +688,7 @@ pub async fn enqueue_roundtrip(b: &dyn Backend) {
     assert_eq!(r.priority, Some(3));
     assert_eq!(r.prompt, nj.prompt);
     assert_eq!(r.extra_data, nj.extra_data);
-    let (texts, _) = s.list_jobs_text(&JobQuery::default()).await.unwrap();
+    let texts = s.list_jobs_text(&JobQuery::default()).await.unwrap();
     let text: serde_json::Value = serde_json::from_str(texts[0].prompt.get()).unwrap();
     assert_eq!(text, nj.prompt);
     assert_eq!(r.outputs_to_execute, ["1"]);
@@ -1284,8 +1284,8 @@ pub async fn listing(b: &dyn Backend) {
         .unwrap();
     assert!(p.is_empty());
 
-    // The same pages with the prompt and workflow as text: the same jobs, the same total,
-    // and the text is the JSON of the value.
+    // The same pages with the prompt and workflow as text: the same jobs, and the text is
+    // the JSON of the value.
     for query in [
         JobQuery::default(),
         q(&|q| {
@@ -1297,9 +1297,8 @@ pub async fn listing(b: &dyn Backend) {
         q(&|q| q.workflow_id = Some("special".into())),
         q(&|q| q.offset = 100),
     ] {
-        let (values, total) = s.list_jobs(&query).await.unwrap();
-        let (texts, text_total) = s.list_jobs_text(&query).await.unwrap();
-        assert_eq!(text_total, total);
+        let (values, _) = s.list_jobs(&query).await.unwrap();
+        let texts = s.list_jobs_text(&query).await.unwrap();
         assert_eq!(texts.len(), values.len());
         for (t, v) in texts.iter().zip(&values) {
             let mut bare = v.clone();

@@ -472,10 +472,10 @@ pub trait JobStore: Send + Sync {
     }
     /// One page and the total number of matching jobs.
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError>;
-    /// [`list_jobs`](JobStore::list_jobs) for a page that is only written out again
-    /// (`GET /history`): each job's prompt and workflow, the bulk of a history, stay the JSON
-    /// text the store holds instead of being parsed.
-    async fn list_jobs_text(&self, q: &JobQuery) -> Result<(Vec<JobWithText>, u64), StoreError>;
+    /// [`list_jobs`](JobStore::list_jobs)'s page, without the total, for a page that is
+    /// only written out again (`GET /history`, `GET /queue`): each job's prompt and workflow,
+    /// the bulk of a history, stay the JSON text the store holds instead of being parsed.
+    async fn list_jobs_text(&self, q: &JobQuery) -> Result<Vec<JobWithText>, StoreError>;
     /// Queued, dispatched and running jobs in seq order.
     async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
     /// Compare-and-set: `Conflict` if the current state is not in `from`, `NotFound` if no job.

@@ -233,7 +233,7 @@ impl JobStore for BlockingStore {
         let q = q.clone();
         blocking!(self, |s| s.list_jobs(&q).await)
     }
-    async fn list_jobs_text(&self, q: &JobQuery) -> Result<(Vec<JobWithText>, u64), StoreError> {
+    async fn list_jobs_text(&self, q: &JobQuery) -> Result<Vec<JobWithText>, StoreError> {
         let q = q.clone();
         blocking!(self, |s| s.list_jobs_text(&q).await)
     }

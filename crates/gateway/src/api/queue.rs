@@ -197,7 +197,7 @@ pub fn public_id(r: &JobRecord) -> &str {
 pub async fn get_queue(State(state): State<AppState>, who: Participant) -> ApiResult<Response> {
     // One read of the caller's unfinished jobs (running and pending are one snapshot), their
     // prompts and workflows written out as the store's text.
-    let (jobs, _) = state
+    let jobs = state
         .store
         .list_jobs_text(&JobQuery {
             user: Some(who.name.clone()),
@@ -392,7 +392,7 @@ pub async fn get_history(
         return Ok(Json(json!({})).into_response());
     }
     // Paged in the store: only the window is loaded, whatever the history's size.
-    let (jobs, _) = state
+    let jobs = state
         .store
         .list_jobs_text(&JobQuery {
             user: Some(who.name.clone()),

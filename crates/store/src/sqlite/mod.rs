@@ -213,43 +213,12 @@ impl SqliteStore {
         q: &JobQuery,
         row: fn(&SqliteRow) -> Result<T, StoreError>,
     ) -> Result<(Vec<T>, u64), StoreError> {
-        fn filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
-            qb.push(" FROM jobs WHERE 1 = 1");
-            if let Some(u) = &q.user {
-                qb.push(" AND user_name = ").push_bind(u.clone());
-            }
-            if !q.states.is_empty() {
-                push_state_list(qb, &q.states);
-            }
-            if let Some(w) = &q.workflow_id {
-                qb.push(" AND workflow_id = ").push_bind(w.clone());
-            }
-        }
         // Both statements run in one read transaction, so total and page agree.
         let mut tx = self.read.begin().await.db()?;
         let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*)");
-        filters(&mut count, q);
+        job_filters(&mut count, q);
         let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.db()?;
-
-        let mut page = QueryBuilder::<Sqlite>::new(concat!("SELECT ", job_cols!()));
-        filters(&mut page, q);
-        page.push(match q.order {
-            JobOrder::CreatedAsc => " ORDER BY created_at_ms ASC, seq ASC",
-            JobOrder::CreatedDesc => " ORDER BY created_at_ms DESC, seq DESC",
-            JobOrder::DurationAsc => {
-                " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) ASC, seq ASC"
-            }
-            JobOrder::DurationDesc => {
-                " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) DESC, seq DESC"
-            }
-            JobOrder::SeqAsc => " ORDER BY seq ASC",
-        });
-        // SQLite needs a LIMIT before OFFSET; -1 means none.
-        page.push(" LIMIT ")
-            .push_bind(q.limit.map_or(-1, clamp_i64))
-            .push(" OFFSET ")
-            .push_bind(clamp_i64(q.offset));
-        let rows = page.build().fetch_all(&mut *tx).await.db()?;
+        let rows = page_query(q).build().fetch_all(&mut *tx).await.db()?;
         let jobs = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
         tx.commit().await.db()?;
         Ok((jobs, count_u64(total)))
@@ -644,6 +613,43 @@ fn error_col(r: &SqliteRow) -> Result<Option<serde_json::Value>, StoreError> {
         .map(|e| serde_json::from_str(&e))
         .transpose()
         .map_err(|_| corrupt("error"))
+}
+
+/// `FROM jobs WHERE ...` for `q`'s filters.
+fn job_filters(qb: &mut QueryBuilder<Sqlite>, q: &JobQuery) {
+    qb.push(" FROM jobs WHERE 1 = 1");
+    if let Some(u) = &q.user {
+        qb.push(" AND user_name = ").push_bind(u.clone());
+    }
+    if !q.states.is_empty() {
+        push_state_list(qb, &q.states);
+    }
+    if let Some(w) = &q.workflow_id {
+        qb.push(" AND workflow_id = ").push_bind(w.clone());
+    }
+}
+
+/// The statement reading `q`'s page of jobs.
+fn page_query(q: &JobQuery) -> QueryBuilder<Sqlite> {
+    let mut page = QueryBuilder::<Sqlite>::new(concat!("SELECT ", job_cols!()));
+    job_filters(&mut page, q);
+    page.push(match q.order {
+        JobOrder::CreatedAsc => " ORDER BY created_at_ms ASC, seq ASC",
+        JobOrder::CreatedDesc => " ORDER BY created_at_ms DESC, seq DESC",
+        JobOrder::DurationAsc => {
+            " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) ASC, seq ASC"
+        }
+        JobOrder::DurationDesc => {
+            " ORDER BY COALESCE(finished_at_ms - started_at_ms, 0) DESC, seq DESC"
+        }
+        JobOrder::SeqAsc => " ORDER BY seq ASC",
+    });
+    // SQLite needs a LIMIT before OFFSET; -1 means none.
+    page.push(" LIMIT ")
+        .push_bind(q.limit.map_or(-1, clamp_i64))
+        .push(" OFFSET ")
+        .push_bind(clamp_i64(q.offset));
+    page
 }
 
 fn job_from_row(r: &SqliteRow) -> Result<JobRecord, StoreError> {
@@ -1190,9 +1196,14 @@ impl JobStore for SqliteStore {
             .await
     }
 
-    async fn list_jobs_text(&self, q: &JobQuery) -> Result<(Vec<JobWithText>, u64), StoreError> {
-        self.timed("list_jobs_text", self.job_page(q, job_with_text))
-            .await
+    async fn list_jobs_text(&self, q: &JobQuery) -> Result<Vec<JobWithText>, StoreError> {
+        // One statement, one trip to the connection's thread: a consistent snapshot without
+        // a transaction, and no count (its callers do not need one).
+        self.timed("list_jobs_text", async {
+            let rows = page_query(q).build().fetch_all(&self.read).await.db()?;
+            rows.iter().map(job_with_text).collect()
+        })
+        .await
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {

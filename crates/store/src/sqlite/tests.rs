@@ -739,11 +739,7 @@ async fn a_corrupt_prompt_is_an_error_in_either_page() {
         .await
         .unwrap();
     assert_eq!(
-        s.list_jobs_text(&JobQuery::default())
-            .await
-            .unwrap()
-            .0
-            .len(),
+        s.list_jobs_text(&JobQuery::default()).await.unwrap().len(),
         1
     );
     sqlx::query("UPDATE jobs SET prompt = '{\"3\": ' WHERE id = 'ok'")
