@@ -24,18 +24,16 @@ pub struct NewOutput {
 impl NewOutput {
     /// Starts a file in `dir` (created if missing).
     pub async fn create(dir: &Path) -> std::io::Result<Self> {
-        tokio::fs::create_dir_all(dir).await?;
-        let part =
-            PartFile::new(dir.join(format!(".comfyume-{}.part", uuid::Uuid::new_v4().simple())));
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&part.0)
-            .await?;
+        let dir = dir.to_path_buf();
+        let (dir, part, file) = blocking(move || {
+            let (part, file) = start_part(&dir)?;
+            Ok((dir, part, file))
+        })
+        .await?;
         Ok(NewOutput {
-            dir: dir.to_path_buf(),
+            dir,
             part,
-            file,
+            file: tokio::fs::File::from_std(file),
         })
     }
 
@@ -67,17 +65,22 @@ pub async fn save_whole(
     let dir = dir.to_path_buf();
     let (filename, job_id) = (filename.to_owned(), job_id.to_owned());
     blocking(move || {
-        std::fs::create_dir_all(&dir)?;
-        let part =
-            PartFile::new(dir.join(format!(".comfyume-{}.part", uuid::Uuid::new_v4().simple())));
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&part.0)?;
+        let (part, mut file) = start_part(&dir)?;
         std::io::Write::write_all(&mut file, &data)?;
         publish_named(&dir, part, file, &filename, &job_id)
     })
     .await
+}
+
+/// A new, empty part file in `dir` (created if missing). Blocking.
+fn start_part(dir: &Path) -> std::io::Result<(PartFile, std::fs::File)> {
+    std::fs::create_dir_all(dir)?;
+    let part = PartFile::new(dir.join(format!(".comfyume-{}.part", uuid::Uuid::new_v4().simple())));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&part.0)?;
+    Ok((part, file))
 }
 
 async fn blocking<T: Send + 'static>(

@@ -92,14 +92,6 @@ pub struct SqliteStore {
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-macro_rules! job_cols {
-    () => {
-        "seq, id, COALESCE(prompt_id, id) AS prompt_id, user_name, number, priority, prompt, \
-         extra_data, outputs_to_execute, client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
-         error, outputs, messages, meta"
-    };
-}
-
 impl SqliteStore {
     /// Opens (creating if missing) the database file and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
@@ -205,23 +197,6 @@ impl SqliteStore {
         };
         crate::telemetry::record(what, started.elapsed(), &res);
         res
-    }
-
-    /// One page of jobs, each made by `row`, and the number of jobs matching `q`.
-    async fn job_page<T>(
-        &self,
-        q: &JobQuery,
-        row: fn(&SqliteRow) -> Result<T, StoreError>,
-    ) -> Result<(Vec<T>, u64), StoreError> {
-        // Both statements run in one read transaction, so total and page agree.
-        let mut tx = self.read.begin().await.db()?;
-        let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*)");
-        job_filters(&mut count, q);
-        let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.db()?;
-        let rows = page_query(q).build().fetch_all(&mut *tx).await.db()?;
-        let jobs = rows.iter().map(row).collect::<Result<Vec<_>, _>>()?;
-        tx.commit().await.db()?;
-        Ok((jobs, count_u64(total)))
     }
 
     /// [`Self::timed`] for a change to accounts or sessions: cached session lookups are
@@ -581,6 +556,14 @@ fn user_from_row(r: &SqliteRow) -> Result<User, StoreError> {
         created_at_ms: r.try_get("created_at_ms").db()?,
         last_login_ms: r.try_get("last_login_ms").db()?,
     })
+}
+
+macro_rules! job_cols {
+    () => {
+        "seq, id, COALESCE(prompt_id, id) AS prompt_id, user_name, number, priority, prompt, \
+         extra_data, outputs_to_execute, client_id, state, attempts, created_at_ms, started_at_ms, finished_at_ms, backend, \
+         error, outputs, messages, meta"
+    };
 }
 
 fn json_col(r: &SqliteRow, col: &str) -> Result<serde_json::Value, StoreError> {
@@ -1192,8 +1175,21 @@ impl JobStore for SqliteStore {
     }
 
     async fn list_jobs(&self, q: &JobQuery) -> Result<(Vec<JobRecord>, u64), StoreError> {
-        self.timed("list_jobs", self.job_page(q, job_from_row))
-            .await
+        self.timed("list_jobs", async {
+            // Both statements run in one read transaction, so total and page agree.
+            let mut tx = self.read.begin().await.db()?;
+            let mut count = QueryBuilder::<Sqlite>::new("SELECT COUNT(*)");
+            job_filters(&mut count, q);
+            let total: i64 = count.build_query_scalar().fetch_one(&mut *tx).await.db()?;
+            let rows = page_query(q).build().fetch_all(&mut *tx).await.db()?;
+            let jobs = rows
+                .iter()
+                .map(job_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit().await.db()?;
+            Ok((jobs, count_u64(total)))
+        })
+        .await
     }
 
     async fn list_jobs_text(&self, q: &JobQuery) -> Result<Vec<JobWithText>, StoreError> {
