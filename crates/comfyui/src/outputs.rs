@@ -7,10 +7,139 @@
 //! background, so the participant sees it without waiting for the fsync (7-13 ms
 //! a file on the reference VM). Only a power loss in that moment can lose it,
 //! the same exposure the store's `synchronous = NORMAL` accepts.
+//!
+//! A result's name can be [`reserve`]d before its bytes arrive, so the participant is told
+//! about it at once while the copy runs; `/view` of a reserved name waits for the copy
+//! ([`wait_pending`]) and never sees a partial file.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+/// The output names reserved in this process and not yet published, each with how its
+/// copy ended (`None` while it runs, then whether the file is there). Every output this
+/// process writes picks its name under this lock, so no two take the same one.
+static PENDING: LazyLock<Mutex<HashMap<PathBuf, watch::Receiver<Option<bool>>>>> =
+    LazyLock::new(Mutex::default);
+
+fn pending() -> MutexGuard<'static, HashMap<PathBuf, watch::Receiver<Option<bool>>>> {
+    PENDING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A name held for an output whose bytes are still on their way (see [`reserve`]). Saved
+/// with [`Reserved::save_whole`] or [`NewOutput::publish_as`]; dropped before that, it frees
+/// the name and tells whoever waits for it that no file will come.
+#[derive(Debug)]
+pub struct Reserved {
+    dir: PathBuf,
+    name: String,
+    path: PathBuf,
+    done: watch::Sender<Option<bool>>,
+}
+
+impl Reserved {
+    /// The name the file will have in its folder.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The folder it will be in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// [`save_whole`] under the reserved name.
+    pub async fn save_whole(self, data: bytes::Bytes) -> std::io::Result<String> {
+        blocking(move || {
+            let (part, mut file) = start_part(&self.dir)?;
+            std::io::Write::write_all(&mut file, &data)?;
+            self.publish(part, file)
+        })
+        .await
+    }
+
+    /// Gives the complete data in `part` the reserved name. Blocking.
+    fn publish(self, part: PartFile, file: std::fs::File) -> std::io::Result<String> {
+        // Only something outside this process can have taken the name: refused, never replaced.
+        if !publish(&part.0, &self.path)? {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} was created by someone else meanwhile", self.name),
+            ));
+        }
+        drop(part);
+        sync_later(file, self.dir.clone(), self.path.clone());
+        self.done.send_replace(Some(true));
+        Ok(self.name.clone())
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        pending().remove(&self.path);
+        // Published or not: a waiter learns which, once.
+        self.done.send_if_modified(|v| {
+            let unset = v.is_none();
+            if unset {
+                *v = Some(false);
+            }
+            unset
+        });
+    }
+}
+
+/// Reserves the name [`NewOutput::publish`] would give `filename` in `dir` now: a name no
+/// file there has and no other output of this process holds.
+pub async fn reserve(dir: &Path, filename: &str, job_id: &str) -> std::io::Result<Reserved> {
+    let dir = dir.to_path_buf();
+    let (filename, job_id) = (filename.to_owned(), job_id.to_owned());
+    blocking(move || {
+        let base = local_basename(&filename);
+        // Made now, so the name can be looked up (and waited for) before its bytes land.
+        std::fs::create_dir_all(&dir)?;
+        let mut held = pending();
+        for candidate in candidates(&base, &job_id) {
+            let path = dir.join(&candidate);
+            if held.contains_key(&path) {
+                continue;
+            }
+            match std::fs::symlink_metadata(&path) {
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let (done, waiters) = watch::channel(None);
+            held.insert(path.clone(), waiters);
+            return Ok(Reserved {
+                dir,
+                name: candidate,
+                path,
+                done,
+            });
+        }
+        Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "every candidate name is taken",
+        ))
+    })
+    .await
+}
+
+/// If `path` is an output being copied, waits (at most `limit`) for its copy: whether the
+/// file is there now. `false` at once for a name nobody reserved.
+pub async fn wait_pending(path: &Path, limit: Duration) -> bool {
+    let Some(mut rx) = pending().get(path).cloned() else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await,
+        Ok(Ok(v)) if *v == Some(true)
+    )
+}
 
 /// An output being written: complete data under a temporary name first, then
 /// [`NewOutput::publish`] gives it its final name. Dropped unpublished (the job
@@ -50,6 +179,14 @@ impl NewOutput {
         let (dir, part) = (self.dir, self.part);
         let (filename, job_id) = (filename.to_owned(), job_id.to_owned());
         blocking(move || publish_named(&dir, part, file, &filename, &job_id)).await
+    }
+
+    /// Publishes under a name reserved in the same folder (see [`reserve`]).
+    pub async fn publish_as(mut self, name: Reserved) -> std::io::Result<String> {
+        self.file.flush().await?;
+        let file = self.file.into_std().await;
+        let part = self.part;
+        blocking(move || name.publish(part, file)).await
     }
 }
 
@@ -101,20 +238,17 @@ fn publish_named(
     job_id: &str,
 ) -> std::io::Result<String> {
     let base = local_basename(filename);
+    // Held while a name is chosen and taken: a reservation never sees it free meanwhile.
+    let held = pending();
     for candidate in candidates(&base, job_id) {
         let target = dir.join(&candidate);
+        if held.contains_key(&target) {
+            continue;
+        }
         if publish(&part.0, &target)? {
+            drop(held);
             drop(part);
-            let dir = dir.to_path_buf();
-            tokio::task::spawn_blocking(move || {
-                let synced = file
-                    .sync_all()
-                    // The new name itself: the directory entry.
-                    .and_then(|()| std::fs::File::open(&dir)?.sync_all());
-                if let Err(e) = synced {
-                    tracing::warn!(file = %target.display(), error = %e, "could not sync an output to disk");
-                }
-            });
+            sync_later(file, dir.to_path_buf(), target);
             return Ok(candidate);
         }
     }
@@ -122,6 +256,19 @@ fn publish_named(
         std::io::ErrorKind::AlreadyExists,
         "every candidate name is taken",
     ))
+}
+
+/// Syncs a published output and its directory entry to the disk in the background.
+fn sync_later(file: std::fs::File, dir: PathBuf, target: PathBuf) {
+    tokio::task::spawn_blocking(move || {
+        let synced = file
+            .sync_all()
+            // The new name itself: the directory entry.
+            .and_then(|()| std::fs::File::open(&dir)?.sync_all());
+        if let Err(e) = synced {
+            tracing::warn!(file = %target.display(), error = %e, "could not sync an output to disk");
+        }
+    });
 }
 
 /// A downloaded file not yet given its name; removed if the job stops first.
@@ -306,6 +453,87 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    /// A reserved name is held until its bytes land: no other output takes it, a waiter
+    /// gets the file once it is complete, and a reservation given up frees the name and
+    /// leaves nothing behind.
+    #[tokio::test]
+    async fn a_reserved_name_is_held_until_its_file_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("video");
+        let first = reserve(&d, "clip.mp4", "abcdef0123").await.unwrap();
+        assert_eq!(first.name(), "clip.mp4");
+        assert!(d.is_dir(), "the folder exists before the file");
+        let path = d.join("clip.mp4");
+        assert!(!path.exists());
+        // Taken meanwhile by another output, reserved or published whole.
+        let second = reserve(&d, "clip.mp4", "abcdef0123").await.unwrap();
+        assert_eq!(second.name(), "clip_abcdef01.mp4");
+        let other = save_whole(
+            &d,
+            bytes::Bytes::from_static(b"other"),
+            "clip.mp4",
+            "abcdef0123",
+        )
+        .await
+        .unwrap();
+        assert_eq!(other, "clip_abcdef01_2.mp4");
+        // A waiter gets the complete file, not before.
+        let waiter = tokio::spawn({
+            let path = path.clone();
+            async move {
+                let ok = wait_pending(&path, Duration::from_secs(30)).await;
+                (ok, std::fs::read(&path).ok())
+            }
+        });
+        tokio::task::yield_now().await;
+        let mut streamed = NewOutput::create(first.dir()).await.unwrap();
+        streamed.write(b"fir").await.unwrap();
+        streamed.write(b"st").await.unwrap();
+        assert_eq!(streamed.publish_as(first).await.unwrap(), "clip.mp4");
+        assert_eq!(waiter.await.unwrap(), (true, Some(b"first".to_vec())));
+        // Published: nothing left to wait for.
+        assert!(!wait_pending(&path, Duration::from_secs(30)).await);
+        // Given up (the copy failed): a waiter hears at once, the name is free again.
+        let gone = d.join(second.name());
+        let waiter = tokio::spawn({
+            let gone = gone.clone();
+            async move { wait_pending(&gone, Duration::from_secs(30)).await }
+        });
+        tokio::task::yield_now().await;
+        drop(second);
+        assert!(!waiter.await.unwrap());
+        assert_eq!(
+            reserve(&d, "clip.mp4", "abcdef0123").await.unwrap().name(),
+            "clip_abcdef01.mp4"
+        );
+        let mut names: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["clip.mp4", "clip_abcdef01_2.mp4"],
+            "no part file left"
+        );
+    }
+
+    /// A reserved name that something outside this process took meanwhile is never
+    /// overwritten: the save fails and that file stays as it was.
+    #[tokio::test]
+    async fn a_reserved_name_taken_from_outside_is_not_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = reserve(dir.path(), "a.png", "j").await.unwrap();
+        std::fs::write(dir.path().join("a.png"), b"theirs").unwrap();
+        let err = name
+            .save_whole(bytes::Bytes::from_static(b"ours"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(dir.path().join("a.png")).unwrap(), b"theirs");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! of our server are resolved against `/history` and `/queue`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -597,21 +596,33 @@ impl JobRun<'_> {
             "execution_cached" => self.seen.cached = msg.get("data").cloned(),
             "execution_success" => self.seen.success = msg.get("data").cloned(),
             "executed" => {
-                if let Some(data) = msg.get_mut("data").and_then(Value::as_object_mut) {
-                    let node = data.get("node").and_then(Value::as_str).map(str::to_owned);
-                    if let Some(node) = &node {
-                        self.relayed.insert(node.clone());
+                let node = msg
+                    .pointer("/data/node")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                if let Some(node) = &node {
+                    self.relayed.insert(node.clone());
+                }
+                if let Some(output) = msg.pointer("/data/output").cloned() {
+                    let (local, copies) = self.name_ui(&output).await?;
+                    if let Some(slot) = msg.pointer_mut("/data/output") {
+                        *slot = local.clone();
                     }
-                    if let Some(output) = data.get("output").cloned() {
-                        let local = self.localize_ui(&output).await?;
-                        if let Some(node) = node {
-                            let display = data.get("display_node").and_then(Value::as_str);
-                            let meta = meta_entry(&node, display.unwrap_or(&node), None, &node);
-                            self.seen.meta.insert(node.clone(), meta);
-                            self.seen.outputs.insert(node, local.clone());
-                        }
-                        data.insert("output".into(), local);
+                    let display = msg
+                        .pointer("/data/display_node")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                    // The participant learns the result's names now and the copies follow:
+                    // `/view` of a name still being copied waits for it (outputs::wait_pending).
+                    self.emit(BackendEvent::Message(msg)).await;
+                    self.copy_all(copies).await?;
+                    if let Some(node) = node {
+                        let meta =
+                            meta_entry(&node, display.as_deref().unwrap_or(&node), None, &node);
+                        self.seen.meta.insert(node.clone(), meta);
+                        self.seen.outputs.insert(node, local);
                     }
+                    return Ok(Step::Continue(ours));
                 }
             }
             "execution_error" => self.ws_error = msg.get("data").cloned(),
@@ -763,10 +774,19 @@ impl JobRun<'_> {
     /// A node's ui output with every output/temp file fetched into the
     /// participant's folders and referenced there; other keys untouched.
     async fn localize_ui(&mut self, ui: &Value) -> Result<Value, BackendError> {
+        let (local, copies) = self.name_ui(ui).await?;
+        self.copy_all(copies).await?;
+        Ok(local)
+    }
+
+    /// [`Self::localize_ui`]'s first half: the ui output with each file's local name,
+    /// reserved, and the copies that give those names their bytes.
+    async fn name_ui(&mut self, ui: &Value) -> Result<(Value, Vec<Copy>), BackendError> {
         let Value::Object(map) = ui else {
-            return Ok(ui.clone());
+            return Ok((ui.clone(), Vec::new()));
         };
         let mut out = Map::new();
+        let mut copies = Vec::new();
         for (key, value) in map {
             let v = match value {
                 Value::Array(items) => {
@@ -774,7 +794,7 @@ impl JobRun<'_> {
                     for item in items {
                         list.push(match item {
                             Value::Object(file) if file.contains_key("filename") => {
-                                Value::Object(self.localize_file(file).await?)
+                                Value::Object(self.name_file(file, &mut copies).await?)
                             }
                             other => other.clone(),
                         });
@@ -785,12 +805,13 @@ impl JobRun<'_> {
             };
             out.insert(key.clone(), v);
         }
-        Ok(Value::Object(out))
+        Ok((Value::Object(out), copies))
     }
 
-    async fn localize_file(
+    async fn name_file(
         &mut self,
         file: &Map<String, Value>,
+        copies: &mut Vec<Copy>,
     ) -> Result<Map<String, Value>, BackendError> {
         let kind = file.get("type").and_then(Value::as_str).unwrap_or("output");
         let dir = match kind {
@@ -810,9 +831,18 @@ impl JobRun<'_> {
         let local = match self.fetched.get(&key) {
             Some(local) => local.clone(),
             None => {
-                let target = dir.join(&local_sub);
-                let local = self.download(kind, subfolder, filename, &target).await?;
+                let name = outputs::reserve(&dir.join(&local_sub), filename, &self.job.id)
+                    .await
+                    .map_err(|e| BackendError::Storage(format!("{filename}: {e}")))?;
+                let local = name.name().to_owned();
+                // Once per job: the copy below is the only one (a failed one ends the job).
                 self.fetched.insert(key, local.clone());
+                copies.push(Copy {
+                    kind: kind.to_owned(),
+                    subfolder: subfolder.to_owned(),
+                    filename: filename.to_owned(),
+                    name,
+                });
                 local
             }
         };
@@ -822,21 +852,28 @@ impl JobRun<'_> {
         Ok(out)
     }
 
-    /// `GET /view` into `dir` under a name no other file has; returns it.
-    async fn download(
-        &self,
-        kind: &str,
-        subfolder: &str,
-        filename: &str,
-        dir: &Path,
-    ) -> Result<String, BackendError> {
+    async fn copy_all(&self, copies: Vec<Copy>) -> Result<(), BackendError> {
+        for c in copies {
+            self.download(c).await?;
+        }
+        Ok(())
+    }
+
+    /// `GET /view` into the name reserved for it.
+    async fn download(&self, c: Copy) -> Result<(), BackendError> {
+        let Copy {
+            kind,
+            subfolder,
+            filename,
+            name,
+        } = c;
         let what = "GET /view";
         let limit = self.b.timeouts.transfer;
         let mut url = self.b.url(&["view"]);
         url.query_pairs_mut()
-            .append_pair("filename", filename)
-            .append_pair("subfolder", subfolder)
-            .append_pair("type", kind);
+            .append_pair("filename", &filename)
+            .append_pair("subfolder", &subfolder)
+            .append_pair("type", &kind);
         let mut resp = self.b.send(what, self.b.http.get(url), limit).await?;
         if resp.status() != StatusCode::OK {
             return Err(BackendError::Protocol(format!(
@@ -849,16 +886,26 @@ impl JobRun<'_> {
         // be big (a video) is written as it arrives, never held in memory whole.
         if resp.content_length().is_some_and(|n| n <= WHOLE_OUTPUT_MAX) {
             let data = resp.bytes().await.map_err(|e| http_error(what, limit, e))?;
-            return outputs::save_whole(dir, data, filename, &self.job.id)
-                .await
-                .map_err(local_err);
+            name.save_whole(data).await.map_err(local_err)?;
+            return Ok(());
         }
-        let mut out = outputs::NewOutput::create(dir).await.map_err(local_err)?;
+        let mut out = outputs::NewOutput::create(name.dir())
+            .await
+            .map_err(local_err)?;
         while let Some(chunk) = resp.chunk().await.map_err(|e| http_error(what, limit, e))? {
             out.write(&chunk).await.map_err(local_err)?;
         }
-        out.publish(filename, &self.job.id).await.map_err(local_err)
+        out.publish_as(name).await.map_err(local_err)?;
+        Ok(())
     }
+}
+
+/// An output named for the participant whose bytes are still on the GPU server.
+struct Copy {
+    kind: String,
+    subfolder: String,
+    filename: String,
+    name: outputs::Reserved,
 }
 
 /// Points every prompt value naming `name` (also `name [input]`) at `uploaded`.

@@ -637,6 +637,78 @@ async fn slow_downloads_still_deliver_the_output() {
     sim.shutdown().await;
 }
 
+/// The participant hears of a result as soon as the GPU server names it, while its copy
+/// into their folder is still under way: `/view` asked meanwhile waits for the copy and
+/// answers the complete image, never a 404 or a partial file.
+#[tokio::test]
+async fn a_result_is_announced_before_its_copy_and_view_waits_for_it() {
+    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
+    let app = spawn_full(with_backends(vec![backend])).await;
+    let mut ws = tab(&app, U1, "tab").await;
+    sim.set_fault(Fault::SlowView { ms: 1500 });
+    let id = app.submit(U1, "tab", &nomodel(31)).await;
+    let seen = messages_until(&mut ws, 15, |v| v["type"] == "executed").await;
+    let file = executed_files(&seen).remove(0);
+    // The copy waits on the GPU server's slow answer: not in the folder yet.
+    assert!(
+        app.output_files(U1).is_empty(),
+        "{:?}",
+        app.output_files(U1)
+    );
+    let r = app
+        .get(
+            U1,
+            &format!("/api/view?filename={file}&type=output&subfolder="),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    decode(&r.body);
+    assert_eq!(app.output_files(U1), std::slice::from_ref(&file));
+    let rest = until_end(&mut ws, &id, 15).await;
+    assert!(
+        rest.iter().any(|m| m["type"] == "execution_success"),
+        "{rest:#?}"
+    );
+    assert_eq!(app.job_status(U1, &id).await, "completed");
+    // Another participant asking for that name meanwhile would have found nothing.
+    let r = app
+        .get(U2, &format!("/api/view?filename={file}&type=output"))
+        .await;
+    assert_eq!(r.status, 404);
+    sim.shutdown().await;
+}
+
+/// A copy that fails after the result was announced: `/view` of the announced name
+/// answers 404 (it does not wait out its limit), and nothing half-written is left.
+#[tokio::test]
+async fn a_result_whose_copy_fails_is_a_404_and_leaves_no_file() {
+    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
+    let app = spawn_full(with_backends(vec![backend])).await;
+    let mut ws = tab(&app, U1, "tab").await;
+    sim.set_fault(Fault::SlowView { ms: 1500 });
+    app.submit(U1, "tab", &nomodel(32)).await;
+    let seen = messages_until(&mut ws, 15, |v| v["type"] == "executed").await;
+    let file = executed_files(&seen).remove(0);
+    // The GPU server goes away mid-copy.
+    sim.set_fault(Fault::RefuseConnections { for_ms: None });
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.get(
+            U1,
+            &format!("/api/view?filename={file}&type=output&subfolder="),
+        ),
+    )
+    .await
+    .expect("answered without waiting out the limit");
+    assert_eq!(r.status, 404);
+    assert!(
+        app.output_files(U1).is_empty(),
+        "{:?}",
+        app.output_files(U1)
+    );
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn two_participants_at_once_never_mix_events_or_files() {
     let (sim_a, a) = sim_backend_slots("gpu-a", 10, 1).await;

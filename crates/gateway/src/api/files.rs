@@ -222,6 +222,10 @@ pub struct ViewQuery {
     channel: Option<String>,
 }
 
+/// How long `/view` waits for a result still being copied from the GPU server (a video
+/// can take a while); past it the answer is 404, as for a file that is not there.
+const PENDING_OUTPUT_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub async fn view(
     State(state): State<AppState>,
     who: Participant,
@@ -265,8 +269,23 @@ pub async fn view(
             }
             fsx::OpenError::Io(e) => ApiError::Io(e),
         })?;
-    let Some(file) = found else {
-        return Err(ApiError::not_found());
+    let file = match found {
+        Some(file) => file,
+        None => {
+            // A result its owner was just told about may still be on its way from the GPU
+            // server (see comfyume_comfyui::outputs::reserve): served once it is complete.
+            let path = base
+                .join(q.subfolder.as_deref().unwrap_or(""))
+                .join(&filename);
+            comfyume_comfyui::outputs::wait_pending(&path, PENDING_OUTPUT_WAIT).await;
+            // Looked for again whatever the wait said: the copy may have landed between the
+            // first look and the wait.
+            fsx::open_within(&base, q.subfolder.as_deref().unwrap_or(""), &filename)
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(ApiError::not_found)?
+        }
     };
 
     if let Some(preview) = q.preview.as_deref() {
