@@ -384,6 +384,16 @@ pub fn safe_segment(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// Every name in `dir`, sorted (part files included).
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
     #[test]
     fn candidate_names_never_repeat_the_first() {
         let c: Vec<String> = candidates("nomodel_00001_.png", "0123456789abcdef")
@@ -433,13 +443,8 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(third, "clip_abcdef01_2.mp4");
-        let mut names: Vec<String> = std::fs::read_dir(&sub)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            names_in(&sub),
             ["clip.mp4", "clip_abcdef01.mp4", "clip_abcdef01_2.mp4"]
         );
         assert_eq!(std::fs::read(sub.join(&first)).unwrap(), b"one");
@@ -508,13 +513,8 @@ mod tests {
             reserve(&d, "clip.mp4", "abcdef0123").await.unwrap().name(),
             "clip_abcdef01.mp4"
         );
-        let mut names: Vec<String> = std::fs::read_dir(&d)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
         assert_eq!(
-            names,
+            names_in(&d),
             ["clip.mp4", "clip_abcdef01_2.mp4"],
             "no part file left"
         );

@@ -637,18 +637,27 @@ async fn slow_downloads_still_deliver_the_output() {
     sim.shutdown().await;
 }
 
+/// user001's no-model job on a simulator whose `/view` answers after 1.5 s, followed until
+/// its result is announced: the simulator, the app, the tab, the job's id and the file named.
+async fn announced_while_copying(
+    color: u32,
+) -> (comfyume_sim::SimHandle, TestApp, Ws, String, String) {
+    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
+    let app = spawn_full(with_backends(vec![backend])).await;
+    let mut ws = tab(&app, U1, "tab").await;
+    sim.set_fault(Fault::SlowView { ms: 1500 });
+    let id = app.submit(U1, "tab", &nomodel(color)).await;
+    let seen = messages_until(&mut ws, 15, |v| v["type"] == "executed").await;
+    let file = executed_files(&seen).remove(0);
+    (sim, app, ws, id, file)
+}
+
 /// The participant hears of a result as soon as the GPU server names it, while its copy
 /// into their folder is still under way: `/view` asked meanwhile waits for the copy and
 /// answers the complete image, never a 404 or a partial file.
 #[tokio::test]
 async fn a_result_is_announced_before_its_copy_and_view_waits_for_it() {
-    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
-    let app = spawn_full(with_backends(vec![backend])).await;
-    let mut ws = tab(&app, U1, "tab").await;
-    sim.set_fault(Fault::SlowView { ms: 1500 });
-    let id = app.submit(U1, "tab", &nomodel(31)).await;
-    let seen = messages_until(&mut ws, 15, |v| v["type"] == "executed").await;
-    let file = executed_files(&seen).remove(0);
+    let (sim, app, mut ws, id, file) = announced_while_copying(31).await;
     // The copy waits on the GPU server's slow answer: not in the folder yet.
     assert!(
         app.output_files(U1).is_empty(),
@@ -670,7 +679,7 @@ async fn a_result_is_announced_before_its_copy_and_view_waits_for_it() {
         "{rest:#?}"
     );
     assert_eq!(app.job_status(U1, &id).await, "completed");
-    // Another participant asking for that name meanwhile would have found nothing.
+    // Another participant never gets it.
     let r = app
         .get(U2, &format!("/api/view?filename={file}&type=output"))
         .await;
@@ -682,13 +691,7 @@ async fn a_result_is_announced_before_its_copy_and_view_waits_for_it() {
 /// answers 404 (it does not wait out its limit), and nothing half-written is left.
 #[tokio::test]
 async fn a_result_whose_copy_fails_is_a_404_and_leaves_no_file() {
-    let (sim, backend) = sim_backend_slots("gpu-a", 5, 2).await;
-    let app = spawn_full(with_backends(vec![backend])).await;
-    let mut ws = tab(&app, U1, "tab").await;
-    sim.set_fault(Fault::SlowView { ms: 1500 });
-    app.submit(U1, "tab", &nomodel(32)).await;
-    let seen = messages_until(&mut ws, 15, |v| v["type"] == "executed").await;
-    let file = executed_files(&seen).remove(0);
+    let (sim, app, _ws, _id, file) = announced_while_copying(32).await;
     // The GPU server goes away mid-copy.
     sim.set_fault(Fault::RefuseConnections { for_ms: None });
     let r = tokio::time::timeout(
