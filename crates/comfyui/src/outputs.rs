@@ -271,6 +271,43 @@ fn sync_later(file: std::fs::File, dir: PathBuf, target: PathBuf) {
     });
 }
 
+/// Part files (`.comfyume-<id>.part`) below `root` not written to for `older_than`: left
+/// behind by a process killed mid-copy (a copy under way writes to its part file as the bytes
+/// arrive, and gives up within its transfer timeout). Removed; returns how many. Links are
+/// not followed. Blocking.
+pub fn remove_stale_parts(root: &Path, older_than: Duration) -> usize {
+    fn walk(dir: &Path, depth: usize, older_than: Duration, removed: &mut usize) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Ok(md) = e.path().symlink_metadata() else {
+                continue;
+            };
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if md.is_dir() && depth > 0 {
+                walk(&e.path(), depth - 1, older_than, removed);
+            } else if md.is_file()
+                && name.starts_with(".comfyume-")
+                && name.ends_with(".part")
+                && md
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age >= older_than)
+                && std::fs::remove_file(e.path()).is_ok()
+            {
+                *removed += 1;
+            }
+        }
+    }
+    let mut removed = 0;
+    // The participants' folders, then their output subfolders.
+    walk(root, MAX_SUBFOLDER_DEPTH + 1, older_than, &mut removed);
+    removed
+}
+
 /// A downloaded file not yet given its name; removed if the job stops first.
 struct PartFile(PathBuf);
 
@@ -534,6 +571,40 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::AlreadyExists);
         assert_eq!(std::fs::read(dir.path().join("a.png")).unwrap(), b"theirs");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    /// Only part files nobody has written to lately go: not a copy under way, not anyone's
+    /// output, not what a link points at.
+    #[test]
+    fn stale_part_files_are_removed_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let video = root.path().join("user001").join("video");
+        std::fs::create_dir_all(&video).unwrap();
+        let old = std::time::SystemTime::now() - Duration::from_secs(7200);
+        let write = |path: &Path, aged: bool| {
+            let f = std::fs::File::create(path).unwrap();
+            if aged {
+                f.set_modified(old).unwrap();
+            }
+        };
+        write(&video.join(".comfyume-a.part"), true);
+        write(&root.path().join("user001").join(".comfyume-b.part"), true);
+        write(&video.join(".comfyume-c.part"), false);
+        write(&video.join("clip.mp4"), true);
+        write(&video.join(".comfyume-d.partial"), true);
+        let elsewhere = tempfile::tempdir().unwrap();
+        write(&elsewhere.path().join(".comfyume-e.part"), true);
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("user002")).unwrap();
+        assert_eq!(
+            remove_stale_parts(root.path(), Duration::from_secs(3600)),
+            2
+        );
+        assert_eq!(
+            names_in(&video),
+            [".comfyume-c.part", ".comfyume-d.partial", "clip.mp4"]
+        );
+        assert_eq!(names_in(&root.path().join("user001")), ["video"]);
+        assert_eq!(names_in(elsewhere.path()), [".comfyume-e.part"]);
     }
 
     #[test]

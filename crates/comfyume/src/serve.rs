@@ -268,6 +268,31 @@ fn precompress_frontend(dir: PathBuf) {
     });
 }
 
+/// Part files of output copies that an earlier process was killed in the middle of: hidden,
+/// never served or counted, but taking disk space. Removed in the background at start.
+fn remove_stale_parts(data_dir: &std::path::Path) {
+    /// Far longer than any copy under way goes without writing (see `Timeouts::transfer`).
+    const STALE: std::time::Duration = std::time::Duration::from_secs(3600);
+    let roots = [data_dir.join("outputs"), data_dir.join("temp")];
+    tokio::spawn(async move {
+        let removed = tokio::task::spawn_blocking(move || {
+            roots
+                .iter()
+                .map(|r| comfyume_comfyui::outputs::remove_stale_parts(r, STALE))
+                .sum::<usize>()
+        })
+        .await;
+        match removed {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                files = n,
+                "removed part files of copies an earlier process left unfinished"
+            ),
+            Err(e) => tracing::error!(error = %e, "the cleanup of unfinished copies failed"),
+        }
+    });
+}
+
 pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     let cfg = resolve_serve(common, args)?;
     crate::logging::init(&cfg.log_format);
@@ -284,6 +309,7 @@ pub async fn run(common: &CommonArgs, args: &ServeArgs) -> Result<()> {
     }
     let store = crate::open_store(&cfg.data_dir).await?;
     precompress_frontend(cfg.frontend_dir.clone());
+    remove_stale_parts(&cfg.data_dir);
 
     // Off: no recorder, so every metrics macro is a no-op (COMFYUME_METRICS=off).
     let recorder = if cfg.metrics {

@@ -194,3 +194,34 @@ async fn sigkill_mid_burst_loses_no_acknowledged_job() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A copy of an output cut short by a kill leaves its hidden part file behind: the next
+/// start removes it once nobody has written to it for an hour, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn part_files_left_by_a_killed_copy_are_removed_at_start() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let frontend = tmp.path().join("frontend");
+    helpers::fake_frontend(&frontend);
+    let video = data.join("outputs").join("user001").join("video");
+    std::fs::create_dir_all(&video).unwrap();
+    let stale = video.join(".comfyume-0123.part");
+    let recent = video.join(".comfyume-4567.part");
+    let output = video.join("clip.mp4");
+    for p in [&stale, &recent, &output] {
+        std::fs::write(p, b"bytes").unwrap();
+    }
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for p in [&stale, &output] {
+        let f = std::fs::File::options().write(true).open(p).unwrap();
+        f.set_modified(two_hours_ago).unwrap();
+    }
+    let (mut child, _url) = serve(&data, &frontend);
+    let gone = helpers::eventually(10_000, || !stale.exists()).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(gone, "the stale part file is still there");
+    assert!(recent.exists(), "a copy that may be under way was removed");
+    assert_eq!(std::fs::read(&output).unwrap(), b"bytes");
+}
