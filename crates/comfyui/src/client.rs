@@ -26,6 +26,8 @@ pub struct ComfyUiBackend {
     pub(crate) output_classes: Mutex<Option<Arc<HashSet<String>>>>,
     /// The one WebSocket all our jobs on this server share.
     pub(crate) socket: SharedSocket,
+    /// `executed` is passed on before its files are copied (see [`Self::announcing_results_early`]).
+    pub(crate) early_results: bool,
 }
 
 impl std::fmt::Debug for ComfyUiBackend {
@@ -76,7 +78,19 @@ impl ComfyUiBackend {
             http,
             output_classes: Mutex::new(None),
             socket: SharedSocket::new(),
+            early_results: false,
         })
+    }
+
+    /// Passes each `executed` on as soon as the server names its files, under names
+    /// reserved for them ([`crate::outputs::reserve`]), and copies the files after; the job
+    /// reads the server's next message once they are complete. For a reader that serves
+    /// those files itself and waits for a pending one ([`crate::outputs::wait_pending`]), as
+    /// serve's `/view` does. Without it (the worker agent, which reads the files when it
+    /// sees `executed`), every file is in place before its `executed` is passed on.
+    pub fn announcing_results_early(mut self) -> Self {
+        self.early_results = true;
+        self
     }
 
     pub fn timeouts(&self) -> Timeouts {

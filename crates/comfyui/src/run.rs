@@ -604,7 +604,10 @@ impl JobRun<'_> {
                     self.relayed.insert(node.clone());
                 }
                 if let Some(output) = msg.pointer("/data/output").cloned() {
-                    let (local, copies) = self.name_ui(&output).await?;
+                    let (local, mut copies) = self.name_ui(&output).await?;
+                    if !self.b.early_results {
+                        self.copy_all(std::mem::take(&mut copies)).await?;
+                    }
                     if let Some(slot) = msg.pointer_mut("/data/output") {
                         *slot = local.clone();
                     }
@@ -612,8 +615,8 @@ impl JobRun<'_> {
                         .pointer("/data/display_node")
                         .and_then(Value::as_str)
                         .map(str::to_owned);
-                    // The participant learns the result's names now and the copies follow:
-                    // `/view` of a name still being copied waits for it (outputs::wait_pending).
+                    // Early: the reader learns the result's names now and the copies follow
+                    // (`/view` of a name still being copied waits for it). Else none are left.
                     self.emit(BackendEvent::Message(msg)).await;
                     self.copy_all(copies).await?;
                     if let Some(node) = node {

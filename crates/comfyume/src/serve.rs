@@ -76,8 +76,10 @@ async fn build_backends(
                 } else {
                     format!("comfyui-{}", i + 1)
                 };
+                // `/view` waits for a result still being copied: announced at once.
                 let b = ComfyUiBackend::new(name, url.clone(), cfg.backend_slots, timeouts)
-                    .with_context(|| format!("COMFYUI_URLS entry {url}"))?;
+                    .with_context(|| format!("COMFYUI_URLS entry {url}"))?
+                    .announcing_results_early();
                 out.push(Arc::new(b));
             }
             tracing::info!(
@@ -104,7 +106,8 @@ async fn build_backends(
             let sim = comfyume_sim::try_spawn(sim_cfg, listener)
                 .await
                 .context("starting the simulator")?;
-            let b = ComfyUiBackend::new("simulator", sim.url(), cfg.backend_slots, timeouts)?;
+            let b = ComfyUiBackend::new("simulator", sim.url(), cfg.backend_slots, timeouts)?
+                .announcing_results_early();
             // The address only: the URL holds the secret path.
             tracing::warn!(
                 addr = %sim.addr(),

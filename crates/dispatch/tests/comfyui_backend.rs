@@ -842,6 +842,41 @@ async fn slow_downloads_still_succeed_within_the_transfer_limit() {
     sim.shutdown().await;
 }
 
+/// By default every file is in the job's folder when its `executed` comes out (the worker
+/// agent reads the files then); announcing results early, `executed` comes out while the
+/// copy still waits on the server, and the file is there, complete, when the job ends.
+#[tokio::test]
+async fn executed_comes_after_its_files_unless_results_are_announced_early() {
+    let sim = sim(0).await;
+    sim.set_fault(Fault::SlowView { ms: 1000 });
+    for early in [false, true] {
+        let b = if early {
+            arc(backend(&sim).announcing_results_early())
+        } else {
+            arc(backend(&sim))
+        };
+        let f = folders();
+        let id = format!("job-early-{early}");
+        let mut job = start(
+            &b,
+            job(&id, "user001", workflow("nomodel.json"), &["3"], &f),
+        );
+        job.until(|ev| is_message(ev, "executed", None)).await;
+        let file = messages(&job.seen)
+            .into_iter()
+            .find(|m| m["type"] == "executed")
+            .unwrap()["data"]["output"]["images"][0]["filename"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(f.outputs.join(&file).is_file(), !early, "early: {early}");
+        let (outcome, _) = job.finish().await;
+        assert_eq!(outcome.unwrap().kind, OutcomeKind::Success);
+        assert!(!read(f.outputs.join(&file)).is_empty());
+    }
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_backend_that_dies_mid_job_lost_it() {
     let sim = sim(10).await;

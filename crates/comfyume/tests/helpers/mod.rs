@@ -220,7 +220,10 @@ pub async fn sim_backend(
         transfer: std::time::Duration::from_secs(10),
         silence: std::time::Duration::from_secs(5),
     };
-    let b = comfyume_dispatch::comfyui::ComfyUiBackend::new(name, sim.url(), 2, timeouts).unwrap();
+    // As serve builds its ComfyUI backends.
+    let b = comfyume_dispatch::comfyui::ComfyUiBackend::new(name, sim.url(), 2, timeouts)
+        .unwrap()
+        .announcing_results_early();
     (sim, Arc::new(b))
 }
 
@@ -648,7 +651,9 @@ pub fn backend_for(
     timeouts: comfyume_dispatch::Timeouts,
 ) -> Arc<dyn comfyume_dispatch::Backend> {
     Arc::new(
-        comfyume_dispatch::comfyui::ComfyUiBackend::new(name, sim.url(), slots, timeouts).unwrap(),
+        comfyume_dispatch::comfyui::ComfyUiBackend::new(name, sim.url(), slots, timeouts)
+            .unwrap()
+            .announcing_results_early(),
     )
 }
 
