@@ -25,12 +25,44 @@ pub fn queue_item(
     extra_data: &Value,
     outputs_to_execute: &[String],
 ) -> Value {
-    json!([number, prompt_id, prompt, extra_data, outputs_to_execute])
+    let item = ItemParts {
+        number,
+        prompt_id,
+        prompt,
+        extra_data,
+        outputs_to_execute,
+    };
+    serde_json::to_value(item).expect("a queue item is JSON")
 }
 
 /// `GET /queue`: `{"queue_running": [...], "queue_pending": [...]}`.
 pub fn queue_response(running: Vec<Value>, pending: Vec<Value>) -> Value {
-    json!({"queue_running": running, "queue_pending": pending})
+    serde_json::to_value(QueueBody { running, pending }).expect("a queue is JSON")
+}
+
+/// A queue item's array, borrowed: the one definition behind [`queue_item`], [`QueueEntry`]
+/// and a history item's `prompt`.
+struct ItemParts<'a, J> {
+    number: &'a Number,
+    prompt_id: &'a str,
+    prompt: &'a J,
+    extra_data: &'a J,
+    outputs_to_execute: &'a [String],
+}
+
+impl<J: serde::Serialize> serde::Serialize for ItemParts<'_, J> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(
+            &(
+                self.number,
+                self.prompt_id,
+                self.prompt,
+                self.extra_data,
+                self.outputs_to_execute,
+            ),
+            s,
+        )
+    }
 }
 
 /// A queue item's parts ([`queue_item`]'s), its prompt and workflow held as `J` (see
@@ -44,28 +76,26 @@ pub struct QueueEntry<J = Value> {
     pub outputs_to_execute: Vec<String>,
 }
 
-/// `GET /queue` as [`queue_response`] renders it, written straight from its entries.
-pub struct QueueBody<J = Value> {
-    pub running: Vec<QueueEntry<J>>,
-    pub pending: Vec<QueueEntry<J>>,
+/// `GET /queue`, written straight from its items ([`QueueEntry`]s, or built values).
+pub struct QueueBody<T = Value> {
+    pub running: Vec<T>,
+    pub pending: Vec<T>,
 }
 
 impl<J: serde::Serialize> serde::Serialize for QueueEntry<J> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        serde::Serialize::serialize(
-            &(
-                &self.number,
-                &self.prompt_id,
-                &self.prompt,
-                &self.extra_data,
-                &self.outputs_to_execute,
-            ),
-            s,
-        )
+        ItemParts {
+            number: &self.number,
+            prompt_id: &self.prompt_id,
+            prompt: &self.prompt,
+            extra_data: &self.extra_data,
+            outputs_to_execute: &self.outputs_to_execute,
+        }
+        .serialize(s)
     }
 }
 
-impl<J: serde::Serialize> serde::Serialize for QueueBody<J> {
+impl<T: serde::Serialize> serde::Serialize for QueueBody<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(Some(2))?;
@@ -215,16 +245,14 @@ impl<J: serde::Serialize> serde::Serialize for HistoryItem<'_, J> {
         use serde::ser::SerializeMap;
         let r = self.0;
         let mut map = s.serialize_map(Some(4))?;
-        map.serialize_entry(
-            "prompt",
-            &(
-                &r.number,
-                &r.prompt_id,
-                &r.prompt,
-                &r.extra_data,
-                &r.outputs_to_execute,
-            ),
-        )?;
+        let prompt = ItemParts {
+            number: &r.number,
+            prompt_id: &r.prompt_id,
+            prompt: &r.prompt,
+            extra_data: &r.extra_data,
+            outputs_to_execute: &r.outputs_to_execute,
+        };
+        map.serialize_entry("prompt", &prompt)?;
         map.serialize_entry("outputs", &r.outputs)?;
         map.serialize_entry("status", &r.status.as_ref().map(ExecStatus::to_json))?;
         map.serialize_entry("meta", &r.meta)?;
