@@ -52,7 +52,9 @@ impl Reserved {
         &self.dir
     }
 
-    /// [`save_whole`] under the reserved name.
+    /// Saves a whole small file from a GPU server as [`NewOutput::publish_as`] would, in one
+    /// trip to the blocking pool instead of one per step (create, write, flush, link,
+    /// remove): on a busy machine each trip waits for a thread.
     pub async fn save_whole(self, data: bytes::Bytes) -> std::io::Result<String> {
         blocking(move || {
             let (part, mut file) = start_part(&self.dir)?;
@@ -188,25 +190,6 @@ impl NewOutput {
         let part = self.part;
         blocking(move || name.publish(part, file)).await
     }
-}
-
-/// A whole small file from a GPU server saved as [`NewOutput`] would save it, in one trip to
-/// the blocking pool instead of one per step (create, write, flush, link, remove): on a busy
-/// machine each trip waits for a thread, and the participant's `executed` waits for this.
-pub async fn save_whole(
-    dir: &Path,
-    data: bytes::Bytes,
-    filename: &str,
-    job_id: &str,
-) -> std::io::Result<String> {
-    let dir = dir.to_path_buf();
-    let (filename, job_id) = (filename.to_owned(), job_id.to_owned());
-    blocking(move || {
-        let (part, mut file) = start_part(&dir)?;
-        std::io::Write::write_all(&mut file, &data)?;
-        publish_named(&dir, part, file, &filename, &job_id)
-    })
-    .await
 }
 
 /// A new, empty part file in `dir` (created if missing). Blocking.
@@ -420,6 +403,16 @@ pub fn safe_segment(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A whole output saved as the ComfyUI client saves one: its name reserved, then written.
+    async fn save_whole(
+        dir: &Path,
+        data: bytes::Bytes,
+        filename: &str,
+        job_id: &str,
+    ) -> std::io::Result<String> {
+        reserve(dir, filename, job_id).await?.save_whole(data).await
+    }
 
     /// Every name in `dir`, sorted (part files included).
     fn names_in(dir: &Path) -> Vec<String> {

@@ -604,10 +604,7 @@ impl JobRun<'_> {
                     self.relayed.insert(node.clone());
                 }
                 if let Some(output) = msg.pointer("/data/output").cloned() {
-                    let (local, mut copies) = self.name_ui(&output).await?;
-                    if !self.b.early_results {
-                        self.copy_all(std::mem::take(&mut copies)).await?;
-                    }
+                    let (local, copies) = self.name_ui(&output).await?;
                     if let Some(slot) = msg.pointer_mut("/data/output") {
                         *slot = local.clone();
                     }
@@ -615,10 +612,15 @@ impl JobRun<'_> {
                         .pointer("/data/display_node")
                         .and_then(Value::as_str)
                         .map(str::to_owned);
-                    // Early: the reader learns the result's names now and the copies follow
-                    // (`/view` of a name still being copied waits for it). Else none are left.
-                    self.emit(BackendEvent::Message(msg)).await;
-                    self.copy_all(copies).await?;
+                    if self.b.early_results {
+                        // The reader learns the result's names now and the copies follow
+                        // (`/view` of a name still being copied waits for it).
+                        self.emit(BackendEvent::Message(msg)).await;
+                        self.copy_all(copies).await?;
+                    } else {
+                        self.copy_all(copies).await?;
+                        self.emit(BackendEvent::Message(msg)).await;
+                    }
                     if let Some(node) = node {
                         let meta =
                             meta_entry(&node, display.as_deref().unwrap_or(&node), None, &node);
