@@ -541,9 +541,14 @@ impl Dispatcher {
         let data_dir = self.data_dir.clone();
         // Only the candidates go to the blocking pool, not a copy of the whole prompt.
         let candidates = self.input_candidates(&rec);
-        let inputs = tokio::task::spawn_blocking(move || existing(candidates))
-            .await
-            .unwrap_or_default();
+        // Most prompts name no file of the participant: no trip to the blocking pool then.
+        let inputs = if candidates.is_empty() {
+            Vec::new()
+        } else {
+            tokio::task::spawn_blocking(move || existing(candidates))
+                .await
+                .unwrap_or_default()
+        };
         let spec = JobSpec {
             id: id.clone(),
             user: user.clone(),
