@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+# The build and the tests' temp folders need a few GB: say what there is, so a run that
+# runs out of space says so at once.
+disk() { df -h --output=avail,target "$PWD" "${TMPDIR:-/tmp}" | tail -n +2 | sed "s/^/[test] disk free $1: /"; }
+disk "at start"
+
 scripts/install-test-deps.sh
 
 # The browser test serves the real frontend from here (installed once).
@@ -33,4 +38,5 @@ set -e
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
+disk "at the end"
 exit "$status"

@@ -1,6 +1,6 @@
 //! The instructor steers the queue at run time; participants cannot.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::*;
 use serde_json::json;

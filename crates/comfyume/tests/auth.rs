@@ -2,7 +2,7 @@
 //! form and session cookie for browsers, rate limits on guessing, and the
 //! participant scope of `/userNNN/`.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::{ADMIN, PASSWORD, TestApp, next_json, spawn_app, spawn_app_with};
 use reqwest::Method;

@@ -1,7 +1,7 @@
 //! The participant's banner: who they are, where their job stands in the
 //! workshop queue, and which GPU runs it.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::*;
 use serde_json::json;

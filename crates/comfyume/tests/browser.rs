@@ -3,15 +3,14 @@
 //! unmodified ComfyUI frontend 1.37.11. Needs `scripts/install-test-deps.sh`
 //! and `scripts/install-frontend.sh target/test-data` (scripts/test.sh runs both).
 
-mod helpers;
+use crate::helpers;
 
 use std::io::Write;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-#[path = "../../../tests/support/frontend.rs"]
-mod frontend;
+use crate::frontend;
 use frontend::{frontend_dir, repo};
 
 fn bin() -> &'static str {

@@ -1,7 +1,7 @@
 //! The `comfyume` binary as the instructor runs it: accounts, the workshop
 //! credentials sheet, htpasswd import, node definitions, and `serve`.
 
-mod helpers;
+use crate::helpers;
 
 use std::io::Write;
 use std::path::PathBuf;

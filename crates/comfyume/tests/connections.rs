@@ -4,7 +4,7 @@
 //! WebSockets (a clear 429 before the upgrade). The production values are tested in virtual
 //! time in `comfyume_gateway::server`; here the whole server runs with short ones.
 
-mod helpers;
+use crate::helpers;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! with SIGKILL mid-burst and restarted: every job that was answered 200 is
 //! present, in order, exactly once.
 
-mod helpers;
+use crate::helpers;
 
 use std::collections::HashMap;
 use std::path::Path;

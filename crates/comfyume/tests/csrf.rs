@@ -2,7 +2,7 @@
 //! browsers resend cached Basic credentials cross-site, so state-changing
 //! requests and WebSocket upgrades from a foreign Origin are refused.
 
-mod helpers;
+use crate::helpers;
 
 use base64::Engine;
 use helpers::*;

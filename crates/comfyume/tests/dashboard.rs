@@ -2,7 +2,7 @@
 //! and scripts send it, the 401/403 matrix, the CSRF rule, the audit log, settings that
 //! survive a restart, and the live stream.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::*;
 use reqwest::Method;

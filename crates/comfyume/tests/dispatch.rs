@@ -4,7 +4,7 @@
 //! backend faults (dropped socket, 500, death, forgetting, slowness, our own
 //! restart) never lose or duplicate a job or an output.
 
-mod helpers;
+use crate::helpers;
 
 use std::time::Duration;
 

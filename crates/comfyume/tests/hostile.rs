@@ -5,7 +5,7 @@
 //! other participants' ids, missing and forged credentials and cookies, and
 //! cross-site requests. None may answer 500 (or kill the server).
 
-mod helpers;
+use crate::helpers;
 
 use helpers::{ADMIN, PASSWORD, TestApp, png, spawn_app_with, workflow};
 use reqwest::Method;

@@ -2,7 +2,7 @@
 //! uploads, outputs, temp files, WebSocket events) is out of user002's reach by
 //! every route and every prefix.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::{TestApp, next_json, png, spawn_app};
 use serde_json::{Value, json};

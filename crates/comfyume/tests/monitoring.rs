@@ -5,7 +5,7 @@
 //! rules; the shipped rules pass `promtool` and their unit tests; and with every secret of
 //! a workshop in play at `RUST_LOG=trace`, no log line or metric shows one.
 
-mod helpers;
+use crate::helpers;
 
 use std::collections::BTreeMap;
 use std::io::Write;

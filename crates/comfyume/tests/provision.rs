@@ -2,7 +2,7 @@
 //! Workflows sidebar; after that the files are theirs: edits and deletions
 //! survive later sign-ins and server restarts.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::{PASSWORD, spawn_app};
 use reqwest::Method;

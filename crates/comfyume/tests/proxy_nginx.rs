@@ -9,7 +9,7 @@
 //! nginx comes from `scripts/install-test-deps.sh`; it runs here as a child process on a
 //! free port with a generated config, in the foreground, from a temporary prefix.
 
-mod helpers;
+use crate::helpers;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The cross-site check behind a proxy: the public origin (`DOMAIN`) is this server's own,
 //! whatever `Host` the proxy sends; a forwarded host counts only from a trusted proxy.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::*;
 use reqwest::Method;

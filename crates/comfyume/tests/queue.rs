@@ -3,7 +3,7 @@
 //! (traces/prompt_errors.txt), durable submission, per-participant caps, and
 //! `/queue`, `/prompt`, `/history`, `/api/jobs` showing only the caller's jobs.
 
-mod helpers;
+use crate::helpers;
 
 use std::collections::HashMap;
 

@@ -2,7 +2,7 @@
 //! and under the participant's `/user001/` prefix, with ComfyUI's status codes
 //! and bodies (traces/routes_single_user.txt, traces/view_upload.txt).
 
-mod helpers;
+use crate::helpers;
 
 use std::time::{Duration, SystemTime};
 

@@ -5,7 +5,7 @@
 //! or chew a 10,000-node prompt, client-chosen ids are UUIDs, job errors show
 //! no server paths, and two uploads of one name never overwrite each other.
 
-mod helpers;
+use crate::helpers;
 
 use std::process::{Command, Stdio};
 

@@ -3,7 +3,7 @@
 //! replicas, each in front of its own `comfyume-sim`; participants talk to serve over
 //! HTTP and WebSocket as the frontend does.
 
-mod helpers;
+use crate::helpers;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -19,8 +19,7 @@ type Ws =
 
 const ADMIN: &str = "teacher";
 
-#[path = "../../../tests/support/workspace_bin.rs"]
-mod workspace_bin;
+use crate::workspace_bin;
 use workspace_bin::workspace_bin;
 
 /// Kills a process group (the emulator and the replicas it started).

@@ -4,7 +4,7 @@
 //! sessions, and for WebSockets already open. A disabled participant's waiting jobs are
 //! cancelled with a stated reason and their running job is stopped.
 
-mod helpers;
+use crate::helpers;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! from any other address always works. Clients here connect from different loopback
 //! addresses (127.0.0.2, 127.0.0.3, …), which Linux routes on `lo`.
 
-mod helpers;
+use crate::helpers;
 
 use std::net::IpAddr;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! prefix gets 404 (another local user cannot submit to it), and the participants' jobs still
 //! run on it through `serve`.
 
-mod helpers;
+use crate::helpers;
 
 use std::io::{BufRead, Write};
 use std::path::Path;

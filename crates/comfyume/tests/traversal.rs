@@ -3,7 +3,7 @@
 //! point outside. Nothing outside user001's own folders may be read or written:
 //! canaries outside stay byte-identical and their content never comes back.
 
-mod helpers;
+use crate::helpers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@
 //! with user002 seeing none of user001's assets, zip entries or prompt ids, and traversal
 //! tried in every new parameter.
 
-mod helpers;
+use crate::helpers;
 
 use helpers::{
     AppOptions, TestApp, Ws, assert_silent, decode, is_end_of, messages_until, next_json, png,

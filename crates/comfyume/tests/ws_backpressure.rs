@@ -5,7 +5,7 @@
 //!
 //! Events are put in through the hub, the sink the dispatcher relays every job event to.
 
-mod helpers;
+use crate::helpers;
 
 use std::time::Duration;
 

@@ -2,9 +2,8 @@
 //! binary here), restarts it when it dies, and on SIGTERM aborts a running job within
 //! its configured grace and exits.
 
-mod helpers;
-#[path = "../../../tests/support/workspace_bin.rs"]
-mod workspace_bin;
+use crate::helpers;
+use crate::workspace_bin;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! 50 MB output goes to the store in constant memory, and an input named by key comes
 //! from it.
 
-mod helpers;
+use crate::helpers;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! gateway) talks to it: health, the event stream, outputs, idempotency, busy answers,
 //! ComfyUI dying, SIGTERM.
 
-mod helpers;
+use crate::helpers;
 
 use std::time::Duration;
 
