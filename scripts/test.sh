@@ -8,7 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # The build and the tests' temp folders need a few GB: say what there is, so a run that
 # runs out of space says so at once.
-disk() { df -h --output=avail,target "$PWD" "${TMPDIR:-/tmp}" | tail -n +2 | sed "s/^/[test] disk free $1: /"; }
+disk() { df -h --output=avail,target "$PWD" "${TMPDIR:-/tmp}" | tail -n +2 | sort -u | sed "s/^/[test] disk free $1: /"; }
 disk "at start"
 
 scripts/install-test-deps.sh
