@@ -133,7 +133,10 @@ function checkEvents(events, promptId, promptNodes, graph) {
   const mine = events.filter((e) => typeof e.detail !== 'object' || e.detail === null || !e.detail.prompt_id || e.detail.prompt_id === promptId);
   const idx = (pred) => mine.findIndex(pred);
   const start = idx((e) => e.type === 'execution_start');
-  if (start < 0) fail(`${LABEL}: no execution_start for prompt ${promptId}`);
+  if (start < 0) {
+    const seen = events.slice(0, 12).map((e) => `${e.type}${e.detail?.prompt_id ? `(${e.detail.prompt_id.slice(0, 8)})` : ''}`);
+    fail(`${LABEL}: no execution_start for prompt ${promptId}; the page's first messages: ${seen.join(', ')}`);
+  }
   const cached = mine.find((e) => e.type === 'execution_cached')?.detail?.nodes ?? [];
   if (cached.length >= promptNodes.length) {
     fail(`${LABEL}: every node came from the cache (${cached.length}); run against a server that has not run this prompt`);

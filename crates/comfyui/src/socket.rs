@@ -3,7 +3,8 @@
 //! All our prompts are submitted with the socket's client id, so ComfyUI sends
 //! their execution messages here; each is routed to the job whose `prompt_id`
 //! it names (frames without one, legacy previews, to the prompt ComfyUI is
-//! executing). A job subscribes before it submits, so it misses nothing. When
+//! executing). A job subscribes before it submits, and the socket counts as open only once
+//! ComfyUI greeted it (so registered it), so a job misses nothing. When
 //! the connection drops, every subscriber hears so (and looks the job up in
 //! `/history`); the next job or re-connect opens a new one with the same client
 //! id, which ComfyUI maps to the new socket.
@@ -146,6 +147,45 @@ impl SharedSocket {
             Ok(Err(e)) => return Err(ws_error(what, e)),
             Ok(Ok(())) => {}
         }
+        // ComfyUI registers a socket only after it answered the upgrade, and what it sends
+        // meanwhile to our client id is lost: a prompt submitted in that gap (it widens under
+        // load) would lose its `execution_start`. The `status` greeting comes once the socket
+        // is registered, so the connection counts as open from then on.
+        let greeted = tokio::time::timeout(limit, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(tungstenite::Message::Text(t))) => {
+                        let greeting = is_greeting(&t);
+                        route_text(&self.state, &t);
+                        if greeting {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(tungstenite::Message::Binary(b))) => route_binary(&self.state, b),
+                    Some(Ok(tungstenite::Message::Close(_))) | None => {
+                        return Err(BackendError::Unreachable(format!(
+                            "{what}: closed before its greeting"
+                        )));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(ws_error(what, e)),
+                }
+            }
+        })
+        .await;
+        match greeted {
+            Err(_) => {
+                return Err(b.failed(
+                    what,
+                    BackendError::Timeout(format!(
+                        "{what}: no `status` greeting within {} ms",
+                        limit.as_millis()
+                    )),
+                ));
+            }
+            Ok(Err(e)) => return Err(b.failed(what, e)),
+            Ok(Ok(())) => {}
+        }
         let mut st = lock(&self.state);
         st.generation += 1;
         let generation = st.generation;
@@ -179,6 +219,14 @@ impl SharedSocket {
         }));
         Ok(())
     }
+}
+
+/// ComfyUI's first message on a new socket: `status`, with the socket's id.
+fn is_greeting(text: &str) -> bool {
+    serde_json::from_str::<Value>(text).is_ok_and(|m| {
+        m.get("type").and_then(Value::as_str) == Some("status")
+            && m.pointer("/data/sid").is_some_and(Value::is_string)
+    })
 }
 
 fn route_text(state: &Mutex<State>, text: &str) {

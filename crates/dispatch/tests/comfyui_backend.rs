@@ -842,6 +842,29 @@ async fn slow_downloads_still_succeed_within_the_transfer_limit() {
     sim.shutdown().await;
 }
 
+/// ComfyUI registers a new socket only after it answered the upgrade; a prompt submitted
+/// before that loses the messages sent to our client id meanwhile. The first job on a fresh
+/// connection, against a server that registers sockets 400 ms late, still relays every one
+/// of its messages from `execution_start` on.
+#[tokio::test]
+async fn the_first_job_on_a_new_socket_misses_none_of_its_messages() {
+    let sim = sim(0).await;
+    sim.set_fault(Fault::SlowWsRegister { ms: 400 });
+    let b = arc(backend(&sim));
+    let f = folders();
+    let (outcome, events) = run(&b, nomodel_job("job-greeted", &f)).await;
+    assert_eq!(outcome.unwrap().kind, OutcomeKind::Success);
+    let kinds = types(&events);
+    assert_eq!(
+        kinds.first().map(String::as_str),
+        Some("execution_start"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "executed"), "{kinds:?}");
+    assert!(events.iter().any(is_started));
+    sim.shutdown().await;
+}
+
 /// By default every file is in the job's folder when its `executed` comes out (the worker
 /// agent reads the files then); announcing results early, `executed` comes out while the
 /// copy still waits on the server, and the file is there, complete, when the job ends.

@@ -162,6 +162,11 @@ pub enum Fault {
     ForgetNextHistory,
     /// Delay every `/view` answer by `ms` (0 switches it off).
     SlowView { ms: u64 },
+    /// Register each new WebSocket `ms` after its upgrade was answered (0 switches it off).
+    /// ComfyUI registers a socket only after it sent the 101, and a message for a client id
+    /// that has no socket yet is lost; under load that gap widens. The `status` greeting
+    /// comes once the socket is registered.
+    SlowWsRegister { ms: u64 },
     /// One-shot: at the next point inside a running job the server stops abruptly (listener and
     /// every socket closed; the binary exits with status 137).
     DieMidJob,
@@ -171,7 +176,7 @@ impl FromStr for Fault {
     type Err = SimError;
 
     /// CLI/env spelling: `clear`, `refuse-connections[:MS]`, `prompt-error`, `drop-websocket`,
-    /// `hang[:MS]`, `forget-history`, `slow-view:MS`, `die-mid-job` (`_` works as well as `-`).
+    /// `hang[:MS]`, `forget-history`, `slow-view:MS`, `slow-ws-register:MS`, `die-mid-job` (`_` works as well as `-`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || SimError::FaultSpec(s.to_string());
         let norm = s.trim().replace('_', "-");
@@ -194,6 +199,9 @@ impl FromStr for Fault {
             "slow-view" => Fault::SlowView {
                 ms: ms(arg)?.ok_or_else(bad)?,
             },
+            "slow-ws-register" => Fault::SlowWsRegister {
+                ms: ms(arg)?.ok_or_else(bad)?,
+            },
             "die-mid-job" | "die" if arg.is_none() => Fault::DieMidJob,
             _ => return Err(bad()),
         })
@@ -209,6 +217,7 @@ pub struct ActiveFaults {
     pub drop_websocket: bool,
     pub hang: bool,
     pub slow_view_ms: u64,
+    pub slow_ws_register_ms: u64,
     /// Armed and not yet fired.
     pub die_mid_job: bool,
     /// Armed and not yet fired.
@@ -240,6 +249,10 @@ mod tests {
             Fault::Hang { for_ms: Some(10) }
         );
         assert!("slow-view".parse::<Fault>().is_err());
+        assert_eq!(
+            "slow-ws-register:40".parse::<Fault>().unwrap(),
+            Fault::SlowWsRegister { ms: 40 }
+        );
         assert!("explode".parse::<Fault>().is_err());
         let f: Fault = serde_json::from_str(r#"{"fault":"slow_view","ms":5}"#).unwrap();
         assert_eq!(f, Fault::SlowView { ms: 5 });

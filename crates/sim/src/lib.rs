@@ -47,7 +47,7 @@ pub enum SimError {
     #[error("invalid value {value:?} for {key}")]
     Config { key: &'static str, value: String },
     #[error(
-        "unknown fault {0:?} (expected clear, refuse-connections[:MS], prompt-error, drop-websocket, hang[:MS], forget-history, forget-next-history, slow-view:MS or die-mid-job)"
+        "unknown fault {0:?} (expected clear, refuse-connections[:MS], prompt-error, drop-websocket, hang[:MS], forget-history, forget-next-history, slow-view:MS, slow-ws-register:MS or die-mid-job)"
     )]
     FaultSpec(String),
     #[error("cannot use object_info file {path}: {reason}")]

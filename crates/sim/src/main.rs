@@ -27,7 +27,7 @@ struct Args {
     data_dir: Option<PathBuf>,
     /// Fault active from the start, repeatable [env: SIMULATOR_FAULTS, comma-separated]:
     /// refuse-connections[:MS], prompt-error, drop-websocket, hang[:MS], forget-history,
-    /// forget-next-history, slow-view:MS, die-mid-job.
+    /// forget-next-history, slow-view:MS, slow-ws-register:MS, die-mid-job.
     #[arg(long = "fault", value_name = "SPEC")]
     faults: Vec<Fault>,
     /// Disable ComfyUI's classic result cache, like ComfyUI's --cache-none [env: SIMULATOR_CACHE=none].

@@ -418,6 +418,9 @@ impl Shared {
             Fault::SlowView { ms } => {
                 self.faults.send_modify(|f| f.slow_view_ms = ms);
             }
+            Fault::SlowWsRegister { ms } => {
+                self.faults.send_modify(|f| f.slow_ws_register_ms = ms);
+            }
             Fault::DieMidJob => {
                 self.faults.send_modify(|f| f.die_mid_job = true);
             }

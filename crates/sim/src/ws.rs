@@ -44,6 +44,10 @@ pub async fn handler(
 }
 
 async fn run(shared: Arc<Shared>, socket: WebSocket, sid: String) {
+    let delay = shared.faults.borrow().slow_ws_register_ms;
+    if delay > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+    }
     let conn = shared.next_conn.fetch_add(1, Ordering::SeqCst);
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let kill = CancellationToken::new();
