@@ -865,6 +865,28 @@ async fn the_first_job_on_a_new_socket_misses_none_of_its_messages() {
     sim.shutdown().await;
 }
 
+/// A server that answers the upgrade but never greets (never registers the socket) is not
+/// ready: the job fails with a retryable timeout within the request limit, and no prompt
+/// was sent to it (its messages would have been lost).
+#[tokio::test]
+async fn a_socket_never_greeted_is_a_retryable_timeout_before_any_prompt() {
+    let sim = sim(0).await;
+    sim.set_fault(Fault::SlowWsRegister { ms: 60_000 });
+    let b = arc(backend(&sim));
+    let f = folders();
+    // Had it waited for the registration (60 s), the server would have greeted and the job
+    // succeeded.
+    let err = run(&b, nomodel_job("job-ungreeted", &f))
+        .await
+        .0
+        .unwrap_err();
+    assert!(matches!(err, BackendError::Timeout(_)), "{err:?}");
+    assert!(err.to_string().contains("greeting"), "{err}");
+    assert!(err.retryable());
+    assert_eq!(sim.state().prompts_received, 0);
+    sim.shutdown().await;
+}
+
 /// By default every file is in the job's folder when its `executed` comes out (the worker
 /// agent reads the files then); announcing results early, `executed` comes out while the
 /// copy still waits on the server, and the file is there, complete, when the job ends.
