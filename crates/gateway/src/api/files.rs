@@ -256,35 +256,34 @@ pub async fn view(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let found = fsx::open_within(&base, q.subfolder.as_deref().unwrap_or(""), &filename)
-        .await
-        .map_err(|e| match e {
-            fsx::OpenError::Subfolder(e) => ApiError::path(e, ApiError::forbidden()),
-            // A backslash or NUL in the name: a malformed request.
-            fsx::OpenError::Name(PathError::Invalid) => ApiError::Empty(StatusCode::BAD_REQUEST),
-            // Through a link out of the participant's folder.
-            fsx::OpenError::Name(PathError::Traversal) => ApiError::forbidden(),
-            fsx::OpenError::Name(limit) => {
-                ApiError::path(limit, ApiError::Empty(StatusCode::BAD_REQUEST))
-            }
-            fsx::OpenError::Io(e) => ApiError::Io(e),
-        })?;
-    let file = match found {
+    let subfolder = q.subfolder.as_deref().unwrap_or("");
+    let open = || async {
+        fsx::open_within(&base, subfolder, &filename)
+            .await
+            .map_err(|e| match e {
+                fsx::OpenError::Subfolder(e) => ApiError::path(e, ApiError::forbidden()),
+                // A backslash or NUL in the name: a malformed request.
+                fsx::OpenError::Name(PathError::Invalid) => {
+                    ApiError::Empty(StatusCode::BAD_REQUEST)
+                }
+                // Through a link out of the participant's folder.
+                fsx::OpenError::Name(PathError::Traversal) => ApiError::forbidden(),
+                fsx::OpenError::Name(limit) => {
+                    ApiError::path(limit, ApiError::Empty(StatusCode::BAD_REQUEST))
+                }
+                fsx::OpenError::Io(e) => ApiError::Io(e),
+            })
+    };
+    let file = match open().await? {
         Some(file) => file,
         None => {
             // A result its owner was just told about may still be on its way from the GPU
             // server (see comfyume_comfyui::outputs::reserve): served once it is complete.
-            let path = base
-                .join(q.subfolder.as_deref().unwrap_or(""))
-                .join(&filename);
+            let path = base.join(subfolder).join(&filename);
             comfyume_comfyui::outputs::wait_pending(&path, PENDING_OUTPUT_WAIT).await;
             // Looked for again whatever the wait said: the copy may have landed between the
             // first look and the wait.
-            fsx::open_within(&base, q.subfolder.as_deref().unwrap_or(""), &filename)
-                .await
-                .ok()
-                .flatten()
-                .ok_or_else(ApiError::not_found)?
+            open().await?.ok_or_else(ApiError::not_found)?
         }
     };
 

@@ -37,8 +37,16 @@ pub fn queue_item(
 
 /// `GET /queue`: `{"queue_running": [...], "queue_pending": [...]}`.
 pub fn queue_response(running: Vec<Value>, pending: Vec<Value>) -> Value {
-    serde_json::to_value(QueueBody { running, pending }).expect("a queue is JSON")
+    // The items are values already: moved in, not serialized a second time.
+    let mut body = Map::new();
+    body.insert(QUEUE_RUNNING.into(), Value::Array(running));
+    body.insert(QUEUE_PENDING.into(), Value::Array(pending));
+    Value::Object(body)
 }
+
+/// `GET /queue`'s two keys (one spelling for [`queue_response`] and [`QueueBody`]).
+const QUEUE_RUNNING: &str = "queue_running";
+const QUEUE_PENDING: &str = "queue_pending";
 
 /// A queue item's array, borrowed: the one definition behind [`queue_item`], [`QueueEntry`]
 /// and a history item's `prompt`.
@@ -99,8 +107,8 @@ impl<T: serde::Serialize> serde::Serialize for QueueBody<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
         let mut map = s.serialize_map(Some(2))?;
-        map.serialize_entry("queue_running", &self.running)?;
-        map.serialize_entry("queue_pending", &self.pending)?;
+        map.serialize_entry(QUEUE_RUNNING, &self.running)?;
+        map.serialize_entry(QUEUE_PENDING, &self.pending)?;
         map.end()
     }
 }
