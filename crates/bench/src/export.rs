@@ -1,9 +1,12 @@
 //! `export`: "Download my work" of a participant with gigabytes of outputs, through the real
 //! `comfyume serve`, against `cp -r` of the same files in the same run (in rotating order).
 //! The zip is saved to a file on the same disk as cp's copy by two clients: curl, and
-//! `comfyume-bench save` (1 MiB reads; curl's 16 KiB reads cost more CPU than the server
-//! spends, on the same two cores). The server's resident memory is sampled every 20 ms
-//! while it streams, and the CPU time of cp, the server and each client is taken.
+//! `comfyume-bench save` (1 MiB reads and writes; curl writes its output 8 KiB at a time and
+//! spends more CPU than the server, on the same two cores). The control: the same bytes as a
+//! static file from Debian's nginx (`sendfile on`, no zip to make), saved by the same two
+//! clients, so each client's own ceiling is measured in the same run. The server's resident
+//! memory is sampled every 20 ms while it streams, and the CPU time of cp, the server (and
+//! nginx) and each client is taken.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -21,7 +24,8 @@ pub struct Args {
     /// Size of each, in MiB (20 x 100 MiB: 2 GiB in all by default).
     #[arg(long, default_value_t = 100)]
     pub file_mib: usize,
-    /// Rounds, each one `cp -r` and two zip downloads (curl, `save`), in rotating order.
+    /// Rounds, each one `cp -r`, two zip downloads (curl, `save`) and two of the control
+    /// (nginx's file, by the same clients), in rotating order.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// The `comfyume` binary to measure.
@@ -36,9 +40,66 @@ pub struct Args {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sync: bool,
     /// Where the data directory, cp's copies and the downloaded zips go (one disk for all;
-    /// default: the system's temporary directory). Needs about 2x the data free.
+    /// default: the system's temporary directory). Needs about 3x the data free.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// nginx for the control (the zip's bytes as a static file); `none` leaves it out.
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    pub nginx: String,
+}
+
+/// Debian's nginx serving one directory as static files on `port`, in the foreground and in
+/// one process (its CPU time is that process's); stopped when dropped.
+struct Nginx {
+    child: tokio::process::Child,
+    pid: u32,
+    base: String,
+}
+
+impl Nginx {
+    async fn start(bin: &str, root: &Path, www: &Path) -> Result<Nginx> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = root.join("nginx");
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/error.log;\nevents {{ worker_connections 16; }}\n\
+                 http {{ access_log off; sendfile on; tcp_nopush on; \
+                 client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; \
+                 uwsgi_temp_path {d}; scgi_temp_path {d}; \
+                 server {{ listen 127.0.0.1:{port}; root {w}; }} }}\n",
+                d = dir.display(),
+                w = www.display(),
+            ),
+        )?;
+        let child = tokio::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(&dir)
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let base = format!("http://127.0.0.1:{port}");
+        let client = common::http_client()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.head(&base).send().await.is_err() {
+            common::check_deadline(deadline, "nginx to answer")?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Nginx { child, pid, base })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
 }
 
 /// Fills `path` with `size` bytes no compressor would shrink (outputs are PNG and MP4).
@@ -128,6 +189,16 @@ impl Client {
             Client::Save => "save",
         }
     }
+}
+
+/// What one timed step of a round does.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Cp,
+    /// serve's zip, saved by this client.
+    Zip(Client),
+    /// The same bytes as nginx's static file, saved by this client.
+    Static(Client),
 }
 
 /// Downloads the participant's zip into `to` with `client`; the client's CPU time.
@@ -261,14 +332,32 @@ pub async fn run(a: Args) -> Result<()> {
     let cookie = common::login(&client, &serve.base, user, pw).await?;
     let url = format!("{}/api/comfyume/export.zip", serve.base);
 
+    // The control's file: the zip's own bytes, saved once (untimed) where nginx serves them.
+    let nginx = if a.nginx == "none" {
+        None
+    } else {
+        let www = root.path().join("www");
+        std::fs::create_dir_all(&www)?;
+        let times = root.path().join("client-times");
+        download(Client::Save, &url, &cookie, &www.join("work.zip"), &times).await?;
+        Some(Nginx::start(&a.nginx, root.path(), &www).await?)
+    };
+    let static_url = nginx.as_ref().map(|n| format!("{}/work.zip", n.base));
+
+    let clients = [Client::Curl, Client::Save];
+    let mut sides = vec![Side::Cp, Side::Zip(Client::Curl), Side::Zip(Client::Save)];
+    if nginx.is_some() {
+        sides.extend([Side::Static(Client::Curl), Side::Static(Client::Save)]);
+    }
     let mut rows = Vec::new();
     let mut cp_s = Vec::new();
+    // Seconds per round, by client: serve's zip, and nginx's file.
     let mut zip_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut static_s: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut cpu = Vec::new();
     let mut peaks = Vec::new();
     let mut growth = Vec::new();
     let idle = serve.mem()?.rss_kib;
-    let clients = [Client::Curl, Client::Save];
     for round in 0..a.rounds {
         let copy = root.path().join(format!("copy-{round}"));
         let zip = root.path().join(format!("work-{round}.zip"));
@@ -294,15 +383,16 @@ pub async fn run(a: Args) -> Result<()> {
             std::fs::remove_dir_all(&copy)?;
             anyhow::Ok((took, cpu))
         };
-        let dl = |client: Client| {
-            let (zip, url, cookie, outputs) = (&zip, &url, &cookie, &outputs);
+        // One download: its time, the server's CPU seconds, the client's.
+        let dl = |client: Client, url: String, server_pid: u32| {
+            let (zip, cookie, outputs) = (&zip, &cookie, &outputs);
             let times = root.path().join("client-times");
             async move {
                 settle(outputs).await?;
-                let server0 = common::cpu_ms(serve.pid)?;
+                let server0 = common::cpu_ms(server_pid)?;
                 let t = Instant::now();
-                let client_cpu = download(client, url, cookie, zip, &times).await?;
-                let server_cpu = (common::cpu_ms(serve.pid)? - server0) / 1000.0;
+                let client_cpu = download(client, &url, cookie, zip, &times).await?;
+                let server_cpu = (common::cpu_ms(server_pid)? - server0) / 1000.0;
                 let n = std::fs::metadata(zip)?.len();
                 if a.sync {
                     sync().await?;
@@ -321,17 +411,25 @@ pub async fn run(a: Args) -> Result<()> {
                 Ok((took, server_cpu, client_cpu))
             }
         };
-        // Three sides in rotating order: cp, then curl, then save, shifted by the round.
+        // Every side once, in rotating order shifted by the round.
         let mut cp_side = None;
         let mut zip_side: [Option<(Duration, f64, Option<f64>)>; 2] = [None, None];
-        for k in 0..3 {
-            match (round + k) % 3 {
-                0 => cp_side = Some(cp().await?),
-                i => {
-                    let (z, before, peak, _) = sampled(serve.pid, dl(clients[i - 1])).await?;
+        let mut static_side: [Option<(Duration, f64, Option<f64>)>; 2] = [None, None];
+        for k in 0..sides.len() {
+            match sides[(round + k) % sides.len()] {
+                Side::Cp => cp_side = Some(cp().await?),
+                Side::Zip(c) => {
+                    let (z, before, peak, _) =
+                        sampled(serve.pid, dl(c, url.clone(), serve.pid)).await?;
                     peaks.push(peak as f64 / 1024.0);
                     growth.push((peak as f64 - before as f64) / 1024.0);
-                    zip_side[i - 1] = Some(z);
+                    zip_side[c as usize] = Some(z);
+                }
+                Side::Static(c) => {
+                    let (Some(n), Some(u)) = (&nginx, &static_url) else {
+                        bail!("no nginx for the control");
+                    };
+                    static_side[c as usize] = Some(dl(c, u.clone(), n.pid).await?);
                 }
             }
         }
@@ -343,34 +441,54 @@ pub async fn run(a: Args) -> Result<()> {
             format!("{}", round + 1),
             format!("{:.2} s ({:.0} MiB/s)", cp_t.as_secs_f64(), mbs(cp_t)),
         ];
-        for (t, _, _) in [curl, save] {
+        let measured: Vec<_> = [Some(curl), Some(save)]
+            .into_iter()
+            .chain(static_side)
+            .flatten()
+            .collect();
+        for (t, _, _) in &measured {
             row.push(format!(
                 "{:.2} s ({:.0} MiB/s), {:.2}x",
                 t.as_secs_f64(),
-                mbs(t),
+                mbs(*t),
                 t.as_secs_f64() / cp_t.as_secs_f64()
             ));
         }
-        row.push(format!(
-            "{} / {:.2} + {} / {:.2} + {}",
-            secs(cp_cpu),
-            curl.1,
-            secs(curl.2),
-            save.1,
-            secs(save.2)
-        ));
+        let mut cpu_cell = secs(cp_cpu);
+        for (_, server, client) in &measured {
+            cpu_cell.push_str(&format!(" / {server:.2} + {}", secs(*client)));
+        }
+        row.push(cpu_cell);
         rows.push(row);
         cp_s.push(cp_t.as_secs_f64());
+        let side_cpu = |s: &Option<(Duration, f64, Option<f64>)>| {
+            s.map(|(_, server, client)| json!({"server": server, "client": client}))
+        };
         cpu.push(json!({
             "cp": cp_cpu,
             "curl": {"server": curl.1, "client": curl.2},
             "save": {"server": save.1, "client": save.2},
+            "nginx_curl": side_cpu(&static_side[0]),
+            "nginx_save": side_cpu(&static_side[1]),
         }));
         zip_s[0].push(curl.0.as_secs_f64());
         zip_s[1].push(save.0.as_secs_f64());
+        for (i, s) in static_side.iter().enumerate() {
+            if let Some((t, _, _)) = s {
+                static_s[i].push(t.as_secs_f64());
+            }
+        }
     }
     let hwm = serve.mem()?.hwm_kib;
     serve.stop().await;
+    drop(nginx);
+    let mut header = vec!["round", "cp -r", "zip, curl (/ cp)", "zip, save (/ cp)"];
+    if static_url.is_some() {
+        header.extend(["nginx file, curl (/ cp)", "nginx file, save (/ cp)"]);
+        header.push("CPU s: cp / serve + curl / serve + save / nginx + curl / nginx + save");
+    } else {
+        header.push("CPU s: cp / serve + curl / serve + save");
+    }
     common::print_table(
         &format!(
             "export: {} files, {:.2} GiB, cp -r vs GET /api/comfyume/export.zip saved to a file by curl and by `comfyume-bench save`{}",
@@ -382,13 +500,7 @@ pub async fn run(a: Args) -> Result<()> {
                 ", no sync"
             }
         ),
-        &[
-            "round",
-            "cp -r",
-            "zip, curl (/ cp)",
-            "zip, save (/ cp)",
-            "CPU s: cp / server + curl / server + save",
-        ],
+        &header,
         &rows,
     );
     let cp_med = common::median(&mut cp_s.clone());
@@ -402,7 +514,24 @@ pub async fn run(a: Args) -> Result<()> {
             client.name(),
             zip_med / cp_med
         );
-        ratios.push(json!({"client": client.name(), "zip_s": zip_s[i], "ratio_median": zip_med / cp_med, "ratio_median_of_rounds": round_med}));
+        let mut entry = json!({"client": client.name(), "zip_s": zip_s[i], "ratio_median": zip_med / cp_med, "ratio_median_of_rounds": round_med});
+        if !static_s[i].is_empty() {
+            let mut file_cp: Vec<f64> = static_s[i].iter().zip(&cp_s).map(|(f, c)| f / c).collect();
+            let mut zip_file: Vec<f64> = zip_s[i]
+                .iter()
+                .zip(&static_s[i])
+                .map(|(z, f)| z / f)
+                .collect();
+            let (file_cp, zip_file) = (common::median(&mut file_cp), common::median(&mut zip_file));
+            println!(
+                "{}: the same bytes as nginx's static file: {file_cp:.2}x cp; serve's zip / nginx's file {zip_file:.2}x (medians of the rounds)",
+                client.name()
+            );
+            entry["nginx_file_s"] = json!(static_s[i]);
+            entry["nginx_file_over_cp"] = json!(file_cp);
+            entry["zip_over_nginx_file"] = json!(zip_file);
+        }
+        ratios.push(entry);
     }
     println!(
         "server RSS idle {:.1} MiB, peak while streaming {:.1} MiB (+{:.1}), VmHWM {:.1} MiB",
