@@ -335,6 +335,9 @@ pub async fn run(a: Args) -> Result<()> {
     // The control's file: the zip's own bytes, saved once (untimed) where nginx serves them.
     let nginx = if a.nginx == "none" {
         None
+    } else if !Path::new(&a.nginx).is_file() {
+        println!("no nginx at {}: the control is left out", a.nginx);
+        None
     } else {
         let www = root.path().join("www");
         std::fs::create_dir_all(&www)?;
