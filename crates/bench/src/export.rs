@@ -49,9 +49,9 @@ pub struct Args {
 }
 
 /// Debian's nginx serving one directory as static files on `port`, in the foreground and in
-/// one process (its CPU time is that process's); stopped when dropped.
+/// one process (its CPU time is that process's); killed when dropped (`kill_on_drop`).
 struct Nginx {
-    child: tokio::process::Child,
+    _child: tokio::process::Child,
     pid: u32,
     base: String,
 }
@@ -92,13 +92,11 @@ impl Nginx {
             common::check_deadline(deadline, "nginx to answer")?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Nginx { child, pid, base })
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
+        Ok(Nginx {
+            _child: child,
+            pid,
+            base,
+        })
     }
 }
 

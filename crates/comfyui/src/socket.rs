@@ -116,42 +116,26 @@ impl SharedSocket {
         let what = "WebSocket /ws";
         let limit = b.timeouts.request;
         let url = b.ws_url(&self.client_id);
-        let (mut ws, _) =
-            match tokio::time::timeout(limit, tokio_tungstenite::connect_async(url)).await {
-                Err(_) => {
-                    return Err(b.failed(
-                        what,
-                        BackendError::Timeout(format!(
-                            "{what}: no answer within {} ms",
-                            limit.as_millis()
-                        )),
-                    ));
-                }
-                Ok(Err(e)) => return Err(b.failed(what, ws_error(what, e))),
-                Ok(Ok(pair)) => pair,
-            };
+        let (mut ws, _) = within(limit, what, "no answer", async {
+            tokio_tungstenite::connect_async(url)
+                .await
+                .map_err(|e| ws_error(what, e))
+        })
+        .await
+        .map_err(|e| b.failed(what, e))?;
         // Only a client's first message counts.
         let flags = ws_message("feature_flags", json!({"supports_preview_metadata": true}));
-        match tokio::time::timeout(
-            limit,
-            ws.send(tungstenite::Message::text(flags.to_string())),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(BackendError::Timeout(format!(
-                    "{what}: could not send feature flags within {} ms",
-                    limit.as_millis()
-                )));
-            }
-            Ok(Err(e)) => return Err(ws_error(what, e)),
-            Ok(Ok(())) => {}
-        }
+        within(limit, what, "could not send feature flags", async {
+            ws.send(tungstenite::Message::text(flags.to_string()))
+                .await
+                .map_err(|e| ws_error(what, e))
+        })
+        .await?;
         // ComfyUI registers a socket only after it answered the upgrade, and what it sends
         // meanwhile to our client id is lost: a prompt submitted in that gap (it widens under
         // load) would lose its `execution_start`. The `status` greeting comes once the socket
         // is registered, so the connection counts as open from then on.
-        let greeted = tokio::time::timeout(limit, async {
+        within(limit, what, "no `status` greeting", async {
             loop {
                 match ws.next().await {
                     Some(Ok(tungstenite::Message::Text(t))) => {
@@ -172,20 +156,8 @@ impl SharedSocket {
                 }
             }
         })
-        .await;
-        match greeted {
-            Err(_) => {
-                return Err(b.failed(
-                    what,
-                    BackendError::Timeout(format!(
-                        "{what}: no `status` greeting within {} ms",
-                        limit.as_millis()
-                    )),
-                ));
-            }
-            Ok(Err(e)) => return Err(b.failed(what, e)),
-            Ok(Ok(())) => {}
-        }
+        .await
+        .map_err(|e| b.failed(what, e))?;
         let mut st = lock(&self.state);
         st.generation += 1;
         let generation = st.generation;
@@ -219,6 +191,22 @@ impl SharedSocket {
         }));
         Ok(())
     }
+}
+
+/// `step` within `limit`; running out of time is a [`BackendError::Timeout`] that reads
+/// "`what`: `late` within N ms".
+async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    late: &str,
+    step: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(limit, step).await.unwrap_or_else(|_| {
+        Err(BackendError::Timeout(format!(
+            "{what}: {late} within {} ms",
+            limit.as_millis()
+        )))
+    })
 }
 
 /// ComfyUI's first message on a new socket: `status`, with the socket's id.
